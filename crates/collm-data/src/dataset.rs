@@ -1,0 +1,493 @@
+//! The dataset directory: the stable on-disk interface between `collm data prepare` and every
+//! later stage (and outside scripts).
+//!
+//! ```text
+//! DIR/
+//!   dataset.json   manifest: counts, id ranges, source files with SHA-256, the rule used
+//!   train.tsv      uid  iid  label  timestamp  history      (header line, tab-separated)
+//!   valid.tsv      same columns
+//!   test.tsv       same columns (optional)
+//!   items.tsv      iid  title
+//! ```
+//! Ids are 1-based (0 is the padding id and never appears in a row). `history` is the
+//! comma-separated list of the user's earlier positive items, oldest first, possibly empty.
+//! Rows are sorted by (uid, timestamp). The split TSVs use the same format as the
+//! `collm-tsv` source, so a prepared directory is itself a valid `collm-tsv` input.
+
+use crate::io::{sha256_file, write_file_atomic, AtomicDir, LineReader};
+use anyhow::{anyhow, bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::fs;
+use std::path::{Path, PathBuf};
+
+pub const MANIFEST_FILE: &str = "dataset.json";
+pub const ITEMS_FILE: &str = "items.tsv";
+pub const SPLIT_HEADER: &str = "uid\tiid\tlabel\ttimestamp\thistory";
+pub const ITEMS_HEADER: &str = "iid\ttitle";
+/// The split names a dataset may hold, in their canonical order.
+pub const SPLIT_NAMES: [&str; 3] = ["train", "valid", "test"];
+pub const FORMAT_VERSION: u32 = 1;
+
+/// One interaction row.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Interaction {
+    pub uid: u32,
+    pub iid: u32,
+    /// 1 = liked (the positive class), 0 = not liked.
+    pub label: u8,
+    /// Unix seconds.
+    pub timestamp: i64,
+    /// The user's earlier positive items, oldest first.
+    pub history: Vec<u32>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Split {
+    pub name: String,
+    pub rows: Vec<Interaction>,
+}
+
+/// Counts of one split as recorded in the manifest.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct SplitInfo {
+    pub file: String,
+    pub rows: usize,
+    pub users: usize,
+    pub items: usize,
+    pub positives: usize,
+    pub sha256: String,
+    /// Earliest and latest timestamp in the split.
+    pub time_range: Option<[i64; 2]>,
+}
+
+/// A source file a dataset was made from.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct SourceFile {
+    pub path: String,
+    pub bytes: u64,
+    pub sha256: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct SourceInfo {
+    /// `ml-1m`, `amazon-book`, `collm-tsv` or `synthetic`.
+    pub kind: String,
+    pub files: Vec<SourceFile>,
+    /// Source-specific parameters and counts (generator settings, rows dropped, …).
+    #[serde(default)]
+    pub params: BTreeMap<String, serde_json::Value>,
+}
+
+/// `dataset.json`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Manifest {
+    pub format: String,
+    pub format_version: u32,
+    pub name: String,
+    /// What an item is, in prompts: `movie`, `book`, … (singular).
+    pub item_noun: String,
+    pub created_by: String,
+    pub source: SourceInfo,
+    /// The rule that produced the splits, in words.
+    pub rule: String,
+    pub splits: BTreeMap<String, SplitInfo>,
+    /// Largest user id + 1: counts the padding id 0, as the paper's Table 1 and the reference
+    /// code's embedding tables do.
+    pub num_users: usize,
+    /// Largest item id + 1 (items.tsv and all splits), padding id 0 included.
+    pub num_items: usize,
+    pub uid_range: [u32; 2],
+    pub iid_range: [u32; 2],
+    /// SHA-256 over the SHA-256s of items.tsv and the split files: identifies the data a model
+    /// was trained on.
+    pub content_sha256: String,
+}
+
+/// A dataset in memory.
+#[derive(Debug, Clone)]
+pub struct Dataset {
+    pub manifest: Manifest,
+    pub splits: Vec<Split>,
+    /// `titles[iid]`; index 0 is the empty padding title.
+    pub titles: Vec<String>,
+    /// The directory it was read from, if any.
+    pub dir: Option<PathBuf>,
+}
+
+impl Dataset {
+    pub fn split(&self, name: &str) -> Result<&Split> {
+        self.splits.iter().find(|s| s.name == name).ok_or_else(|| {
+            let have: Vec<_> = self.splits.iter().map(|s| s.name.as_str()).collect();
+            anyhow!(
+                "dataset {}: no split named '{name}' (it has: {})",
+                self.display_name(),
+                have.join(", ")
+            )
+        })
+    }
+
+    pub fn train(&self) -> Result<&Split> {
+        self.split("train")
+    }
+
+    pub fn display_name(&self) -> String {
+        match &self.dir {
+            Some(d) => d.display().to_string(),
+            None => self.manifest.name.clone(),
+        }
+    }
+
+    pub fn num_users(&self) -> usize {
+        self.manifest.num_users
+    }
+
+    pub fn num_items(&self) -> usize {
+        self.manifest.num_items
+    }
+
+    pub fn title(&self, iid: u32) -> &str {
+        self.titles
+            .get(iid as usize)
+            .map(String::as_str)
+            .unwrap_or("")
+    }
+
+    /// Reads a dataset directory written by [`write_dataset`], checking the files against the
+    /// manifest's hashes so that edited or swapped files are caught.
+    pub fn load(dir: &Path) -> Result<Self> {
+        let mpath = dir.join(MANIFEST_FILE);
+        let text = fs::read_to_string(&mpath).with_context(|| {
+            format!(
+                "{}: cannot read the manifest (is {} a dataset directory made by `collm data prepare`?)",
+                mpath.display(),
+                dir.display()
+            )
+        })?;
+        let manifest: Manifest = serde_json::from_str(&text)
+            .with_context(|| format!("{}: not a valid dataset manifest", mpath.display()))?;
+        if manifest.format != "collm-dataset" || manifest.format_version != FORMAT_VERSION {
+            bail!(
+                "{}: format '{}' version {} is not supported (expected collm-dataset version {FORMAT_VERSION})",
+                mpath.display(),
+                manifest.format,
+                manifest.format_version
+            );
+        }
+        let items_path = dir.join(ITEMS_FILE);
+        let titles = read_items_tsv(&items_path)?;
+        let mut splits = Vec::new();
+        for name in SPLIT_NAMES {
+            let Some(info) = manifest.splits.get(name) else {
+                continue;
+            };
+            let path = dir.join(&info.file);
+            let got = sha256_file(&path)?;
+            if got != info.sha256 {
+                bail!(
+                    "{}: contents changed since the dataset was prepared (sha256 {got}, manifest says {})",
+                    path.display(),
+                    info.sha256
+                );
+            }
+            let rows = read_split_tsv(&path)?;
+            if rows.len() != info.rows {
+                bail!(
+                    "{}: {} rows, but the manifest says {}",
+                    path.display(),
+                    rows.len(),
+                    info.rows
+                );
+            }
+            splits.push(Split {
+                name: name.to_string(),
+                rows,
+            });
+        }
+        Ok(Self {
+            manifest,
+            splits,
+            titles,
+            dir: Some(dir.to_path_buf()),
+        })
+    }
+}
+
+/// Parses a split TSV (`uid iid label timestamp history`, header line first).
+pub fn read_split_tsv(path: &Path) -> Result<Vec<Interaction>> {
+    let mut r = LineReader::open(path)?;
+    let mut buf = Vec::new();
+    match r.next_str(&mut buf)? {
+        None => bail!(
+            "{}: empty file: expected the header line '{}'",
+            path.display(),
+            SPLIT_HEADER.replace('\t', "<TAB>")
+        ),
+        Some(h) if h == SPLIT_HEADER => {}
+        Some(h) => {
+            let h = h.to_string();
+            return Err(r.error(format!(
+                "bad header '{h}': expected '{}' (tab-separated)",
+                SPLIT_HEADER.replace('\t', "<TAB>")
+            )));
+        }
+    }
+    let mut rows = Vec::new();
+    while let Some(line) = r.next_str(&mut buf)? {
+        if line.is_empty() {
+            continue;
+        }
+        let f: Vec<&str> = line.split('\t').collect();
+        if f.len() != 5 {
+            let e = format!(
+                "expected 5 tab-separated fields (uid, iid, label, timestamp, history), found {}",
+                f.len()
+            );
+            return Err(r.error(e));
+        }
+        let uid = parse_id(f[0], "uid").map_err(|e| r.error(e))?;
+        let iid = parse_id(f[1], "iid").map_err(|e| r.error(e))?;
+        let label = match f[2] {
+            "0" => 0,
+            "1" => 1,
+            other => return Err(r.error(format!("field 'label' is '{other}': expected 0 or 1"))),
+        };
+        let timestamp: i64 = f[3].parse().map_err(|_| {
+            r.error(format!(
+                "field 'timestamp' is '{}': expected an integer (Unix seconds)",
+                f[3]
+            ))
+        })?;
+        let history = if f[4].is_empty() {
+            Vec::new()
+        } else {
+            f[4].split(',')
+                .map(|s| parse_id(s, "history"))
+                .collect::<std::result::Result<Vec<_>, _>>()
+                .map_err(|e| r.error(e))?
+        };
+        rows.push(Interaction {
+            uid,
+            iid,
+            label,
+            timestamp,
+            history,
+        });
+    }
+    Ok(rows)
+}
+
+fn parse_id(s: &str, field: &str) -> std::result::Result<u32, String> {
+    match s.parse::<u32>() {
+        Ok(v) if v > 0 => Ok(v),
+        Ok(_) => Err(format!(
+            "field '{field}' is 0: ids start at 1 (0 is the padding id)"
+        )),
+        Err(_) => Err(format!(
+            "field '{field}' is '{s}': expected a positive integer id"
+        )),
+    }
+}
+
+/// Parses `items.tsv` (`iid title`) into a table indexed by iid.
+pub fn read_items_tsv(path: &Path) -> Result<Vec<String>> {
+    let mut r = LineReader::open(path)?;
+    let mut buf = Vec::new();
+    match r.next_str(&mut buf)? {
+        None => bail!(
+            "{}: empty file: expected the header line 'iid<TAB>title'",
+            path.display()
+        ),
+        Some(h) if h == ITEMS_HEADER => {}
+        Some(h) => {
+            let h = h.to_string();
+            return Err(r.error(format!("bad header '{h}': expected 'iid<TAB>title'")));
+        }
+    }
+    let mut titles: Vec<String> = vec![String::new()];
+    while let Some(line) = r.next_str(&mut buf)? {
+        if line.is_empty() {
+            continue;
+        }
+        let Some((id, title)) = line.split_once('\t') else {
+            return Err(r.error("expected 2 tab-separated fields (iid, title), found 1"));
+        };
+        if title.contains('\t') {
+            return Err(r.error("expected 2 tab-separated fields (iid, title), found more"));
+        }
+        let iid = parse_id(id, "iid").map_err(|e| r.error(e))? as usize;
+        let title = title.trim();
+        if title.is_empty() {
+            return Err(r.error(format!("item {iid} has an empty title")));
+        }
+        if titles.len() <= iid {
+            titles.resize(iid + 1, String::new());
+        }
+        if !titles[iid].is_empty() {
+            return Err(r.error(format!("item {iid} is listed twice")));
+        }
+        titles[iid] = title.to_string();
+    }
+    Ok(titles)
+}
+
+/// Checks that every item a split mentions (target or history) has a title; names the split
+/// file and line otherwise.
+pub fn check_titles(split_file: &Path, rows: &[Interaction], titles: &[String]) -> Result<()> {
+    let has = |i: u32| titles.get(i as usize).is_some_and(|t| !t.is_empty());
+    for (k, row) in rows.iter().enumerate() {
+        // +2: one for the header, one for 1-based numbering.
+        let line = k + 2;
+        if !has(row.iid) {
+            bail!(
+                "{}:{line}: item {} has no title in {ITEMS_FILE}",
+                split_file.display(),
+                row.iid
+            );
+        }
+        if let Some(&h) = row.history.iter().find(|&&h| !has(h)) {
+            bail!(
+                "{}:{line}: history item {h} has no title in {ITEMS_FILE}",
+                split_file.display()
+            );
+        }
+    }
+    Ok(())
+}
+
+fn split_tsv(rows: &[Interaction]) -> String {
+    let mut s = String::with_capacity(rows.len() * 32);
+    s.push_str(SPLIT_HEADER);
+    s.push('\n');
+    for r in rows {
+        let _ = write!(s, "{}\t{}\t{}\t{}\t", r.uid, r.iid, r.label, r.timestamp);
+        for (k, h) in r.history.iter().enumerate() {
+            if k > 0 {
+                s.push(',');
+            }
+            let _ = write!(s, "{h}");
+        }
+        s.push('\n');
+    }
+    s
+}
+
+fn items_tsv(titles: &[String]) -> String {
+    let mut s = String::from(ITEMS_HEADER);
+    s.push('\n');
+    for (iid, t) in titles.iter().enumerate().skip(1) {
+        if !t.is_empty() {
+            let _ = writeln!(s, "{iid}\t{t}");
+        }
+    }
+    s
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
+}
+
+/// What a source produces; [`write_dataset`] turns it into a directory with a manifest.
+pub struct PreparedData {
+    pub name: String,
+    pub item_noun: String,
+    pub source: SourceInfo,
+    pub rule: String,
+    pub splits: Vec<Split>,
+    pub titles: Vec<String>,
+}
+
+/// Writes a dataset directory atomically and returns the dataset as written.
+pub fn write_dataset(data: PreparedData, out: &Path, overwrite: bool) -> Result<Dataset> {
+    let dir = AtomicDir::create(out, overwrite)?;
+    let items = items_tsv(&data.titles);
+    let items_sha = sha256_hex(items.as_bytes());
+    fs::write(dir.path().join(ITEMS_FILE), &items)
+        .with_context(|| format!("{}: write error", dir.path().display()))?;
+    let mut content = Sha256::new();
+    content.update(items_sha.as_bytes());
+    let mut splits = BTreeMap::new();
+    let (mut max_u, mut max_i, mut min_u, mut min_i) = (0u32, 0u32, u32::MAX, u32::MAX);
+    for (iid, t) in data.titles.iter().enumerate().skip(1) {
+        if !t.is_empty() {
+            max_i = max_i.max(iid as u32);
+            min_i = min_i.min(iid as u32);
+        }
+    }
+    for split in &data.splits {
+        let text = split_tsv(&split.rows);
+        let sha = sha256_hex(text.as_bytes());
+        content.update(split.name.as_bytes());
+        content.update(sha.as_bytes());
+        let file = format!("{}.tsv", split.name);
+        fs::write(dir.path().join(&file), &text)
+            .with_context(|| format!("{}: write error", dir.path().display()))?;
+        let mut users = std::collections::HashSet::new();
+        let mut items = std::collections::HashSet::new();
+        for r in &split.rows {
+            users.insert(r.uid);
+            items.insert(r.iid);
+            max_u = max_u.max(r.uid);
+            min_u = min_u.min(r.uid);
+            max_i = max_i.max(r.iid);
+            min_i = min_i.min(r.iid);
+        }
+        let time_range = split
+            .rows
+            .iter()
+            .map(|r| r.timestamp)
+            .min()
+            .zip(split.rows.iter().map(|r| r.timestamp).max())
+            .map(|(a, b)| [a, b]);
+        splits.insert(
+            split.name.clone(),
+            SplitInfo {
+                file,
+                rows: split.rows.len(),
+                users: users.len(),
+                items: items.len(),
+                positives: split.rows.iter().filter(|r| r.label == 1).count(),
+                sha256: sha,
+                time_range,
+            },
+        );
+    }
+    let manifest = Manifest {
+        format: "collm-dataset".into(),
+        format_version: FORMAT_VERSION,
+        name: data.name,
+        item_noun: data.item_noun,
+        created_by: format!("collm {}", env!("CARGO_PKG_VERSION")),
+        source: data.source,
+        rule: data.rule,
+        splits,
+        num_users: max_u as usize + 1,
+        num_items: max_i as usize + 1,
+        uid_range: [if min_u == u32::MAX { 0 } else { min_u }, max_u],
+        iid_range: [if min_i == u32::MAX { 0 } else { min_i }, max_i],
+        content_sha256: hex::encode(content.finalize()),
+    };
+    let json = serde_json::to_string_pretty(&manifest)?;
+    write_file_atomic(&dir.path().join(MANIFEST_FILE), json.as_bytes())?;
+    dir.commit()?;
+    Ok(Dataset {
+        manifest,
+        splits: data.splits,
+        titles: data.titles,
+        dir: Some(out.to_path_buf()),
+    })
+}
+
+/// Describes a source file for the manifest (size and SHA-256).
+pub fn describe_source_file(path: &Path) -> Result<SourceFile> {
+    let bytes = fs::metadata(path)
+        .with_context(|| format!("{}: cannot stat", path.display()))?
+        .len();
+    Ok(SourceFile {
+        path: path.display().to_string(),
+        bytes,
+        sha256: sha256_file(path)?,
+    })
+}

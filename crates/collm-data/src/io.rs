@@ -1,0 +1,273 @@
+//! Input and output helpers that every source shares: line readers that name the file and line
+//! in every error, transparent gzip, and atomic writes (a crash never leaves a half-written
+//! output behind).
+
+use anyhow::{anyhow, bail, Context, Result};
+use flate2::read::MultiGzDecoder;
+use indicatif::{ProgressBar, ProgressStyle};
+use sha2::{Digest, Sha256};
+use std::fs::{self, File};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::{Path, PathBuf};
+
+/// Reads a text file line by line, keeping the 1-based line number for error messages.
+/// Gzip input (recognised by its magic bytes, whatever the file name) is decompressed on the
+/// fly, so a 10 GB review file is streamed, never loaded.
+pub struct LineReader {
+    path: PathBuf,
+    reader: Box<dyn BufRead>,
+    line_no: usize,
+    progress: Option<ProgressBar>,
+}
+
+impl LineReader {
+    pub fn open(path: &Path) -> Result<Self> {
+        Self::open_inner(path, false)
+    }
+
+    /// Like [`LineReader::open`], with a progress bar over the (compressed) bytes read.
+    pub fn open_with_progress(path: &Path) -> Result<Self> {
+        Self::open_inner(path, true)
+    }
+
+    fn open_inner(path: &Path, show_progress: bool) -> Result<Self> {
+        let mut file =
+            File::open(path).with_context(|| format!("{}: cannot open", path.display()))?;
+        let len = file.metadata().map(|m| m.len()).unwrap_or(0);
+        let mut magic = [0u8; 2];
+        let n = read_up_to(&mut file, &mut magic)
+            .with_context(|| format!("{}: cannot read", path.display()))?;
+        let is_gzip = n == 2 && magic == [0x1f, 0x8b];
+        let head = std::io::Cursor::new(magic[..n].to_vec());
+        let progress = show_progress.then(|| progress_bar(len, path));
+        let raw: Box<dyn Read> = match &progress {
+            Some(pb) => Box::new(pb.wrap_read(head.chain(file))),
+            None => Box::new(head.chain(file)),
+        };
+        let reader: Box<dyn BufRead> = if is_gzip {
+            Box::new(BufReader::with_capacity(
+                1 << 20,
+                MultiGzDecoder::new(BufReader::with_capacity(1 << 20, raw)),
+            ))
+        } else {
+            Box::new(BufReader::with_capacity(1 << 20, raw))
+        };
+        Ok(Self {
+            path: path.to_path_buf(),
+            reader,
+            line_no: 0,
+            progress,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The number of the line returned last (1-based).
+    pub fn line_no(&self) -> usize {
+        self.line_no
+    }
+
+    /// The next line as bytes, without its line ending, read into `buf`; `None` at the end of
+    /// the file. (The caller owns the buffer so that the reader stays free for [`Self::error`].)
+    pub fn next_bytes<'b>(&mut self, buf: &'b mut Vec<u8>) -> Result<Option<&'b [u8]>> {
+        buf.clear();
+        let n = self.reader.read_until(b'\n', buf).map_err(|e| {
+            let what = if e.kind() == std::io::ErrorKind::UnexpectedEof
+                || e.kind() == std::io::ErrorKind::InvalidInput
+                || e.kind() == std::io::ErrorKind::InvalidData
+            {
+                "truncated or corrupt gzip stream"
+            } else {
+                "read error"
+            };
+            anyhow!(
+                "{}: after line {}: {what}: {e}",
+                self.path.display(),
+                self.line_no
+            )
+        })?;
+        if n == 0 {
+            if let Some(pb) = &self.progress {
+                pb.finish_and_clear();
+            }
+            return Ok(None);
+        }
+        self.line_no += 1;
+        while matches!(buf.last(), Some(b'\n' | b'\r')) {
+            buf.pop();
+        }
+        Ok(Some(buf))
+    }
+
+    /// The next line as UTF-8 text; invalid UTF-8 is an error naming the line.
+    pub fn next_str<'b>(&mut self, buf: &'b mut Vec<u8>) -> Result<Option<&'b str>> {
+        match self.next_bytes(buf)? {
+            None => Ok(None),
+            Some(bytes) => std::str::from_utf8(bytes).map(Some).map_err(|e| {
+                self.error(format!(
+                    "invalid UTF-8 at byte {}: expected UTF-8 text",
+                    e.valid_up_to() + 1
+                ))
+            }),
+        }
+    }
+
+    /// An error that names this file and the current line.
+    pub fn error(&self, msg: impl std::fmt::Display) -> anyhow::Error {
+        anyhow!("{}:{}: {msg}", self.path.display(), self.line_no)
+    }
+}
+
+fn read_up_to(r: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match r.read(&mut buf[n..])? {
+            0 => break,
+            k => n += k,
+        }
+    }
+    Ok(n)
+}
+
+/// A byte-based progress bar on stderr (hidden when stderr is not a terminal).
+pub fn progress_bar(len: u64, path: &Path) -> ProgressBar {
+    let pb = ProgressBar::new(len);
+    pb.set_style(
+        ProgressStyle::with_template(
+            "{msg} [{bar:30}] {bytes}/{total_bytes} ({bytes_per_sec}, eta {eta})",
+        )
+        .expect("valid template")
+        .progress_chars("=> "),
+    );
+    pb.set_message(
+        path.file_name()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default(),
+    );
+    pb
+}
+
+/// Decodes Latin-1 (ISO-8859-1) bytes: every byte is the code point of the same value.
+pub fn latin1_to_string(bytes: &[u8]) -> String {
+    bytes.iter().map(|&b| b as char).collect()
+}
+
+/// Titles are stored in TSV files: tabs and line breaks inside them become spaces.
+pub fn clean_field(s: &str) -> String {
+    let t = s.trim();
+    if t.contains(['\t', '\n', '\r']) {
+        t.replace(['\t', '\n', '\r'], " ")
+    } else {
+        t.to_string()
+    }
+}
+
+/// SHA-256 of a file, as lowercase hex.
+pub fn sha256_file(path: &Path) -> Result<String> {
+    let mut f = File::open(path).with_context(|| format!("{}: cannot open", path.display()))?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f
+            .read(&mut buf)
+            .with_context(|| format!("{}: read error", path.display()))?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(hex::encode(h.finalize()))
+}
+
+/// A directory that becomes visible under its final name only when complete: files are written
+/// into a hidden sibling, which [`AtomicDir::commit`] renames into place. Dropped without a
+/// commit (an error, a panic), the sibling is removed, so nothing partial is left behind.
+pub struct AtomicDir {
+    tmp: PathBuf,
+    target: PathBuf,
+    committed: bool,
+}
+
+impl AtomicDir {
+    /// Starts writing `target`. An existing non-empty `target` is an error unless `overwrite`.
+    pub fn create(target: &Path, overwrite: bool) -> Result<Self> {
+        if target.exists() {
+            let empty = target.is_dir()
+                && fs::read_dir(target)
+                    .map(|mut d| d.next().is_none())
+                    .unwrap_or(false);
+            if !empty && !overwrite {
+                bail!(
+                    "{}: already exists (pass --force to replace it)",
+                    target.display()
+                );
+            }
+        }
+        let tmp = sibling(target, "tmp")?;
+        if tmp.exists() {
+            fs::remove_dir_all(&tmp).ok();
+        }
+        fs::create_dir_all(&tmp).with_context(|| format!("{}: cannot create", tmp.display()))?;
+        Ok(Self {
+            tmp,
+            target: target.to_path_buf(),
+            committed: false,
+        })
+    }
+
+    /// Where to write the files.
+    pub fn path(&self) -> &Path {
+        &self.tmp
+    }
+
+    pub fn commit(mut self) -> Result<()> {
+        let old = if self.target.exists() {
+            let old = sibling(&self.target, "old")?;
+            fs::rename(&self.target, &old)
+                .with_context(|| format!("{}: cannot move aside", self.target.display()))?;
+            Some(old)
+        } else {
+            None
+        };
+        fs::rename(&self.tmp, &self.target)
+            .with_context(|| format!("{}: cannot rename into place", self.target.display()))?;
+        self.committed = true;
+        if let Some(old) = old {
+            fs::remove_dir_all(&old).ok();
+        }
+        Ok(())
+    }
+}
+
+impl Drop for AtomicDir {
+    fn drop(&mut self) {
+        if !self.committed {
+            fs::remove_dir_all(&self.tmp).ok();
+        }
+    }
+}
+
+fn sibling(target: &Path, what: &str) -> Result<PathBuf> {
+    let name = target
+        .file_name()
+        .ok_or_else(|| anyhow!("{}: not a valid output path", target.display()))?
+        .to_string_lossy();
+    let parent = match target.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    Ok(parent.join(format!(".{name}.{what}-{}", std::process::id())))
+}
+
+/// Writes a file atomically: a temporary sibling, flushed, then renamed over `path`.
+pub fn write_file_atomic(path: &Path, contents: &[u8]) -> Result<()> {
+    let tmp = sibling(path, "tmp")?;
+    let mut f = File::create(&tmp).with_context(|| format!("{}: cannot create", tmp.display()))?;
+    f.write_all(contents)
+        .and_then(|_| f.sync_all())
+        .with_context(|| format!("{}: write error", tmp.display()))?;
+    drop(f);
+    fs::rename(&tmp, path).with_context(|| format!("{}: cannot rename into place", path.display()))
+}
