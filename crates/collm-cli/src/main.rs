@@ -2,6 +2,7 @@
 //! files to the paper's tables. The binary only parses arguments and calls the libraries; each
 //! subcommand group lives in its own file.
 
+mod bench;
 mod data;
 mod eval;
 mod quickstart;
@@ -33,6 +34,9 @@ enum Command {
     /// Evaluate scores or models with AUC / UAUC, overall and on warm/cold subsets.
     #[command(subcommand)]
     Eval(eval::EvalCommand),
+    /// Benchmarks (throughput, memory), each against a baseline measured in the same run.
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
     /// The main job on the embedded default: make the synthetic dataset and summarise it.
     Quickstart(quickstart::QuickstartArgs),
 }
@@ -56,5 +60,6 @@ fn run(cli: Cli) -> Result<()> {
         Command::Data(cmd) => data::run(cmd),
         Command::Eval(cmd) => eval::run(cmd),
         Command::Quickstart(args) => quickstart::run(args),
+        Command::Bench(cmd) => bench::run(cmd),
     }
 }

@@ -138,7 +138,7 @@ pub fn prepare(opts: &SyntheticOptions) -> Result<PreparedData> {
     if opts.items > GENRES.len() * 56 * 50 {
         bail!("synthetic: at most {} items", GENRES.len() * 56 * 50);
     }
-    if !(opts.rows_per_user > 0.0) {
+    if opts.rows_per_user.is_nan() || opts.rows_per_user <= 0.0 {
         bail!("synthetic: --rows-per-user must be positive");
     }
     if opts.liked_genres == 0 || opts.liked_genres > GENRES.len() {
