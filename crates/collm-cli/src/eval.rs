@@ -14,6 +14,28 @@ pub enum EvalCommand {
     /// Subsets: warm/cold (>= 3 train rows for user and item, the paper), warm4/cold4 (>= 4,
     /// the reference code), seen/unseen (both in train or not).
     Scores(ScoresArgs),
+    /// Evaluate a collaborative-model run (from `collm train cf`) on a split of the dataset it
+    /// was trained on.
+    Cf(CfEvalArgs),
+}
+
+#[derive(Args)]
+pub struct CfEvalArgs {
+    /// Run directory.
+    #[arg(long)]
+    pub run: PathBuf,
+    /// Dataset directory (must be the one the run was trained on).
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Split name (train, valid, test).
+    #[arg(long)]
+    pub split: String,
+    /// Also write the scores (uid iid score) to this file.
+    #[arg(long)]
+    pub scores_out: Option<PathBuf>,
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Args)]
@@ -48,6 +70,22 @@ pub fn run(cmd: EvalCommand) -> Result<()> {
             let ds = Dataset::load(&a.data)?;
             let rows = &ds.split(&a.split)?.rows;
             let scores = read_scores(&a.scores, rows)?;
+            let report = Report::for_split(&ds, &a.split, &scores)?;
+            print_report(&report, a.json)
+        }
+        EvalCommand::Cf(a) => {
+            let ds = Dataset::load(&a.data)?;
+            let device = candle_core::Device::Cpu;
+            let (cfg, model) = collm_cf::run::load_model(&a.run, &ds, &device)?;
+            let rows = &ds.split(&a.split)?.rows;
+            let scores =
+                collm_cf::train::predict(model.as_ref(), rows, cfg.cf.eval_batch_size, &device)?;
+            if let Some(path) = &a.scores_out {
+                collm_data::io::write_file_atomic(
+                    path,
+                    collm_metrics::scores::format_scores(rows, &scores).as_bytes(),
+                )?;
+            }
             let report = Report::for_split(&ds, &a.split, &scores)?;
             print_report(&report, a.json)
         }

@@ -6,6 +6,7 @@ mod bench;
 mod data;
 mod eval;
 mod quickstart;
+mod train;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -31,6 +32,9 @@ enum Command {
     /// Prepare datasets and inspect them.
     #[command(subcommand)]
     Data(data::DataCommand),
+    /// Train models: collaborative (cf), grid searches (cf-sweep).
+    #[command(subcommand)]
+    Train(train::TrainCommand),
     /// Evaluate scores or models with AUC / UAUC, overall and on warm/cold subsets.
     #[command(subcommand)]
     Eval(eval::EvalCommand),
@@ -59,6 +63,7 @@ fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Data(cmd) => data::run(cmd),
         Command::Eval(cmd) => eval::run(cmd),
+        Command::Train(cmd) => train::run(cmd),
         Command::Quickstart(args) => quickstart::run(args),
         Command::Bench(cmd) => bench::run(cmd),
     }

@@ -1,0 +1,180 @@
+//! Named, seeded parameters. candle's `VarMap` initialises from the thread RNG, which cannot be
+//! seeded on the CPU; runs must be reproducible, so every tensor here is drawn from a ChaCha RNG
+//! derived from the run's seed and the parameter's name.
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor, Var};
+use rand::prelude::*;
+use rand_chacha::ChaCha8Rng;
+use rand_distr::{Normal, Uniform};
+use std::collections::BTreeMap;
+use std::path::Path;
+
+/// How a parameter starts.
+#[derive(Debug, Clone, Copy)]
+pub enum Init {
+    Zeros,
+    Ones,
+    Normal {
+        std: f64,
+    },
+    Uniform {
+        bound: f64,
+    },
+    /// Xavier/Glorot normal for a (fan_out, fan_in) matrix.
+    XavierNormal,
+}
+
+/// A parameter store: trainable parameters and buffers (running statistics), by name.
+pub struct ParamStore {
+    device: Device,
+    seed: u64,
+    vars: BTreeMap<String, (Var, bool)>,
+}
+
+fn name_seed(seed: u64, name: &str) -> u64 {
+    // FNV-1a over the name, mixed with the seed: stable across platforms and versions.
+    let mut h: u64 = 0xcbf29ce484222325 ^ seed.wrapping_mul(0x9E3779B97F4A7C15);
+    for b in name.bytes() {
+        h ^= b as u64;
+        h = h.wrapping_mul(0x100000001b3);
+    }
+    h
+}
+
+impl ParamStore {
+    pub fn new(device: &Device, seed: u64) -> Self {
+        Self {
+            device: device.clone(),
+            seed,
+            vars: BTreeMap::new(),
+        }
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    fn make(&self, name: &str, shape: &[usize], init: Init) -> Result<Tensor> {
+        let n: usize = shape.iter().product();
+        let mut rng = ChaCha8Rng::seed_from_u64(name_seed(self.seed, name));
+        let data: Vec<f32> = match init {
+            Init::Zeros => vec![0.0; n],
+            Init::Ones => vec![1.0; n],
+            Init::Normal { std } => {
+                let d = Normal::new(0.0, std)?;
+                (0..n).map(|_| d.sample(&mut rng) as f32).collect()
+            }
+            Init::Uniform { bound } => {
+                let d = Uniform::new_inclusive(-bound, bound);
+                (0..n).map(|_| d.sample(&mut rng) as f32).collect()
+            }
+            Init::XavierNormal => {
+                let (fan_out, fan_in) = match shape {
+                    [o, i] => (*o, *i),
+                    _ => (n, n),
+                };
+                let d = Normal::new(0.0, (2.0 / (fan_in + fan_out) as f64).sqrt())?;
+                (0..n).map(|_| d.sample(&mut rng) as f32).collect()
+            }
+        };
+        Ok(Tensor::from_vec(data, shape, &self.device)?)
+    }
+
+    /// A trainable parameter (created on first use).
+    pub fn param(&mut self, name: &str, shape: &[usize], init: Init) -> Result<Tensor> {
+        self.get_or_make(name, shape, init, true)
+    }
+
+    /// A buffer: saved with the model, never trained.
+    pub fn buffer(&mut self, name: &str, shape: &[usize], init: Init) -> Result<Var> {
+        self.get_or_make(name, shape, init, false)?;
+        Ok(self.vars[name].0.clone())
+    }
+
+    fn get_or_make(
+        &mut self,
+        name: &str,
+        shape: &[usize],
+        init: Init,
+        trainable: bool,
+    ) -> Result<Tensor> {
+        if let Some((v, _)) = self.vars.get(name) {
+            if v.dims() != shape {
+                bail!("parameter {name}: shape {:?}, expected {shape:?}", v.dims());
+            }
+            return Ok(v.as_tensor().clone());
+        }
+        let var = Var::from_tensor(&self.make(name, shape, init)?)?;
+        let t = var.as_tensor().clone();
+        self.vars.insert(name.to_string(), (var, trainable));
+        Ok(t)
+    }
+
+    /// The trainable parameters, by name.
+    pub fn trainable(&self) -> Vec<(String, Var)> {
+        self.vars
+            .iter()
+            .filter(|(_, (_, t))| *t)
+            .map(|(k, (v, _))| (k.clone(), v.clone()))
+            .collect()
+    }
+
+    pub fn get(&self, name: &str) -> Option<&Var> {
+        self.vars.get(name).map(|(v, _)| v)
+    }
+
+    pub fn names(&self) -> Vec<String> {
+        self.vars.keys().cloned().collect()
+    }
+
+    pub fn num_trainable(&self) -> usize {
+        self.vars
+            .values()
+            .filter(|(_, t)| *t)
+            .map(|(v, _)| v.elem_count())
+            .sum()
+    }
+
+    pub fn save(&self, path: &Path) -> Result<()> {
+        let tensors: Vec<(String, Tensor)> = self
+            .vars
+            .iter()
+            .map(|(k, (v, _))| (k.clone(), v.as_tensor().clone()))
+            .collect();
+        let tmp = path.with_extension("safetensors.tmp");
+        candle_core::safetensors::save(&tensors.into_iter().collect(), &tmp)
+            .with_context(|| format!("{}: cannot write", tmp.display()))?;
+        std::fs::rename(&tmp, path)
+            .with_context(|| format!("{}: cannot rename into place", path.display()))?;
+        Ok(())
+    }
+
+    /// Overwrites every parameter from a safetensors file; every name must be there with the
+    /// right shape, and the file must hold nothing else.
+    pub fn load(&self, path: &Path) -> Result<()> {
+        let tensors = candle_core::safetensors::load(path, &self.device)
+            .with_context(|| format!("{}: cannot read model weights", path.display()))?;
+        for (name, (var, _)) in &self.vars {
+            let t = tensors
+                .get(name)
+                .with_context(|| format!("{}: tensor '{name}' is missing", path.display()))?;
+            if t.dims() != var.dims() {
+                bail!(
+                    "{}: tensor '{name}' has shape {:?}, the model expects {:?}",
+                    path.display(),
+                    t.dims(),
+                    var.dims()
+                );
+            }
+            var.set(&t.to_dtype(DType::F32)?)?;
+        }
+        if let Some(extra) = tensors.keys().find(|k| !self.vars.contains_key(*k)) {
+            bail!(
+                "{}: unexpected tensor '{extra}' (weights of another model?)",
+                path.display()
+            );
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,110 @@
+//! A run directory: everything needed to rebuild, evaluate or resume a trained model.
+//!
+//! ```text
+//! RUN/
+//!   config.toml          [cf]: the model's config; [data]: the dataset it was trained on
+//!                        (name, path, content_sha256, num_users, num_items)
+//!   model.safetensors    the best weights (by valid AUC)
+//!   metrics.json         the training curve and the best valid report
+//!   checkpoint/          the last epoch's weights, optimizer state and loop state (--resume)
+//! ```
+//! Evaluating a run on another dataset than the one it was trained on is an error.
+
+use crate::{build_model, CfConfig, CollaborativeModel};
+use anyhow::{bail, Context, Result};
+use candle_core::Device;
+use collm_data::Dataset;
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+
+pub const CONFIG_FILE: &str = "config.toml";
+pub const MODEL_FILE: &str = "model.safetensors";
+pub const METRICS_FILE: &str = "metrics.json";
+pub const CHECKPOINT_DIR: &str = "checkpoint";
+
+/// The dataset a run was trained on.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct DataRef {
+    pub name: String,
+    pub path: String,
+    pub content_sha256: String,
+    pub num_users: usize,
+    pub num_items: usize,
+}
+
+impl DataRef {
+    pub fn of(ds: &Dataset) -> Self {
+        Self {
+            name: ds.manifest.name.clone(),
+            path: ds.display_name(),
+            content_sha256: ds.manifest.content_sha256.clone(),
+            num_users: ds.num_users(),
+            num_items: ds.num_items(),
+        }
+    }
+
+    /// Errors unless `ds` is the dataset this reference names.
+    pub fn check(&self, ds: &Dataset, what: &str) -> Result<()> {
+        if self.content_sha256 != ds.manifest.content_sha256 {
+            bail!(
+                "{what} was trained on dataset '{}' ({}, content sha256 {}), but {} is dataset '{}' (content sha256 {}): evaluate it on the data it was trained on",
+                self.name,
+                self.path,
+                &self.content_sha256[..12.min(self.content_sha256.len())],
+                ds.display_name(),
+                ds.manifest.name,
+                &ds.manifest.content_sha256[..12.min(ds.manifest.content_sha256.len())]
+            );
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct RunConfig {
+    pub cf: CfConfig,
+    pub data: DataRef,
+}
+
+impl RunConfig {
+    pub fn load(run: &Path) -> Result<Self> {
+        let path = run.join(CONFIG_FILE);
+        let text = std::fs::read_to_string(&path).with_context(|| {
+            format!(
+                "{}: cannot read (is {} a run directory made by `collm train cf`?)",
+                path.display(),
+                run.display()
+            )
+        })?;
+        let cfg: RunConfig = toml::from_str(&text)
+            .with_context(|| format!("{}: invalid run config", path.display()))?;
+        cfg.cf
+            .validate()
+            .with_context(|| format!("{}", path.display()))?;
+        Ok(cfg)
+    }
+
+    pub fn save(&self, run: &Path) -> Result<()> {
+        collm_data::io::write_file_atomic(&run.join(CONFIG_FILE), toml::to_string(self)?.as_bytes())
+    }
+}
+
+/// Loads a trained model from its run directory, checking that `ds` is its dataset.
+pub fn load_model(
+    run: &Path,
+    ds: &Dataset,
+    device: &Device,
+) -> Result<(RunConfig, Box<dyn CollaborativeModel>)> {
+    let cfg = RunConfig::load(run)?;
+    cfg.data.check(ds, &format!("run {}", run.display()))?;
+    let model = build_model(&cfg.cf, ds, device)?;
+    let weights = run.join(MODEL_FILE);
+    if !weights.is_file() {
+        bail!(
+            "{}: not found (the run has no saved model yet: did its training finish an epoch?)",
+            weights.display()
+        );
+    }
+    model.params().load(&weights)?;
+    Ok((cfg, model))
+}

@@ -1,0 +1,127 @@
+//! A grid search over learning rate, weight decay and embedding size (the paper's search
+//! space by default), selecting by valid AUC. Each point is a full run under `OUT/runs/`.
+
+use crate::run::METRICS_FILE;
+use crate::train::{train, TrainMetrics, TrainOptions};
+use crate::CfConfig;
+use anyhow::Result;
+use collm_data::Dataset;
+use serde::Serialize;
+use std::fmt::Write as _;
+use std::path::Path;
+
+pub const PAPER_LRS: [f64; 3] = [1e-2, 1e-3, 1e-4];
+pub const PAPER_WDS: [f64; 6] = [1e-2, 1e-3, 1e-4, 1e-5, 1e-6, 1e-7];
+pub const PAPER_DIMS: [usize; 3] = [64, 128, 256];
+
+#[derive(Debug, Clone, Serialize)]
+pub struct SweepPoint {
+    pub name: String,
+    pub lr: f64,
+    pub weight_decay: f64,
+    pub dim: usize,
+    pub best_epoch: Option<usize>,
+    pub valid_auc: Option<f64>,
+    pub valid_uauc: Option<f64>,
+}
+
+pub struct Grid {
+    pub lrs: Vec<f64>,
+    pub weight_decays: Vec<f64>,
+    pub dims: Vec<usize>,
+}
+
+impl Default for Grid {
+    fn default() -> Self {
+        Self {
+            lrs: PAPER_LRS.to_vec(),
+            weight_decays: PAPER_WDS.to_vec(),
+            dims: PAPER_DIMS.to_vec(),
+        }
+    }
+}
+
+/// Runs every grid point (resuming finished or interrupted ones), writes `results.tsv`,
+/// `results.md` and `best.toml` into `out`, and returns the points best first.
+pub fn sweep(base: &CfConfig, grid: &Grid, ds: &Dataset, out: &Path) -> Result<Vec<SweepPoint>> {
+    std::fs::create_dir_all(out.join("runs"))?;
+    let mut points = Vec::new();
+    for &dim in &grid.dims {
+        for &lr in &grid.lrs {
+            for &wd in &grid.weight_decays {
+                let cfg = CfConfig {
+                    dim,
+                    lr,
+                    weight_decay: wd,
+                    ..base.clone()
+                };
+                let name = format!("{}-d{dim}-lr{lr:e}-wd{wd:e}", cfg.model);
+                let run = out.join("runs").join(&name);
+                let resume = run.join(METRICS_FILE).is_file();
+                tracing::info!("sweep point {name}");
+                let m: TrainMetrics = train(
+                    &cfg,
+                    ds,
+                    &run,
+                    &TrainOptions {
+                        resume,
+                        quiet: false,
+                    },
+                )?;
+                let best = m.best_valid.as_ref();
+                points.push((
+                    cfg,
+                    SweepPoint {
+                        name,
+                        lr,
+                        weight_decay: wd,
+                        dim,
+                        best_epoch: m.best_epoch,
+                        valid_auc: best.and_then(|r| r.auc),
+                        valid_uauc: best.and_then(|r| r.uauc),
+                    },
+                ));
+            }
+        }
+    }
+    points.sort_by(|a, b| {
+        b.1.valid_auc
+            .unwrap_or(f64::MIN)
+            .total_cmp(&a.1.valid_auc.unwrap_or(f64::MIN))
+    });
+    let f = |x: Option<f64>| x.map(|v| format!("{v:.4}")).unwrap_or_else(|| "-".into());
+    let mut tsv = String::from("name\tdim\tlr\tweight_decay\tbest_epoch\tvalid_auc\tvalid_uauc\n");
+    let mut md = String::from(
+        "| run | d | lr | wd | best epoch | valid AUC | valid UAUC |\n|---|---|---|---|---|---|---|\n",
+    );
+    for (_, p) in &points {
+        let _ = writeln!(
+            tsv,
+            "{}\t{}\t{:e}\t{:e}\t{}\t{}\t{}",
+            p.name,
+            p.dim,
+            p.lr,
+            p.weight_decay,
+            p.best_epoch.unwrap_or(0),
+            f(p.valid_auc),
+            f(p.valid_uauc)
+        );
+        let _ = writeln!(
+            md,
+            "| {} | {} | {:e} | {:e} | {} | {} | {} |",
+            p.name,
+            p.dim,
+            p.lr,
+            p.weight_decay,
+            p.best_epoch.unwrap_or(0),
+            f(p.valid_auc),
+            f(p.valid_uauc)
+        );
+    }
+    collm_data::io::write_file_atomic(&out.join("results.tsv"), tsv.as_bytes())?;
+    collm_data::io::write_file_atomic(&out.join("results.md"), md.as_bytes())?;
+    if let Some((cfg, _)) = points.first() {
+        collm_data::io::write_file_atomic(&out.join("best.toml"), cfg.to_toml()?.as_bytes())?;
+    }
+    Ok(points.into_iter().map(|(_, p)| p).collect())
+}

@@ -1,0 +1,228 @@
+//! Training a collaborative model: pointwise BCE on the explicit labels, Adam with L2 weight
+//! decay, shuffled mini-batches, the full valid split evaluated after every epoch, early
+//! stopping on valid AUC with patience, the best weights kept. Every epoch also writes a
+//! checkpoint, so a killed run resumes (`resume`) where it stopped, with identical results:
+//! each epoch's shuffling and dropout come from an RNG seeded by (seed, epoch).
+
+use crate::nn::bce_with_logits;
+use crate::optim::{Adam, Decay};
+use crate::run::{DataRef, RunConfig, CHECKPOINT_DIR, CONFIG_FILE, METRICS_FILE, MODEL_FILE};
+use crate::{build_model, CfBatch, CfConfig, CollaborativeModel, TrainCtx};
+use anyhow::{bail, Context, Result};
+use candle_core::Device;
+use collm_data::subsets::TrainCounts;
+use collm_data::{Dataset, Interaction};
+use collm_metrics::Report;
+use indicatif::{ProgressBar, ProgressStyle};
+use rand::prelude::*;
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+use std::time::Instant;
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct EpochRecord {
+    pub epoch: usize,
+    pub train_loss: f64,
+    pub valid_auc: Option<f64>,
+    pub valid_uauc: Option<f64>,
+    pub seconds: f64,
+    pub samples_per_second: f64,
+}
+
+/// `metrics.json`, also the loop state kept in the checkpoint.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct TrainMetrics {
+    pub curve: Vec<EpochRecord>,
+    pub best_epoch: Option<usize>,
+    pub best_valid: Option<Report>,
+    pub epochs_without_improvement: usize,
+    /// Why training ended: "patience", "max_epochs", or null while running.
+    pub stopped: Option<String>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct TrainOptions {
+    /// Continue a run from its last checkpoint.
+    pub resume: bool,
+    /// Hide the progress bar.
+    pub quiet: bool,
+}
+
+/// Scores (logits) of a model on rows, in order.
+pub fn predict(
+    model: &dyn CollaborativeModel,
+    rows: &[Interaction],
+    batch_size: usize,
+    device: &Device,
+) -> Result<Vec<f64>> {
+    let mut out = Vec::with_capacity(rows.len());
+    for chunk in rows.chunks(batch_size.max(1)) {
+        let refs: Vec<&Interaction> = chunk.iter().collect();
+        let b = CfBatch::new(&refs, model.history_len(), device)?;
+        let s = model.forward(&b, None)?.score.to_vec1::<f32>()?;
+        out.extend(s.into_iter().map(f64::from));
+    }
+    Ok(out)
+}
+
+fn epoch_seed(seed: u64, epoch: usize) -> u64 {
+    seed ^ (epoch as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+}
+
+fn json_atomic<T: Serialize>(path: &Path, value: &T) -> Result<()> {
+    collm_data::io::write_file_atomic(path, serde_json::to_string_pretty(value)?.as_bytes())
+}
+
+/// Trains `cfg` on `ds` into the run directory `out`.
+pub fn train(
+    cfg: &CfConfig,
+    ds: &Dataset,
+    out: &Path,
+    opts: &TrainOptions,
+) -> Result<TrainMetrics> {
+    cfg.validate()?;
+    let device = Device::Cpu;
+    let ckpt = out.join(CHECKPOINT_DIR);
+    let run_cfg = RunConfig {
+        cf: cfg.clone(),
+        data: DataRef::of(ds),
+    };
+    if opts.resume {
+        let old = RunConfig::load(out)?;
+        old.data.check(ds, &format!("run {}", out.display()))?;
+        if old.cf != *cfg {
+            bail!(
+                "{}: the config differs from the run's {CONFIG_FILE}; resume with the same settings",
+                out.display()
+            );
+        }
+    } else if out.join(CONFIG_FILE).exists() {
+        bail!(
+            "{}: already holds a run (pass --resume to continue it, or choose another --out)",
+            out.display()
+        );
+    }
+    std::fs::create_dir_all(&ckpt).with_context(|| format!("{}: cannot create", ckpt.display()))?;
+    run_cfg.save(out)?;
+
+    let model = build_model(cfg, ds, &device)?;
+    let params: Vec<_> = model
+        .params()
+        .trainable()
+        .into_iter()
+        .map(|(n, v)| (n, v, cfg.weight_decay))
+        .collect();
+    let mut opt = Adam::new(params, cfg.lr, Decay::L2)?;
+    let mut metrics = TrainMetrics {
+        curve: Vec::new(),
+        best_epoch: None,
+        best_valid: None,
+        epochs_without_improvement: 0,
+        stopped: None,
+    };
+    if opts.resume {
+        let state = ckpt.join("state.json");
+        if state.is_file() {
+            metrics = serde_json::from_str(&std::fs::read_to_string(&state)?)
+                .with_context(|| format!("{}: invalid checkpoint state", state.display()))?;
+            model.params().load(&ckpt.join("last.safetensors"))?;
+            opt.load(&ckpt.join("optimizer.safetensors"))?;
+            if metrics.stopped.is_some() {
+                tracing::info!("{}: training had already finished", out.display());
+                return Ok(metrics);
+            }
+        }
+    }
+
+    let train_rows = &ds.train()?.rows;
+    let valid_rows = &ds.split("valid")?.rows;
+    let counts = TrainCounts::from_rows(train_rows);
+    let start_epoch = metrics.curve.len();
+    let pb = if opts.quiet {
+        ProgressBar::hidden()
+    } else {
+        ProgressBar::new(cfg.max_epochs as u64)
+    };
+    pb.set_style(
+        ProgressStyle::with_template("{prefix} [{bar:30}] epoch {pos}/{len} {msg}")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    pb.set_prefix(format!("train {}", cfg.model));
+    pb.set_position(start_epoch as u64);
+    for epoch in start_epoch..cfg.max_epochs {
+        let t = Instant::now();
+        let mut rng = ChaCha8Rng::seed_from_u64(epoch_seed(cfg.seed, epoch));
+        let mut order: Vec<usize> = (0..train_rows.len()).collect();
+        order.shuffle(&mut rng);
+        let ctx = TrainCtx::new(rng.gen());
+        let (mut loss_sum, mut batches) = (0.0, 0usize);
+        for chunk in order.chunks(cfg.batch_size) {
+            let rows: Vec<&Interaction> = chunk.iter().map(|&k| &train_rows[k]).collect();
+            let b = CfBatch::new(&rows, model.history_len(), &device)?;
+            let out = model.forward(&b, Some(&ctx))?;
+            let loss = bce_with_logits(&out.score, &b.labels)?;
+            let l = loss.to_scalar::<f32>()? as f64;
+            if !l.is_finite() {
+                bail!("epoch {epoch}: the training loss is {l}; lower the learning rate");
+            }
+            let grads = loss.backward()?;
+            opt.step(&grads)?;
+            loss_sum += l;
+            batches += 1;
+        }
+        let train_s = t.elapsed().as_secs_f64();
+        let scores = predict(model.as_ref(), valid_rows, cfg.eval_batch_size, &device)?;
+        let report = Report::compute(&counts, valid_rows, &scores)?;
+        let improved = match (&metrics.best_valid, report.auc) {
+            (_, None) => false,
+            (None, Some(_)) => true,
+            (Some(best), Some(a)) => best.auc.is_none_or(|b| a > b),
+        };
+        metrics.curve.push(EpochRecord {
+            epoch: epoch + 1,
+            train_loss: loss_sum / batches.max(1) as f64,
+            valid_auc: report.auc,
+            valid_uauc: report.uauc,
+            seconds: t.elapsed().as_secs_f64(),
+            samples_per_second: train_rows.len() as f64 / train_s,
+        });
+        if improved {
+            model.params().save(&out.join(MODEL_FILE))?;
+            metrics.best_epoch = Some(epoch + 1);
+            metrics.best_valid = Some(report.clone());
+            metrics.epochs_without_improvement = 0;
+        } else {
+            metrics.epochs_without_improvement += 1;
+        }
+        if metrics.epochs_without_improvement >= cfg.patience {
+            metrics.stopped = Some("patience".into());
+        } else if epoch + 1 == cfg.max_epochs {
+            metrics.stopped = Some("max_epochs".into());
+        }
+        // Checkpoint: weights, optimizer, then the loop state that points at them.
+        model.params().save(&ckpt.join("last.safetensors"))?;
+        opt.save(&ckpt.join("optimizer.safetensors"))?;
+        json_atomic(&ckpt.join("state.json"), &metrics)?;
+        json_atomic(&out.join(METRICS_FILE), &metrics)?;
+        let best = metrics
+            .best_valid
+            .as_ref()
+            .and_then(|r| r.auc)
+            .unwrap_or(f64::NAN);
+        pb.set_message(format!(
+            "loss {:.4} valid auc {:.4} (best {best:.4} @ {})",
+            loss_sum / batches.max(1) as f64,
+            report.auc.unwrap_or(f64::NAN),
+            metrics.best_epoch.unwrap_or(0)
+        ));
+        pb.inc(1);
+        tracing::debug!(epoch = epoch + 1, auc = ?report.auc, "epoch done");
+        if metrics.stopped.is_some() {
+            break;
+        }
+    }
+    pb.finish_and_clear();
+    Ok(metrics)
+}
