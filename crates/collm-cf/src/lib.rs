@@ -20,9 +20,6 @@ pub mod config;
 pub mod din;
 pub mod lightgcn;
 pub mod mf;
-pub mod nn;
-pub mod optim;
-pub mod params;
 pub mod run;
 pub mod sasrec;
 pub mod sweep;
@@ -32,9 +29,8 @@ use anyhow::Result;
 pub use batch::CfBatch;
 use candle_core::{Device, Tensor};
 use collm_data::Dataset;
+pub use collm_nn::{layers as nn, optim, params, ParamStore, TrainCtx};
 pub use config::{CfConfig, ModelKind};
-pub use nn::TrainCtx;
-pub use params::ParamStore;
 
 /// What a collaborative model gives for a batch.
 pub struct CfOutput {

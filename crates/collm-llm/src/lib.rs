@@ -1,0 +1,59 @@
+//! The LLM-prediction box of CoLLM's pipeline: a LLaMA-family decoder with LoRA that reads a
+//! sequence of *embeddings* (token embeddings with collaborative vectors injected at the ID
+//! slots) and returns the logits of chosen tokens (" Yes") at each row's last real position.
+//!
+//! - [`config`]: one config for LLaMA/Vicuna, LLaMA-2/3, SmolLM2, Qwen2 (HF or GGUF).
+//! - [`load`]: Hugging Face directories (safetensors, sharded) and GGUF files.
+//! - [`tokenizer`]: tokenizer.json, or a byte-level BPE rebuilt from GGUF metadata.
+//! - [`decoder`]: the model; [`lora`]: adapters in PEFT's format.
+
+pub mod config;
+pub mod decoder;
+pub mod load;
+pub mod lora;
+pub mod tokenizer;
+
+use anyhow::{bail, Result};
+use candle_core::{DType, Device};
+pub use config::LlamaConfig;
+pub use decoder::{Decoder, Mask, Pass};
+pub use lora::{Lora, LoraConfig};
+use std::path::Path;
+pub use tokenizer::Tokenizer;
+
+/// A decoder with its tokenizer.
+pub struct Backbone {
+    pub decoder: Decoder,
+    pub tokenizer: Tokenizer,
+    /// Where it was loaded from.
+    pub source: String,
+}
+
+impl Backbone {
+    /// Loads a Hugging Face model directory or a GGUF file; the tokenizer is required.
+    pub fn load(path: &Path, dtype: DType, device: &Device) -> Result<Self> {
+        let ck = load::load(path, dtype, device)?;
+        let Some(tokenizer) = ck.tokenizer else {
+            bail!(
+                "{}: no tokenizer.json next to the weights (a tokenizer is needed for prompts)",
+                path.display()
+            );
+        };
+        let decoder = Decoder::new(&ck.config, &ck.weights, dtype, device)?;
+        Ok(Self {
+            decoder,
+            tokenizer,
+            source: path.display().to_string(),
+        })
+    }
+}
+
+/// Parses a dtype name: `f32` or `bf16`.
+pub fn parse_dtype(s: &str) -> Result<DType> {
+    match s {
+        "f32" => Ok(DType::F32),
+        "bf16" => Ok(DType::BF16),
+        "f16" => Ok(DType::F16),
+        other => bail!("unknown dtype '{other}' (f32, bf16, f16)"),
+    }
+}
