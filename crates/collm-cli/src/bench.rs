@@ -16,6 +16,26 @@ pub enum BenchCommand {
     /// `data prepare amazon-book` on a generated Amazon-format input: rows/s and peak memory,
     /// against a plain line-reading pass over the same file (the I/O floor).
     AmazonPrepare(AmazonBenchArgs),
+    /// LLM scoring and LoRA train-step throughput (forward + backward + AdamW) with random
+    /// weights, for the shapes of ../shared/bench/ref_lora_throughput.py. Run that script on
+    /// the same machine in the same session for the baseline (scripts/bench_llm.sh does both).
+    Llm(LlmBenchArgs),
+}
+
+#[derive(Args)]
+pub struct LlmBenchArgs {
+    /// Comma-separated model:batch pairs (shapes: tiny, smollm2-135m, qwen2.5-0.5b-shape, vicuna-7b).
+    #[arg(long, default_value = "smollm2-135m:8")]
+    pub plan: String,
+    #[arg(long, default_value_t = 160)]
+    pub seq: usize,
+    /// f32 or bf16.
+    #[arg(long, default_value = "f32")]
+    pub dtype: String,
+    #[arg(long, default_value_t = 3)]
+    pub steps: usize,
+    #[arg(long, default_value_t = 1)]
+    pub warm: usize,
 }
 
 #[derive(Args)]
@@ -82,8 +102,118 @@ fn generate(args: &AmazonBenchArgs) -> Result<(PathBuf, PathBuf)> {
     Ok((reviews, meta))
 }
 
+fn bench_llm(args: &LlmBenchArgs) -> Result<()> {
+    use candle_core::{Device, Tensor};
+    use collm_llm::load::{bench_shape, random_weights};
+    use collm_llm::{parse_dtype, Decoder, Lora, LoraConfig, Mask, Pass};
+    use collm_nn::optim::{Adam, Decay};
+    use collm_nn::TrainCtx;
+    let device = crate::device()?;
+    let dtype = parse_dtype(&args.dtype)?;
+    let sync = |d: &Device| -> Result<()> {
+        d.synchronize()?;
+        Ok(())
+    };
+    let mut rows = Vec::new();
+    for item in args.plan.split(',') {
+        let (name, batch) = item
+            .split_once(':')
+            .ok_or_else(|| anyhow::anyhow!("--plan items are model:batch, got '{item}'"))?;
+        let batch: usize = batch.parse()?;
+        let cfg = bench_shape(name)?;
+        let dec = Decoder::new(&cfg, &random_weights(&cfg, dtype, &device)?, dtype, &device)?;
+        let lora = Lora::new(&LoraConfig::default(), &cfg, 0, &device)?;
+        let params = lora
+            .trainable()
+            .into_iter()
+            .map(|(n, v)| (n, v, 1e-3))
+            .collect();
+        let mut opt = Adam::new(params, 1e-4, Decay::Decoupled)?;
+        let mut rng = ChaCha8Rng::seed_from_u64(0);
+        let ids: Vec<u32> = (0..batch * args.seq)
+            .map(|_| rng.gen_range(10..cfg.vocab_size as u32))
+            .collect();
+        let labels = Tensor::from_vec(
+            (0..batch).map(|k| (k % 2) as f32).collect::<Vec<_>>(),
+            batch,
+            &device,
+        )?;
+        let mask = Mask::left_padded(&vec![args.seq; batch], args.seq);
+        let last = mask.last_positions();
+        let emb = dec
+            .embed(&ids)?
+            .reshape((batch, args.seq, cfg.hidden_size))?;
+        let ctx = TrainCtx::new(1);
+        let train_step = |opt: &mut Adam| -> Result<()> {
+            let pass = Pass {
+                lora: Some(&lora),
+                train: Some(&ctx),
+                grad: true,
+            };
+            let h = dec.forward(&emb, &mask, &pass)?;
+            let yes = dec.token_logits(&h, &last, &[3], &pass)?.squeeze(1)?;
+            let loss = collm_nn::layers::bce_with_logits(&yes, &labels)?;
+            opt.step(&loss.backward()?)?;
+            Ok(())
+        };
+        let score = || -> Result<()> {
+            let pass = Pass {
+                lora: Some(&lora),
+                train: None,
+                grad: false,
+            };
+            let h = dec.forward(&emb, &mask, &pass)?;
+            dec.token_logits(&h, &last, &[4, 3], &pass)?
+                .to_vec2::<f32>()?;
+            Ok(())
+        };
+        for _ in 0..args.warm {
+            train_step(&mut opt)?;
+        }
+        sync(&device)?;
+        let t = Instant::now();
+        for _ in 0..args.steps {
+            train_step(&mut opt)?;
+        }
+        sync(&device)?;
+        let train_s = t.elapsed().as_secs_f64() / args.steps as f64;
+        for _ in 0..args.warm {
+            score()?;
+        }
+        sync(&device)?;
+        let t = Instant::now();
+        for _ in 0..args.steps {
+            score()?;
+        }
+        sync(&device)?;
+        let infer_s = t.elapsed().as_secs_f64() / args.steps as f64;
+        let row = serde_json::json!({
+            "model": name, "batch": batch, "seq": args.seq, "dtype": args.dtype,
+            "device": format!("{device:?}"),
+            "train_samples_per_s": batch as f64 / train_s,
+            "infer_samples_per_s": batch as f64 / infer_s,
+            "peak_rss_gib": peak_rss_mib().map(|m| m / 1024.0),
+        });
+        println!("{row}");
+        rows.push(row);
+    }
+    println!("\nmodel                 batch  train/s   infer/s  peak RSS GiB");
+    for r in &rows {
+        println!(
+            "{:<21} {:>5} {:>8.2} {:>9.2} {:>8.2}",
+            r["model"].as_str().unwrap_or(""),
+            r["batch"],
+            r["train_samples_per_s"].as_f64().unwrap_or(0.0),
+            r["infer_samples_per_s"].as_f64().unwrap_or(0.0),
+            r["peak_rss_gib"].as_f64().unwrap_or(f64::NAN)
+        );
+    }
+    Ok(())
+}
+
 pub fn run(cmd: BenchCommand) -> Result<()> {
     match cmd {
+        BenchCommand::Llm(args) => bench_llm(&args),
         BenchCommand::AmazonPrepare(args) => {
             let t = Instant::now();
             let (reviews, meta) = generate(&args).context("generating the benchmark input")?;

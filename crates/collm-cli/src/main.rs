@@ -5,6 +5,7 @@
 mod bench;
 mod data;
 mod eval;
+mod llm;
 mod quickstart;
 mod train;
 
@@ -38,6 +39,9 @@ enum Command {
     /// Evaluate scores or models with AUC / UAUC, overall and on warm/cold subsets.
     #[command(subcommand)]
     Eval(eval::EvalCommand),
+    /// Manual checks of an LLM backbone.
+    #[command(subcommand)]
+    Llm(llm::LlmCommand),
     /// Benchmarks (throughput, memory), each against a baseline measured in the same run.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -59,6 +63,18 @@ fn main() {
     }
 }
 
+/// The compute device: the first CUDA GPU in a `--features cuda` build when one is present
+/// (unless COLLM_DEVICE=cpu), else the CPU.
+pub fn device() -> Result<candle_core::Device> {
+    if std::env::var("COLLM_DEVICE").as_deref() == Ok("cpu") {
+        return Ok(candle_core::Device::Cpu);
+    }
+    if candle_core::utils::cuda_is_available() {
+        return Ok(candle_core::Device::new_cuda(0)?);
+    }
+    Ok(candle_core::Device::Cpu)
+}
+
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Data(cmd) => data::run(cmd),
@@ -66,5 +82,6 @@ fn run(cli: Cli) -> Result<()> {
         Command::Train(cmd) => train::run(cmd),
         Command::Quickstart(args) => quickstart::run(args),
         Command::Bench(cmd) => bench::run(cmd),
+        Command::Llm(cmd) => llm::run(cmd),
     }
 }

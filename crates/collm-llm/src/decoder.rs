@@ -365,6 +365,11 @@ impl Decoder {
             let up = self.project(&h, &l.up, li, "up_proj", pass)?;
             let act = (candle_nn::ops::silu(&gate)? * up)?;
             x = (x + self.project(&act, &l.down, li, "down_proj", pass)?)?;
+            if !pass.needs_grad() {
+                // LoRA tensors are variables, so candle records the graph even here; cutting
+                // it frees each layer's activations as soon as the next one is computed.
+                x = x.detach();
+            }
         }
         Ok(x)
     }

@@ -343,3 +343,84 @@ mod tests {
         assert_eq!(back.to_vec2::<f32>().unwrap(), w.to_vec2::<f32>().unwrap());
     }
 }
+
+/// LLaMA-shaped configs of the reference benchmark (`../shared/bench/ref_lora_throughput.py`).
+pub fn bench_shape(name: &str) -> Result<LlamaConfig> {
+    let (h, i, l, nh, nkv, v, theta, tie) = match name {
+        "tiny" => (64, 128, 2, 4, 2, 1000, 10_000.0, true),
+        "smollm2-135m" => (576, 1536, 30, 9, 3, 49152, 100_000.0, true),
+        "qwen2.5-0.5b-shape" => (896, 4864, 24, 14, 2, 151_936, 1_000_000.0, true),
+        "vicuna-7b" => (4096, 11008, 32, 32, 32, 32000, 10_000.0, false),
+        other => {
+            bail!("unknown shape '{other}' (tiny, smollm2-135m, qwen2.5-0.5b-shape, vicuna-7b)")
+        }
+    };
+    Ok(LlamaConfig {
+        architecture: "llama".into(),
+        hidden_size: h,
+        intermediate_size: i,
+        num_hidden_layers: l,
+        num_attention_heads: nh,
+        num_key_value_heads: nkv,
+        vocab_size: v,
+        rms_norm_eps: 1e-5,
+        rope_theta: theta,
+        rope_scaling: None,
+        max_position_embeddings: 2048,
+        tie_word_embeddings: tie,
+        attention_bias: false,
+        head_dim: h / nh,
+        bos_token_id: Some(1),
+        eos_token_id: Some(2),
+    })
+}
+
+/// Random weights (N(0, 0.02), norms 1) for a config: throughput does not depend on values.
+pub fn random_weights(cfg: &LlamaConfig, dtype: DType, device: &Device) -> Result<Weights> {
+    let mut tensors = HashMap::new();
+    let (h, v) = (cfg.hidden_size, cfg.vocab_size);
+    let q = cfg.num_attention_heads * cfg.head_dim;
+    let kv = cfg.num_key_value_heads * cfg.head_dim;
+    let mut add = |name: String, shape: &[usize], norm: bool| -> Result<()> {
+        let t = if norm {
+            Tensor::ones(shape, dtype, device)?
+        } else {
+            Tensor::randn(0f32, 0.02, shape, device)?.to_dtype(dtype)?
+        };
+        tensors.insert(name, t);
+        Ok(())
+    };
+    add("model.embed_tokens.weight".into(), &[v, h], false)?;
+    if !cfg.tie_word_embeddings {
+        add("lm_head.weight".into(), &[v, h], false)?;
+    }
+    add("model.norm.weight".into(), &[h], true)?;
+    for l in 0..cfg.num_hidden_layers {
+        let p = format!("model.layers.{l}");
+        add(format!("{p}.input_layernorm.weight"), &[h], true)?;
+        add(format!("{p}.post_attention_layernorm.weight"), &[h], true)?;
+        add(format!("{p}.self_attn.q_proj.weight"), &[q, h], false)?;
+        add(format!("{p}.self_attn.k_proj.weight"), &[kv, h], false)?;
+        add(format!("{p}.self_attn.v_proj.weight"), &[kv, h], false)?;
+        add(format!("{p}.self_attn.o_proj.weight"), &[h, q], false)?;
+        add(
+            format!("{p}.mlp.gate_proj.weight"),
+            &[cfg.intermediate_size, h],
+            false,
+        )?;
+        add(
+            format!("{p}.mlp.up_proj.weight"),
+            &[cfg.intermediate_size, h],
+            false,
+        )?;
+        add(
+            format!("{p}.mlp.down_proj.weight"),
+            &[h, cfg.intermediate_size],
+            false,
+        )?;
+    }
+    Ok(Weights {
+        source: format!("random weights ({} layers)", cfg.num_hidden_layers),
+        tensors,
+    })
+}
