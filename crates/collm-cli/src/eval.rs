@@ -17,6 +17,24 @@ pub enum EvalCommand {
     /// Evaluate a collaborative-model run (from `collm train cf`) on a split of the dataset it
     /// was trained on.
     Cf(CfEvalArgs),
+    /// Evaluate a CoLLM run (from `collm train collm`) on a split of its dataset.
+    Collm(CollmEvalArgs),
+}
+
+#[derive(Args)]
+pub struct CollmEvalArgs {
+    /// Run directory.
+    #[arg(long)]
+    pub run: PathBuf,
+    /// Split name (train, valid, test).
+    #[arg(long)]
+    pub split: String,
+    /// Also write the scores (uid iid score) to this file.
+    #[arg(long)]
+    pub scores_out: Option<PathBuf>,
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Args)]
@@ -71,6 +89,19 @@ pub fn run(cmd: EvalCommand) -> Result<()> {
             let rows = &ds.split(&a.split)?.rows;
             let scores = read_scores(&a.scores, rows)?;
             let report = Report::for_split(&ds, &a.split, &scores)?;
+            print_report(&report, a.json)
+        }
+        EvalCommand::Collm(a) => {
+            let (report, scores) = collm::train::evaluate(&a.run, &a.split, !a.json)?;
+            if let Some(path) = &a.scores_out {
+                let rf = collm::train::load_run_file(&a.run)?;
+                let ds = Dataset::load(&rf.experiment.data)?;
+                collm_data::io::write_file_atomic(
+                    path,
+                    collm_metrics::scores::format_scores(&ds.split(&a.split)?.rows, &scores)
+                        .as_bytes(),
+                )?;
+            }
             print_report(&report, a.json)
         }
         EvalCommand::Cf(a) => {

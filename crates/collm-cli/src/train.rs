@@ -17,6 +17,25 @@ pub enum TrainCommand {
     /// Grid search over lr x weight decay x dim (default: the paper's space), selecting by
     /// valid AUC; writes results.tsv, results.md and best.toml.
     CfSweep(CfSweepArgs),
+    /// Train a CoLLM run from an experiment TOML (mode: tallrec = step 1, collm = step 2,
+    /// t1/t2/t3, softprompt, uitoken; icl only records the config). --resume continues a
+    /// killed run from its last checkpoint.
+    Collm(CollmTrainArgs),
+}
+
+#[derive(Args)]
+pub struct CollmTrainArgs {
+    /// Experiment config (TOML).
+    #[arg(long)]
+    pub config: PathBuf,
+    /// Run directory to create.
+    #[arg(long)]
+    pub out: PathBuf,
+    #[arg(long)]
+    pub resume: bool,
+    /// Hide progress bars.
+    #[arg(long)]
+    pub quiet: bool,
 }
 
 #[derive(Args)]
@@ -141,6 +160,31 @@ pub fn run(cmd: TrainCommand) -> Result<()> {
                 m.best_epoch.unwrap_or(0),
                 m.curve.len(),
                 m.stopped.as_deref().unwrap_or("-")
+            );
+            Ok(())
+        }
+        TrainCommand::Collm(a) => {
+            let cfg = collm::ExperimentConfig::load(&a.config)?;
+            let st = collm::train::train(
+                &cfg,
+                &a.out,
+                &collm::train::TrainOptions {
+                    resume: a.resume,
+                    quiet: a.quiet,
+                    stop_after: None,
+                },
+            )?;
+            let best = st.best_valid.as_ref();
+            let f = |x: Option<f64>| x.map(|v| format!("{v:.4}")).unwrap_or_else(|| "-".into());
+            println!(
+                "{} ({}): best valid AUC {} UAUC {} at step {} of {} (stopped: {})",
+                cfg.name,
+                cfg.mode.name(),
+                f(best.and_then(|r| r.auc)),
+                f(best.and_then(|r| r.uauc)),
+                st.best_step.unwrap_or(0),
+                st.step,
+                st.stopped.as_deref().unwrap_or("-")
             );
             Ok(())
         }

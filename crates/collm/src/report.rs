@@ -1,0 +1,69 @@
+//! Reports: a Table-2-style markdown table (AUC, UAUC, relative improvement over the best
+//! baseline), warm/cold columns like Figure 3, and the training curves.
+
+use collm_metrics::Report;
+use std::fmt::Write as _;
+
+/// One row of a report: a run's name and its evaluation.
+pub struct Row {
+    pub name: String,
+    pub report: Report,
+}
+
+fn f(x: Option<f64>) -> String {
+    x.map(|v| format!("{v:.4}")).unwrap_or_else(|| "-".into())
+}
+
+/// Markdown table; the last row is compared with the best of the others ("RelaImpr" as in the
+/// paper: relative improvement of AUC − 0.5 and UAUC − 0.5).
+pub fn table(rows: &[Row], subsets: &[&str]) -> String {
+    let mut s = String::from("| model | AUC | UAUC |");
+    for sub in subsets {
+        let _ = write!(s, " {sub} AUC | {sub} UAUC |");
+    }
+    s.push_str("\n|---|---|---|");
+    for _ in subsets {
+        s.push_str("---|---|");
+    }
+    s.push('\n');
+    for r in rows {
+        let _ = write!(
+            s,
+            "| {} | {} | {} |",
+            r.name,
+            f(r.report.auc),
+            f(r.report.uauc)
+        );
+        for sub in subsets {
+            let m = r.report.subsets.get(*sub);
+            let _ = write!(
+                s,
+                " {} | {} |",
+                f(m.and_then(|m| m.auc)),
+                f(m.and_then(|m| m.uauc))
+            );
+        }
+        s.push('\n');
+    }
+    if rows.len() >= 2 {
+        let last = &rows[rows.len() - 1];
+        let best = |g: fn(&Report) -> Option<f64>| {
+            rows[..rows.len() - 1]
+                .iter()
+                .filter_map(|r| g(&r.report))
+                .fold(f64::NAN, f64::max)
+        };
+        let rel = |x: Option<f64>, b: f64| match x {
+            Some(v) if b.is_finite() && b != 0.5 => format!("{:+.2}%", 100.0 * (v - b) / (b - 0.5)),
+            _ => "-".into(),
+        };
+        let _ = writeln!(
+            s,
+            "\nRelaImpr of {} over the best other row: AUC {}, UAUC {}",
+            last.name,
+            rel(last.report.auc, best(|r| r.auc)),
+            rel(last.report.uauc, best(|r| r.uauc))
+        );
+    }
+    s
+}

@@ -1,0 +1,449 @@
+//! Training and evaluating a CoLLM run (step 1, step 2, the variants and the baselines).
+//!
+//! AdamW (decay on ≥2-D weights only), linear warm-up then cosine, global-norm clipping, a
+//! NaN/inf guard (a step whose loss or gradients are not finite is skipped), gradient
+//! accumulation, validation every N steps on a fixed valid subsample, early stopping on its AUC.
+//!
+//! ```text
+//! RUN/
+//!   config.toml      the experiment config + hashed references (data, backbone, CF run, step 1)
+//!   best/            the best weights: one safetensors per trained group (lora, mapper, cf,
+//!                    soft_prompt, ui_token); LoRA also as a PEFT adapter in best/lora/
+//!   checkpoint/      the last validation's weights, optimizer state and loop state (resume)
+//!   metrics.json     the curve and the best validation
+//! ```
+//! Only what was trained is saved. A killed run resumes from its last checkpoint with the same
+//! optimizer state and data order (each epoch's order comes from (seed, epoch)).
+
+use crate::experiment::ExperimentConfig;
+use crate::model::{CoLlm, BEST_DIR};
+use anyhow::{bail, Context, Result};
+use candle_core::{Device, Tensor};
+use collm_data::io::write_file_atomic;
+use collm_data::subsets::TrainCounts;
+use collm_data::{Dataset, Interaction};
+use collm_metrics::Report;
+use collm_nn::layers::bce_with_logits;
+use collm_nn::optim::{clip_grad_norm, Adam, Decay};
+use collm_nn::{ParamStore, TrainCtx};
+use rand::prelude::*;
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use std::path::Path;
+
+pub const CONFIG_FILE: &str = "config.toml";
+pub const METRICS_FILE: &str = "metrics.json";
+pub const CHECKPOINT_DIR: &str = "checkpoint";
+
+/// Hashed references to everything a run depends on.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Refs {
+    pub data_content_sha256: String,
+    pub backbone_sha256: String,
+    pub cf_run_model_sha256: Option<String>,
+    pub step1_lora_sha256: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct RunFile {
+    pub experiment: ExperimentConfig,
+    pub refs: Refs,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct EvalPoint {
+    pub step: usize,
+    pub train_loss: f64,
+    pub valid_auc: Option<f64>,
+    pub valid_uauc: Option<f64>,
+    pub lr: f64,
+    pub seconds: f64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+pub struct RunState {
+    pub step: usize,
+    pub curve: Vec<EvalPoint>,
+    pub best_step: Option<usize>,
+    pub best_valid: Option<Report>,
+    pub evals_without_improvement: usize,
+    pub skipped_steps: usize,
+    pub stopped: Option<String>,
+    pub train_seconds: f64,
+}
+
+fn sha256_path(p: &Path) -> Result<String> {
+    if p.is_file() {
+        return collm_data::io::sha256_file(p);
+    }
+    // A model directory: its config and weight files, by name, size and content of config.
+    let mut h = Sha256::new();
+    let mut names: Vec<_> = std::fs::read_dir(p)
+        .with_context(|| format!("{}: cannot read", p.display()))?
+        .filter_map(|e| e.ok())
+        .collect();
+    names.sort_by_key(|e| e.file_name());
+    for e in names {
+        let name = e.file_name().to_string_lossy().into_owned();
+        h.update(name.as_bytes());
+        h.update(e.metadata()?.len().to_le_bytes());
+        if name.ends_with(".json") {
+            h.update(std::fs::read(e.path())?);
+        }
+    }
+    Ok(hex::encode(h.finalize()))
+}
+
+pub fn refs(cfg: &ExperimentConfig, ds: &Dataset) -> Result<Refs> {
+    Ok(Refs {
+        data_content_sha256: ds.manifest.content_sha256.clone(),
+        backbone_sha256: sha256_path(&cfg.backbone)?,
+        cf_run_model_sha256: match &cfg.cf_run {
+            Some(r) if cfg.mode.uses_cf() => Some(sha256_path(&r.join("model.safetensors"))?),
+            _ => None,
+        },
+        step1_lora_sha256: match &cfg.step1 {
+            Some(r) if cfg.mode.needs_step1() => {
+                Some(sha256_path(&r.join(BEST_DIR).join("lora.safetensors"))?)
+            }
+            _ => None,
+        },
+    })
+}
+
+fn save_groups(model: &CoLlm, dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(dir)?;
+    for (group, store) in model.trainable_stores() {
+        store.save(&dir.join(format!("{group}.safetensors")))?;
+    }
+    Ok(())
+}
+
+fn load_groups(model: &CoLlm, dir: &Path) -> Result<()> {
+    for (group, store) in model.trainable_stores() {
+        let p = dir.join(format!("{group}.safetensors"));
+        store
+            .load(&p)
+            .with_context(|| format!("loading the trained '{group}' weights"))?;
+    }
+    Ok(())
+}
+
+fn optimizer(model: &CoLlm, cfg: &ExperimentConfig) -> Result<Adam> {
+    let mut params = Vec::new();
+    for (group, store) in model.trainable_stores() {
+        for (name, var) in store.trainable() {
+            // Decay only matrices, never biases or vectors (the reference's rule).
+            let wd = if var.rank() >= 2 && !name.contains("bias") {
+                cfg.weight_decay
+            } else {
+                0.0
+            };
+            params.push((format!("{group}.{name}"), var, wd));
+        }
+    }
+    if params.is_empty() {
+        bail!("mode '{}' has nothing to train", cfg.mode.name());
+    }
+    Adam::new(params, cfg.lr, Decay::Decoupled)
+}
+
+/// The fixed validation subsample (seeded, in split order).
+pub fn valid_sample(cfg: &ExperimentConfig, valid: &[Interaction]) -> Vec<Interaction> {
+    if cfg.eval_rows == 0 || cfg.eval_rows >= valid.len() {
+        return valid.to_vec();
+    }
+    let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed ^ 0x5eed);
+    let mut idx = rand::seq::index::sample(&mut rng, valid.len(), cfg.eval_rows).into_vec();
+    idx.sort_unstable();
+    idx.into_iter().map(|k| valid[k].clone()).collect()
+}
+
+fn train_rows(cfg: &ExperimentConfig, train: &[Interaction]) -> Vec<Interaction> {
+    match cfg.train_rows {
+        Some(n) if n < train.len() => {
+            let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed ^ 0x7a11);
+            let mut idx = rand::seq::index::sample(&mut rng, train.len(), n).into_vec();
+            idx.sort_unstable();
+            idx.into_iter().map(|k| train[k].clone()).collect()
+        }
+        _ => train.to_vec(),
+    }
+}
+
+fn epoch_order(seed: u64, epoch: usize, n: usize) -> Vec<usize> {
+    let mut rng =
+        ChaCha8Rng::seed_from_u64(seed ^ (epoch as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    let mut v: Vec<usize> = (0..n).collect();
+    v.shuffle(&mut rng);
+    v
+}
+
+fn json_atomic<T: Serialize>(path: &Path, v: &T) -> Result<()> {
+    write_file_atomic(path, serde_json::to_string_pretty(v)?.as_bytes())
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct TrainOptions {
+    pub resume: bool,
+    pub quiet: bool,
+    /// Stop after this many optimizer steps of this invocation (tests of resume).
+    pub stop_after: Option<usize>,
+}
+
+/// Trains (or, for ICL, just records) a run into `out`.
+pub fn train(cfg: &ExperimentConfig, out: &Path, opts: &TrainOptions) -> Result<RunState> {
+    let ds = Dataset::load(&cfg.data)?;
+    let device = Device::Cpu;
+    let device = crate_device(device);
+    let refs = refs(cfg, &ds)?;
+    let run_file = RunFile {
+        experiment: cfg.clone(),
+        refs,
+    };
+    let ckpt = out.join(CHECKPOINT_DIR);
+    if opts.resume {
+        let old = load_run_file(out)?;
+        if old != run_file {
+            bail!(
+                "{}: the config or its inputs (data, backbone, CF run, step 1) differ from the run's; resume with the same ones",
+                out.display()
+            );
+        }
+    } else if out.join(CONFIG_FILE).exists() {
+        bail!(
+            "{}: already holds a run (pass --resume to continue it, or choose another --out)",
+            out.display()
+        );
+    }
+    std::fs::create_dir_all(&ckpt)?;
+    write_file_atomic(
+        &out.join(CONFIG_FILE),
+        toml::to_string(&run_file)?.as_bytes(),
+    )?;
+    let model = CoLlm::build(cfg, &ds, &device)?;
+    let mut state = RunState::default();
+    if !cfg.mode.trains() {
+        state.stopped = Some("no training (icl)".into());
+        json_atomic(&out.join(METRICS_FILE), &state)?;
+        return Ok(state);
+    }
+    let mut opt = optimizer(&model, cfg)?;
+    if opts.resume && ckpt.join("state.json").is_file() {
+        state = serde_json::from_str(&std::fs::read_to_string(ckpt.join("state.json"))?)?;
+        load_groups(&model, &ckpt)?;
+        opt.load(&ckpt.join("optimizer.safetensors"))?;
+        if state.stopped.is_some() {
+            return Ok(state);
+        }
+    }
+    let titles = &ds.titles;
+    let train = train_rows(cfg, &ds.train()?.rows);
+    let valid = valid_sample(cfg, &ds.split("valid")?.rows);
+    let counts = TrainCounts::from_dataset(&ds)?;
+    let per_epoch = train.len().div_ceil(cfg.batch_size).max(1);
+    let pb = if opts.quiet {
+        indicatif::ProgressBar::hidden()
+    } else {
+        indicatif::ProgressBar::new(cfg.max_steps as u64)
+    };
+    pb.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{prefix} [{bar:30}] step {pos}/{len} {msg} (eta {eta})",
+        )
+        .expect("valid template")
+        .progress_chars("=> "),
+    );
+    pb.set_prefix(format!("train {}", cfg.mode.name()));
+    pb.set_position(state.step as u64);
+    let vars: Vec<candle_core::Var> = opt.vars().into_iter().cloned().collect();
+    let mut loss_sum = 0.0;
+    let mut loss_n = 0usize;
+    let mut steps_here = 0usize;
+    let t0 = std::time::Instant::now();
+    let mut last_eval = std::time::Instant::now();
+    while state.step < cfg.max_steps {
+        // Micro-batches of this optimizer step, in a data order fixed by (seed, epoch).
+        let mut acc: Vec<Option<Tensor>> = vec![None; vars.len()];
+        let mut step_loss = 0.0;
+        let mut finite = true;
+        for micro in 0..cfg.grad_accum {
+            let global = state.step * cfg.grad_accum + micro;
+            let (epoch, pos) = (global / per_epoch, global % per_epoch);
+            let order = epoch_order(cfg.seed, epoch, train.len());
+            let rows: Vec<&Interaction> = order
+                [pos * cfg.batch_size..((pos + 1) * cfg.batch_size).min(train.len())]
+                .iter()
+                .map(|&k| &train[k])
+                .collect();
+            let ctx = TrainCtx::new(cfg.seed.wrapping_add(global as u64 * 7919));
+            let scores = model.scores(&rows, titles, Some(&ctx), true)?;
+            let labels: Vec<f32> = rows.iter().map(|r| r.label as f32).collect();
+            let labels = Tensor::from_vec(labels, rows.len(), scores.device())?;
+            let loss = (bce_with_logits(&scores, &labels)? / cfg.grad_accum as f64)?;
+            let l = loss.to_scalar::<f32>()? as f64;
+            if !l.is_finite() {
+                finite = false;
+                break;
+            }
+            step_loss += l;
+            let grads = loss.backward()?;
+            for (k, v) in vars.iter().enumerate() {
+                if let Some(g) = grads.get(v.as_tensor()) {
+                    acc[k] = Some(match acc[k].take() {
+                        Some(a) => (a + g)?,
+                        None => g.clone(),
+                    });
+                }
+            }
+        }
+        let norm = if finite {
+            clip_grad_norm(&mut acc, cfg.clip_norm)?
+        } else {
+            f64::NAN
+        };
+        if finite && norm.is_finite() {
+            opt.lr = cfg.lr_at(state.step);
+            opt.step_with(&acc)?;
+            loss_sum += step_loss;
+            loss_n += 1;
+        } else {
+            state.skipped_steps += 1;
+            tracing::warn!(
+                "step {}: non-finite loss or gradients, step skipped ({} so far)",
+                state.step + 1,
+                state.skipped_steps
+            );
+            if state.skipped_steps > 20 {
+                bail!(
+                    "more than 20 steps with non-finite loss or gradients: lower the learning rate"
+                );
+            }
+        }
+        state.step += 1;
+        steps_here += 1;
+        pb.inc(1);
+        let last = state.step == cfg.max_steps;
+        if state.step % cfg.eval_every == 0 || last {
+            let scores = model.predict(&valid, titles, false)?;
+            let report = Report::compute(&counts, &valid, &scores)?;
+            let improved = match (&state.best_valid, report.auc) {
+                (_, None) => false,
+                (None, Some(_)) => true,
+                (Some(b), Some(a)) => b.auc.is_none_or(|x| a > x),
+            };
+            state.train_seconds += last_eval.elapsed().as_secs_f64();
+            last_eval = std::time::Instant::now();
+            state.curve.push(EvalPoint {
+                step: state.step,
+                train_loss: loss_sum / loss_n.max(1) as f64,
+                valid_auc: report.auc,
+                valid_uauc: report.uauc,
+                lr: opt.lr,
+                seconds: t0.elapsed().as_secs_f64(),
+            });
+            loss_sum = 0.0;
+            loss_n = 0;
+            if improved {
+                let best = out.join(BEST_DIR);
+                save_groups(&model, &best)?;
+                if let (true, Some(l)) = (cfg.mode.trains_lora(), &model.lora) {
+                    l.save_peft(&best.join("lora"), &cfg.backbone.display().to_string())?;
+                }
+                state.best_step = Some(state.step);
+                state.best_valid = Some(report.clone());
+                state.evals_without_improvement = 0;
+            } else {
+                state.evals_without_improvement += 1;
+            }
+            if state.evals_without_improvement >= cfg.patience {
+                state.stopped = Some("patience".into());
+            } else if last {
+                state.stopped = Some("max_steps".into());
+            }
+            save_groups(&model, &ckpt)?;
+            opt.save(&ckpt.join("optimizer.safetensors"))?;
+            json_atomic(&ckpt.join("state.json"), &state)?;
+            json_atomic(&out.join(METRICS_FILE), &state)?;
+            pb.set_message(format!(
+                "valid auc {:.4} (best {:.4})",
+                report.auc.unwrap_or(f64::NAN),
+                state
+                    .best_valid
+                    .as_ref()
+                    .and_then(|r| r.auc)
+                    .unwrap_or(f64::NAN)
+            ));
+            if state.stopped.is_some() {
+                break;
+            }
+        }
+        if opts.stop_after == Some(steps_here) {
+            break;
+        }
+    }
+    pb.finish_and_clear();
+    Ok(state)
+}
+
+fn crate_device(d: Device) -> Device {
+    if std::env::var("COLLM_DEVICE").as_deref() != Ok("cpu")
+        && candle_core::utils::cuda_is_available()
+    {
+        if let Ok(g) = Device::new_cuda(0) {
+            return g;
+        }
+    }
+    d
+}
+
+pub fn load_run_file(run: &Path) -> Result<RunFile> {
+    let p = run.join(CONFIG_FILE);
+    let text = std::fs::read_to_string(&p).with_context(|| {
+        format!(
+            "{}: cannot read (is {} a run directory made by `collm train collm`?)",
+            p.display(),
+            run.display()
+        )
+    })?;
+    toml::from_str(&text).with_context(|| format!("{}: invalid run config", p.display()))
+}
+
+/// Loads a run's model with its best weights (ICL: the base model).
+pub fn load_run(run: &Path) -> Result<(RunFile, Dataset, CoLlm)> {
+    let rf = load_run_file(run)?;
+    let ds = Dataset::load(&rf.experiment.data)?;
+    if ds.manifest.content_sha256 != rf.refs.data_content_sha256 {
+        bail!(
+            "run {} was trained on other data than {} now holds (content sha256 differs)",
+            run.display(),
+            rf.experiment.data.display()
+        );
+    }
+    let model = CoLlm::build(&rf.experiment, &ds, &crate_device(Device::Cpu))?;
+    if rf.experiment.mode.trains() {
+        let best = run.join(BEST_DIR);
+        if !best.is_dir() {
+            bail!(
+                "{}: not found (the run has not finished a validation yet)",
+                best.display()
+            );
+        }
+        load_groups(&model, &best)?;
+    }
+    Ok((rf, ds, model))
+}
+
+/// Evaluates a run on a split: the metrics module's report, and the scores.
+pub fn evaluate(run: &Path, split: &str, progress: bool) -> Result<(Report, Vec<f64>)> {
+    let (_, ds, model) = load_run(run)?;
+    let rows = &ds.split(split)?.rows;
+    let scores = model.predict(rows, &ds.titles, progress)?;
+    Ok((Report::for_split(&ds, split, &scores)?, scores))
+}
+
+/// For tests: the trainable stores of a model by group.
+pub fn trained_groups(model: &CoLlm) -> Vec<(&'static str, &ParamStore)> {
+    model.trainable_stores()
+}
