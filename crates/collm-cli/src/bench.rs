@@ -120,82 +120,94 @@ fn bench_llm(args: &LlmBenchArgs) -> Result<()> {
             .split_once(':')
             .ok_or_else(|| anyhow::anyhow!("--plan items are model:batch, got '{item}'"))?;
         let batch: usize = batch.parse()?;
-        let cfg = bench_shape(name)?;
-        let dec = Decoder::new(&cfg, &random_weights(&cfg, dtype, &device)?, dtype, &device)?;
-        let lora = Lora::new(&LoraConfig::default(), &cfg, 0, &device)?;
-        let params = lora
-            .trainable()
-            .into_iter()
-            .map(|(n, v)| (n, v, 1e-3))
-            .collect();
-        let mut opt = Adam::new(params, 1e-4, Decay::Decoupled)?;
-        let mut rng = ChaCha8Rng::seed_from_u64(0);
-        let ids: Vec<u32> = (0..batch * args.seq)
-            .map(|_| rng.gen_range(10..cfg.vocab_size as u32))
-            .collect();
-        let labels = Tensor::from_vec(
-            (0..batch).map(|k| (k % 2) as f32).collect::<Vec<_>>(),
-            batch,
-            &device,
-        )?;
-        let mask = Mask::left_padded(&vec![args.seq; batch], args.seq);
-        let last = mask.last_positions();
-        let emb = dec
-            .embed(&ids)?
-            .reshape((batch, args.seq, cfg.hidden_size))?;
-        let ctx = TrainCtx::new(1);
-        let train_step = |opt: &mut Adam| -> Result<()> {
-            let pass = Pass {
-                lora: Some(&lora),
-                train: Some(&ctx),
-                grad: true,
+        let row = (|| -> Result<serde_json::Value> {
+            let cfg = bench_shape(name)?;
+            let dec = Decoder::new(&cfg, &random_weights(&cfg, dtype, &device)?, dtype, &device)?;
+            let lora = Lora::new(&LoraConfig::default(), &cfg, 0, &device)?;
+            let params = lora
+                .trainable()
+                .into_iter()
+                .map(|(n, v)| (n, v, 1e-3))
+                .collect();
+            let mut opt = Adam::new(params, 1e-4, Decay::Decoupled)?;
+            let mut rng = ChaCha8Rng::seed_from_u64(0);
+            let ids: Vec<u32> = (0..batch * args.seq)
+                .map(|_| rng.gen_range(10..cfg.vocab_size as u32))
+                .collect();
+            let labels = Tensor::from_vec(
+                (0..batch).map(|k| (k % 2) as f32).collect::<Vec<_>>(),
+                batch,
+                &device,
+            )?;
+            let mask = Mask::left_padded(&vec![args.seq; batch], args.seq);
+            let last = mask.last_positions();
+            let emb = dec
+                .embed(&ids)?
+                .reshape((batch, args.seq, cfg.hidden_size))?;
+            let ctx = TrainCtx::new(1);
+            let train_step = |opt: &mut Adam| -> Result<()> {
+                let pass = Pass {
+                    lora: Some(&lora),
+                    train: Some(&ctx),
+                    grad: true,
+                };
+                let h = dec.forward(&emb, &mask, &pass)?;
+                let yes = dec.token_logits(&h, &last, &[3], &pass)?.squeeze(1)?;
+                let loss = collm_nn::layers::bce_with_logits(&yes, &labels)?;
+                opt.step(&loss.backward()?)?;
+                Ok(())
             };
-            let h = dec.forward(&emb, &mask, &pass)?;
-            let yes = dec.token_logits(&h, &last, &[3], &pass)?.squeeze(1)?;
-            let loss = collm_nn::layers::bce_with_logits(&yes, &labels)?;
-            opt.step(&loss.backward()?)?;
-            Ok(())
-        };
-        let score = || -> Result<()> {
-            let pass = Pass {
-                lora: Some(&lora),
-                train: None,
-                grad: false,
+            let score = || -> Result<()> {
+                let pass = Pass {
+                    lora: Some(&lora),
+                    train: None,
+                    grad: false,
+                };
+                let h = dec.forward(&emb, &mask, &pass)?;
+                dec.token_logits(&h, &last, &[4, 3], &pass)?
+                    .to_vec2::<f32>()?;
+                Ok(())
             };
-            let h = dec.forward(&emb, &mask, &pass)?;
-            dec.token_logits(&h, &last, &[4, 3], &pass)?
-                .to_vec2::<f32>()?;
-            Ok(())
-        };
-        for _ in 0..args.warm {
-            train_step(&mut opt)?;
+            for _ in 0..args.warm {
+                train_step(&mut opt)?;
+            }
+            sync(&device)?;
+            let t = Instant::now();
+            for _ in 0..args.steps {
+                train_step(&mut opt)?;
+            }
+            sync(&device)?;
+            let train_s = t.elapsed().as_secs_f64() / args.steps as f64;
+            for _ in 0..args.warm {
+                score()?;
+            }
+            sync(&device)?;
+            let t = Instant::now();
+            for _ in 0..args.steps {
+                score()?;
+            }
+            sync(&device)?;
+            let infer_s = t.elapsed().as_secs_f64() / args.steps as f64;
+            let row = serde_json::json!({
+                "model": name, "batch": batch, "seq": args.seq, "dtype": args.dtype,
+                "device": format!("{device:?}"),
+                "train_samples_per_s": batch as f64 / train_s,
+                "infer_samples_per_s": batch as f64 / infer_s,
+                "peak_rss_gib": peak_rss_mib().map(|m| m / 1024.0),
+            });
+            Ok(row)
+        })();
+        match row {
+            Ok(row) => {
+                println!("{row}");
+                rows.push(row);
+            }
+            // Keep going: one out-of-memory shape must not lose the other rows.
+            Err(e) => println!(
+                "{}",
+                serde_json::json!({"model": name, "batch": batch, "error": format!("{e:#}")})
+            ),
         }
-        sync(&device)?;
-        let t = Instant::now();
-        for _ in 0..args.steps {
-            train_step(&mut opt)?;
-        }
-        sync(&device)?;
-        let train_s = t.elapsed().as_secs_f64() / args.steps as f64;
-        for _ in 0..args.warm {
-            score()?;
-        }
-        sync(&device)?;
-        let t = Instant::now();
-        for _ in 0..args.steps {
-            score()?;
-        }
-        sync(&device)?;
-        let infer_s = t.elapsed().as_secs_f64() / args.steps as f64;
-        let row = serde_json::json!({
-            "model": name, "batch": batch, "seq": args.seq, "dtype": args.dtype,
-            "device": format!("{device:?}"),
-            "train_samples_per_s": batch as f64 / train_s,
-            "infer_samples_per_s": batch as f64 / infer_s,
-            "peak_rss_gib": peak_rss_mib().map(|m| m / 1024.0),
-        });
-        println!("{row}");
-        rows.push(row);
     }
     println!("\nmodel                 batch  train/s   infer/s  peak RSS GiB");
     for r in &rows {

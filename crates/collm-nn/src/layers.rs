@@ -43,7 +43,7 @@ pub fn dropout(x: &Tensor, p: f64, ctx: Option<&TrainCtx>) -> Result<Tensor> {
             })
             .collect()
     };
-    let mask = Tensor::from_vec(mask, x.shape(), x.device())?;
+    let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
     Ok(x.mul(&mask)?)
 }
 
