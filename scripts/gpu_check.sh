@@ -23,10 +23,10 @@ PLAN=${PLAN:-smollm2-135m:128,smollm2-135m:512,vicuna-7b:16,vicuna-7b:64}
 
 if [ "$stage" = stage1 ]; then
   cp .gpu/* .gpua/* /tmp/collm-gpu/ && chmod +x "$BIN"
-  timeout 300 python3 /tmp/collm-gpu/ref_lora_throughput.py --device cuda --dtype bf16 --plan "$PLAN" \
-    --steps 5 --warm 2 > "$OUT/ref.log" 2>&1
+  timeout 180 python3 /tmp/collm-gpu/ref_lora_throughput.py --device cuda --dtype bf16 --plan "$PLAN" \
+    --steps 3 --warm 1 > "$OUT/ref.log" 2>&1
   echo "reference exit $?"
-  timeout 200 "$BIN" bench llm --plan "$PLAN" --dtype bf16 --steps 5 --warm 2 > "$OUT/ours.log" 2>&1
+  timeout 120 "$BIN" bench llm --plan "$PLAN" --dtype bf16 --steps 3 --warm 1 > "$OUT/ours.log" 2>&1
   echo "collm exit $?"
   python3 - "$OUT" <<'PY'
 import json, sys

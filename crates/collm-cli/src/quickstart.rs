@@ -101,11 +101,12 @@ pub fn run(args: QuickstartArgs) -> Result<()> {
     eprintln!("[2/5] MF trained ({:.0} s)", t0.elapsed().as_secs_f64());
 
     // Step 1 and step 2.
+    // Step 1 trains LoRA (lr 2e-3), step 2 only the small mapper (lr 1e-2).
     let base = |mode: &str, extra: &str| -> Result<ExperimentConfig> {
         let text = format!(
             "mode = \"{mode}\"\ndata = {:?}\nbackbone = {:?}\nmax_layers = {}\nhistory = {}\n\
 batch_size = {}\nmax_steps = {}\nwarmup_steps = 10\neval_every = {}\neval_rows = 200\npatience = 100\n\
-lr = 2e-3\nmin_lr = 2e-4\neval_batch_size = 32\nname = \"{mode}\"\n{extra}",
+eval_batch_size = 32\nname = \"{mode}\"\n{extra}",
             data_dir.display().to_string(),
             args.backbone.canonicalize()?.display().to_string(),
             args.layers,
@@ -125,7 +126,11 @@ lr = 2e-3\nmin_lr = 2e-4\neval_batch_size = 32\nname = \"{mode}\"\n{extra}",
     };
     let tallrec_run = out.join("tallrec");
     let _ = std::fs::remove_dir_all(&tallrec_run);
-    collm::train::train(&base("tallrec", "")?, &tallrec_run, &opts)?;
+    collm::train::train(
+        &base("tallrec", "lr = 2e-3\nmin_lr = 2e-4\n")?,
+        &tallrec_run,
+        &opts,
+    )?;
     eprintln!(
         "[3/5] step 1 (TALLRec) trained ({:.0} s)",
         t0.elapsed().as_secs_f64()
@@ -136,12 +141,8 @@ lr = 2e-3\nmin_lr = 2e-4\neval_batch_size = 32\nname = \"{mode}\"\n{extra}",
         "cf_run = {:?}\nstep1 = {:?}\nlr = 1e-2\nmin_lr = 1e-3\n",
         mf_run.display().to_string(),
         tallrec_run.display().to_string()
-    )
-    .replace("lr = 2e-3\n", "");
-    let mut c2 = base("collm", &extra.replace("lr = 1e-2\nmin_lr = 1e-3\n", ""))?;
-    c2.lr = 1e-2;
-    c2.min_lr = 1e-3;
-    collm::train::train(&c2, &collm_run, &opts)?;
+    );
+    collm::train::train(&base("collm", &extra)?, &collm_run, &opts)?;
     eprintln!(
         "[4/5] step 2 (CoLLM-MF) trained ({:.0} s)",
         t0.elapsed().as_secs_f64()
