@@ -7,6 +7,7 @@ mod data;
 mod eval;
 mod llm;
 mod quickstart;
+mod report;
 mod train;
 
 use anyhow::Result;
@@ -48,6 +49,8 @@ enum Command {
     /// Manual checks of an LLM backbone.
     #[command(subcommand)]
     Llm(llm::LlmCommand),
+    /// A Table-2-style markdown table of runs (AUC, UAUC, warm/cold, relative improvement).
+    Report(report::ReportArgs),
     /// Benchmarks (throughput, memory), each against a baseline measured in the same run.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -89,5 +92,6 @@ fn run(cli: Cli) -> Result<()> {
         Command::Quickstart(args) => quickstart::run(args),
         Command::Bench(cmd) => bench::run(cmd),
         Command::Llm(cmd) => llm::run(cmd),
+        Command::Report(args) => report::run(args),
     }
 }
