@@ -75,13 +75,7 @@ fn main() {
 /// The compute device: the first CUDA GPU in a `--features cuda` build when one is present
 /// (unless COLLM_DEVICE=cpu), else the CPU.
 pub fn device() -> Result<candle_core::Device> {
-    if std::env::var("COLLM_DEVICE").as_deref() == Ok("cpu") {
-        return Ok(candle_core::Device::Cpu);
-    }
-    if candle_core::utils::cuda_is_available() {
-        return Ok(candle_core::Device::new_cuda(0)?);
-    }
-    Ok(candle_core::Device::Cpu)
+    Ok(collm::train::device())
 }
 
 fn run(cli: Cli) -> Result<()> {

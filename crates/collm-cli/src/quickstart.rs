@@ -29,7 +29,7 @@ pub struct QuickstartArgs {
     #[arg(long, default_value = DEFAULT_BACKBONE)]
     pub backbone: PathBuf,
     /// Optimizer steps of step 1 and of step 2.
-    #[arg(long, default_value_t = 120)]
+    #[arg(long, default_value_t = 80)]
     pub steps: usize,
     /// Batch size of both steps.
     #[arg(long, default_value_t = 8)]

@@ -124,9 +124,9 @@ impl Mask {
         for b in 0..self.batch {
             let mut p = 0f32;
             for t in 0..self.seq {
+                // Padding takes the position of the next real token; it is masked anyway.
                 out[b * self.seq + t] = p;
                 if self.data[b * self.seq + t] == 1 {
-                    out[b * self.seq + t] = p;
                     p += 1.0;
                 }
             }

@@ -171,7 +171,7 @@ impl Lora {
             "use_dora": false,
             "revision": null,
         });
-        collm_data_free_write(
+        write_atomic(
             &dir.join("adapter_config.json"),
             serde_json::to_string_pretty(&cfg)?.as_bytes(),
         )?;
@@ -242,7 +242,7 @@ impl Lora {
     }
 }
 
-fn collm_data_free_write(path: &Path, bytes: &[u8]) -> Result<()> {
+fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let tmp = path.with_extension("tmp");
     std::fs::write(&tmp, bytes).with_context(|| format!("{}: cannot write", tmp.display()))?;
     std::fs::rename(&tmp, path).with_context(|| format!("{}: cannot rename", path.display()))?;

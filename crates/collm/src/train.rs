@@ -25,7 +25,7 @@ use collm_data::{Dataset, Interaction};
 use collm_metrics::Report;
 use collm_nn::layers::bce_with_logits;
 use collm_nn::optim::{clip_grad_norm, Adam, Decay};
-use collm_nn::{ParamStore, TrainCtx};
+use collm_nn::TrainCtx;
 use rand::prelude::*;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
@@ -195,8 +195,7 @@ pub struct TrainOptions {
 /// Trains (or, for ICL, just records) a run into `out`.
 pub fn train(cfg: &ExperimentConfig, out: &Path, opts: &TrainOptions) -> Result<RunState> {
     let ds = Dataset::load(&cfg.data)?;
-    let device = Device::Cpu;
-    let device = crate_device(device);
+    let device = device();
     let refs = refs(cfg, &ds)?;
     let run_file = RunFile {
         experiment: cfg.clone(),
@@ -387,7 +386,9 @@ pub fn train(cfg: &ExperimentConfig, out: &Path, opts: &TrainOptions) -> Result<
     Ok(state)
 }
 
-fn crate_device(d: Device) -> Device {
+/// The first CUDA GPU in a `cuda` build when one is present (unless COLLM_DEVICE=cpu), else
+/// the CPU.
+pub fn device() -> Device {
     if std::env::var("COLLM_DEVICE").as_deref() != Ok("cpu")
         && candle_core::utils::cuda_is_available()
     {
@@ -395,7 +396,7 @@ fn crate_device(d: Device) -> Device {
             return g;
         }
     }
-    d
+    Device::Cpu
 }
 
 pub fn load_run_file(run: &Path) -> Result<RunFile> {
@@ -421,7 +422,7 @@ pub fn load_run(run: &Path) -> Result<(RunFile, Dataset, CoLlm)> {
             rf.experiment.data.display()
         );
     }
-    let model = CoLlm::build(&rf.experiment, &ds, &crate_device(Device::Cpu))?;
+    let model = CoLlm::build(&rf.experiment, &ds, &device())?;
     if rf.experiment.mode.trains() {
         let best = run.join(BEST_DIR);
         if !best.is_dir() {
@@ -441,9 +442,4 @@ pub fn evaluate(run: &Path, split: &str, progress: bool) -> Result<(Report, Vec<
     let rows = &ds.split(split)?.rows;
     let scores = model.predict(rows, &ds.titles, progress)?;
     Ok((Report::for_split(&ds, split, &scores)?, scores))
-}
-
-/// For tests: the trainable stores of a model by group.
-pub fn trained_groups(model: &CoLlm) -> Vec<(&'static str, &ParamStore)> {
-    model.trainable_stores()
 }
