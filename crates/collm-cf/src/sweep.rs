@@ -89,7 +89,7 @@ pub fn sweep(base: &CfConfig, grid: &Grid, ds: &Dataset, out: &Path) -> Result<V
             .unwrap_or(f64::MIN)
             .total_cmp(&a.1.valid_auc.unwrap_or(f64::MIN))
     });
-    let f = |x: Option<f64>| x.map(|v| format!("{v:.4}")).unwrap_or_else(|| "-".into());
+    let f = collm_metrics::fmt_metric;
     let mut tsv = String::from("name\tdim\tlr\tweight_decay\tbest_epoch\tvalid_auc\tvalid_uauc\n");
     let mut md = String::from(
         "| run | d | lr | wd | best epoch | valid AUC | valid UAUC |\n|---|---|---|---|---|---|---|\n",

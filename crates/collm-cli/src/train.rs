@@ -151,7 +151,7 @@ pub fn run(cmd: TrainCommand) -> Result<()> {
                 },
             )?;
             let best = m.best_valid.as_ref();
-            let f = |x: Option<f64>| x.map(|v| format!("{v:.4}")).unwrap_or_else(|| "-".into());
+            let f = collm_metrics::fmt_metric;
             println!(
                 "{}: best valid AUC {} UAUC {} at epoch {} of {} (stopped: {})",
                 cfg.model,
@@ -175,7 +175,7 @@ pub fn run(cmd: TrainCommand) -> Result<()> {
                 },
             )?;
             let best = st.best_valid.as_ref();
-            let f = |x: Option<f64>| x.map(|v| format!("{v:.4}")).unwrap_or_else(|| "-".into());
+            let f = collm_metrics::fmt_metric;
             println!(
                 "{} ({}): best valid AUC {} UAUC {} at step {} of {} (stopped: {})",
                 cfg.name,

@@ -54,17 +54,7 @@ fn lora_and_injected_embeddings_get_gradients_after_a_step() {
     for name in ["tiny-llama", "tiny-qwen2"] {
         let dec = tiny(name);
         let cfg = LoraConfig {
-            target_modules: [
-                "q_proj",
-                "k_proj",
-                "v_proj",
-                "o_proj",
-                "gate_proj",
-                "up_proj",
-                "down_proj",
-            ]
-            .map(String::from)
-            .to_vec(),
+            target_modules: collm_llm::lora::MODULES.map(String::from).to_vec(),
             ..Default::default()
         };
         let lora = Lora::new(&cfg, &dec.config, 7, &Device::Cpu).unwrap();

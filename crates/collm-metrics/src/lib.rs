@@ -80,6 +80,11 @@ pub fn uauc(users: &[u32], labels: &[u8], scores: &[f64]) -> (Option<f64>, usize
     ((counted > 0).then(|| sum / counted as f64), counted)
 }
 
+/// A metric as printed in tables: 4 decimals, `-` when undefined.
+pub fn fmt_metric(x: Option<f64>) -> String {
+    x.map(|v| format!("{v:.4}")).unwrap_or_else(|| "-".into())
+}
+
 /// AUC, UAUC and size of one set of rows.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq)]
 pub struct Metrics {
@@ -170,7 +175,7 @@ impl Report {
 
     /// A short human-readable table.
     pub fn render(&self) -> String {
-        let f = |x: Option<f64>| x.map(|v| format!("{v:.4}")).unwrap_or_else(|| "-".into());
+        let f = fmt_metric;
         let mut s = format!(
             "{:<8} {:>8} {:>8} {:>8} {:>6}\n",
             "rows", "n", "AUC", "UAUC", "users"

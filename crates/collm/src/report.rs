@@ -10,9 +10,7 @@ pub struct Row {
     pub report: Report,
 }
 
-fn f(x: Option<f64>) -> String {
-    x.map(|v| format!("{v:.4}")).unwrap_or_else(|| "-".into())
-}
+use collm_metrics::fmt_metric as f;
 
 /// Markdown table; the last row is compared with the best of the others ("RelaImpr" as in the
 /// paper: relative improvement of AUC − 0.5 and UAUC − 0.5).
