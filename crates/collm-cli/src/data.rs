@@ -103,6 +103,9 @@ pub struct SyntheticArgs {
     /// Weight of the collaborative (latent factor) part of the label logit.
     #[arg(long, default_value_t = synthetic::SyntheticOptions::default().collaborative_weight)]
     pub collaborative_weight: f64,
+    /// Words of each genre's list used in titles (2..=8; fewer = more shared words).
+    #[arg(long, default_value_t = synthetic::SyntheticOptions::default().title_words)]
+    pub title_words: usize,
     #[arg(long, default_value_t = synthetic::SyntheticOptions::default().seed)]
     pub seed: u64,
 }
@@ -116,6 +119,7 @@ impl SyntheticArgs {
             liked_genres: self.liked_genres,
             semantic_weight: self.semantic_weight,
             collaborative_weight: self.collaborative_weight,
+            title_words: self.title_words,
             seed: self.seed,
             ..Default::default()
         }

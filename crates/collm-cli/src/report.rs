@@ -1,8 +1,10 @@
-//! `collm report RUN…`: a Table-2-style markdown table of runs evaluated on one split.
+//! `collm report RUN…`: a Table-2-style markdown table of runs evaluated on one split, and with
+//! `--out DIR` the table, the warm/cold AUC bars (Figure 3) and the validation curves as files.
 
 use anyhow::Result;
 use clap::Args;
-use collm::report::{table, Row};
+use collm::plot;
+use collm::report::{run_curve, table, Row};
 use collm_data::Dataset;
 use collm_metrics::Report;
 use std::path::PathBuf;
@@ -20,13 +22,15 @@ pub struct ReportArgs {
     /// Dataset of the collaborative-model runs.
     #[arg(long)]
     pub data: Option<PathBuf>,
-    /// Also write the table to this file.
-    #[arg(long)]
+    /// Also write DIR/report.md (the table), DIR/warm_cold.png (Figure 3: AUC on the warm and
+    /// cold subsets) and DIR/curves.png (each run's validation AUC during training).
+    #[arg(long, value_name = "DIR")]
     pub out: Option<PathBuf>,
 }
 
 pub fn run(a: ReportArgs) -> Result<()> {
     let mut rows = Vec::new();
+    let mut curves = Vec::new();
     for run in &a.runs {
         let name = run
             .file_name()
@@ -47,12 +51,23 @@ pub fn run(a: ReportArgs) -> Result<()> {
                 collm_cf::train::predict(model.as_ref(), rows, cfg.cf.eval_batch_size, &device)?;
             Report::for_split(&ds, &a.split, &scores)?
         };
+        curves.extend(run_curve(run, &name)?);
         rows.push(Row { name, report });
     }
     let md = table(&rows, &["warm", "cold", "warm4", "cold4", "seen", "unseen"]);
     print!("{md}");
     if let Some(out) = &a.out {
-        collm_data::io::write_file_atomic(out, md.as_bytes())?;
+        std::fs::create_dir_all(out)?;
+        collm_data::io::write_file_atomic(&out.join("report.md"), md.as_bytes())?;
+        let title = format!("AUC on the warm and cold rows of {}", a.split);
+        plot::subset_bars(&out.join("warm_cold.png"), &title, &rows, &["warm", "cold"])?;
+        if !curves.is_empty() {
+            plot::curves(&out.join("curves.png"), &curves)?;
+        }
+        eprintln!(
+            "wrote {}/{{report.md, warm_cold.png, curves.png}}",
+            out.display()
+        );
     }
     Ok(())
 }

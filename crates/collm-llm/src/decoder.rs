@@ -12,7 +12,8 @@ use crate::config::LlamaConfig;
 use crate::load::Weights;
 use crate::lora::Lora;
 use anyhow::{bail, Result};
-use candle_core::{DType, Device, Tensor, D};
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CudaStorage, CustomOp2, DType, Device, Layout, Shape, Tensor, D};
 use collm_nn::layers::dropout;
 use collm_nn::TrainCtx;
 
@@ -32,6 +33,60 @@ impl Proj {
                 None
             },
         })
+    }
+}
+
+/// The training path's frozen projection: the forward pass hands through `y`, already computed
+/// from a detached input; the backward pass gives the input `x` its gradient `grad · W` and the
+/// weight none. Candle's matmul backward always computes both operands' gradients, which for a
+/// frozen weight is a third of a training step's matmul FLOPs spent on a result nobody reads.
+struct FrozenWeight {
+    w: Tensor,
+}
+
+impl FrozenWeight {
+    fn check(l: &Layout) -> candle_core::Result<()> {
+        // try_clone copies the whole buffer, so `y` must be exactly its buffer (it is: it is
+        // a fresh matmul result).
+        if !l.is_contiguous() || l.start_offset() != 0 {
+            candle_core::bail!("frozen-weight: the projection output must be contiguous");
+        }
+        Ok(())
+    }
+}
+
+impl CustomOp2 for FrozenWeight {
+    fn name(&self) -> &'static str {
+        "frozen-weight"
+    }
+    fn cpu_fwd(
+        &self,
+        _x: &CpuStorage,
+        _xl: &Layout,
+        y: &CpuStorage,
+        yl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        Self::check(yl)?;
+        Ok((y.try_clone(yl)?, yl.shape().clone()))
+    }
+    fn cuda_fwd(
+        &self,
+        _x: &CudaStorage,
+        _xl: &Layout,
+        y: &CudaStorage,
+        yl: &Layout,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        Self::check(yl)?;
+        Ok((y.try_clone(yl)?, yl.shape().clone()))
+    }
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        _y: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        Ok((Some(grad.matmul(&self.w)?), None))
     }
 }
 
@@ -278,9 +333,17 @@ impl Decoder {
     ) -> Result<Tensor> {
         let (b, t, fan_in) = x.dims3()?;
         let flat = x.reshape((b * t, fan_in))?;
-        let mut y = flat.matmul(&p.w.t()?)?;
+        let input_has_grad = pass.needs_grad() && flat.track_op();
+        let mut y = if input_has_grad {
+            flat.detach().matmul(&p.w.t()?)?
+        } else {
+            flat.matmul(&p.w.t()?)?
+        };
         if let Some(bias) = &p.b {
             y = y.broadcast_add(bias)?;
+        }
+        if input_has_grad {
+            y = flat.apply_op2(&y, FrozenWeight { w: p.w.clone() })?;
         }
         if let Some(lora) = pass.lora {
             if let Some((a, bm)) = lora.get(layer, module) {

@@ -5,11 +5,13 @@
 //! metrics ([`collm_metrics`]).
 //!
 //! [`experiment`] holds the run config and modes (CoLLM's steps and variants, the baselines),
-//! [`train`] the training loop, checkpoints and evaluation, [`report`] the tables.
+//! [`train`] the training loop, checkpoints and evaluation, [`report`] the tables and [`plot`] the
+//! charts.
 
 pub mod cie;
 pub mod experiment;
 pub mod model;
+pub mod plot;
 pub mod prompt;
 pub mod report;
 pub mod testing;

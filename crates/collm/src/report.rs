@@ -65,3 +65,31 @@ pub fn table(rows: &[Row], subsets: &[&str]) -> String {
     }
     s
 }
+
+/// The validation curve of a run directory, CoLLM (`step`) or collaborative model (`epoch`),
+/// read from its metrics.json; None when the run has no validation points yet.
+pub fn run_curve(run: &std::path::Path, name: &str) -> anyhow::Result<Option<crate::plot::Curve>> {
+    use anyhow::Context;
+    let path = run.join("metrics.json");
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("{}: cannot read", path.display()))?;
+    let v: serde_json::Value = serde_json::from_str(&text)
+        .with_context(|| format!("{}: not valid JSON", path.display()))?;
+    let Some(points) = v.get("curve").and_then(|c| c.as_array()) else {
+        anyhow::bail!("{}: no \"curve\" list", path.display());
+    };
+    let x_label = if points.iter().any(|p| p.get("epoch").is_some()) {
+        "epoch"
+    } else {
+        "step"
+    };
+    let points: Vec<(f64, f64)> = points
+        .iter()
+        .filter_map(|p| Some((p.get(x_label)?.as_f64()?, p.get("valid_auc")?.as_f64()?)))
+        .collect();
+    Ok((!points.is_empty()).then(|| crate::plot::Curve {
+        name: name.to_string(),
+        x_label: x_label.into(),
+        points,
+    }))
+}

@@ -100,6 +100,10 @@ pub struct SyntheticOptions {
     pub liked_genres: usize,
     /// Dimension of the latent (collaborative) factors.
     pub factors: usize,
+    /// Words of each genre's list used in titles (2..=8). A title is two different words of its
+    /// genre, so fewer words make titles of one genre share words more often (easier to read)
+    /// and cap the catalogue at 8 * w * (w - 1) items.
+    pub title_words: usize,
     /// Weight of the semantic part of the label logit.
     pub semantic_weight: f64,
     /// Weight of the collaborative part of the label logit.
@@ -118,6 +122,7 @@ impl Default for SyntheticOptions {
             rows_per_user: 40.0,
             liked_genres: 3,
             factors: 4,
+            title_words: 8,
             semantic_weight: 1.5,
             collaborative_weight: 1.5,
             train_until: 0.7,
@@ -135,8 +140,15 @@ pub fn prepare(opts: &SyntheticOptions) -> Result<PreparedData> {
     if opts.users == 0 || opts.items == 0 {
         bail!("synthetic: --users and --items must be at least 1");
     }
-    if opts.items > GENRES.len() * 56 * 50 {
-        bail!("synthetic: at most {} items", GENRES.len() * 56 * 50);
+    if !(2..=8).contains(&opts.title_words) {
+        bail!("synthetic: --title-words must be in 2..=8");
+    }
+    let max_items = GENRES.len() * opts.title_words * (opts.title_words - 1);
+    if opts.items > max_items {
+        bail!(
+            "synthetic: at most {max_items} items with --title-words {}",
+            opts.title_words
+        );
     }
     if opts.rows_per_user.is_nan() || opts.rows_per_user <= 0.0 {
         bail!("synthetic: --rows-per-user must be positive");
@@ -161,16 +173,13 @@ pub fn prepare(opts: &SyntheticOptions) -> Result<PreparedData> {
     let mut used = std::collections::HashSet::new();
     for i in 1..=opts.items {
         let g = (i - 1) % GENRES.len();
-        let words = &GENRES[g].1;
+        let words = &GENRES[g].1[..opts.title_words];
         let title = loop {
             let a = words[rng.gen_range(0..words.len())];
             let b = words[rng.gen_range(0..words.len())];
-            if a == b {
-                continue;
-            }
-            let year = rng.gen_range(1950..2000);
-            let t = format!("The {a} {b} ({year})");
-            if used.insert(t.clone()) {
+            // Short titles keep prompts short (the LLM's cost grows with their length).
+            let t = format!("{a} {b}");
+            if a != b && used.insert(t.clone()) {
                 break t;
             }
         };
