@@ -94,12 +94,12 @@ pub struct SyntheticArgs {
     /// Mean number of rows per user.
     #[arg(long, default_value_t = synthetic::SyntheticOptions::default().rows_per_user)]
     pub rows_per_user: f64,
-    /// Genres each user likes (of 8).
-    #[arg(long, default_value_t = synthetic::SyntheticOptions::default().liked_genres)]
-    pub liked_genres: usize,
-    /// Weight of the semantic (title) part of the label logit.
+    /// Weight of the genres' appeal in the label logit (the title reveals the genre).
     #[arg(long, default_value_t = synthetic::SyntheticOptions::default().semantic_weight)]
     pub semantic_weight: f64,
+    /// Weight of each user's personal taste per genre (the liked history reveals it).
+    #[arg(long, default_value_t = synthetic::SyntheticOptions::default().taste_weight)]
+    pub taste_weight: f64,
     /// Weight of the collaborative (latent factor) part of the label logit.
     #[arg(long, default_value_t = synthetic::SyntheticOptions::default().collaborative_weight)]
     pub collaborative_weight: f64,
@@ -116,8 +116,8 @@ impl SyntheticArgs {
             users: self.users,
             items: self.items,
             rows_per_user: self.rows_per_user,
-            liked_genres: self.liked_genres,
             semantic_weight: self.semantic_weight,
+            taste_weight: self.taste_weight,
             collaborative_weight: self.collaborative_weight,
             title_words: self.title_words,
             seed: self.seed,

@@ -24,6 +24,8 @@ pub struct CoLlm {
     pad_id: u32,
     placeholder_id: u32,
     cf_history: usize,
+    /// Subtracted from every score (`calibrate`; see the config field). 0 until training sets it.
+    pub score_offset: f64,
 }
 
 /// The best-weights directory of a finished run.
@@ -124,6 +126,7 @@ impl CoLlm {
             pad_id,
             placeholder_id,
             cf_history,
+            score_offset: 0.0,
         })
     }
 
@@ -206,7 +209,7 @@ impl CoLlm {
     }
 
     /// Click scores (logits) of a batch: the " Yes" logit at the last prompt position (or
-    /// Yes − No with `score = "yes_minus_no"`). Shape (B,).
+    /// Yes − No with `score = "yes_minus_no"`), minus `score_offset`. Shape (B,).
     pub fn scores(
         &self,
         rows: &[&Interaction],
@@ -233,10 +236,15 @@ impl CoLlm {
             &pass,
         )?;
         let yes = logits.narrow(1, 0, 1)?.squeeze(1)?;
-        Ok(if self.config.score == "yes_minus_no" {
+        let raw = if self.config.score == "yes_minus_no" {
             (yes - logits.narrow(1, 1, 1)?.squeeze(1)?)?
         } else {
             yes
+        };
+        Ok(if self.score_offset != 0.0 {
+            (raw - self.score_offset)?
+        } else {
+            raw
         })
     }
 

@@ -64,6 +64,10 @@ pub struct EvalPoint {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
 pub struct RunState {
     pub step: usize,
+    /// The score offset measured when training started (`calibrate`), used by every later
+    /// score of the run.
+    #[serde(default)]
+    pub score_offset: f64,
     pub curve: Vec<EvalPoint>,
     pub best_step: Option<usize>,
     pub best_valid: Option<Report>,
@@ -221,7 +225,7 @@ pub fn train(cfg: &ExperimentConfig, out: &Path, opts: &TrainOptions) -> Result<
         &out.join(CONFIG_FILE),
         toml::to_string(&run_file)?.as_bytes(),
     )?;
-    let model = CoLlm::build(cfg, &ds, &device)?;
+    let mut model = CoLlm::build(cfg, &ds, &device)?;
     let mut state = RunState::default();
     if !cfg.mode.trains() {
         state.stopped = Some("no training (icl)".into());
@@ -240,6 +244,19 @@ pub fn train(cfg: &ExperimentConfig, out: &Path, opts: &TrainOptions) -> Result<
     let titles = &ds.titles;
     let train = train_rows(cfg, &ds.train()?.rows);
     let valid = valid_sample(cfg, &ds.split("valid")?.rows);
+    if state.step == 0 && cfg.calibrate {
+        // The first rows of the epoch-0 order, under the initial weights.
+        let order = epoch_order(cfg.seed, 0, train.len());
+        let first: Vec<Interaction> = order.iter().take(64).map(|&k| train[k].clone()).collect();
+        let raw = model.predict(&first, titles, false)?;
+        state.score_offset = raw.iter().sum::<f64>() / raw.len().max(1) as f64;
+        tracing::info!(
+            "calibration: score offset {:.3} (mean raw score of {} train rows)",
+            state.score_offset,
+            raw.len()
+        );
+    }
+    model.score_offset = state.score_offset;
     let counts = TrainCounts::from_dataset(&ds)?;
     let per_epoch = train.len().div_ceil(cfg.batch_size).max(1);
     let pb = if opts.quiet {
@@ -422,8 +439,15 @@ pub fn load_run(run: &Path) -> Result<(RunFile, Dataset, CoLlm)> {
             rf.experiment.data.display()
         );
     }
-    let model = CoLlm::build(&rf.experiment, &ds, &device())?;
+    let mut model = CoLlm::build(&rf.experiment, &ds, &device())?;
     if rf.experiment.mode.trains() {
+        let metrics = run.join(METRICS_FILE);
+        let state: RunState = serde_json::from_str(
+            &std::fs::read_to_string(&metrics)
+                .with_context(|| format!("{}: cannot read", metrics.display()))?,
+        )
+        .with_context(|| format!("{}: invalid", metrics.display()))?;
+        model.score_offset = state.score_offset;
         let best = run.join(BEST_DIR);
         if !best.is_dir() {
             bail!(

@@ -309,3 +309,44 @@ fn resume_gives_the_same_weights_as_an_uninterrupted_run() {
     assert!(format!("{e:#}").contains("differ"));
     let _ = Tensor::zeros(1, candle_core::DType::F32, &Device::Cpu);
 }
+
+/// `calibrate`: the run measures the mean raw score of training rows under the initial weights
+/// once, and every later score of the run (training loss, validation, eval) is shifted by it.
+#[test]
+fn calibration_shifts_every_score_by_the_initial_mean() {
+    let s = setup();
+    let ds = Dataset::load(&s.root.join("data")).unwrap();
+    let mut cfg = config(&s, Mode::Tallrec);
+    cfg.max_steps = 2;
+    cfg.calibrate = true;
+    // LoRA B starts at zero, so the initial scores are the base model's.
+    let base = CoLlm::build(&cfg, &ds, &Device::Cpu).unwrap();
+    assert_eq!(base.score_offset, 0.0);
+    let initial = base
+        .predict(&ds.train().unwrap().rows, &ds.titles, false)
+        .unwrap();
+    let (lo, hi) = initial
+        .iter()
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), &x| {
+            (a.min(x), b.max(x))
+        });
+    assert!(hi > lo);
+
+    let run = s.root.join("run-calibrated");
+    let st = train(&cfg, &run, &quiet()).unwrap();
+    assert!(st.score_offset != 0.0 && (lo..=hi).contains(&st.score_offset));
+    let (_, _, mut model) = collm::train::load_run(&run).unwrap();
+    assert_eq!(model.score_offset, st.score_offset);
+    let (_, scores) = evaluate(&run, "test", false).unwrap();
+    model.score_offset = 0.0;
+    let raw = model
+        .predict(&ds.split("test").unwrap().rows, &ds.titles, false)
+        .unwrap();
+    for (a, b) in scores.iter().zip(&raw) {
+        assert!((a - (b - st.score_offset)).abs() < 1e-4, "{a} vs {b}");
+    }
+
+    cfg.calibrate = false;
+    let st = train(&cfg, &s.root.join("run-raw"), &quiet()).unwrap();
+    assert_eq!(st.score_offset, 0.0);
+}

@@ -1,18 +1,20 @@
 //! A seeded generator of small datasets on which CoLLM's claim is visible.
 //!
-//! Every label mixes two signals:
-//! - a **semantic** one: each item belongs to a genre that its title spells out with words a
-//!   language model knows ("The Haunted Curse" is horror, "Galaxy Robot" science fiction), and
-//!   each user likes a few genres. A text-only model can read both from the titles of the
-//!   user's liked history and of the target — also for items it has never seen in training;
-//! - a **collaborative** one: latent user and item factors whose dot product moves the label
-//!   but that no text reveals. Only a model of ids can learn them, and only for users and
-//!   items seen in training.
+//! Every label logit adds up
+//! - a **semantic** part that the titles reveal: each item belongs to a genre that its title
+//!   spells out with words a language model knows ("Haunted Curse" is horror, "Galaxy Robot"
+//!   science fiction). Genres differ in appeal (some are liked by most users, some by few), and
+//!   each user has a personal taste per genre on top. A text model reads the genre from the
+//!   target's title (and the taste from the liked history) — also for items it never saw;
+//! - a **collaborative** part: latent user and item factors whose dot product moves the label
+//!   but that no text reveals. Only a model of ids can learn it, and only for users and items
+//!   seen in training.
 //!
 //! Items are released over time and users join over time, so valid/test hold new items and
 //! users (cold rows) on which only the text helps, next to warm rows on which the ids add
 //! information the text lacks. Text-only and id-only models each capture part of the signal;
-//! a hybrid should beat both.
+//! a hybrid should beat both. The defaults are sized for `collm quickstart` on a 2-core CPU:
+//! few items with many rows each (so MF learns them), short titles (so prompts are short).
 
 use crate::dataset::{PreparedData, SourceInfo};
 use crate::history::{build_splits, RawRow, SplitTag};
@@ -96,16 +98,16 @@ pub struct SyntheticOptions {
     pub items: usize,
     /// Mean number of interactions per user.
     pub rows_per_user: f64,
-    /// Genres each user likes.
-    pub liked_genres: usize,
     /// Dimension of the latent (collaborative) factors.
     pub factors: usize,
     /// Words of each genre's list used in titles (2..=8). A title is two different words of its
     /// genre, so fewer words make titles of one genre share words more often (easier to read)
     /// and cap the catalogue at 8 * w * (w - 1) items.
     pub title_words: usize,
-    /// Weight of the semantic part of the label logit.
+    /// Weight of the genres' appeal (from +1 for the first genre to -1 for the last).
     pub semantic_weight: f64,
+    /// Weight of each user's personal taste per genre (standard normal).
+    pub taste_weight: f64,
     /// Weight of the collaborative part of the label logit.
     pub collaborative_weight: f64,
     /// Share of the time line that is train, then valid; the rest is test.
@@ -117,13 +119,13 @@ pub struct SyntheticOptions {
 impl Default for SyntheticOptions {
     fn default() -> Self {
         Self {
-            users: 300,
-            items: 240,
+            users: 160,
+            items: 48,
             rows_per_user: 40.0,
-            liked_genres: 3,
             factors: 4,
-            title_words: 8,
-            semantic_weight: 1.5,
+            title_words: 4,
+            semantic_weight: 3.0,
+            taste_weight: 0.5,
             collaborative_weight: 1.5,
             train_until: 0.7,
             valid_until: 0.85,
@@ -152,9 +154,6 @@ pub fn prepare(opts: &SyntheticOptions) -> Result<PreparedData> {
     }
     if opts.rows_per_user.is_nan() || opts.rows_per_user <= 0.0 {
         bail!("synthetic: --rows-per-user must be positive");
-    }
-    if opts.liked_genres == 0 || opts.liked_genres > GENRES.len() {
-        bail!("synthetic: --liked-genres must be in 1..={}", GENRES.len());
     }
     if !(0.0 < opts.train_until && opts.train_until < opts.valid_until && opts.valid_until < 1.0) {
         bail!("synthetic: need 0 < train_until < valid_until < 1");
@@ -187,8 +186,8 @@ pub fn prepare(opts: &SyntheticOptions) -> Result<PreparedData> {
         genre.push(g);
         item_vec.push((0..f).map(|_| normal.sample(&mut rng)).collect());
         popularity.push(1.0 / (1.0 + rng.gen::<f64>() * 9.0));
-        // 70% of the catalogue exists from the start; the rest is released over time.
-        release.push(if rng.gen::<f64>() < 0.7 {
+        // 55% of the catalogue exists from the start; the rest is released over time.
+        release.push(if rng.gen::<f64>() < 0.55 {
             0.0
         } else {
             rng.gen::<f64>() * 0.95
@@ -198,10 +197,12 @@ pub fn prepare(opts: &SyntheticOptions) -> Result<PreparedData> {
     let poisson = Poisson::new(opts.rows_per_user).expect("valid rate");
     let mut rows = Vec::new();
     let mut positives = 0usize;
+    let appeal = |g: usize| 1.0 - 2.0 * g as f64 / (GENRES.len() - 1) as f64;
+    let std_normal = Normal::new(0.0, 1.0).expect("valid normal");
     for uid in 1..=opts.users as u32 {
-        let mut liked: Vec<usize> = (0..GENRES.len()).collect();
-        liked.shuffle(&mut rng);
-        liked.truncate(opts.liked_genres);
+        let taste: Vec<f64> = (0..GENRES.len())
+            .map(|_| std_normal.sample(&mut rng))
+            .collect();
         let u: Vec<f64> = (0..f).map(|_| normal.sample(&mut rng)).collect();
         // 75% of users are active from the start; the rest join later.
         let join = if rng.gen::<f64>() < 0.75 {
@@ -230,11 +231,10 @@ pub fn prepare(opts: &SyntheticOptions) -> Result<PreparedData> {
             };
             let i = dist.sample(&mut rng);
             seen.insert(i);
-            let semantic = if liked.contains(&genre[i]) { 1.0 } else { -1.0 };
             let collaborative: f64 = u.iter().zip(&item_vec[i]).map(|(a, b)| a * b).sum();
-            let logit = opts.semantic_weight * semantic + opts.collaborative_weight * collaborative
-                // Centre the semantic part: users like few genres, so it is mostly negative.
-                + opts.semantic_weight * (1.0 - 2.0 * opts.liked_genres as f64 / GENRES.len() as f64);
+            let logit = opts.semantic_weight * appeal(genre[i])
+                + opts.taste_weight * taste[genre[i]]
+                + opts.collaborative_weight * collaborative;
             let p = 1.0 / (1.0 + (-logit).exp());
             let label = u8::from(rng.gen::<f64>() < p);
             positives += label as usize;
@@ -269,12 +269,13 @@ pub fn prepare(opts: &SyntheticOptions) -> Result<PreparedData> {
             params,
         },
         rule: format!(
-            "Synthetic (seed {}): label ~ Bernoulli(sigmoid({} * [target genre liked by the user] \
-+ {} * <u, v> - centring)), genres spelled out by the title words, u/v latent factors seen by no text; \
-users join and items are released over time; split by time at {} / {} of the time line; \
-history = the user's earlier positive items across splits.",
+            "Synthetic (seed {}): label ~ Bernoulli(sigmoid({} * appeal(genre) + {} * taste(user, genre) \
++ {} * <u, v>)), appeal from +1 (first genre) to -1 (last), taste ~ N(0, 1), genres spelled out by \
+the title words, u/v latent factors seen by no text; users join and items are released over time; \
+split by time at {} / {} of the time line; history = the user's earlier positive items across splits.",
             opts.seed,
             opts.semantic_weight,
+            opts.taste_weight,
             opts.collaborative_weight,
             opts.train_until,
             opts.valid_until
@@ -315,5 +316,42 @@ mod tests {
             let words = &GENRES[(i - 1) % GENRES.len()].1;
             assert!(words.iter().any(|w| t.contains(w)), "{t}");
         }
+    }
+
+    #[test]
+    fn appealing_genres_are_liked_more_and_titles_use_the_chosen_words() {
+        let opts = SyntheticOptions {
+            users: 400,
+            title_words: 3,
+            ..Default::default()
+        };
+        let d = prepare(&opts).unwrap();
+        for (i, t) in d.titles.iter().enumerate().skip(1) {
+            let words = &GENRES[(i - 1) % GENRES.len()].1[..3];
+            let parts: Vec<&str> = t.split(' ').collect();
+            assert_eq!(parts.len(), 2, "{t}");
+            assert!(parts.iter().all(|p| words.contains(p)), "{t}");
+        }
+        // Positive rate per genre: the first (appeal +1) well above the last (appeal -1).
+        let mut pos = [0usize; 8];
+        let mut all = [0usize; 8];
+        for split in &d.splits {
+            for r in &split.rows {
+                let g = (r.iid as usize - 1) % GENRES.len();
+                all[g] += 1;
+                pos[g] += r.label as usize;
+            }
+        }
+        let rate = |g: usize| pos[g] as f64 / all[g] as f64;
+        assert!(rate(0) > 0.7 && rate(7) < 0.3, "{pos:?} / {all:?}");
+        // Too many items for the title words is an error that names the flag.
+        let Err(e) = prepare(&SyntheticOptions {
+            items: 8 * 3 * 2 + 1,
+            title_words: 3,
+            ..Default::default()
+        }) else {
+            panic!("49 items with 3 title words must be refused");
+        };
+        assert!(e.to_string().contains("--title-words 3"), "{e}");
     }
 }
