@@ -441,13 +441,15 @@ pub fn load_run(run: &Path) -> Result<(RunFile, Dataset, CoLlm)> {
     }
     let mut model = CoLlm::build(&rf.experiment, &ds, &device())?;
     if rf.experiment.mode.trains() {
-        let metrics = run.join(METRICS_FILE);
-        let state: RunState = serde_json::from_str(
-            &std::fs::read_to_string(&metrics)
-                .with_context(|| format!("{}: cannot read", metrics.display()))?,
-        )
-        .with_context(|| format!("{}: invalid", metrics.display()))?;
-        model.score_offset = state.score_offset;
+        if rf.experiment.calibrate {
+            let metrics = run.join(METRICS_FILE);
+            let state: RunState = serde_json::from_str(
+                &std::fs::read_to_string(&metrics)
+                    .with_context(|| format!("{}: cannot read", metrics.display()))?,
+            )
+            .with_context(|| format!("{}: invalid", metrics.display()))?;
+            model.score_offset = state.score_offset;
+        }
         let best = run.join(BEST_DIR);
         if !best.is_dir() {
             bail!(
