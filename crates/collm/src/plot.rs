@@ -21,7 +21,7 @@ fn register_font() {
     });
 }
 
-/// A palette that stays readable when printed in grey.
+/// matplotlib's default "tab10" palette, so the charts look like the paper's Python-made ones.
 const COLORS: [RGBColor; 8] = [
     RGBColor(31, 119, 180),
     RGBColor(255, 127, 14),
