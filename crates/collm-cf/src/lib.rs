@@ -16,6 +16,7 @@
 //! [`build_model`]; the other models are not touched.
 
 pub mod batch;
+pub mod bench;
 pub mod config;
 pub mod din;
 pub mod lightgcn;

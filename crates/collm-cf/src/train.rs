@@ -74,6 +74,53 @@ fn json_atomic<T: Serialize>(path: &Path, value: &T) -> Result<()> {
     collm_data::io::write_file_atomic(path, serde_json::to_string_pretty(value)?.as_bytes())
 }
 
+/// Builds the optimizer the training loop uses: Adam with L2 weight decay on every parameter
+/// (torch.optim.Adam, as the reference trains its collaborative models).
+pub fn optimizer(model: &dyn CollaborativeModel, cfg: &CfConfig) -> Result<Adam> {
+    let params: Vec<_> = model
+        .params()
+        .trainable()
+        .into_iter()
+        .map(|(n, v)| (n, v, cfg.weight_decay))
+        .collect();
+    Adam::new(params, cfg.lr, Decay::L2)
+}
+
+/// One pass over the train rows (0-based `epoch`): shuffled mini-batches, BCE, one Adam step
+/// each. The shuffling and dropout come from (seed, epoch), so a resumed run repeats them.
+/// Returns the mean batch loss.
+pub fn train_epoch(
+    model: &dyn CollaborativeModel,
+    opt: &mut Adam,
+    train_rows: &[Interaction],
+    cfg: &CfConfig,
+    epoch: usize,
+    device: &Device,
+) -> Result<f64> {
+    let mut rng = ChaCha8Rng::seed_from_u64(epoch_seed(cfg.seed, epoch));
+    let mut order: Vec<usize> = (0..train_rows.len()).collect();
+    order.shuffle(&mut rng);
+    let ctx = TrainCtx::new(rng.gen());
+    let (mut loss_sum, mut batches) = (0.0, 0usize);
+    for chunk in order.chunks(cfg.batch_size) {
+        let rows: Vec<&Interaction> = chunk.iter().map(|&k| &train_rows[k]).collect();
+        let b = CfBatch::new(&rows, model.history_len(), device)?;
+        let out = model.forward(&b, Some(&ctx))?;
+        let loss = bce_with_logits(&out.score, &b.labels)?;
+        let l = loss.to_scalar::<f32>()? as f64;
+        if !l.is_finite() {
+            bail!(
+                "epoch {}: the training loss is {l}; lower the learning rate",
+                epoch + 1
+            );
+        }
+        opt.step(&loss.backward()?)?;
+        loss_sum += l;
+        batches += 1;
+    }
+    Ok(loss_sum / batches.max(1) as f64)
+}
+
 /// Trains `cfg` on `ds` into the run directory `out`.
 pub fn train(
     cfg: &CfConfig,
@@ -107,13 +154,7 @@ pub fn train(
     run_cfg.save(out)?;
 
     let model = build_model(cfg, ds, &device)?;
-    let params: Vec<_> = model
-        .params()
-        .trainable()
-        .into_iter()
-        .map(|(n, v)| (n, v, cfg.weight_decay))
-        .collect();
-    let mut opt = Adam::new(params, cfg.lr, Decay::L2)?;
+    let mut opt = optimizer(model.as_ref(), cfg)?;
     let mut metrics = TrainMetrics {
         curve: Vec::new(),
         best_epoch: None,
@@ -153,25 +194,7 @@ pub fn train(
     pb.set_position(start_epoch as u64);
     for epoch in start_epoch..cfg.max_epochs {
         let t = Instant::now();
-        let mut rng = ChaCha8Rng::seed_from_u64(epoch_seed(cfg.seed, epoch));
-        let mut order: Vec<usize> = (0..train_rows.len()).collect();
-        order.shuffle(&mut rng);
-        let ctx = TrainCtx::new(rng.gen());
-        let (mut loss_sum, mut batches) = (0.0, 0usize);
-        for chunk in order.chunks(cfg.batch_size) {
-            let rows: Vec<&Interaction> = chunk.iter().map(|&k| &train_rows[k]).collect();
-            let b = CfBatch::new(&rows, model.history_len(), &device)?;
-            let out = model.forward(&b, Some(&ctx))?;
-            let loss = bce_with_logits(&out.score, &b.labels)?;
-            let l = loss.to_scalar::<f32>()? as f64;
-            if !l.is_finite() {
-                bail!("epoch {epoch}: the training loss is {l}; lower the learning rate");
-            }
-            let grads = loss.backward()?;
-            opt.step(&grads)?;
-            loss_sum += l;
-            batches += 1;
-        }
+        let train_loss = train_epoch(model.as_ref(), &mut opt, train_rows, cfg, epoch, &device)?;
         let train_s = t.elapsed().as_secs_f64();
         let scores = predict(model.as_ref(), valid_rows, cfg.eval_batch_size, &device)?;
         let report = Report::compute(&counts, valid_rows, &scores)?;
@@ -182,7 +205,7 @@ pub fn train(
         };
         metrics.curve.push(EpochRecord {
             epoch: epoch + 1,
-            train_loss: loss_sum / batches.max(1) as f64,
+            train_loss,
             valid_auc: report.auc,
             valid_uauc: report.uauc,
             seconds: t.elapsed().as_secs_f64(),
@@ -212,8 +235,7 @@ pub fn train(
             .and_then(|r| r.auc)
             .unwrap_or(f64::NAN);
         pb.set_message(format!(
-            "loss {:.4} valid auc {:.4} (best {best:.4} @ {})",
-            loss_sum / batches.max(1) as f64,
+            "loss {train_loss:.4} valid auc {:.4} (best {best:.4} @ {})",
             report.auc.unwrap_or(f64::NAN),
             metrics.best_epoch.unwrap_or(0)
         ));

@@ -20,6 +20,27 @@ pub enum BenchCommand {
     /// weights, for the shapes of ../shared/bench/ref_lora_throughput.py. Run that script on
     /// the same machine in the same session for the baseline (scripts/bench_llm.sh does both).
     Llm(LlmBenchArgs),
+    /// Collaborative-model training and scoring throughput on a dataset, one row per model:
+    /// seconds per epoch, train and valid-scoring samples/s, and the epoch as a multiple of a
+    /// gradient-free forward pass over the train split (the baseline, measured in the same run).
+    Cf(CfBenchArgs),
+}
+
+#[derive(Args)]
+pub struct CfBenchArgs {
+    /// Dataset directory (e.g. data/ml-1m-collm).
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Comma-separated models to measure.
+    #[arg(long, default_value = "mf,lightgcn,sasrec,din")]
+    pub models: String,
+    /// Directory with cf-<model>.toml configs (the committed tuned ones by default); a model
+    /// without a file there runs with its defaults.
+    #[arg(long, default_value = "configs/ml-1m")]
+    pub configs: PathBuf,
+    /// Training epochs to time per model.
+    #[arg(long, default_value_t = 2)]
+    pub epochs: usize,
 }
 
 #[derive(Args)]
@@ -223,9 +244,56 @@ fn bench_llm(args: &LlmBenchArgs) -> Result<()> {
     Ok(())
 }
 
+fn bench_cf(args: &CfBenchArgs) -> Result<()> {
+    use collm_cf::{CfConfig, ModelKind};
+    let ds = collm_data::Dataset::load(&args.data)?;
+    let mut rows = Vec::new();
+    for name in args.models.split(',').map(str::trim) {
+        let kind: ModelKind = name.parse().map_err(|e| anyhow::anyhow!("--models: {e}"))?;
+        let file = args.configs.join(format!("cf-{}.toml", kind.name()));
+        let cfg = if file.is_file() {
+            CfConfig::load(&file)?
+        } else {
+            tracing::warn!(
+                "{}: not found, {name} runs with its defaults",
+                file.display()
+            );
+            CfConfig::defaults(kind)
+        };
+        let row = collm_cf::bench::measure(&cfg, &ds, args.epochs)?;
+        println!("{}", serde_json::to_string(&row)?);
+        rows.push(row);
+    }
+    println!(
+        "\n{} train rows, {} valid rows, {} epoch(s) each",
+        rows.first().map_or(0, |r| r.train_rows),
+        rows.first().map_or(0, |r| r.valid_rows),
+        args.epochs
+    );
+    println!(
+        "{:<9} {:>4} {:>6} {:>9} {:>12} {:>11} {:>10} {:>12}",
+        "model", "d", "batch", "s/epoch", "train rows/s", "forward s", "epoch/fwd", "score rows/s"
+    );
+    for r in &rows {
+        println!(
+            "{:<9} {:>4} {:>6} {:>9.2} {:>12.0} {:>11.3} {:>9.1}x {:>12.0}",
+            r.model,
+            r.dim,
+            r.batch_size,
+            r.epoch_seconds,
+            r.train_samples_per_second,
+            r.forward_seconds,
+            r.epoch_over_forward,
+            r.score_samples_per_second
+        );
+    }
+    Ok(())
+}
+
 pub fn run(cmd: BenchCommand) -> Result<()> {
     match cmd {
         BenchCommand::Llm(args) => bench_llm(&args),
+        BenchCommand::Cf(args) => bench_cf(&args),
         BenchCommand::AmazonPrepare(args) => {
             let t = Instant::now();
             let (reviews, meta) = generate(&args).context("generating the benchmark input")?;

@@ -1,0 +1,78 @@
+//! Training and scoring throughput of a collaborative model on a dataset (`collm bench cf`).
+//!
+//! The baseline, measured in the same run on the same rows and model, is one forward pass
+//! over the train split in the training batch size with no gradients (what scoring the split
+//! costs). A model's epoch is reported as seconds and as a multiple of that pass, so a number
+//! from a noisy shared machine still says what backward and Adam add on top of the forward.
+
+use crate::train::{optimizer, predict, train_epoch};
+use crate::{build_model, CfConfig};
+use anyhow::{bail, Result};
+use candle_core::Device;
+use collm_data::Dataset;
+use serde::Serialize;
+use std::time::Instant;
+
+#[derive(Debug, Clone, Serialize)]
+pub struct CfBench {
+    pub model: String,
+    pub dim: usize,
+    pub batch_size: usize,
+    pub train_rows: usize,
+    pub valid_rows: usize,
+    pub epochs: usize,
+    /// Mean seconds of one training epoch (forward, backward, Adam over every batch).
+    pub epoch_seconds: f64,
+    pub train_samples_per_second: f64,
+    /// Seconds of one gradient-free forward pass over the train split (the baseline).
+    pub forward_seconds: f64,
+    /// `epoch_seconds / forward_seconds`.
+    pub epoch_over_forward: f64,
+    /// Scoring the valid split (no gradients).
+    pub score_samples_per_second: f64,
+    /// Mean training loss of the last measured epoch (a sanity check that it learned).
+    pub last_train_loss: f64,
+}
+
+/// Trains a fresh model for `epochs` epochs and scores the valid split once, timing both.
+pub fn measure(cfg: &CfConfig, ds: &Dataset, epochs: usize) -> Result<CfBench> {
+    if epochs == 0 {
+        bail!("--epochs must be at least 1");
+    }
+    cfg.validate()?;
+    let device = Device::Cpu;
+    let model = build_model(cfg, ds, &device)?;
+    let train_rows = &ds.train()?.rows;
+    let valid_rows = &ds.split("valid")?.rows;
+    // Best of two forward passes: the floor, not its noise.
+    let forward_pass = || -> Result<f64> {
+        let t = Instant::now();
+        predict(model.as_ref(), train_rows, cfg.batch_size, &device)?;
+        Ok(t.elapsed().as_secs_f64())
+    };
+    let forward = forward_pass()?.min(forward_pass()?);
+    let mut opt = optimizer(model.as_ref(), cfg)?;
+    let mut loss = f64::NAN;
+    let t = Instant::now();
+    for epoch in 0..epochs {
+        loss = train_epoch(model.as_ref(), &mut opt, train_rows, cfg, epoch, &device)?;
+    }
+    let epoch_s = t.elapsed().as_secs_f64() / epochs as f64;
+    let t = Instant::now();
+    predict(model.as_ref(), valid_rows, cfg.eval_batch_size, &device)?;
+    let score_s = t.elapsed().as_secs_f64();
+    Ok(CfBench {
+        model: cfg.model.name().to_string(),
+        dim: cfg.dim,
+        batch_size: cfg.batch_size,
+        train_rows: train_rows.len(),
+        valid_rows: valid_rows.len(),
+        epochs,
+        epoch_seconds: epoch_s,
+        train_samples_per_second: train_rows.len() as f64 / epoch_s,
+        forward_seconds: forward,
+        epoch_over_forward: epoch_s / forward.max(1e-9),
+        score_samples_per_second: valid_rows.len() as f64 / score_s.max(1e-9),
+        last_train_loss: loss,
+    })
+}
