@@ -36,17 +36,61 @@ impl SasRec {
     pub fn new(cfg: &CfConfig, num_items: usize, dev: &Device) -> Result<Self> {
         let mut ps = ParamStore::new(dev, cfg.seed);
         let d = cfg.dim;
-        let items = ps.param("item_emb.weight", &[num_items, d], Init::XavierNormal)?;
-        let positions = ps.param("pos_emb.weight", &[cfg.max_len, d], Init::XavierNormal)?;
+        // Initialised as the reference's SASRec (rec_base_models.py) leaves it, PyTorch's
+        // defaults: embeddings N(0, 1) (the padding row 0 zero), nn.MultiheadAttention's
+        // in_proj Xavier-uniform with zero bias, its out_proj U(±1/√d) with zero bias, and the
+        // 1×1 convolutions U(±1/√d) for weight and bias. The N(0, 1) embeddings matter: the
+        // logits start large and weight decay shrinks them over many epochs.
+        let items = ps.param(
+            "item_emb.weight",
+            &[num_items, d],
+            Init::Normal { std: 1.0 },
+        )?;
+        {
+            // The padding row is zero, as nn.Embedding(padding_idx=0) makes it. (It is masked
+            // out of every sequence, so it gets no gradient and stays zero.)
+            let var = ps.get("item_emb.weight").expect("just created");
+            let mut keep = vec![1f32; num_items];
+            keep[0] = 0.0;
+            let keep = Tensor::from_vec(keep, (num_items, 1), dev)?;
+            var.set(&items.broadcast_mul(&keep)?)?;
+        }
+        let positions = ps.param(
+            "pos_emb.weight",
+            &[cfg.max_len, d],
+            Init::Normal { std: 1.0 },
+        )?;
+        let default_bound = Init::Uniform {
+            bound: 1.0 / (d as f64).sqrt(),
+        };
+        let xavier_uniform = Init::Uniform {
+            bound: (6.0 / (d + 3 * d) as f64).sqrt(),
+        };
         let mut blocks = Vec::new();
         for b in 0..cfg.blocks {
+            let attn = format!("attention_layers.{b}");
+            let ffn = format!("forward_layers.{b}");
             blocks.push(Block {
                 attn_norm: LayerNorm::new(&mut ps, &format!("attention_layernorms.{b}"), d, 1e-8)?,
-                in_proj: Linear::new(&mut ps, &format!("attention_layers.{b}.in_proj"), d, 3 * d)?,
-                out_proj: Linear::new(&mut ps, &format!("attention_layers.{b}.out_proj"), d, d)?,
+                in_proj: Linear::with_init(
+                    &mut ps,
+                    &format!("{attn}.in_proj"),
+                    d,
+                    3 * d,
+                    xavier_uniform,
+                    Init::Zeros,
+                )?,
+                out_proj: Linear::with_init(
+                    &mut ps,
+                    &format!("{attn}.out_proj"),
+                    d,
+                    d,
+                    default_bound,
+                    Init::Zeros,
+                )?,
                 ffn_norm: LayerNorm::new(&mut ps, &format!("forward_layernorms.{b}"), d, 1e-8)?,
-                conv1: Linear::new(&mut ps, &format!("forward_layers.{b}.conv1"), d, d)?,
-                conv2: Linear::new(&mut ps, &format!("forward_layers.{b}.conv2"), d, d)?,
+                conv1: Linear::new(&mut ps, &format!("{ffn}.conv1"), d, d)?,
+                conv2: Linear::new(&mut ps, &format!("{ffn}.conv2"), d, d)?,
             });
         }
         let last_norm = LayerNorm::new(&mut ps, "last_layernorm", d, 1e-8)?;

@@ -302,3 +302,77 @@ fn bad_runs_fail_clearly() {
     assert!(e.contains("invalid run config"), "{e}");
     let _ = Tensor::zeros(1, candle_core::DType::F32, &dev);
 }
+
+#[test]
+fn bench_times_real_training_against_a_forward_pass() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ds = tiny(tmp.path(), 5);
+    let train_rows = ds.train().unwrap().rows.len();
+    for kind in ModelKind::ALL {
+        let cfg = CfConfig {
+            lr: 1e-2,
+            ..small_config(kind)
+        };
+        let one = collm_cf::bench::measure(&cfg, &ds, 1).unwrap();
+        let four = collm_cf::bench::measure(&cfg, &ds, 4).unwrap();
+        assert_eq!(four.train_rows, train_rows);
+        assert_eq!(four.model, kind.name());
+        assert!(four.epoch_seconds > 0.0 && four.forward_seconds > 0.0);
+        assert!(
+            (four.train_samples_per_second * four.epoch_seconds - train_rows as f64).abs() < 1e-6
+        );
+        assert!(four.epoch_over_forward.is_finite() && four.score_samples_per_second > 0.0);
+        // The timed epochs are real training: the loss falls.
+        assert!(
+            four.last_train_loss < one.last_train_loss,
+            "{kind}: loss {} after 4 epochs vs {} after 1",
+            four.last_train_loss,
+            one.last_train_loss
+        );
+    }
+    let err = collm_cf::bench::measure(&small_config(ModelKind::Mf), &ds, 0).unwrap_err();
+    assert!(format!("{err}").contains("--epochs"));
+}
+
+#[test]
+fn sasrec_starts_from_the_reference_initialisation() {
+    // The reference's SASRec keeps PyTorch's defaults: N(0, 1) embeddings with a zero padding
+    // row, zero attention biases. Its slow, 200-epoch training depends on that scale.
+    let tmp = tempfile::tempdir().unwrap();
+    let ds = tiny(tmp.path(), 6);
+    let cfg = CfConfig {
+        dim: 32,
+        ..small_config(ModelKind::SasRec)
+    };
+    let model = build_model(&cfg, &ds, &Device::Cpu).unwrap();
+    let get = |n: &str| {
+        model
+            .params()
+            .get(n)
+            .unwrap_or_else(|| panic!("{n}"))
+            .as_tensor()
+            .to_dtype(candle_core::DType::F32)
+            .unwrap()
+    };
+    let items = get("item_emb.weight").to_vec2::<f32>().unwrap();
+    assert!(items[0].iter().all(|&x| x == 0.0), "padding row");
+    let rest: Vec<f32> = items[1..].iter().flatten().copied().collect();
+    let var = rest.iter().map(|x| x * x).sum::<f32>() / rest.len() as f32;
+    assert!((0.8..1.2).contains(&var), "item embedding variance {var}");
+    let pos: Vec<f32> = get("pos_emb.weight")
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let var = pos.iter().map(|x| x * x).sum::<f32>() / pos.len() as f32;
+    assert!(
+        (0.7..1.3).contains(&var),
+        "position embedding variance {var}"
+    );
+    for b in ["in_proj", "out_proj"] {
+        let bias: Vec<f32> = get(&format!("attention_layers.0.{b}.bias"))
+            .to_vec1()
+            .unwrap();
+        assert!(bias.iter().all(|&x| x == 0.0), "{b} bias");
+    }
+}

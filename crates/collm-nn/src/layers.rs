@@ -56,13 +56,29 @@ pub struct Linear {
 impl Linear {
     pub fn new(ps: &mut ParamStore, name: &str, fan_in: usize, fan_out: usize) -> Result<Self> {
         let bound = 1.0 / (fan_in as f64).sqrt();
+        Self::with_init(
+            ps,
+            name,
+            fan_in,
+            fan_out,
+            Init::Uniform { bound },
+            Init::Uniform { bound },
+        )
+    }
+
+    /// A layer whose weight and bias start from the given initialisers (for models whose
+    /// reference re-initialises them, e.g. SASRec's Xavier-normal weights).
+    pub fn with_init(
+        ps: &mut ParamStore,
+        name: &str,
+        fan_in: usize,
+        fan_out: usize,
+        weight: Init,
+        bias: Init,
+    ) -> Result<Self> {
         Ok(Self {
-            weight: ps.param(
-                &format!("{name}.weight"),
-                &[fan_out, fan_in],
-                Init::Uniform { bound },
-            )?,
-            bias: Some(ps.param(&format!("{name}.bias"), &[fan_out], Init::Uniform { bound })?),
+            weight: ps.param(&format!("{name}.weight"), &[fan_out, fan_in], weight)?,
+            bias: Some(ps.param(&format!("{name}.bias"), &[fan_out], bias)?),
         })
     }
 
