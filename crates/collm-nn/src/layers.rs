@@ -67,7 +67,8 @@ impl Linear {
     }
 
     /// A layer whose weight and bias start from the given initialisers (for models whose
-    /// reference re-initialises them, e.g. SASRec's Xavier-normal weights).
+    /// reference initialises them differently, e.g. the attention in SASRec: Xavier-uniform
+    /// weight, zero bias).
     pub fn with_init(
         ps: &mut ParamStore,
         name: &str,
