@@ -1,13 +1,83 @@
 #!/usr/bin/env bash
-# LLM throughput on this CPU: collm against the PyTorch + PEFT reference, same shapes, same
-# thread count, same run. Needs torch, transformers and peft in python3.
+# LLM throughput on this CPU, same shapes, same thread count, same run:
+#   PyTorch + PEFT (../shared/bench/ref_lora_throughput.py) in each of $DTYPES, against
+#   collm's composed path (plain candle ops: the engine before the fused kernels) and its
+#   fused path, in each of $DTYPES.
+# Prints one table: samples/s for train steps and scoring, each collm row's ratio to PyTorch's
+# best dtype, collm's train-step breakdown, and every process's peak RSS (/usr/bin/time, the
+# whole process, as for PyTorch). Logs: target/bench-llm/. Needs torch, transformers and peft.
+#   scripts/bench_llm.sh                   # SmolLM2-135M shape, batch 8, seq 160
+#   PLAN=smollm2-135m:8 DTYPES=f32 STEPS=5 scripts/bench_llm.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REF=${REF:-../shared/bench/ref_lora_throughput.py}
 PLAN=${PLAN:-smollm2-135m:8}
-THREADS=$(nproc)
+DTYPES=${DTYPES:-f32 bf16}
+STEPS=${STEPS:-3}
+WARM=${WARM:-1}
+THREADS=${THREADS:-$(nproc)}
+PATHS=${PATHS:-composed fused}
+LOG=target/bench-llm
+mkdir -p "$LOG"
+rm -f "$LOG"/*.jsonl "$LOG"/*.rss
 cargo build --release --bin collm
-for dt in f32 bf16; do
-  OMP_NUM_THREADS=$THREADS python3 "$REF" --device cpu --dtype $dt --plan "$PLAN" --steps 3 --warm 1 | tail -4
+for dt in $DTYPES; do
+  echo "PyTorch + PEFT, $dt ..." >&2
+  /usr/bin/time -f %M -o "$LOG/torch-$dt.rss" env OMP_NUM_THREADS=$THREADS \
+    python3 "$REF" --device cpu --dtype "$dt" --plan "$PLAN" --steps "$STEPS" --warm "$WARM" \
+    > "$LOG/torch-$dt.jsonl" || echo "PyTorch $dt failed (see $LOG/torch-$dt.jsonl)" >&2
 done
-RAYON_NUM_THREADS=$THREADS target/release/collm bench llm --plan "$PLAN" --dtype f32 --steps 3 --warm 1
+for path in $PATHS; do
+  for dt in $DTYPES; do
+    echo "collm $path, $dt ..." >&2
+    /usr/bin/time -f %M -o "$LOG/collm-$path-$dt.rss" env RAYON_NUM_THREADS=$THREADS \
+      target/release/collm bench llm --plan "$PLAN" --dtype "$dt" --path "$path" \
+      --steps "$STEPS" --warm "$WARM" --json > "$LOG/collm-$path-$dt.jsonl" \
+      || echo "collm $path $dt failed (see $LOG/collm-$path-$dt.jsonl)" >&2
+  done
+done
+python3 - "$LOG" "$THREADS" <<'PY'
+import glob, json, os, sys
+log, threads = sys.argv[1], sys.argv[2]
+def rows(path):
+    out = {}
+    for line in open(path):
+        line = line.strip()
+        if not line.startswith("{"):
+            continue
+        d = json.loads(line)
+        if "model" in d and not d.get("all_logits", False) and "error" not in d:
+            out[(d["model"], int(d["batch"]))] = d
+    return out
+def rss(path):
+    try:
+        return int(open(path).read().split()[-1]) / 2**20
+    except Exception:
+        return float("nan")
+runs = []
+for f in sorted(glob.glob(f"{log}/*.jsonl")):
+    name = os.path.basename(f)[:-6]
+    runs.append((name, rows(f), rss(f[:-6] + ".rss")))
+cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
+flags = open("/proc/cpuinfo").read()
+feats = [x for x in ("avx512f", "avx512_bf16", "amx_bf16") if x in flags] or ["avx2 only"]
+print(f"\n{cpu} ({', '.join(feats)}), {threads} threads; samples/s; ratio = collm / PyTorch's best dtype")
+keys = sorted({k for _, r, _ in runs for k in r})
+for key in keys:
+    torch = [(n, r[key]) for n, r, _ in runs if n.startswith("torch") and key in r]
+    best_train = max((d["train_samples_per_s"] for _, d in torch), default=float("nan"))
+    best_score = max((d["infer_samples_per_s"] for _, d in torch), default=float("nan"))
+    print(f"\n{key[0]} batch {key[1]}, seq {torch[0][1]['seq'] if torch else '?'}")
+    print(f"{'run':<20} {'train/s':>8} {'ratio':>6} {'score/s':>8} {'ratio':>6} {'peak RSS GiB':>12}  step: prep/fwd/bwd/opt")
+    for n, r, m in runs:
+        if key not in r:
+            continue
+        d = r[key]
+        t, s = d["train_samples_per_s"], d["infer_samples_per_s"]
+        step = ""
+        if "step" in d:
+            st = d["step"]
+            tot = sum(st.values())
+            step = "/".join(f"{100 * st[k] / tot:.0f}%" for k in ("prep_s", "forward_s", "backward_s", "optimizer_s"))
+        print(f"{n:<20} {t:>8.2f} {t / best_train:>5.2f}x {s:>8.2f} {s / best_score:>5.2f}x {m:>12.2f}  {step}")
+PY

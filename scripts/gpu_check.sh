@@ -26,7 +26,7 @@ if [ "$stage" = stage1 ]; then
   timeout 180 python3 /tmp/collm-gpu/ref_lora_throughput.py --device cuda --dtype bf16 --plan "$PLAN" \
     --steps 3 --warm 1 > "$OUT/ref.log" 2>&1
   echo "reference exit $?"
-  timeout 120 "$BIN" bench llm --plan "$PLAN" --dtype bf16 --steps 3 --warm 1 > "$OUT/ours.log" 2>&1
+  timeout 120 "$BIN" bench llm --plan "$PLAN" --dtype bf16 --steps 3 --warm 1 --json > "$OUT/ours.log" 2>&1
   echo "collm exit $?"
   python3 - "$OUT" <<'PY'
 import json, sys

@@ -17,8 +17,10 @@ pub enum BenchCommand {
     /// against a plain line-reading pass over the same file (the I/O floor).
     AmazonPrepare(AmazonBenchArgs),
     /// LLM scoring and LoRA train-step throughput (forward + backward + AdamW) with random
-    /// weights, for the shapes of ../shared/bench/ref_lora_throughput.py. Run that script on
-    /// the same machine in the same session for the baseline (scripts/bench_llm.sh does both).
+    /// weights, for the shapes of ../shared/bench/ref_lora_throughput.py: samples and tokens/s,
+    /// the train step split into host prep / forward / backward / optimizer, peak RSS. Run that
+    /// script on the same machine in the same run for the baseline (scripts/bench_llm.sh does
+    /// both and prints the ratios).
     Llm(LlmBenchArgs),
     /// Collaborative-model training and scoring throughput on a dataset, one row per model:
     /// seconds per epoch, train and valid-scoring samples/s, and the epoch as a multiple of a
@@ -57,6 +59,14 @@ pub struct LlmBenchArgs {
     pub steps: usize,
     #[arg(long, default_value_t = 1)]
     pub warm: usize,
+    /// Which engine path: `fused` (the CPU kernels, the default there), `composed` (candle's
+    /// plain ops: the path before the fused kernels, and the only one on CUDA) or `both`
+    /// (composed then fused, same run: the before/after comparison).
+    #[arg(long, default_value = "fused")]
+    pub path: String,
+    /// One JSON object per row instead of the table.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Args)]
@@ -72,13 +82,7 @@ pub struct AmazonBenchArgs {
     pub seed: u64,
 }
 
-/// Peak resident memory of this process so far (Linux), in MiB.
-pub fn peak_rss_mib() -> Option<f64> {
-    let s = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb / 1024.0)
-}
+pub use collm_llm::bench::peak_rss_mib;
 
 fn generate(args: &AmazonBenchArgs) -> Result<(PathBuf, PathBuf)> {
     std::fs::create_dir_all(&args.dir)?;
@@ -124,123 +128,101 @@ fn generate(args: &AmazonBenchArgs) -> Result<(PathBuf, PathBuf)> {
 }
 
 fn bench_llm(args: &LlmBenchArgs) -> Result<()> {
-    use candle_core::{Device, Tensor};
-    use collm_llm::load::{bench_shape, random_weights};
-    use collm_llm::{parse_dtype, Decoder, Lora, LoraConfig, Mask, Pass};
-    use collm_nn::optim::{Adam, Decay};
-    use collm_nn::TrainCtx;
+    use collm_llm::bench::{measure, LlmBench};
     let device = crate::device()?;
-    let dtype = parse_dtype(&args.dtype)?;
-    let sync = |d: &Device| -> Result<()> {
-        d.synchronize()?;
-        Ok(())
+    let dtype = collm_llm::parse_dtype(&args.dtype)?;
+    let paths: Vec<bool> = match args.path.as_str() {
+        "fused" => vec![true],
+        "composed" => vec![false],
+        "both" => vec![false, true],
+        other => anyhow::bail!("--path is fused, composed or both, got '{other}'"),
     };
     let mut rows = Vec::new();
     for item in args.plan.split(',') {
         let (name, batch) = item
             .split_once(':')
             .ok_or_else(|| anyhow::anyhow!("--plan items are model:batch, got '{item}'"))?;
-        let batch: usize = batch.parse()?;
-        let row = (|| -> Result<serde_json::Value> {
-            let cfg = bench_shape(name)?;
-            let dec = Decoder::new(&cfg, &random_weights(&cfg, dtype, &device)?, dtype, &device)?;
-            let lora = Lora::new(&LoraConfig::default(), &cfg, 0, &device)?;
-            let params = lora
-                .trainable()
-                .into_iter()
-                .map(|(n, v)| (n, v, 1e-3))
-                .collect();
-            let mut opt = Adam::new(params, 1e-4, Decay::Decoupled)?;
-            let mut rng = ChaCha8Rng::seed_from_u64(0);
-            let ids: Vec<u32> = (0..batch * args.seq)
-                .map(|_| rng.gen_range(10..cfg.vocab_size as u32))
-                .collect();
-            let labels = Tensor::from_vec(
-                (0..batch).map(|k| (k % 2) as f32).collect::<Vec<_>>(),
+        let batch: usize = batch
+            .parse()
+            .with_context(|| format!("--plan: batch of '{item}'"))?;
+        for &fused in &paths {
+            let bench = LlmBench {
+                model: name.to_string(),
                 batch,
-                &device,
-            )?;
-            let mask = Mask::left_padded(&vec![args.seq; batch], args.seq);
-            let last = mask.last_positions();
-            let emb = dec
-                .embed(&ids)?
-                .reshape((batch, args.seq, cfg.hidden_size))?;
-            let ctx = TrainCtx::new(1);
-            let train_step = |opt: &mut Adam| -> Result<()> {
-                let pass = Pass {
-                    lora: Some(&lora),
-                    train: Some(&ctx),
-                    grad: true,
-                };
-                let h = dec.forward(&emb, &mask, &pass)?;
-                let yes = dec.token_logits(&h, &last, &[3], &pass)?.squeeze(1)?;
-                let loss = collm_nn::layers::bce_with_logits(&yes, &labels)?;
-                opt.step(&loss.backward()?)?;
-                Ok(())
+                seq: args.seq,
+                dtype,
+                steps: args.steps,
+                warm: args.warm,
+                fused: fused && device.is_cpu(),
             };
-            let score = || -> Result<()> {
-                let pass = Pass {
-                    lora: Some(&lora),
-                    train: None,
-                    grad: false,
-                };
-                let h = dec.forward(&emb, &mask, &pass)?;
-                dec.token_logits(&h, &last, &[4, 3], &pass)?
-                    .to_vec2::<f32>()?;
-                Ok(())
-            };
-            for _ in 0..args.warm {
-                train_step(&mut opt)?;
+            match measure(&bench, &device) {
+                Ok(row) => {
+                    if args.json {
+                        println!("{}", serde_json::to_string(&row)?);
+                    }
+                    rows.push(row);
+                }
+                // Keep going: one out-of-memory shape must not lose the other rows.
+                Err(e) => {
+                    let msg = format!("{e:#}");
+                    if args.json {
+                        println!(
+                            "{}",
+                            serde_json::json!({"model": name, "batch": batch, "error": msg})
+                        );
+                    } else {
+                        eprintln!("{name}:{batch}: {msg}");
+                    }
+                }
             }
-            sync(&device)?;
-            let t = Instant::now();
-            for _ in 0..args.steps {
-                train_step(&mut opt)?;
-            }
-            sync(&device)?;
-            let train_s = t.elapsed().as_secs_f64() / args.steps as f64;
-            for _ in 0..args.warm {
-                score()?;
-            }
-            sync(&device)?;
-            let t = Instant::now();
-            for _ in 0..args.steps {
-                score()?;
-            }
-            sync(&device)?;
-            let infer_s = t.elapsed().as_secs_f64() / args.steps as f64;
-            let row = serde_json::json!({
-                "model": name, "batch": batch, "seq": args.seq, "dtype": args.dtype,
-                "device": format!("{device:?}"),
-                "train_samples_per_s": batch as f64 / train_s,
-                "infer_samples_per_s": batch as f64 / infer_s,
-                "peak_rss_gib": peak_rss_mib().map(|m| m / 1024.0),
-            });
-            Ok(row)
-        })();
-        match row {
-            Ok(row) => {
-                println!("{row}");
-                rows.push(row);
-            }
-            // Keep going: one out-of-memory shape must not lose the other rows.
-            Err(e) => println!(
-                "{}",
-                serde_json::json!({"model": name, "batch": batch, "error": format!("{e:#}")})
-            ),
         }
     }
-    println!("\nmodel                 batch  train/s   infer/s  peak RSS GiB");
+    if args.json {
+        return Ok(());
+    }
+    println!(
+        "{:<20} {:>5} {:>4} {:<8} {:>8} {:>9} {:>8} {:>9}  {:>5} {:>5} {:>5} {:>5}  {:>9}",
+        "model",
+        "batch",
+        "seq",
+        "path",
+        "train/s",
+        "tok/s",
+        "score/s",
+        "tok/s",
+        "prep",
+        "fwd",
+        "bwd",
+        "opt",
+        "peak GiB"
+    );
     for r in &rows {
+        let s = &r.step;
+        let total = s.prep_s + s.forward_s + s.backward_s + s.optimizer_s;
+        let pct = |x: f64| 100.0 * x / total;
         println!(
-            "{:<21} {:>5} {:>8.2} {:>9.2} {:>8.2}",
-            r["model"].as_str().unwrap_or(""),
-            r["batch"],
-            r["train_samples_per_s"].as_f64().unwrap_or(0.0),
-            r["infer_samples_per_s"].as_f64().unwrap_or(0.0),
-            r["peak_rss_gib"].as_f64().unwrap_or(f64::NAN)
+            "{:<20} {:>5} {:>4} {:<8} {:>8.2} {:>9.0} {:>8.2} {:>9.0}  {:>4.0}% {:>4.0}% {:>4.0}% {:>4.0}%  {:>9.2}",
+            r.model,
+            r.batch,
+            r.seq,
+            r.path,
+            r.train_samples_per_s,
+            r.train_tokens_per_s,
+            r.infer_samples_per_s,
+            r.infer_tokens_per_s,
+            pct(s.prep_s),
+            pct(s.forward_s),
+            pct(s.backward_s),
+            pct(s.optimizer_s),
+            r.peak_rss_train_gib.unwrap_or(f64::NAN)
         );
     }
+    println!(
+        "({} {}, {} threads; step shares: host prep, forward, backward, optimizer; peak RSS of the train steps)",
+        args.dtype,
+        rows.first().map_or("", |r| r.device.as_str()),
+        rows.first().map_or(0, |r| r.threads)
+    );
     Ok(())
 }
 

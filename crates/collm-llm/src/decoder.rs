@@ -1,40 +1,29 @@
-//! The LLaMA-family decoder, with what CoLLM needs and ready-made model files lack:
+//! The LLaMA-family decoder, shaped like the model (candle-transformers' `llama.rs`):
+//! [`Decoder`] → `Block` (RMSNorm, `Attention`, RMSNorm, `Mlp`) → `Linear` projections, each
+//! with `load` and `forward`. What CoLLM needs and ready-made model files lack:
 //! - a forward pass from **input embeddings** (so ID slots can hold mapped collaborative
 //!   vectors), for batches of different lengths with a per-row attention mask — left or right
-//!   padding; position ids follow the mask; masking uses a large finite negative so that no
-//!   row is ever all `-inf` (a known NaN source);
+//!   padding; position ids follow the mask;
 //! - scoring that computes logits only for chosen token ids at each row's last real position;
-//! - LoRA on any projection;
-//! - only differentiable ops on the training path (RMSNorm, RoPE and softmax written with plain
-//!   tensor ops; candle's fused versions are used only when no gradient is needed).
+//! - LoRA on any projection: each `Linear` knows its (layer, [`Module`]) and takes its pair from
+//!   the pass's adapter by index, so one loaded backbone serves any adapter (step 1's, step 2's
+//!   frozen one, none);
+//! - a backward pass through everything (for LoRA, injected embeddings, the CIE mapper).
+//!
+//! Two implementations of the same maths: on the CPU the fused ops of [`crate::ops`] (one
+//! kernel per RMSNorm, RoPE, attention, SwiGLU, dropout and frozen projection, each with its
+//! own backward); elsewhere (CUDA) the composed candle ops of [`crate::ops::composed`], with
+//! dropout masks drawn on the device. Tests run both and compare them.
 
 use crate::config::LlamaConfig;
 use crate::load::Weights;
-use crate::lora::Lora;
+use crate::lora::{Lora, Module};
+use crate::ops::{self, composed, KeyMask, RopeTables};
 use anyhow::{bail, Result};
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CudaStorage, CustomOp2, DType, Device, Layout, Shape, Tensor, D};
-use collm_nn::layers::dropout;
+use candle_core::{CpuStorage, CudaStorage, CustomOp2, DType, Device, Layout, Shape, Tensor};
 use collm_nn::TrainCtx;
-
-/// A frozen projection `y = x Wᵀ (+ b)`.
-struct Proj {
-    w: Tensor,
-    b: Option<Tensor>,
-}
-
-impl Proj {
-    fn new(ws: &Weights, name: &str, fan_in: usize, fan_out: usize, bias: bool) -> Result<Self> {
-        Ok(Self {
-            w: ws.get(&format!("{name}.weight"), &[fan_out, fan_in])?,
-            b: if bias {
-                Some(ws.get(&format!("{name}.bias"), &[fan_out])?)
-            } else {
-                None
-            },
-        })
-    }
-}
+use rand::Rng;
 
 /// The training path's frozen projection: the forward pass hands through `y`, already computed
 /// from a detached input; the backward pass gives the input `x` its gradient `grad · W` and the
@@ -87,41 +76,6 @@ impl CustomOp2 for FrozenWeight {
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         Ok((Some(grad.matmul(&self.w)?), None))
-    }
-}
-
-struct Layer {
-    input_norm: Tensor,
-    post_norm: Tensor,
-    q: Proj,
-    k: Proj,
-    v: Proj,
-    o: Proj,
-    gate: Proj,
-    up: Proj,
-    down: Proj,
-}
-
-/// Options of one forward pass.
-pub struct Pass<'a> {
-    pub lora: Option<&'a Lora>,
-    /// `Some` in training: LoRA dropout, and differentiable ops everywhere.
-    pub train: Option<&'a TrainCtx>,
-    /// Build the graph for backpropagation (into LoRA, injected embeddings, …) even when
-    /// `train` is None (e.g. a gradient check without dropout).
-    pub grad: bool,
-}
-
-impl Pass<'_> {
-    pub fn inference() -> Pass<'static> {
-        Pass {
-            lora: None,
-            train: None,
-            grad: false,
-        }
-    }
-    fn needs_grad(&self) -> bool {
-        self.grad || self.train.is_some()
     }
 }
 
@@ -188,6 +142,286 @@ impl Mask {
         }
         out
     }
+
+    fn key_mask(&self) -> KeyMask {
+        KeyMask {
+            data: std::sync::Arc::new(self.data.clone()),
+            batch: self.batch,
+            seq: self.seq,
+        }
+    }
+}
+
+/// Options of one forward pass.
+pub struct Pass<'a> {
+    pub lora: Option<&'a Lora>,
+    /// `Some` in training: LoRA dropout, and differentiable ops everywhere.
+    pub train: Option<&'a TrainCtx>,
+    /// Build the graph for backpropagation (into LoRA, injected embeddings, …) even when
+    /// `train` is None (e.g. a gradient check without dropout).
+    pub grad: bool,
+}
+
+impl Pass<'_> {
+    pub fn inference() -> Pass<'static> {
+        Pass {
+            lora: None,
+            train: None,
+            grad: false,
+        }
+    }
+    fn needs_grad(&self) -> bool {
+        self.grad || self.train.is_some()
+    }
+}
+
+/// What every layer of one forward pass shares: the pass, the path, the mask and the RoPE
+/// tables in the form that path uses.
+struct Ctx<'a> {
+    pass: &'a Pass<'a>,
+    eps: f64,
+    path: Path,
+}
+
+enum Path {
+    Fused {
+        rope: RopeTables,
+        mask: KeyMask,
+    },
+    Composed {
+        /// (B, T, 1, hd) each.
+        cos: Tensor,
+        sin: Tensor,
+        /// Additive (B, 1, T, T).
+        bias: Tensor,
+    },
+}
+
+impl Ctx<'_> {
+    fn rms_norm(&self, x: &Tensor, w: &Tensor) -> Result<Tensor> {
+        let fused = matches!(self.path, Path::Fused { .. });
+        rms_norm(fused, self.pass.needs_grad(), x, w, self.eps)
+    }
+
+    fn rope(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(match &self.path {
+            Path::Fused { rope, .. } => ops::rope(x, rope)?,
+            Path::Composed { cos, sin, .. } => composed::rope(&x.contiguous()?, cos, sin)?,
+        })
+    }
+
+    /// LoRA dropout: on the CPU a counter-based mask (never stored); on other devices a mask
+    /// drawn there (no host draws, no upload) from the device generator seeded per call. Both seeds come from the step's
+    /// `TrainCtx`, so a resumed run draws the same masks.
+    fn dropout(&self, x: &Tensor, p: f64) -> Result<Tensor> {
+        let Some(train) = self.pass.train else {
+            return Ok(x.clone());
+        };
+        if p <= 0.0 {
+            return Ok(x.clone());
+        }
+        let seed: u64 = train.rng.borrow_mut().gen();
+        let dev = x.device();
+        Ok(match dev {
+            // The CPU kernel serves both paths (candle's CPU generator cannot be seeded).
+            Device::Cpu => ops::dropout(x, p, seed)?,
+            _ => {
+                dev.set_seed(seed)?;
+                let keep = Tensor::rand(0f32, 1f32, x.shape(), dev)?
+                    .ge(p)?
+                    .to_dtype(x.dtype())?;
+                (x * keep)?.affine(1.0 / (1.0 - p), 0.0)?
+            }
+        })
+    }
+}
+
+fn rms_norm(fused: bool, grad: bool, x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+    Ok(if fused {
+        ops::rms_norm(x, w, eps)?
+    } else if !grad && x.dtype() == DType::F32 {
+        // candle's kernel records no backward pass: only where none is needed.
+        candle_nn::ops::rms_norm(&x.contiguous()?, w, eps as f32)?
+    } else {
+        composed::rms_norm(x, w, eps)?
+    })
+}
+
+/// A frozen projection `y = x Wᵀ (+ b)`, adapted by the pass's LoRA pair for its site.
+struct Linear {
+    w: Tensor,
+    b: Option<Tensor>,
+    layer: usize,
+    module: Module,
+}
+
+impl Linear {
+    fn load(
+        ws: &Weights,
+        name: &str,
+        (fan_in, fan_out): (usize, usize),
+        bias: bool,
+        (layer, module): (usize, Module),
+    ) -> Result<Self> {
+        Ok(Self {
+            w: ws.get(&format!("{name}.weight"), &[fan_out, fan_in])?,
+            b: if bias {
+                Some(ws.get(&format!("{name}.bias"), &[fan_out])?)
+            } else {
+                None
+            },
+            layer,
+            module,
+        })
+    }
+
+    /// `x` (B, T, in) → (B, T, out).
+    fn forward(&self, x: &Tensor, ctx: &Ctx) -> Result<Tensor> {
+        let (b, t, fan_in) = x.dims3()?;
+        let flat = x.reshape((b * t, fan_in))?;
+        let pass = ctx.pass;
+        // LoRA: scaling · dropout(x) Aᵀ Bᵀ, scaled while it is r wide.
+        let delta = match pass
+            .lora
+            .and_then(|l| Some((l, l.pair(self.layer, self.module)?)))
+        {
+            Some((lora, (a, bm))) => {
+                // Scoring builds no graph: the adapter's variables are read detached.
+                let (a, bm) = if pass.needs_grad() {
+                    (a.clone(), bm.clone())
+                } else {
+                    (a.detach(), bm.detach())
+                };
+                let xin = ctx.dropout(&flat, lora.config.dropout)?;
+                let low = (xin.to_dtype(a.dtype())?.matmul(&a.t()?)? * lora.config.scaling())?;
+                Some(low.matmul(&bm.t()?)?.to_dtype(x.dtype())?)
+            }
+            None => None,
+        };
+        let y = match ctx.path {
+            Path::Fused { .. } => ops::linear(&flat, &self.w, self.b.as_ref(), delta.as_ref())?,
+            Path::Composed { .. } => {
+                let input_has_grad = pass.needs_grad() && flat.track_op();
+                let mut y = if input_has_grad {
+                    flat.detach().matmul(&self.w.t()?)?
+                } else {
+                    flat.matmul(&self.w.t()?)?
+                };
+                if let Some(bias) = &self.b {
+                    y = y.broadcast_add(bias)?;
+                }
+                if input_has_grad {
+                    y = flat.apply_op2(&y, FrozenWeight { w: self.w.clone() })?;
+                }
+                match delta {
+                    Some(d) => (y + d)?,
+                    None => y,
+                }
+            }
+        };
+        Ok(y.reshape((b, t, ()))?)
+    }
+}
+
+struct Attention {
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    o: Linear,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+}
+
+impl Attention {
+    fn load(ws: &Weights, p: &str, c: &LlamaConfig, layer: usize) -> Result<Self> {
+        let h = c.hidden_size;
+        let q_out = c.num_attention_heads * c.head_dim;
+        let kv_out = c.num_key_value_heads * c.head_dim;
+        let bias = c.attention_bias;
+        let lin = |name: &str, io, bias, m| {
+            Linear::load(ws, &format!("{p}.{name}"), io, bias, (layer, m))
+        };
+        Ok(Self {
+            q: lin("q_proj", (h, q_out), bias, Module::Q)?,
+            k: lin("k_proj", (h, kv_out), bias, Module::K)?,
+            v: lin("v_proj", (h, kv_out), bias, Module::V)?,
+            o: lin("o_proj", (q_out, h), false, Module::O)?,
+            heads: c.num_attention_heads,
+            kv_heads: c.num_key_value_heads,
+            head_dim: c.head_dim,
+        })
+    }
+
+    fn forward(&self, x: &Tensor, ctx: &Ctx) -> Result<Tensor> {
+        let (b, t, _) = x.dims3()?;
+        let (nh, nkv, hd) = (self.heads, self.kv_heads, self.head_dim);
+        // (B, T, heads, hd) throughout: no transposes on the fused path.
+        let q = ctx.rope(&self.q.forward(x, ctx)?.reshape((b, t, nh, hd))?)?;
+        let k = ctx.rope(&self.k.forward(x, ctx)?.reshape((b, t, nkv, hd))?)?;
+        let v = self.v.forward(x, ctx)?.reshape((b, t, nkv, hd))?;
+        let out = match &ctx.path {
+            Path::Fused { mask, .. } => ops::attention(&q, &k, &v, mask)?,
+            Path::Composed { bias, .. } => composed::attention(&q, &k, &v, bias)?,
+        };
+        self.o.forward(&out.reshape((b, t, nh * hd))?, ctx)
+    }
+}
+
+struct Mlp {
+    gate: Linear,
+    up: Linear,
+    down: Linear,
+}
+
+impl Mlp {
+    fn load(ws: &Weights, p: &str, c: &LlamaConfig, layer: usize) -> Result<Self> {
+        let (h, i) = (c.hidden_size, c.intermediate_size);
+        let lin =
+            |name: &str, io, m| Linear::load(ws, &format!("{p}.{name}"), io, false, (layer, m));
+        Ok(Self {
+            gate: lin("gate_proj", (h, i), Module::Gate)?,
+            up: lin("up_proj", (h, i), Module::Up)?,
+            down: lin("down_proj", (i, h), Module::Down)?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor, ctx: &Ctx) -> Result<Tensor> {
+        let gate = self.gate.forward(x, ctx)?;
+        let up = self.up.forward(x, ctx)?;
+        let act = match ctx.path {
+            Path::Fused { .. } => ops::swiglu(&gate, &up)?,
+            Path::Composed { .. } => composed::swiglu(&gate, &up)?,
+        };
+        self.down.forward(&act, ctx)
+    }
+}
+
+struct Block {
+    input_norm: Tensor,
+    attn: Attention,
+    post_norm: Tensor,
+    mlp: Mlp,
+}
+
+impl Block {
+    fn load(ws: &Weights, c: &LlamaConfig, layer: usize) -> Result<Self> {
+        let p = format!("model.layers.{layer}");
+        let h = c.hidden_size;
+        Ok(Self {
+            input_norm: ws.get(&format!("{p}.input_layernorm.weight"), &[h])?,
+            attn: Attention::load(ws, &format!("{p}.self_attn"), c, layer)?,
+            post_norm: ws.get(&format!("{p}.post_attention_layernorm.weight"), &[h])?,
+            mlp: Mlp::load(ws, &format!("{p}.mlp"), c, layer)?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor, ctx: &Ctx) -> Result<Tensor> {
+        let x = (x + self
+            .attn
+            .forward(&ctx.rms_norm(x, &self.input_norm)?, ctx)?)?;
+        Ok((&x + self.mlp.forward(&ctx.rms_norm(&x, &self.post_norm)?, ctx)?)?)
+    }
 }
 
 pub struct Decoder {
@@ -195,83 +429,60 @@ pub struct Decoder {
     embed: Tensor,
     lm_head: Tensor,
     norm: Tensor,
-    layers: Vec<Layer>,
-    inv_freq: Tensor,
+    blocks: Vec<Block>,
+    inv_freq: Vec<f32>,
+    /// Fused CPU kernels (the default on the CPU) or composed candle ops.
+    fused: bool,
     pub dtype: DType,
     pub device: Device,
 }
-
-/// Mask value: large and finite, so that a fully masked row stays finite.
-const MASKED: f32 = -1e9;
 
 impl Decoder {
     pub fn new(config: &LlamaConfig, ws: &Weights, dtype: DType, device: &Device) -> Result<Self> {
         config.validate()?;
         let c = config;
         let (h, v) = (c.hidden_size, c.vocab_size);
-        let q_out = c.num_attention_heads * c.head_dim;
-        let kv_out = c.num_key_value_heads * c.head_dim;
         let embed = ws.get("model.embed_tokens.weight", &[v, h])?;
-        let lm_head = if ws.has("lm_head.weight") && !c.tie_word_embeddings {
-            ws.get("lm_head.weight", &[v, h])?
-        } else if c.tie_word_embeddings {
+        let lm_head = if c.tie_word_embeddings {
             embed.clone()
         } else {
             ws.get("lm_head.weight", &[v, h])?
         };
-        let mut layers = Vec::with_capacity(c.num_hidden_layers);
-        for i in 0..c.num_hidden_layers {
-            let p = format!("model.layers.{i}");
-            let bias = c.attention_bias;
-            layers.push(Layer {
-                input_norm: ws.get(&format!("{p}.input_layernorm.weight"), &[h])?,
-                post_norm: ws.get(&format!("{p}.post_attention_layernorm.weight"), &[h])?,
-                q: Proj::new(ws, &format!("{p}.self_attn.q_proj"), h, q_out, bias)?,
-                k: Proj::new(ws, &format!("{p}.self_attn.k_proj"), h, kv_out, bias)?,
-                v: Proj::new(ws, &format!("{p}.self_attn.v_proj"), h, kv_out, bias)?,
-                o: Proj::new(ws, &format!("{p}.self_attn.o_proj"), q_out, h, false)?,
-                gate: Proj::new(
-                    ws,
-                    &format!("{p}.mlp.gate_proj"),
-                    h,
-                    c.intermediate_size,
-                    false,
-                )?,
-                up: Proj::new(
-                    ws,
-                    &format!("{p}.mlp.up_proj"),
-                    h,
-                    c.intermediate_size,
-                    false,
-                )?,
-                down: Proj::new(
-                    ws,
-                    &format!("{p}.mlp.down_proj"),
-                    c.intermediate_size,
-                    h,
-                    false,
-                )?,
-            });
-        }
-        let inv: Vec<f32> = c.inv_freq().into_iter().map(|x| x as f32).collect();
-        let n = inv.len();
+        let blocks = (0..c.num_hidden_layers)
+            .map(|i| Block::load(ws, c, i))
+            .collect::<Result<_>>()?;
         Ok(Self {
             config: c.clone(),
             embed,
             lm_head,
             norm: ws.get("model.norm.weight", &[h])?,
-            layers,
-            inv_freq: Tensor::from_vec(inv, (1, 1, n), device)?,
+            blocks,
+            inv_freq: c.inv_freq().into_iter().map(|x| x as f32).collect(),
+            fused: device.is_cpu(),
             dtype,
             device: device.clone(),
         })
     }
 
+    /// Chooses the fused CPU kernels (`true`, the CPU's default) or the composed candle ops
+    /// (`false`, the only choice on other devices). For tests and benchmarks that compare them.
+    pub fn set_fused(&mut self, fused: bool) -> Result<()> {
+        if fused && !self.device.is_cpu() {
+            bail!("the fused kernels run on the CPU only");
+        }
+        self.fused = fused;
+        Ok(())
+    }
+
+    pub fn is_fused(&self) -> bool {
+        self.fused
+    }
+
     /// Keeps only the first `n` decoder layers (a speed knob for CPU experiments; the final
     /// norm and head then read layer n's output).
     pub fn truncate_layers(&mut self, n: usize) {
-        if n < self.layers.len() {
-            self.layers.truncate(n);
+        if n < self.blocks.len() {
+            self.blocks.truncate(n);
             self.config.num_hidden_layers = n;
         }
     }
@@ -309,65 +520,37 @@ impl Decoder {
         Ok((e, Mask::left_padded(&lens, seq)))
     }
 
-    fn rms_norm(&self, x: &Tensor, w: &Tensor, pass: &Pass) -> Result<Tensor> {
-        let eps = self.config.rms_norm_eps;
-        if !pass.needs_grad() && x.dtype() == DType::F32 {
-            return Ok(candle_nn::ops::rms_norm(&x.contiguous()?, w, eps as f32)?);
-        }
-        // As transformers: normalise in f32, scale in the compute dtype.
-        let xf = x.to_dtype(DType::F32)?;
-        let ms = xf.sqr()?.mean_keepdim(D::Minus1)?;
-        let y = xf
-            .broadcast_div(&(ms + eps)?.sqrt()?)?
-            .to_dtype(x.dtype())?;
-        Ok(y.broadcast_mul(w)?)
-    }
-
-    fn project(
-        &self,
-        x: &Tensor,
-        p: &Proj,
-        layer: usize,
-        module: &str,
-        pass: &Pass,
-    ) -> Result<Tensor> {
-        let (b, t, fan_in) = x.dims3()?;
-        let flat = x.reshape((b * t, fan_in))?;
-        let input_has_grad = pass.needs_grad() && flat.track_op();
-        let mut y = if input_has_grad {
-            flat.detach().matmul(&p.w.t()?)?
-        } else {
-            flat.matmul(&p.w.t()?)?
-        };
-        if let Some(bias) = &p.b {
-            y = y.broadcast_add(bias)?;
-        }
-        if input_has_grad {
-            y = flat.apply_op2(&y, FrozenWeight { w: p.w.clone() })?;
-        }
-        if let Some(lora) = pass.lora {
-            if let Some((a, bm)) = lora.get(layer, module) {
-                let xin = dropout(&flat, lora.config.dropout, pass.train)?;
-                let delta = xin.to_dtype(a.dtype())?.matmul(&a.t()?)?.matmul(&bm.t()?)?;
-                let dt = y.dtype();
-                y = (y + (delta * lora.config.scaling())?.to_dtype(dt)?)?;
+    fn ctx<'a>(&self, mask: &Mask, pass: &'a Pass<'a>) -> Result<Ctx<'a>> {
+        let (b, t) = (mask.batch, mask.seq);
+        let positions = mask.position_ids();
+        let path = if self.fused {
+            Path::Fused {
+                rope: RopeTables::new(&positions, &self.inv_freq),
+                mask: mask.key_mask(),
             }
-        }
-        Ok(y.reshape((b, t, ()))?)
-    }
-
-    fn rope(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-        let hd = x.dim(D::Minus1)?;
-        let x1 = x.narrow(D::Minus1, 0, hd / 2)?;
-        let x2 = x.narrow(D::Minus1, hd / 2, hd / 2)?;
-        let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
-        Ok((x.broadcast_mul(cos)? + rotated.broadcast_mul(sin)?)?)
+        } else {
+            let n = self.inv_freq.len();
+            let inv = Tensor::from_vec(self.inv_freq.clone(), (1, 1, n), &self.device)?;
+            let pos = Tensor::from_vec(positions, (b, t, 1), &self.device)?;
+            let freqs = pos.broadcast_mul(&inv)?;
+            let freqs = Tensor::cat(&[&freqs, &freqs], 2)?.unsqueeze(2)?;
+            Path::Composed {
+                cos: freqs.cos()?.to_dtype(self.dtype)?,
+                sin: freqs.sin()?.to_dtype(self.dtype)?,
+                bias: composed::attention_bias(&mask.key_mask(), self.dtype, &self.device)?,
+            }
+        };
+        Ok(Ctx {
+            pass,
+            eps: self.config.rms_norm_eps,
+            path,
+        })
     }
 
     /// Runs the decoder over input embeddings (B, T, hidden) and returns the hidden states
-    /// (B, T, hidden) *before* the final norm.
+    /// (B, T, hidden) *before* the final norm. Hidden states at padding positions are
+    /// unspecified (no real position reads them).
     pub fn forward(&self, embeds: &Tensor, mask: &Mask, pass: &Pass) -> Result<Tensor> {
-        let c = &self.config;
         let (b, t, _) = embeds.dims3()?;
         if (mask.batch, mask.seq) != (b, t) {
             bail!(
@@ -376,72 +559,14 @@ impl Decoder {
                 mask.seq
             );
         }
-        let (nh, nkv, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
-        // RoPE tables for the mask's position ids: (B, 1, T, hd).
-        let pos = Tensor::from_vec(mask.position_ids(), (b, t, 1), &self.device)?;
-        let freqs = pos.broadcast_mul(&self.inv_freq)?;
-        let freqs = Tensor::cat(&[&freqs, &freqs], D::Minus1)?.unsqueeze(1)?;
-        let cos = freqs.cos()?.to_dtype(self.dtype)?;
-        let sin = freqs.sin()?.to_dtype(self.dtype)?;
-        // Additive attention bias (B, 1, T, T): causal and key padding, finite.
-        let mut bias = vec![0f32; b * t * t];
-        for r in 0..b {
-            for i in 0..t {
-                for j in 0..t {
-                    if j > i || mask.data[r * t + j] == 0 {
-                        bias[(r * t + i) * t + j] = MASKED;
-                    }
-                }
-            }
-        }
-        let bias = Tensor::from_vec(bias, (b, 1, t, t), &self.device)?.to_dtype(self.dtype)?;
-        let scale = 1.0 / (hd as f64).sqrt();
+        let ctx = self.ctx(mask, pass)?;
         let mut x = embeds.to_dtype(self.dtype)?;
-        for (li, l) in self.layers.iter().enumerate() {
-            let h = self.rms_norm(&x, &l.input_norm, pass)?;
-            let q = self
-                .project(&h, &l.q, li, "q_proj", pass)?
-                .reshape((b, t, nh, hd))?
-                .transpose(1, 2)?;
-            let k = self
-                .project(&h, &l.k, li, "k_proj", pass)?
-                .reshape((b, t, nkv, hd))?
-                .transpose(1, 2)?;
-            let v = self
-                .project(&h, &l.v, li, "v_proj", pass)?
-                .reshape((b, t, nkv, hd))?
-                .transpose(1, 2)?;
-            let q = self.rope(&q.contiguous()?, &cos, &sin)?;
-            let k = self.rope(&k.contiguous()?, &cos, &sin)?;
-            let (k, v) = if nh != nkv {
-                let rep = nh / nkv;
-                let expand = |x: &Tensor| -> Result<Tensor> {
-                    Ok(x.unsqueeze(2)?
-                        .broadcast_as((b, nkv, rep, t, hd))?
-                        .reshape((b, nh, t, hd))?)
-                };
-                (expand(&k)?, expand(&v.contiguous()?)?)
-            } else {
-                (k, v.contiguous()?)
-            };
-            let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(&bias)?;
-            let att = if pass.needs_grad() {
-                candle_nn::ops::softmax(&scores, D::Minus1)?
-            } else {
-                candle_nn::ops::softmax_last_dim(&scores)?
-            };
-            let out = att.matmul(&v)?.transpose(1, 2)?.reshape((b, t, nh * hd))?;
-            x = (x + self.project(&out, &l.o, li, "o_proj", pass)?)?;
-            let h = self.rms_norm(&x, &l.post_norm, pass)?;
-            let gate = self.project(&h, &l.gate, li, "gate_proj", pass)?;
-            let up = self.project(&h, &l.up, li, "up_proj", pass)?;
-            let act = (candle_nn::ops::silu(&gate)? * up)?;
-            x = (x + self.project(&act, &l.down, li, "down_proj", pass)?)?;
-            if !pass.needs_grad() {
-                // LoRA tensors are variables, so candle records the graph even here; cutting
-                // it frees each layer's activations as soon as the next one is computed.
-                x = x.detach();
-            }
+        if !pass.needs_grad() {
+            // Scoring never builds a backward graph, even over injected (trainable) inputs.
+            x = x.detach();
+        }
+        for block in &self.blocks {
+            x = block.forward(&x, &ctx)?;
         }
         Ok(x)
     }
@@ -456,9 +581,14 @@ impl Decoder {
             .collect();
         let rows = hidden
             .reshape((b * t, h))?
-            .index_select(&Tensor::from_vec(idx, b, &self.device)?, 0)?
-            .unsqueeze(1)?;
-        Ok(self.rms_norm(&rows, &self.norm, pass)?.squeeze(1)?)
+            .index_select(&Tensor::from_vec(idx, b, &self.device)?, 0)?;
+        rms_norm(
+            self.fused,
+            pass.needs_grad(),
+            &rows,
+            &self.norm,
+            self.config.rms_norm_eps,
+        )
     }
 
     /// Logits of the chosen `token_ids` at each row's `positions`: (B, n). Never the whole

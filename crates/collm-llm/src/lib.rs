@@ -5,12 +5,15 @@
 //! - [`config`]: one config for LLaMA/Vicuna, LLaMA-2/3, SmolLM2, Qwen2 (HF or GGUF).
 //! - [`load`]: Hugging Face directories (safetensors, sharded) and GGUF files.
 //! - [`tokenizer`]: tokenizer.json, or a byte-level BPE rebuilt from GGUF metadata.
-//! - [`decoder`]: the model; [`lora`]: adapters in PEFT's format.
+//! - [`decoder`]: the model; [`lora`]: adapters in PEFT's format; [`ops`]: the fused CPU
+//!   kernels the decoder runs on (each with its backward pass and a composed reference).
 
+pub mod bench;
 pub mod config;
 pub mod decoder;
 pub mod load;
 pub mod lora;
+pub mod ops;
 pub mod tokenizer;
 
 use anyhow::{bail, Result};

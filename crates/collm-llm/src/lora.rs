@@ -21,6 +21,43 @@ pub const MODULES: [&str; 7] = [
     "down_proj",
 ];
 
+/// A projection of a decoder layer: what a LoRA pair adapts, found by index (no string keys
+/// on the hot path).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Module {
+    Q,
+    K,
+    V,
+    O,
+    Gate,
+    Up,
+    Down,
+}
+
+impl Module {
+    pub const ALL: [Module; 7] = [
+        Module::Q,
+        Module::K,
+        Module::V,
+        Module::O,
+        Module::Gate,
+        Module::Up,
+        Module::Down,
+    ];
+
+    /// PEFT's name of the module (`q_proj`, …).
+    pub fn name(self) -> &'static str {
+        MODULES[self as usize]
+    }
+
+    pub fn from_name(name: &str) -> Option<Self> {
+        MODULES
+            .iter()
+            .position(|m| *m == name)
+            .map(|i| Self::ALL[i])
+    }
+}
+
 /// The submodule a projection lives in.
 pub fn module_path(module: &str) -> &'static str {
     match module {
@@ -101,16 +138,16 @@ fn peft_key(layer: usize, module: &str, ab: &str) -> String {
 pub struct Lora {
     pub config: LoraConfig,
     pub params: ParamStore,
-    /// (layer, module) → (A (r, in), B (out, r)).
-    pairs: HashMap<(usize, String), (Tensor, Tensor)>,
+    /// `pairs[layer][module as usize]` = (A (r, in), B (out, r)).
+    pairs: Vec<[Option<(Tensor, Tensor)>; 7]>,
 }
 
 impl Lora {
     pub fn new(cfg: &LoraConfig, model: &LlamaConfig, seed: u64, device: &Device) -> Result<Self> {
         cfg.validate()?;
         let mut params = ParamStore::new(device, seed);
-        let mut pairs = HashMap::new();
-        for layer in 0..model.num_hidden_layers {
+        let mut pairs = vec![[const { None }; 7]; model.num_hidden_layers];
+        for (layer, slots) in pairs.iter_mut().enumerate() {
             for m in &cfg.target_modules {
                 let (fan_in, fan_out) = module_shape(model, m);
                 // PEFT: kaiming_uniform_(a=sqrt(5)) = U(-1/sqrt(in), 1/sqrt(in)).
@@ -122,7 +159,8 @@ impl Lora {
                     },
                 )?;
                 let b = params.param(&peft_key(layer, m, "B"), &[fan_out, cfg.r], Init::Zeros)?;
-                pairs.insert((layer, m.clone()), (a, b));
+                let module = Module::from_name(m).expect("validated module name");
+                slots[module as usize] = Some((a, b));
             }
         }
         Ok(Self {
@@ -135,14 +173,15 @@ impl Lora {
     /// Stops gradients at this adapter (a frozen step-1 LoRA): its tensors are used detached,
     /// so backpropagation neither reaches nor computes anything for them.
     pub fn freeze(&mut self) {
-        for (a, b) in self.pairs.values_mut() {
+        for (a, b) in self.pairs.iter_mut().flatten().flatten() {
             *a = a.detach();
             *b = b.detach();
         }
     }
 
-    pub fn get(&self, layer: usize, module: &str) -> Option<&(Tensor, Tensor)> {
-        self.pairs.get(&(layer, module.to_string()))
+    /// The (A, B) pair adapting `module` of `layer`, if any.
+    pub fn pair(&self, layer: usize, module: Module) -> Option<&(Tensor, Tensor)> {
+        self.pairs.get(layer)?[module as usize].as_ref()
     }
 
     pub fn trainable(&self) -> Vec<(String, Var)> {

@@ -248,7 +248,7 @@ impl CoLlm {
         })
     }
 
-    /// Scores of many rows, in order, batched, without gradients.
+    /// Scores of many rows, in input order, without gradients; batched by prompt length.
     pub fn predict(
         &self,
         rows: &[Interaction],
@@ -267,14 +267,25 @@ impl CoLlm {
             .expect("valid template")
             .progress_chars("=> "),
         );
-        let mut out = Vec::with_capacity(rows.len());
-        for chunk in rows.chunks(self.config.eval_batch_size) {
-            let refs: Vec<&Interaction> = chunk.iter().collect();
+        // Batches of similar prompt lengths pad little; results go back to input order.
+        let all: Vec<&Interaction> = rows.iter().collect();
+        let lens: Vec<usize> = self
+            .encode_prompts(&all, titles)?
+            .iter()
+            .map(|e| e.ids.len())
+            .collect();
+        let mut order: Vec<usize> = (0..rows.len()).collect();
+        order.sort_by_key(|&k| lens[k]);
+        let mut out = vec![0f64; rows.len()];
+        for chunk in order.chunks(self.config.eval_batch_size) {
+            let refs: Vec<&Interaction> = chunk.iter().map(|&k| &rows[k]).collect();
             let s = self
                 .scores(&refs, titles, None, false)?
                 .to_dtype(DType::F32)?
                 .to_vec1::<f32>()?;
-            out.extend(s.into_iter().map(f64::from));
+            for (&k, v) in chunk.iter().zip(s) {
+                out[k] = f64::from(v);
+            }
             pb.inc(chunk.len() as u64);
         }
         pb.finish_and_clear();

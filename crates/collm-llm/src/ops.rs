@@ -1,0 +1,1004 @@
+//! Fused decoder operations for the CPU, each a candle custom op with its own backward pass.
+//!
+//! candle's fused `rms_norm`, `rope` and `softmax_last_dim` record no backward pass, and their
+//! composed replacements (the reference versions in [`composed`]) allocate and keep one tensor
+//! per elementary op. Each op here reads its inputs once, writes one output, keeps only its
+//! inputs for the backward pass (which recomputes everything else), and runs on rayon's pool:
+//!
+//! - [`rms_norm`]: RMSNorm, normalised in f32 and scaled in the compute dtype (as transformers);
+//! - [`rope`]: rotary embeddings from per-row position tables (left or right padding);
+//! - [`swiglu`]: `silu(gate) * up`;
+//! - [`attention`]: causal attention with a per-row key mask (no T×T mask tensor), grouped-query
+//!   heads read in place (no K/V copies), output already in `(B, T, heads·hd)` order; the
+//!   backward recomputes the probabilities flash-style, so memory grows with T, not T²;
+//! - [`dropout`]: inverted dropout whose mask comes from a counter-based generator (a seed and
+//!   the element index), so it is never stored: the backward draws it again;
+//! - [`linear`]: a frozen projection `x Wᵀ (+ b) (+ add)` whose backward gives `x` (and `add`)
+//!   gradients and the frozen weight none.
+//!
+//! Every op is checked against [`composed`] (forward and gradients) and by finite differences in
+//! `tests/fused_ops.rs`. Only the CPU has these kernels; on other devices the decoder takes the
+//! composed path (see `Decoder::fused`). Tensors are f32 or bf16; bf16 is computed in f32.
+
+use candle_core::backend::BackendStorage;
+use candle_core::{
+    bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Storage,
+    Tensor,
+};
+use half::bf16;
+use rayon::prelude::*;
+use std::borrow::Cow;
+use std::sync::Arc;
+
+// ---------------------------------------------------------------------------------------------
+// Storage helpers
+// ---------------------------------------------------------------------------------------------
+
+/// The contiguous elements of a CPU storage as f32 (borrowed when already f32).
+fn as_f32<'a>(s: &'a CpuStorage, l: &Layout) -> Result<Cow<'a, [f32]>> {
+    let Some((a, b)) = l.contiguous_offsets() else {
+        bail!("fused op: input must be contiguous");
+    };
+    match s {
+        CpuStorage::F32(v) => Ok(Cow::Borrowed(&v[a..b])),
+        CpuStorage::BF16(v) => Ok(Cow::Owned(v[a..b].iter().map(|x| x.to_f32()).collect())),
+        _ => bail!("fused op: f32 or bf16 expected, got {:?}", s.dtype()),
+    }
+}
+
+/// A storage of `dtype` from f32 values.
+fn from_f32(v: Vec<f32>, dtype: DType) -> Result<CpuStorage> {
+    match dtype {
+        DType::F32 => Ok(CpuStorage::F32(v)),
+        DType::BF16 => Ok(CpuStorage::BF16(
+            v.into_par_iter().map(bf16::from_f32).collect(),
+        )),
+        d => bail!("fused op: f32 or bf16 expected, got {d:?}"),
+    }
+}
+
+/// Rounds through `dtype` (identity for f32), as a composed op in that dtype would.
+#[inline]
+fn round(x: f32, dtype: DType) -> f32 {
+    if dtype == DType::BF16 {
+        bf16::from_f32(x).to_f32()
+    } else {
+        x
+    }
+}
+
+/// A tensor's elements as f32, for the backward passes (which get tensors, not storages).
+fn tensor_f32(t: &Tensor) -> Result<Vec<f32>> {
+    let t = t.contiguous()?;
+    let (s, l) = t.storage_and_layout();
+    match &*s {
+        Storage::Cpu(c) => Ok(as_f32(c, l)?.into_owned()),
+        _ => bail!("fused op: CPU tensor expected"),
+    }
+}
+
+fn tensor_from(v: Vec<f32>, like: &Tensor) -> Result<Tensor> {
+    Tensor::from_vec(v, like.shape(), like.device())?.to_dtype(like.dtype())
+}
+
+fn pool_parallelism() -> gemm::Parallelism {
+    match rayon::current_num_threads() {
+        1 => gemm::Parallelism::None,
+        n => gemm::Parallelism::Rayon(n),
+    }
+}
+
+/// `dst (m×n) = [dst +] lhs (m×k) · rhs (k×n)`, all f32, with explicit (row, column) strides.
+#[allow(clippy::too_many_arguments)]
+fn matmul(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: &mut [f32],
+    dst_rs: usize,
+    accumulate: bool,
+    lhs: &[f32],
+    (lhs_rs, lhs_cs): (usize, usize),
+    rhs: &[f32],
+    (rhs_rs, rhs_cs): (usize, usize),
+    par: gemm::Parallelism,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    // The last element each operand touches must be inside its slice.
+    assert!(dst.len() > (m - 1) * dst_rs + (n - 1));
+    if k > 0 {
+        assert!(lhs.len() > (m - 1) * lhs_rs + (k - 1) * lhs_cs);
+        assert!(rhs.len() > (k - 1) * rhs_rs + (n - 1) * rhs_cs);
+    }
+    // SAFETY: the bounds are checked above; the three slices do not overlap (one is &mut).
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            dst_rs as isize,
+            accumulate,
+            lhs.as_ptr(),
+            lhs_cs as isize,
+            lhs_rs as isize,
+            rhs.as_ptr(),
+            rhs_cs as isize,
+            rhs_rs as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            par,
+        )
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// RMSNorm
+// ---------------------------------------------------------------------------------------------
+
+struct RmsNorm {
+    eps: f32,
+}
+
+impl CustomOp2 for RmsNorm {
+    fn name(&self) -> &'static str {
+        "fused-rms-norm"
+    }
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let dtype = xs.dtype();
+        let x = as_f32(xs, xl)?;
+        let w = as_f32(ws, wl)?;
+        let h = w.len();
+        if h == 0 || xl.shape().dims().last() != Some(&h) {
+            bail!("rms-norm: weight of {h} for input {:?}", xl.shape());
+        }
+        let mut y = vec![0f32; x.len()];
+        y.par_chunks_mut(h).zip(x.par_chunks(h)).for_each(|(y, x)| {
+            let ms = x.iter().map(|v| v * v).sum::<f32>() / h as f32;
+            let r = 1.0 / (ms + self.eps).sqrt();
+            for ((y, x), w) in y.iter_mut().zip(x).zip(w.iter()) {
+                *y = round(round(x * r, dtype) * w, dtype);
+            }
+        });
+        Ok((from_f32(y, dtype)?, xl.shape().clone()))
+    }
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let xv = tensor_f32(x)?;
+        let wv = tensor_f32(w)?;
+        let g = tensor_f32(grad)?;
+        let h = wv.len();
+        let mut dx = vec![0f32; xv.len()];
+        dx.par_chunks_mut(h)
+            .zip(xv.par_chunks(h).zip(g.par_chunks(h)))
+            .for_each(|(dx, (x, g))| {
+                let ms = x.iter().map(|v| v * v).sum::<f32>() / h as f32;
+                let r = 1.0 / (ms + self.eps).sqrt();
+                // d/dx of x·r: r·(gw − x̂·mean(gw·x̂)), with gw = g·w and x̂ = x·r.
+                let c = x
+                    .iter()
+                    .zip(g)
+                    .zip(wv.iter())
+                    .map(|((x, g), w)| g * w * x * r)
+                    .sum::<f32>()
+                    / h as f32;
+                for (((dx, x), g), w) in dx.iter_mut().zip(x).zip(g).zip(wv.iter()) {
+                    *dx = r * (g * w - x * r * c);
+                }
+            });
+        let dw = if w.track_op() {
+            let rows = xv.len() / h;
+            let mut dw = vec![0f32; h];
+            for k in 0..rows {
+                let x = &xv[k * h..(k + 1) * h];
+                let ms = x.iter().map(|v| v * v).sum::<f32>() / h as f32;
+                let r = 1.0 / (ms + self.eps).sqrt();
+                for ((d, x), g) in dw.iter_mut().zip(x).zip(&g[k * h..(k + 1) * h]) {
+                    *d += g * x * r;
+                }
+            }
+            Some(tensor_from(dw, w)?)
+        } else {
+            None
+        };
+        Ok((Some(tensor_from(dx, x)?), dw))
+    }
+}
+
+/// RMSNorm over the last dimension: `x / sqrt(mean(x²) + eps) * w`.
+pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+    x.contiguous()?
+        .apply_op2(&w.contiguous()?, RmsNorm { eps: eps as f32 })
+}
+
+// ---------------------------------------------------------------------------------------------
+// RoPE
+// ---------------------------------------------------------------------------------------------
+
+/// cos/sin tables for a batch: (B·T, hd/2) each, from per-position ids.
+#[derive(Clone)]
+pub struct RopeTables {
+    cos: Arc<Vec<f32>>,
+    sin: Arc<Vec<f32>>,
+    half: usize,
+    rows: usize,
+}
+
+impl RopeTables {
+    /// `positions` is (B·T) position ids; `inv_freq` has hd/2 entries.
+    pub fn new(positions: &[f32], inv_freq: &[f32]) -> Self {
+        let half = inv_freq.len();
+        let mut cos = Vec::with_capacity(positions.len() * half);
+        let mut sin = Vec::with_capacity(positions.len() * half);
+        for &p in positions {
+            for &f in inv_freq {
+                let a = p * f;
+                cos.push(a.cos());
+                sin.push(a.sin());
+            }
+        }
+        Self {
+            cos: Arc::new(cos),
+            sin: Arc::new(sin),
+            half,
+            rows: positions.len(),
+        }
+    }
+}
+
+struct Rope {
+    t: RopeTables,
+    /// Rotate backwards (the backward pass of a forward rotation).
+    inverse: bool,
+}
+
+impl CustomOp1 for Rope {
+    fn name(&self) -> &'static str {
+        "fused-rope"
+    }
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let dtype = s.dtype();
+        let x = as_f32(s, l)?;
+        let (half, rows) = (self.t.half, self.t.rows);
+        let dims = l.shape().dims();
+        // (B, T, heads, hd)
+        if dims.len() != 4 || dims[0] * dims[1] != rows || dims[3] != 2 * half {
+            bail!(
+                "rope: input {dims:?} for tables of {rows} rows, hd {}",
+                2 * half
+            );
+        }
+        let per_row = dims[2] * dims[3];
+        let sign = if self.inverse { -1.0 } else { 1.0 };
+        let mut y = vec![0f32; x.len()];
+        y.par_chunks_mut(per_row)
+            .zip(x.par_chunks(per_row))
+            .enumerate()
+            .for_each(|(r, (y, x))| {
+                let cos = &self.t.cos[r * half..(r + 1) * half];
+                let sin = &self.t.sin[r * half..(r + 1) * half];
+                for (y, x) in y.chunks_mut(2 * half).zip(x.chunks(2 * half)) {
+                    let (x1, x2) = x.split_at(half);
+                    let (y1, y2) = y.split_at_mut(half);
+                    for i in 0..half {
+                        let (c, s) = (round(cos[i], dtype), sign * round(sin[i], dtype));
+                        y1[i] = x1[i] * c - x2[i] * s;
+                        y2[i] = x2[i] * c + x1[i] * s;
+                    }
+                }
+            });
+        Ok((from_f32(y, dtype)?, l.shape().clone()))
+    }
+    fn bwd(&self, _x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        // The rotation is orthogonal: its transpose is the rotation by −θ.
+        let op = Rope {
+            t: self.t.clone(),
+            inverse: !self.inverse,
+        };
+        Ok(Some(grad.contiguous()?.apply_op1(op)?))
+    }
+}
+
+/// Rotary embeddings (transformers' `rotate_half` convention) of `x`, (B, T, heads, hd).
+pub fn rope(x: &Tensor, tables: &RopeTables) -> Result<Tensor> {
+    x.contiguous()?.apply_op1(Rope {
+        t: tables.clone(),
+        inverse: false,
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// SwiGLU
+// ---------------------------------------------------------------------------------------------
+
+struct SwiGlu;
+
+#[inline]
+fn sigmoid(x: f32) -> f32 {
+    1.0 / (1.0 + (-x).exp())
+}
+
+impl CustomOp2 for SwiGlu {
+    fn name(&self) -> &'static str {
+        "fused-swiglu"
+    }
+    fn cpu_fwd(
+        &self,
+        gs: &CpuStorage,
+        gl: &Layout,
+        us: &CpuStorage,
+        ul: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        if gl.shape() != ul.shape() {
+            bail!("swiglu: gate {:?} vs up {:?}", gl.shape(), ul.shape());
+        }
+        let dtype = gs.dtype();
+        let g = as_f32(gs, gl)?;
+        let u = as_f32(us, ul)?;
+        let mut y = vec![0f32; g.len()];
+        const CHUNK: usize = 4096;
+        y.par_chunks_mut(CHUNK)
+            .zip(g.par_chunks(CHUNK).zip(u.par_chunks(CHUNK)))
+            .for_each(|(y, (g, u))| {
+                for ((y, g), u) in y.iter_mut().zip(g).zip(u) {
+                    *y = round(g * sigmoid(*g), dtype) * u;
+                }
+            });
+        Ok((from_f32(y, dtype)?, gl.shape().clone()))
+    }
+    fn bwd(
+        &self,
+        gate: &Tensor,
+        up: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let g = tensor_f32(gate)?;
+        let u = tensor_f32(up)?;
+        let d = tensor_f32(grad)?;
+        let mut dg = vec![0f32; g.len()];
+        let mut du = vec![0f32; g.len()];
+        const CHUNK: usize = 4096;
+        dg.par_chunks_mut(CHUNK)
+            .zip(du.par_chunks_mut(CHUNK))
+            .zip(
+                g.par_chunks(CHUNK)
+                    .zip(u.par_chunks(CHUNK))
+                    .zip(d.par_chunks(CHUNK)),
+            )
+            .for_each(|((dg, du), ((g, u), d))| {
+                for i in 0..g.len() {
+                    let s = sigmoid(g[i]);
+                    du[i] = d[i] * g[i] * s;
+                    dg[i] = d[i] * u[i] * s * (1.0 + g[i] * (1.0 - s));
+                }
+            });
+        Ok((Some(tensor_from(dg, gate)?), Some(tensor_from(du, up)?)))
+    }
+}
+
+/// `silu(gate) * up`.
+pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    gate.contiguous()?.apply_op2(&up.contiguous()?, SwiGlu)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Attention
+// ---------------------------------------------------------------------------------------------
+
+/// Which keys each row may attend to: key `j` of row `b` is real when `mask[b·T + j] == 1`;
+/// attention is causal on top of that.
+#[derive(Clone)]
+pub struct KeyMask {
+    pub data: Arc<Vec<u8>>,
+    pub batch: usize,
+    pub seq: usize,
+}
+
+struct Attention {
+    mask: KeyMask,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    scale: f32,
+}
+
+impl Attention {
+    fn dims(&self, l: &Layout, heads: usize) -> Result<()> {
+        let want = [self.mask.batch, self.mask.seq, heads, self.head_dim];
+        if l.shape().dims() != want {
+            bail!("attention: input {:?}, expected {want:?}", l.shape());
+        }
+        Ok(())
+    }
+
+    /// Probabilities of query rows of one (batch row, head): `p` is T×T, row `i` over keys
+    /// `0..=i` that are real; rows without a real key are all zero. `s` holds the scaled
+    /// scores on entry.
+    fn softmax_rows(&self, b: usize, p: &mut [f32]) {
+        let t = self.mask.seq;
+        let m = &self.mask.data[b * t..(b + 1) * t];
+        for i in 0..t {
+            let row = &mut p[i * t..(i + 1) * t];
+            let mut max = f32::NEG_INFINITY;
+            for j in 0..=i {
+                if m[j] == 1 {
+                    max = max.max(row[j]);
+                }
+            }
+            if max == f32::NEG_INFINITY {
+                row.fill(0.0);
+                continue;
+            }
+            let mut sum = 0f32;
+            for j in 0..=i {
+                if m[j] == 1 {
+                    let e = (row[j] - max).exp();
+                    row[j] = e;
+                    sum += e;
+                } else {
+                    row[j] = 0.0;
+                }
+            }
+            let inv = 1.0 / sum;
+            for v in &mut row[..=i] {
+                *v *= inv;
+            }
+            row[i + 1..].fill(0.0);
+        }
+    }
+
+    /// P for (b, h): scores Q Kᵀ·scale, masked softmax.
+    fn probs(&self, q: &[f32], k: &[f32], b: usize, h: usize, p: &mut [f32]) {
+        let (t, nh, nkv, hd) = (self.mask.seq, self.heads, self.kv_heads, self.head_dim);
+        let kh = h / (nh / nkv);
+        let q0 = b * t * nh * hd + h * hd;
+        let k0 = b * t * nkv * hd + kh * hd;
+        // S = Q (t×hd, row stride nh·hd) · Kᵀ (hd×t: element (d, j) at j·nkv·hd + d).
+        matmul(
+            t,
+            t,
+            hd,
+            p,
+            t,
+            false,
+            &q[q0..],
+            (nh * hd, 1),
+            &k[k0..],
+            (1, nkv * hd),
+            gemm::Parallelism::None,
+        );
+        for v in p.iter_mut() {
+            *v *= self.scale;
+        }
+        self.softmax_rows(b, p);
+    }
+}
+
+impl CustomOp3 for Attention {
+    fn name(&self) -> &'static str {
+        "fused-attention"
+    }
+    fn cpu_fwd(
+        &self,
+        qs: &CpuStorage,
+        ql: &Layout,
+        ks: &CpuStorage,
+        kl: &Layout,
+        vs: &CpuStorage,
+        vl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        self.dims(ql, self.heads)?;
+        self.dims(kl, self.kv_heads)?;
+        self.dims(vl, self.kv_heads)?;
+        if self.kv_heads == 0 || !self.heads.is_multiple_of(self.kv_heads) {
+            bail!(
+                "attention: {} heads over {} kv heads",
+                self.heads,
+                self.kv_heads
+            );
+        }
+        let dtype = qs.dtype();
+        let (q, k, v) = (as_f32(qs, ql)?, as_f32(ks, kl)?, as_f32(vs, vl)?);
+        let (bsz, t, nh, nkv, hd) = (
+            self.mask.batch,
+            self.mask.seq,
+            self.heads,
+            self.kv_heads,
+            self.head_dim,
+        );
+        // One (t×hd) output block per (b, h), written in place into (B, T, nh, hd) afterwards.
+        let blocks: Vec<Vec<f32>> = (0..bsz * nh)
+            .into_par_iter()
+            .map(|bh| {
+                let (b, h) = (bh / nh, bh % nh);
+                let mut p = vec![0f32; t * t];
+                self.probs(&q, &k, b, h, &mut p);
+                let kh = h / (nh / nkv);
+                let mut o = vec![0f32; t * hd];
+                matmul(
+                    t,
+                    hd,
+                    t,
+                    &mut o,
+                    hd,
+                    false,
+                    &p,
+                    (t, 1),
+                    &v[b * t * nkv * hd + kh * hd..],
+                    (nkv * hd, 1),
+                    gemm::Parallelism::None,
+                );
+                o
+            })
+            .collect();
+        let mut out = vec![0f32; bsz * t * nh * hd];
+        out.par_chunks_mut(nh * hd)
+            .enumerate()
+            .for_each(|(bt, row)| {
+                let (b, i) = (bt / t, bt % t);
+                for h in 0..nh {
+                    row[h * hd..(h + 1) * hd]
+                        .copy_from_slice(&blocks[b * nh + h][i * hd..(i + 1) * hd]);
+                }
+            });
+        Ok((from_f32(out, dtype)?, ql.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (qv, kv, vv) = (tensor_f32(q)?, tensor_f32(k)?, tensor_f32(v)?);
+        let (o, dout) = (tensor_f32(res)?, tensor_f32(grad)?);
+        let (bsz, t, nh, nkv, hd) = (
+            self.mask.batch,
+            self.mask.seq,
+            self.heads,
+            self.kv_heads,
+            self.head_dim,
+        );
+        let rep = nh / nkv;
+        // Work per (b, kv head): its `rep` query heads share K and V, so dK and dV are summed
+        // there without races. Results are (t×hd) blocks, scattered afterwards.
+        type Blocks = (Vec<Vec<f32>>, Vec<f32>, Vec<f32>);
+        let per: Vec<Blocks> = (0..bsz * nkv)
+            .into_par_iter()
+            .map(|bk| {
+                let (b, kh) = (bk / nkv, bk % nkv);
+                let kv0 = b * t * nkv * hd + kh * hd;
+                let mut dk = vec![0f32; t * hd];
+                let mut dv = vec![0f32; t * hd];
+                let mut dqs = Vec::with_capacity(rep);
+                let mut p = vec![0f32; t * t];
+                let mut dp = vec![0f32; t * t];
+                for h in kh * rep..(kh + 1) * rep {
+                    let q0 = b * t * nh * hd + h * hd;
+                    self.probs(&qv, &kv, b, h, &mut p);
+                    // dV += Pᵀ dO
+                    matmul(
+                        t,
+                        hd,
+                        t,
+                        &mut dv,
+                        hd,
+                        true,
+                        &p,
+                        (1, t),
+                        &dout[q0..],
+                        (nh * hd, 1),
+                        gemm::Parallelism::None,
+                    );
+                    // dP = dO Vᵀ
+                    matmul(
+                        t,
+                        t,
+                        hd,
+                        &mut dp,
+                        t,
+                        false,
+                        &dout[q0..],
+                        (nh * hd, 1),
+                        &vv[kv0..],
+                        (1, nkv * hd),
+                        gemm::Parallelism::None,
+                    );
+                    // dS = P ∘ (dP − rowsum(dO ∘ O)) · scale
+                    for i in 0..t {
+                        let r = q0 + i * nh * hd;
+                        let di: f32 = (0..hd).map(|d| dout[r + d] * o[r + d]).sum();
+                        let (pr, dr) = (&p[i * t..(i + 1) * t], &mut dp[i * t..(i + 1) * t]);
+                        for j in 0..t {
+                            dr[j] = pr[j] * (dr[j] - di) * self.scale;
+                        }
+                    }
+                    // dQ = dS K
+                    let mut dq = vec![0f32; t * hd];
+                    matmul(
+                        t,
+                        hd,
+                        t,
+                        &mut dq,
+                        hd,
+                        false,
+                        &dp,
+                        (t, 1),
+                        &kv[kv0..],
+                        (nkv * hd, 1),
+                        gemm::Parallelism::None,
+                    );
+                    dqs.push(dq);
+                    // dK += dSᵀ Q
+                    matmul(
+                        t,
+                        hd,
+                        t,
+                        &mut dk,
+                        hd,
+                        true,
+                        &dp,
+                        (1, t),
+                        &qv[q0..],
+                        (nh * hd, 1),
+                        gemm::Parallelism::None,
+                    );
+                }
+                (dqs, dk, dv)
+            })
+            .collect();
+        let mut dq = vec![0f32; qv.len()];
+        dq.par_chunks_mut(nh * hd)
+            .enumerate()
+            .for_each(|(bt, row)| {
+                let (b, i) = (bt / t, bt % t);
+                for h in 0..nh {
+                    let blk = &per[b * nkv + h / rep].0[h % rep];
+                    row[h * hd..(h + 1) * hd].copy_from_slice(&blk[i * hd..(i + 1) * hd]);
+                }
+            });
+        let scatter_kv = |which: usize| {
+            let mut out = vec![0f32; kv.len()];
+            out.par_chunks_mut(nkv * hd)
+                .enumerate()
+                .for_each(|(bt, row)| {
+                    let (b, i) = (bt / t, bt % t);
+                    for kh in 0..nkv {
+                        let blk = if which == 0 {
+                            &per[b * nkv + kh].1
+                        } else {
+                            &per[b * nkv + kh].2
+                        };
+                        row[kh * hd..(kh + 1) * hd].copy_from_slice(&blk[i * hd..(i + 1) * hd]);
+                    }
+                });
+            out
+        };
+        let (dk, dv) = (scatter_kv(0), scatter_kv(1));
+        Ok((
+            Some(tensor_from(dq, q)?),
+            Some(tensor_from(dk, k)?),
+            Some(tensor_from(dv, v)?),
+        ))
+    }
+}
+
+/// Causal attention of `q` (B, T, heads, hd) over `k`, `v` (B, T, kv_heads, hd), masked per
+/// row by `mask`, scaled by `1/sqrt(hd)`. Returns (B, T, heads, hd). Query rows with no real
+/// key (padding before a row's first token) get zeros.
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &KeyMask) -> Result<Tensor> {
+    let (_, _, heads, hd) = q.dims4()?;
+    let kv_heads = k.dim(2)?;
+    q.contiguous()?.apply_op3(
+        &k.contiguous()?,
+        &v.contiguous()?,
+        Attention {
+            mask: mask.clone(),
+            heads,
+            kv_heads,
+            head_dim: hd,
+            scale: 1.0 / (hd as f32).sqrt(),
+        },
+    )
+}
+
+// ---------------------------------------------------------------------------------------------
+// Dropout
+// ---------------------------------------------------------------------------------------------
+
+/// SplitMix64 of (seed, index): a counter-based generator, so element `i` of a mask can be
+/// drawn again, in any order, on any thread.
+#[inline]
+fn keep(seed: u64, i: u64, threshold: u32) -> bool {
+    let mut z = seed.wrapping_add(i.wrapping_add(1).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^= z >> 31;
+    ((z >> 32) as u32) >= threshold
+}
+
+struct Dropout {
+    seed: u64,
+    /// Elements with a 32-bit draw below this are dropped: `p · 2³²`.
+    threshold: u32,
+    scale: f32,
+}
+
+impl CustomOp1 for Dropout {
+    fn name(&self) -> &'static str {
+        "fused-dropout"
+    }
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let dtype = s.dtype();
+        let x = as_f32(s, l)?;
+        let mut y = vec![0f32; x.len()];
+        const CHUNK: usize = 4096;
+        y.par_chunks_mut(CHUNK)
+            .zip(x.par_chunks(CHUNK))
+            .enumerate()
+            .for_each(|(c, (y, x))| {
+                let base = (c * CHUNK) as u64;
+                for (i, (y, x)) in y.iter_mut().zip(x).enumerate() {
+                    *y = if keep(self.seed, base + i as u64, self.threshold) {
+                        x * self.scale
+                    } else {
+                        0.0
+                    };
+                }
+            });
+        Ok((from_f32(y, dtype)?, l.shape().clone()))
+    }
+    fn bwd(&self, _x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        // Linear in x: the gradient goes through the same mask, drawn again from the seed.
+        let op = Dropout {
+            seed: self.seed,
+            threshold: self.threshold,
+            scale: self.scale,
+        };
+        Ok(Some(grad.contiguous()?.apply_op1(op)?))
+    }
+}
+
+/// Inverted dropout with probability `p`; the mask is a function of `seed` and the element's
+/// index in row-major order.
+pub fn dropout(x: &Tensor, p: f64, seed: u64) -> Result<Tensor> {
+    if !(0.0..1.0).contains(&p) {
+        bail!("dropout probability {p} outside [0, 1)");
+    }
+    let threshold = (p * 4_294_967_296.0).round().min(u32::MAX as f64) as u32;
+    x.contiguous()?.apply_op1(Dropout {
+        seed,
+        threshold,
+        scale: (1.0 / (1.0 - p)) as f32,
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Frozen linear
+// ---------------------------------------------------------------------------------------------
+
+struct FrozenLinear {
+    /// (out, in), f32 or the compute dtype; never receives a gradient.
+    w: Tensor,
+    b: Option<Tensor>,
+}
+
+impl FrozenLinear {
+    fn run(
+        &self,
+        x: &CpuStorage,
+        xl: &Layout,
+        add: Option<(&CpuStorage, &Layout)>,
+    ) -> Result<(CpuStorage, Shape)> {
+        let dtype = x.dtype();
+        let xs = as_f32(x, xl)?;
+        let (fan_out, fan_in) = self.w.dims2()?;
+        let dims = xl.shape().dims();
+        if dims.last() != Some(&fan_in) {
+            bail!("linear: input {dims:?} for a weight of ({fan_out}, {fan_in})");
+        }
+        let n = xs.len() / fan_in;
+        let mut y = match add {
+            Some((s, l)) => {
+                if l.shape().elem_count() != n * fan_out {
+                    bail!("linear: addend {:?} for output ({n}, {fan_out})", l.shape());
+                }
+                as_f32(s, l)?.into_owned()
+            }
+            None => vec![0f32; n * fan_out],
+        };
+        let (ws, wl) = self.w.storage_and_layout();
+        let Storage::Cpu(wc) = &*ws else {
+            bail!("linear: CPU weight expected");
+        };
+        let w = as_f32(wc, wl)?;
+        // y (n×out) [+]= x (n×in) · Wᵀ (in×out: element (i, o) at o·in + i)
+        matmul(
+            n,
+            fan_out,
+            fan_in,
+            &mut y,
+            fan_out,
+            add.is_some(),
+            &xs,
+            (fan_in, 1),
+            &w,
+            (1, fan_in),
+            pool_parallelism(),
+        );
+        if let Some(b) = &self.b {
+            let bv = tensor_f32(b)?;
+            y.par_chunks_mut(fan_out).for_each(|row| {
+                for (y, b) in row.iter_mut().zip(&bv) {
+                    *y += b;
+                }
+            });
+        }
+        if dtype == DType::BF16 {
+            // A bf16 matmul rounds its result once.
+            y.par_iter_mut().for_each(|v| *v = round(*v, dtype));
+        }
+        let mut out = dims.to_vec();
+        *out.last_mut().expect("rank > 0") = fan_out;
+        Ok((from_f32(y, dtype)?, Shape::from(out)))
+    }
+
+    /// `grad (…, out) · W` → (…, in), in the input's dtype.
+    fn grad_x(&self, grad: &Tensor, x: &Tensor) -> Result<Tensor> {
+        let (fan_out, _) = self.w.dims2()?;
+        let g = grad.reshape(((), fan_out))?;
+        g.matmul(&self.w.to_dtype(g.dtype())?)?
+            .reshape(x.shape())?
+            .to_dtype(x.dtype())
+    }
+}
+
+impl CustomOp1 for FrozenLinear {
+    fn name(&self) -> &'static str {
+        "fused-frozen-linear"
+    }
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        self.run(s, l, None)
+    }
+    fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(self.grad_x(grad, x)?))
+    }
+}
+
+impl CustomOp2 for FrozenLinear {
+    fn name(&self) -> &'static str {
+        "fused-frozen-linear-add"
+    }
+    fn cpu_fwd(
+        &self,
+        s: &CpuStorage,
+        l: &Layout,
+        a: &CpuStorage,
+        al: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        self.run(s, l, Some((a, al)))
+    }
+    fn bwd(
+        &self,
+        x: &Tensor,
+        add: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let gx = if x.track_op() {
+            Some(self.grad_x(grad, x)?)
+        } else {
+            None
+        };
+        let ga = if add.track_op() {
+            Some(grad.reshape(add.shape())?.to_dtype(add.dtype())?)
+        } else {
+            None
+        };
+        Ok((gx, ga))
+    }
+}
+
+/// `x Wᵀ (+ b) (+ add)` for a frozen `w` (out, in) and `b`: `x` is (…, in), `add` has the
+/// output's elements. The backward pass computes no weight gradient.
+pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>, add: Option<&Tensor>) -> Result<Tensor> {
+    let op = FrozenLinear {
+        w: w.contiguous()?,
+        b: b.cloned(),
+    };
+    let x = x.contiguous()?;
+    match add {
+        Some(a) => x.apply_op2(&a.contiguous()?, op),
+        None => x.apply_op1(op),
+    }
+}
+
+/// The same operations composed of plain candle ops with candle's own backward passes: the
+/// reference the fused ops are tested against, and the path on devices without fused kernels.
+pub mod composed {
+    use super::KeyMask;
+    use candle_core::{DType, Result, Tensor, D};
+
+    pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+        // As transformers: normalise in f32, scale in the compute dtype.
+        let xf = x.to_dtype(DType::F32)?;
+        let ms = xf.sqr()?.mean_keepdim(D::Minus1)?;
+        let y = xf
+            .broadcast_div(&(ms + eps)?.sqrt()?)?
+            .to_dtype(x.dtype())?;
+        y.broadcast_mul(w)
+    }
+
+    /// `x` (B, T, heads, hd); `cos`, `sin` (B, T, 1, hd) with both halves filled.
+    pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+        let hd = x.dim(D::Minus1)?;
+        let x1 = x.narrow(D::Minus1, 0, hd / 2)?;
+        let x2 = x.narrow(D::Minus1, hd / 2, hd / 2)?;
+        let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
+        x.broadcast_mul(cos)? + rotated.broadcast_mul(sin)?
+    }
+
+    pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+        gate.silu()? * up
+    }
+
+    /// Additive bias (B, 1, T, T): causal and key padding, large and finite.
+    pub fn attention_bias(
+        mask: &KeyMask,
+        dtype: DType,
+        dev: &candle_core::Device,
+    ) -> Result<Tensor> {
+        let (b, t) = (mask.batch, mask.seq);
+        let mut bias = vec![0f32; b * t * t];
+        for r in 0..b {
+            for i in 0..t {
+                for j in 0..t {
+                    if j > i || mask.data[r * t + j] == 0 {
+                        bias[(r * t + i) * t + j] = -1e9;
+                    }
+                }
+            }
+        }
+        Tensor::from_vec(bias, (b, 1, t, t), dev)?.to_dtype(dtype)
+    }
+
+    /// `q` (B, T, heads, hd), `k`, `v` (B, T, kv_heads, hd) → (B, T, heads, hd).
+    pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor) -> Result<Tensor> {
+        let (b, t, nh, hd) = q.dims4()?;
+        let nkv = k.dim(2)?;
+        let q = q.transpose(1, 2)?.contiguous()?;
+        let expand = |x: &Tensor| -> Result<Tensor> {
+            let x = x.transpose(1, 2)?.contiguous()?;
+            if nh == nkv {
+                return Ok(x);
+            }
+            x.unsqueeze(2)?
+                .broadcast_as((b, nkv, nh / nkv, t, hd))?
+                .reshape((b, nh, t, hd))
+        };
+        let (k, v) = (expand(k)?, expand(v)?);
+        let scores = (q.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?.broadcast_add(bias)?;
+        let att = candle_nn::ops::softmax(&scores, D::Minus1)?;
+        att.matmul(&v)?.transpose(1, 2)
+    }
+}

@@ -1,0 +1,406 @@
+//! Every fused op against its composed reference (forward values and gradients) and against
+//! finite differences; the fused decoder against the composed one, end to end.
+
+use candle_core::{DType, Device, Tensor, Var};
+use collm_llm::load::load_hf_dir;
+use collm_llm::ops::{self, composed, KeyMask, RopeTables};
+use collm_llm::{Decoder, Lora, LoraConfig, Mask, Pass};
+use std::path::Path;
+use std::sync::Arc;
+
+const DEV: Device = Device::Cpu;
+
+fn randn(shape: &[usize], seed: u64) -> Tensor {
+    // A small deterministic generator: the tests must not depend on candle's CPU rng.
+    let n: usize = shape.iter().product();
+    let mut s = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    let v: Vec<f32> = (0..n)
+        .map(|_| {
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((s >> 33) as f32 / (1u64 << 31) as f32) * 2.0 - 1.0
+        })
+        .collect();
+    Tensor::from_vec(v, shape, &DEV).unwrap()
+}
+
+fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
+/// `sum(out · r)` for a fixed random `r`: a scalar whose gradient reaches every output.
+fn probe(out: &Tensor, seed: u64) -> Tensor {
+    out.mul(&randn(out.dims(), seed))
+        .unwrap()
+        .sum_all()
+        .unwrap()
+}
+
+/// Gradients of `f` with respect to each input, for values `xs`.
+fn grads(xs: &[Tensor], f: &dyn Fn(&[Tensor]) -> Tensor) -> Vec<Tensor> {
+    let vars: Vec<Var> = xs.iter().map(|x| Var::from_tensor(x).unwrap()).collect();
+    let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+    let g = f(&ts).backward().unwrap();
+    vars.iter()
+        .map(|v| g.get(v.as_tensor()).expect("a gradient").clone())
+        .collect()
+}
+
+/// Central finite differences of `f` at a few coordinates of input `which`, against `grad`.
+fn check_fd(xs: &[Tensor], which: usize, grad: &Tensor, f: &dyn Fn(&[Tensor]) -> Tensor) {
+    let flat = xs[which].flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let g = grad.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let n = flat.len();
+    let eps = 1e-2f32;
+    for k in 0..6 {
+        let i = (k * 7919 + 13) % n;
+        let at = |d: f32| {
+            let mut v = flat.clone();
+            v[i] += d;
+            let mut ys = xs.to_vec();
+            ys[which] = Tensor::from_vec(v, xs[which].dims(), &DEV).unwrap();
+            f(&ys).to_scalar::<f32>().unwrap()
+        };
+        let fd = (at(eps) - at(-eps)) / (2.0 * eps);
+        let tol = 2e-2 * (1.0 + fd.abs());
+        assert!(
+            (fd - g[i]).abs() < tol,
+            "input {which}, element {i}: finite difference {fd}, gradient {}",
+            g[i]
+        );
+    }
+}
+
+/// Compares fused and composed: forward within `tol`, every input's gradient within `tol`,
+/// and the fused gradients against finite differences.
+fn compare(
+    xs: &[Tensor],
+    fused: &dyn Fn(&[Tensor]) -> Tensor,
+    reference: &dyn Fn(&[Tensor]) -> Tensor,
+    tol: f32,
+) {
+    let d = max_diff(&fused(xs), &reference(xs));
+    assert!(d < tol, "forward differs by {d}");
+    let f = |t: &[Tensor]| probe(&fused(t), 99);
+    let r = |t: &[Tensor]| probe(&reference(t), 99);
+    let gf = grads(xs, &f);
+    let gr = grads(xs, &r);
+    for (k, (a, b)) in gf.iter().zip(&gr).enumerate() {
+        let d = max_diff(a, b);
+        assert!(d < tol, "gradient of input {k} differs by {d}");
+        check_fd(xs, k, a, &f);
+    }
+}
+
+#[test]
+fn rms_norm_matches_composed() {
+    let xs = [randn(&[3, 5, 16], 1), (randn(&[16], 2) + 1.5).unwrap()];
+    compare(
+        &xs,
+        &|t| ops::rms_norm(&t[0], &t[1], 1e-5).unwrap(),
+        &|t| composed::rms_norm(&t[0], &t[1], 1e-5).unwrap(),
+        1e-5,
+    );
+}
+
+#[test]
+fn rope_matches_composed_for_left_and_right_padding() {
+    let (b, t, heads, hd) = (2, 6, 3, 8);
+    let inv: Vec<f32> = (0..hd / 2)
+        .map(|i| 1.0 / 10000f32.powf(2.0 * i as f32 / hd as f32))
+        .collect();
+    for mask in [
+        Mask::left_padded(&[6, 4], t),
+        Mask::right_padded(&[3, 6], t),
+    ] {
+        let pos = mask.position_ids();
+        let tables = RopeTables::new(&pos, &inv);
+        let p = Tensor::from_vec(pos.clone(), (b, t, 1), &DEV).unwrap();
+        let inv_t = Tensor::from_vec(inv.clone(), (1, 1, hd / 2), &DEV).unwrap();
+        let f = p.broadcast_mul(&inv_t).unwrap();
+        let f = Tensor::cat(&[&f, &f], 2).unwrap().unsqueeze(2).unwrap();
+        let (cos, sin) = (f.cos().unwrap(), f.sin().unwrap());
+        compare(
+            &[randn(&[b, t, heads, hd], 3)],
+            &|x| ops::rope(&x[0], &tables).unwrap(),
+            &|x| composed::rope(&x[0], &cos, &sin).unwrap(),
+            1e-5,
+        );
+    }
+}
+
+#[test]
+fn swiglu_matches_composed() {
+    compare(
+        &[randn(&[4, 33], 4), randn(&[4, 33], 5)],
+        &|t| ops::swiglu(&t[0], &t[1]).unwrap(),
+        &|t| composed::swiglu(&t[0], &t[1]).unwrap(),
+        1e-5,
+    );
+}
+
+#[test]
+fn attention_matches_composed_with_grouped_heads_and_padding() {
+    let (b, t, hd) = (3, 7, 8);
+    for (heads, kv_heads) in [(4, 2), (2, 2), (3, 1)] {
+        for mask in [
+            Mask::left_padded(&[7, 4, 1], t),
+            Mask::right_padded(&[2, 7, 5], t),
+        ] {
+            let km = KeyMask {
+                data: Arc::new(mask.data.clone()),
+                batch: b,
+                seq: t,
+            };
+            let bias = composed::attention_bias(&km, DType::F32, &DEV).unwrap();
+            // Only real query rows are compared: a padding row's output is never read.
+            let real = Tensor::from_vec(
+                mask.data.iter().map(|&m| m as f32).collect::<Vec<_>>(),
+                (b, t, 1, 1),
+                &DEV,
+            )
+            .unwrap();
+            let xs = [
+                randn(&[b, t, heads, hd], 6),
+                randn(&[b, t, kv_heads, hd], 7),
+                randn(&[b, t, kv_heads, hd], 8),
+            ];
+            compare(
+                &xs,
+                &|x| {
+                    ops::attention(&x[0], &x[1], &x[2], &km)
+                        .unwrap()
+                        .broadcast_mul(&real)
+                        .unwrap()
+                },
+                &|x| {
+                    composed::attention(&x[0], &x[1], &x[2], &bias)
+                        .unwrap()
+                        .broadcast_mul(&real)
+                        .unwrap()
+                },
+                1e-5,
+            );
+        }
+    }
+}
+
+#[test]
+fn attention_gives_padding_rows_zeros_and_no_nan() {
+    let mask = Mask::left_padded(&[1], 4);
+    let km = KeyMask {
+        data: Arc::new(mask.data.clone()),
+        batch: 1,
+        seq: 4,
+    };
+    let q = randn(&[1, 4, 2, 4], 1);
+    let kv = randn(&[1, 4, 1, 4], 2);
+    let out = ops::attention(&q, &kv, &kv, &km).unwrap();
+    let v = out.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    assert!(v[..3 * 8].iter().all(|x| *x == 0.0));
+    // The one real row attends to itself only: its output is its own value vector.
+    let last = out.get(0).unwrap().get(3).unwrap().get(1).unwrap();
+    let own = kv.get(0).unwrap().get(3).unwrap().get(0).unwrap();
+    assert!(max_diff(&last, &own) < 1e-6);
+}
+
+#[test]
+fn linear_matches_matmul_and_gives_the_weight_no_gradient() {
+    let x = randn(&[2, 3, 12], 1);
+    let w = randn(&[5, 12], 2);
+    let b = randn(&[5], 3);
+    let add = randn(&[6, 5], 4);
+    let fused = |t: &[Tensor]| ops::linear(&t[0], &w, Some(&b), Some(&t[1])).unwrap();
+    let reference = |t: &[Tensor]| {
+        (t[0]
+            .reshape((6, 12))
+            .unwrap()
+            .matmul(&w.t().unwrap())
+            .unwrap()
+            .broadcast_add(&b)
+            .unwrap()
+            + &t[1])
+            .unwrap()
+            .reshape((2, 3, 5))
+            .unwrap()
+    };
+    compare(&[x.clone(), add], &fused, &reference, 1e-5);
+    // Without an addend and bias too; a frozen weight gets nothing.
+    let wv = Var::from_tensor(&w).unwrap();
+    let xv = Var::from_tensor(&x).unwrap();
+    let y = ops::linear(xv.as_tensor(), wv.as_tensor(), None, None).unwrap();
+    let want = x.reshape((6, 12)).unwrap().matmul(&w.t().unwrap()).unwrap();
+    assert!(max_diff(&y.reshape((6, 5)).unwrap(), &want) < 1e-5);
+    let g = y.sum_all().unwrap().backward().unwrap();
+    assert!(g.get(xv.as_tensor()).is_some());
+    assert!(g.get(wv.as_tensor()).is_none());
+}
+
+#[test]
+fn dropout_is_seeded_scaled_and_reuses_its_mask_backwards() {
+    let x = Var::from_tensor(&(randn(&[64, 128], 1) + 3.0).unwrap()).unwrap();
+    let y = ops::dropout(x.as_tensor(), 0.25, 42).unwrap();
+    let again = ops::dropout(x.as_tensor(), 0.25, 42).unwrap();
+    let other = ops::dropout(x.as_tensor(), 0.25, 43).unwrap();
+    assert_eq!(max_diff(&y, &again), 0.0);
+    assert!(max_diff(&y, &other) > 0.0);
+    let xv = x
+        .as_tensor()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    let yv = y.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let dropped = yv.iter().filter(|v| **v == 0.0).count() as f64 / yv.len() as f64;
+    assert!((dropped - 0.25).abs() < 0.02, "dropped {dropped}");
+    for (a, b) in xv.iter().zip(&yv) {
+        assert!(*b == 0.0 || (b - a / 0.75).abs() < 1e-5);
+    }
+    // d(sum y)/dx is the mask itself: 0 where dropped, 1/(1-p) where kept.
+    let g = y.sum_all().unwrap().backward().unwrap();
+    let gv = g
+        .get(x.as_tensor())
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    for (g, y) in gv.iter().zip(&yv) {
+        assert_eq!(*g == 0.0, *y == 0.0);
+        assert!(*g == 0.0 || (g - 1.0 / 0.75).abs() < 1e-6);
+    }
+}
+
+#[test]
+fn bf16_ops_follow_the_f32_ones() {
+    let x = randn(&[4, 32], 1);
+    let w = (randn(&[32], 2) + 1.0).unwrap();
+    let y32 = ops::rms_norm(&x, &w, 1e-5).unwrap();
+    let y16 = ops::rms_norm(
+        &x.to_dtype(DType::BF16).unwrap(),
+        &w.to_dtype(DType::BF16).unwrap(),
+        1e-5,
+    )
+    .unwrap();
+    assert_eq!(y16.dtype(), DType::BF16);
+    assert!(max_diff(&y16.to_dtype(DType::F32).unwrap(), &y32) < 0.05);
+    let g = randn(&[4, 32], 3);
+    let s32 = ops::swiglu(&x, &g).unwrap();
+    let s16 = ops::swiglu(
+        &x.to_dtype(DType::BF16).unwrap(),
+        &g.to_dtype(DType::BF16).unwrap(),
+    )
+    .unwrap();
+    assert!(max_diff(&s16.to_dtype(DType::F32).unwrap(), &s32) < 0.02);
+}
+
+fn tiny(name: &str) -> Decoder {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name);
+    let ck = load_hf_dir(&dir, DType::F32, &DEV).unwrap();
+    Decoder::new(&ck.config, &ck.weights, DType::F32, &DEV).unwrap()
+}
+
+#[test]
+fn fused_decoder_matches_the_composed_one_forward_and_backward() {
+    for name in ["tiny-llama", "tiny-qwen2"] {
+        let mut dec = tiny(name);
+        assert!(dec.is_fused(), "the CPU default is the fused path");
+        let cfg = LoraConfig {
+            target_modules: collm_llm::lora::MODULES.map(String::from).to_vec(),
+            ..Default::default()
+        };
+        let lora = Lora::new(&cfg, &dec.config, 3, &DEV).unwrap();
+        // B starts at zero; give it values so that every LoRA path carries signal.
+        for (_, v) in lora.trainable() {
+            v.set(&(randn(v.dims(), 11) * 0.05).unwrap()).unwrap();
+        }
+        let seqs = [vec![5u32, 6, 7, 8, 9, 10], vec![11u32, 12, 13]];
+        let (emb, mask) = dec.embed_left_padded(&seqs, 0).unwrap();
+        let emb = Var::from_tensor(&emb).unwrap();
+        let run = |dec: &Decoder| {
+            let pass = Pass {
+                lora: Some(&lora),
+                train: None,
+                grad: true,
+            };
+            let h = dec.forward(emb.as_tensor(), &mask, &pass).unwrap();
+            let logits = dec
+                .token_logits(&h, &mask.last_positions(), &[3, 4, 9], &pass)
+                .unwrap();
+            let loss = probe(&logits, 5);
+            let g = loss.backward().unwrap();
+            let mut out = vec![logits];
+            // Only real positions' embedding gradients: padding feeds nothing real.
+            let real = Tensor::from_vec(
+                mask.data.iter().map(|&m| m as f32).collect::<Vec<_>>(),
+                (2, mask.seq, 1),
+                &DEV,
+            )
+            .unwrap();
+            out.push(
+                g.get(emb.as_tensor())
+                    .unwrap()
+                    .broadcast_mul(&real)
+                    .unwrap(),
+            );
+            for (_, v) in lora.trainable() {
+                out.push(g.get(v.as_tensor()).unwrap().clone());
+            }
+            out
+        };
+        let fused = run(&dec);
+        dec.set_fused(false).unwrap();
+        let reference = run(&dec);
+        for (k, (a, b)) in fused.iter().zip(&reference).enumerate() {
+            let scale = b
+                .abs()
+                .unwrap()
+                .max_keepdim(0)
+                .unwrap()
+                .flatten_all()
+                .unwrap();
+            let scale = scale.max(0).unwrap().to_scalar::<f32>().unwrap().max(1e-3);
+            let d = max_diff(a, b) / scale;
+            assert!(d < 1e-4, "{name}: output {k} differs by {d} (relative)");
+        }
+    }
+}
+
+#[test]
+fn fused_decoder_trains_with_dropout_reproducibly() {
+    let dec = tiny("tiny-llama");
+    let lora = Lora::new(&LoraConfig::default(), &dec.config, 3, &DEV).unwrap();
+    let seqs = [vec![5u32, 6, 7, 8], vec![11u32, 12]];
+    let (emb, mask) = dec.embed_left_padded(&seqs, 0).unwrap();
+    let logits = |seed: u64| {
+        let ctx = collm_nn::TrainCtx::new(seed);
+        let pass = Pass {
+            lora: Some(&lora),
+            train: Some(&ctx),
+            grad: true,
+        };
+        let h = dec.forward(&emb, &mask, &pass).unwrap();
+        dec.token_logits(&h, &mask.last_positions(), &[3], &pass)
+            .unwrap()
+    };
+    for (_, v) in lora.trainable() {
+        v.set(&(randn(v.dims(), 11) * 0.5).unwrap()).unwrap();
+    }
+    let a = logits(1);
+    assert_eq!(max_diff(&a, &logits(1)), 0.0, "same seed, same masks");
+    assert!(max_diff(&a, &logits(2)) > 0.0, "another seed, other masks");
+}
