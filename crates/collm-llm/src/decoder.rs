@@ -203,13 +203,6 @@ impl Ctx<'_> {
         rms_norm(fused, self.pass.needs_grad(), x, w, self.eps)
     }
 
-    fn rope(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(match &self.path {
-            Path::Fused { rope, .. } => ops::rope(x, rope)?,
-            Path::Composed { cos, sin, .. } => composed::rope(&x.contiguous()?, cos, sin)?,
-        })
-    }
-
     /// LoRA dropout: on the CPU a counter-based mask (never stored); on other devices a mask
     /// drawn there (no host draws, no upload) from the device generator seeded per call. Both seeds come from the step's
     /// `TrainCtx`, so a resumed run draws the same masks.
@@ -281,7 +274,7 @@ impl Linear {
         let flat = x.reshape((b * t, fan_in))?;
         let pass = ctx.pass;
         // LoRA: scaling · dropout(x) Aᵀ Bᵀ, scaled while it is r wide.
-        let delta = match pass
+        let low = match pass
             .lora
             .and_then(|l| Some((l, l.pair(self.layer, self.module)?)))
         {
@@ -294,12 +287,17 @@ impl Linear {
                 };
                 let xin = ctx.dropout(&flat, lora.config.dropout)?;
                 let low = (xin.to_dtype(a.dtype())?.matmul(&a.t()?)? * lora.config.scaling())?;
-                Some(low.matmul(&bm.t()?)?.to_dtype(x.dtype())?)
+                Some((low, bm))
             }
             None => None,
         };
         let y = match ctx.path {
-            Path::Fused { .. } => ops::linear(&flat, &self.w, self.b.as_ref(), delta.as_ref())?,
+            Path::Fused { .. } => {
+                // The fused op multiplies by B itself (in f32): no full-width LoRA term is
+                // stored.
+                let lora = low.as_ref().map(|(l, b)| (l, b));
+                ops::linear(&flat, &self.w, self.b.as_ref(), lora)?
+            }
             Path::Composed { .. } => {
                 let input_has_grad = pass.needs_grad() && flat.track_op();
                 let mut y = if input_has_grad {
@@ -313,8 +311,8 @@ impl Linear {
                 if input_has_grad {
                     y = flat.apply_op2(&y, FrozenWeight { w: self.w.clone() })?;
                 }
-                match delta {
-                    Some(d) => (y + d)?,
+                match low {
+                    Some((low, bm)) => (y + low.matmul(&bm.t()?)?.to_dtype(x.dtype())?)?,
                     None => y,
                 }
             }
@@ -357,12 +355,17 @@ impl Attention {
         let (b, t, _) = x.dims3()?;
         let (nh, nkv, hd) = (self.heads, self.kv_heads, self.head_dim);
         // (B, T, heads, hd) throughout: no transposes on the fused path.
-        let q = ctx.rope(&self.q.forward(x, ctx)?.reshape((b, t, nh, hd))?)?;
-        let k = ctx.rope(&self.k.forward(x, ctx)?.reshape((b, t, nkv, hd))?)?;
+        let q = self.q.forward(x, ctx)?.reshape((b, t, nh, hd))?;
+        let k = self.k.forward(x, ctx)?.reshape((b, t, nkv, hd))?;
         let v = self.v.forward(x, ctx)?.reshape((b, t, nkv, hd))?;
         let out = match &ctx.path {
-            Path::Fused { mask, .. } => ops::attention(&q, &k, &v, mask)?,
-            Path::Composed { bias, .. } => composed::attention(&q, &k, &v, bias)?,
+            // RoPE inside the kernel.
+            Path::Fused { mask, rope } => ops::attention(&q, &k, &v, mask, Some(rope))?,
+            Path::Composed { bias, cos, sin } => {
+                let q = composed::rope(&q.contiguous()?, cos, sin)?;
+                let k = composed::rope(&k.contiguous()?, cos, sin)?;
+                composed::attention(&q, &k, &v, bias)?
+            }
         };
         self.o.forward(&out.reshape((b, t, nh * hd))?, ctx)
     }

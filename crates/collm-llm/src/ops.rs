@@ -8,13 +8,14 @@
 //! - [`rms_norm`]: RMSNorm, normalised in f32 and scaled in the compute dtype (as transformers);
 //! - [`rope`]: rotary embeddings from per-row position tables (left or right padding);
 //! - [`swiglu`]: `silu(gate) * up`;
-//! - [`attention`]: causal attention with a per-row key mask (no T×T mask tensor), grouped-query
-//!   heads read in place (no K/V copies), output already in `(B, T, heads·hd)` order; the
-//!   backward recomputes the probabilities flash-style, so memory grows with T, not T²;
+//! - [`attention`]: causal attention with a per-row key mask (no T×T mask tensor), RoPE applied
+//!   to q and k inside (the rotated copies are never stored), grouped-query heads read in place
+//!   (no K/V copies), output already in `(B, T, heads·hd)` order; the backward recomputes the
+//!   probabilities flash-style, so memory grows with T, not T²;
 //! - [`dropout`]: inverted dropout whose mask comes from a counter-based generator (a seed and
 //!   the element index), so it is never stored: the backward draws it again;
-//! - [`linear`]: a frozen projection `x Wᵀ (+ b) (+ add)` whose backward gives `x` (and `add`)
-//!   gradients and the frozen weight none.
+//! - [`linear`]: a frozen projection `x Wᵀ (+ b)` plus its LoRA path's last factor
+//!   (`+ low Bᵀ`), whose backward gives `x`, `low` and `B` gradients and the frozen weight none.
 //!
 //! Every op is checked against [`composed`] (forward and gradients) and by finite differences in
 //! `tests/fused_ops.rs`. Only the CPU has these kernels; on other devices the decoder takes the
@@ -75,6 +76,36 @@ fn tensor_f32(t: &Tensor) -> Result<Vec<f32>> {
         Storage::Cpu(c) => Ok(as_f32(c, l)?.into_owned()),
         _ => bail!("fused op: CPU tensor expected"),
     }
+}
+
+/// Binds `$v` to the elements of the CPU tensor `$t` as f32 for the rest of the block:
+/// borrowed from its storage when it is a contiguous f32 tensor (no copy), converted otherwise.
+macro_rules! cpu_f32 {
+    ($t:expr => $v:ident) => {
+        let contiguous = $t.contiguous()?;
+        let guard = contiguous.storage_and_layout();
+        let $v: Cow<[f32]> = match &*guard.0 {
+            Storage::Cpu(c) => as_f32(c, guard.1)?,
+            _ => bail!("fused op: CPU tensor expected"),
+        };
+    };
+}
+
+/// `eˣ` in f32 without branches or library calls, so that loops over it vectorize: Cephes'
+/// `expf` (reduction by ln 2 in two parts, degree-5 polynomial, relative error ~1e-7). Inputs
+/// are clamped to [−87, 88] (results from 1.6e-38 to 1.7e38).
+#[inline(always)]
+fn exp(x: f32) -> f32 {
+    let x = x.clamp(-87.0, 88.0);
+    // Round to nearest with the 1.5·2²³ trick (no `round` call).
+    let n = (x * std::f32::consts::LOG2_E + 12_582_912.0) - 12_582_912.0;
+    let r = x - n * 0.693_359_4 + n * 2.121_944_4e-4;
+    let p = ((((1.987_569_1e-4 * r + 1.398_2e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r
+        + 0.166_666_65)
+        * r
+        + 0.5;
+    let y = p * r * r + r + 1.0;
+    y * f32::from_bits(((n as i32 + 127) << 23) as u32)
 }
 
 fn tensor_from(v: Vec<f32>, like: &Tensor) -> Result<Tensor> {
@@ -181,9 +212,9 @@ impl CustomOp2 for RmsNorm {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let xv = tensor_f32(x)?;
-        let wv = tensor_f32(w)?;
-        let g = tensor_f32(grad)?;
+        cpu_f32!(x => xv);
+        cpu_f32!(w => wv);
+        cpu_f32!(grad => g);
         let h = wv.len();
         let mut dx = vec![0f32; xv.len()];
         dx.par_chunks_mut(h)
@@ -332,7 +363,7 @@ struct SwiGlu;
 
 #[inline]
 fn sigmoid(x: f32) -> f32 {
-    1.0 / (1.0 + (-x).exp())
+    1.0 / (1.0 + exp(-x))
 }
 
 impl CustomOp2 for SwiGlu {
@@ -370,9 +401,9 @@ impl CustomOp2 for SwiGlu {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let g = tensor_f32(gate)?;
-        let u = tensor_f32(up)?;
-        let d = tensor_f32(grad)?;
+        cpu_f32!(gate => g);
+        cpu_f32!(up => u);
+        cpu_f32!(grad => d);
         let mut dg = vec![0f32; g.len()];
         let mut du = vec![0f32; g.len()];
         const CHUNK: usize = 4096;
@@ -418,6 +449,8 @@ struct Attention {
     kv_heads: usize,
     head_dim: usize,
     scale: f32,
+    /// RoPE applied to q and k inside the kernel (so the rotated copies are never stored).
+    rope: Option<RopeTables>,
 }
 
 impl Attention {
@@ -429,8 +462,45 @@ impl Attention {
         Ok(())
     }
 
+    /// Head `h` of batch row `b` of `x` (B, T, n, hd) as a contiguous (T×hd) block, rotated
+    /// by RoPE when `rotate` and the op has tables.
+    fn gather(&self, x: &[f32], n: usize, b: usize, h: usize, rotate: bool) -> Vec<f32> {
+        let (t, hd) = (self.mask.seq, self.head_dim);
+        let mut out = Vec::with_capacity(t * hd);
+        for i in 0..t {
+            let r = (b * t + i) * n * hd + h * hd;
+            out.extend_from_slice(&x[r..r + hd]);
+        }
+        if rotate {
+            self.rotate(&mut out, b, false);
+        }
+        out
+    }
+
+    /// Applies RoPE (or its inverse) in place to a (T×hd) block of batch row `b`.
+    fn rotate(&self, blk: &mut [f32], b: usize, inverse: bool) {
+        let Some(rope) = &self.rope else {
+            return;
+        };
+        let (t, hd) = (self.mask.seq, self.head_dim);
+        let half = hd / 2;
+        let sign = if inverse { -1.0 } else { 1.0 };
+        for i in 0..t {
+            let r = b * t + i;
+            let cos = &rope.cos[r * half..(r + 1) * half];
+            let sin = &rope.sin[r * half..(r + 1) * half];
+            let (x1, x2) = blk[i * hd..(i + 1) * hd].split_at_mut(half);
+            for d in 0..half {
+                let (c, s) = (cos[d], sign * sin[d]);
+                let (a, bb) = (x1[d], x2[d]);
+                x1[d] = a * c - bb * s;
+                x2[d] = bb * c + a * s;
+            }
+        }
+    }
+
     /// Probabilities of query rows of one (batch row, head): `p` is T×T, row `i` over keys
-    /// `0..=i` that are real; rows without a real key are all zero. `s` holds the scaled
+    /// `0..=i` that are real; rows without a real key are all zero. `p` holds the scaled
     /// scores on entry.
     fn softmax_rows(&self, b: usize, p: &mut [f32]) {
         let t = self.mask.seq;
@@ -450,7 +520,7 @@ impl Attention {
             let mut sum = 0f32;
             for j in 0..=i {
                 if m[j] == 1 {
-                    let e = (row[j] - max).exp();
+                    let e = exp(row[j] - max);
                     row[j] = e;
                     sum += e;
                 } else {
@@ -465,30 +535,62 @@ impl Attention {
         }
     }
 
-    /// P for (b, h): scores Q Kᵀ·scale, masked softmax.
-    fn probs(&self, q: &[f32], k: &[f32], b: usize, h: usize, p: &mut [f32]) {
-        let (t, nh, nkv, hd) = (self.mask.seq, self.heads, self.kv_heads, self.head_dim);
-        let kh = h / (nh / nkv);
-        let q0 = b * t * nh * hd + h * hd;
-        let k0 = b * t * nkv * hd + kh * hd;
-        // S = Q (t×hd, row stride nh·hd) · Kᵀ (hd×t: element (d, j) at j·nkv·hd + d).
-        matmul(
-            t,
-            t,
-            hd,
-            p,
-            t,
-            false,
-            &q[q0..],
-            (nh * hd, 1),
-            &k[k0..],
-            (1, nkv * hd),
-            gemm::Parallelism::None,
-        );
-        for v in p.iter_mut() {
-            *v *= self.scale;
+    /// The first real key of batch row `b` (keys and queries before it are padding) and the
+    /// causal row blocks from there: block [r0, r1) of queries needs keys [start, r1) only.
+    fn blocks(&self, b: usize) -> (usize, Vec<(usize, usize)>) {
+        const ROWS: usize = 32;
+        let t = self.mask.seq;
+        let m = &self.mask.data[b * t..(b + 1) * t];
+        let start = m.iter().position(|&x| x == 1).unwrap_or(t);
+        let blocks = (start..t)
+            .step_by(ROWS)
+            .map(|r0| (r0, (r0 + ROWS).min(t)))
+            .collect();
+        (start, blocks)
+    }
+
+    /// P = masked softmax(Q Kᵀ·scale) for one (batch row, head), from contiguous (T×hd)
+    /// blocks; only the causal blocks of scores are computed.
+    fn probs(&self, qb: &[f32], kb: &[f32], b: usize, p: &mut [f32]) {
+        let (t, hd) = (self.mask.seq, self.head_dim);
+        let (start, blocks) = self.blocks(b);
+        for &(r0, r1) in &blocks {
+            // S[r0..r1, start..r1] = Q[r0..r1] · K[start..r1]ᵀ (Kᵀ: element (d, j) at j·hd + d).
+            matmul(
+                r1 - r0,
+                r1 - start,
+                hd,
+                &mut p[r0 * t + start..],
+                t,
+                false,
+                &qb[r0 * hd..],
+                (hd, 1),
+                &kb[start * hd..],
+                (1, hd),
+                gemm::Parallelism::None,
+            );
+            for i in r0..r1 {
+                for v in &mut p[i * t + start..i * t + r1] {
+                    *v *= self.scale;
+                }
+            }
         }
         self.softmax_rows(b, p);
+    }
+
+    /// Writes (T×hd) blocks, one per (b, head) in `blocks[b * n + head]`, into (B, T, n, hd).
+    fn scatter<'a>(&self, n: usize, block: impl Fn(usize, usize) -> &'a [f32] + Sync) -> Vec<f32> {
+        let (bsz, t, hd) = (self.mask.batch, self.mask.seq, self.head_dim);
+        let mut out = vec![0f32; bsz * t * n * hd];
+        out.par_chunks_mut(n * hd)
+            .enumerate()
+            .for_each(|(bt, row)| {
+                let (b, i) = (bt / t, bt % t);
+                for h in 0..n {
+                    row[h * hd..(h + 1) * hd].copy_from_slice(&block(b, h)[i * hd..(i + 1) * hd]);
+                }
+            });
+        out
     }
 }
 
@@ -515,6 +617,11 @@ impl CustomOp3 for Attention {
                 self.kv_heads
             );
         }
+        if let Some(r) = &self.rope {
+            if r.rows != self.mask.batch * self.mask.seq || 2 * r.half != self.head_dim {
+                bail!("attention: RoPE tables do not match the input");
+            }
+        }
         let dtype = qs.dtype();
         let (q, k, v) = (as_f32(qs, ql)?, as_f32(ks, kl)?, as_f32(vs, vl)?);
         let (bsz, t, nh, nkv, hd) = (
@@ -524,41 +631,39 @@ impl CustomOp3 for Attention {
             self.kv_heads,
             self.head_dim,
         );
-        // One (t×hd) output block per (b, h), written in place into (B, T, nh, hd) afterwards.
+        let rep = nh / nkv;
+        // One (t×hd) output block per (b, h), written into (B, T, nh, hd) afterwards.
         let blocks: Vec<Vec<f32>> = (0..bsz * nh)
             .into_par_iter()
             .map(|bh| {
                 let (b, h) = (bh / nh, bh % nh);
+                let qb = self.gather(&q, nh, b, h, true);
+                let kb = self.gather(&k, nkv, b, h / rep, true);
                 let mut p = vec![0f32; t * t];
-                self.probs(&q, &k, b, h, &mut p);
-                let kh = h / (nh / nkv);
+                self.probs(&qb, &kb, b, &mut p);
                 let mut o = vec![0f32; t * hd];
-                matmul(
-                    t,
-                    hd,
-                    t,
-                    &mut o,
-                    hd,
-                    false,
-                    &p,
-                    (t, 1),
-                    &v[b * t * nkv * hd + kh * hd..],
-                    (nkv * hd, 1),
-                    gemm::Parallelism::None,
-                );
+                let (start, blocks) = self.blocks(b);
+                let v0 = b * t * nkv * hd + (h / rep) * hd;
+                for &(r0, r1) in &blocks {
+                    // O[r0..r1] = P[r0..r1, start..r1] · V[start..r1]
+                    matmul(
+                        r1 - r0,
+                        hd,
+                        r1 - start,
+                        &mut o[r0 * hd..],
+                        hd,
+                        false,
+                        &p[r0 * t + start..],
+                        (t, 1),
+                        &v[v0 + start * nkv * hd..],
+                        (nkv * hd, 1),
+                        gemm::Parallelism::None,
+                    );
+                }
                 o
             })
             .collect();
-        let mut out = vec![0f32; bsz * t * nh * hd];
-        out.par_chunks_mut(nh * hd)
-            .enumerate()
-            .for_each(|(bt, row)| {
-                let (b, i) = (bt / t, bt % t);
-                for h in 0..nh {
-                    row[h * hd..(h + 1) * hd]
-                        .copy_from_slice(&blocks[b * nh + h][i * hd..(i + 1) * hd]);
-                }
-            });
+        let out = self.scatter(nh, |b, h| &blocks[b * nh + h]);
         Ok((from_f32(out, dtype)?, ql.shape().clone()))
     }
 
@@ -570,8 +675,11 @@ impl CustomOp3 for Attention {
         res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (qv, kv, vv) = (tensor_f32(q)?, tensor_f32(k)?, tensor_f32(v)?);
-        let (o, dout) = (tensor_f32(res)?, tensor_f32(grad)?);
+        cpu_f32!(q => qv);
+        cpu_f32!(k => kv);
+        cpu_f32!(v => vv);
+        cpu_f32!(res => o);
+        cpu_f32!(grad => dout);
         let (bsz, t, nh, nkv, hd) = (
             self.mask.batch,
             self.mask.seq,
@@ -581,120 +689,110 @@ impl CustomOp3 for Attention {
         );
         let rep = nh / nkv;
         // Work per (b, kv head): its `rep` query heads share K and V, so dK and dV are summed
-        // there without races. Results are (t×hd) blocks, scattered afterwards.
+        // there without races. Results are (t×hd) blocks, rotated back (the transpose of
+        // RoPE) and scattered afterwards.
         type Blocks = (Vec<Vec<f32>>, Vec<f32>, Vec<f32>);
         let per: Vec<Blocks> = (0..bsz * nkv)
             .into_par_iter()
             .map(|bk| {
                 let (b, kh) = (bk / nkv, bk % nkv);
-                let kv0 = b * t * nkv * hd + kh * hd;
+                let kb = self.gather(&kv, nkv, b, kh, true);
+                let v0 = b * t * nkv * hd + kh * hd;
                 let mut dk = vec![0f32; t * hd];
                 let mut dv = vec![0f32; t * hd];
                 let mut dqs = Vec::with_capacity(rep);
                 let mut p = vec![0f32; t * t];
                 let mut dp = vec![0f32; t * t];
+                let (start, blocks) = self.blocks(b);
                 for h in kh * rep..(kh + 1) * rep {
                     let q0 = b * t * nh * hd + h * hd;
-                    self.probs(&qv, &kv, b, h, &mut p);
-                    // dV += Pᵀ dO
-                    matmul(
-                        t,
-                        hd,
-                        t,
-                        &mut dv,
-                        hd,
-                        true,
-                        &p,
-                        (1, t),
-                        &dout[q0..],
-                        (nh * hd, 1),
-                        gemm::Parallelism::None,
-                    );
-                    // dP = dO Vᵀ
-                    matmul(
-                        t,
-                        t,
-                        hd,
-                        &mut dp,
-                        t,
-                        false,
-                        &dout[q0..],
-                        (nh * hd, 1),
-                        &vv[kv0..],
-                        (1, nkv * hd),
-                        gemm::Parallelism::None,
-                    );
-                    // dS = P ∘ (dP − rowsum(dO ∘ O)) · scale
-                    for i in 0..t {
-                        let r = q0 + i * nh * hd;
-                        let di: f32 = (0..hd).map(|d| dout[r + d] * o[r + d]).sum();
-                        let (pr, dr) = (&p[i * t..(i + 1) * t], &mut dp[i * t..(i + 1) * t]);
-                        for j in 0..t {
-                            dr[j] = pr[j] * (dr[j] - di) * self.scale;
+                    let qb = self.gather(&qv, nh, b, h, true);
+                    self.probs(&qb, &kb, b, &mut p);
+                    for &(r0, r1) in &blocks {
+                        let (m, n) = (r1 - r0, r1 - start);
+                        // dV[start..r1] += P[r0..r1, start..r1]ᵀ dO[r0..r1]
+                        matmul(
+                            n,
+                            hd,
+                            m,
+                            &mut dv[start * hd..],
+                            hd,
+                            true,
+                            &p[r0 * t + start..],
+                            (1, t),
+                            &dout[q0 + r0 * nh * hd..],
+                            (nh * hd, 1),
+                            gemm::Parallelism::None,
+                        );
+                        // dP[r0..r1, start..r1] = dO[r0..r1] V[start..r1]ᵀ
+                        matmul(
+                            m,
+                            n,
+                            hd,
+                            &mut dp[r0 * t + start..],
+                            t,
+                            false,
+                            &dout[q0 + r0 * nh * hd..],
+                            (nh * hd, 1),
+                            &vv[v0 + start * nkv * hd..],
+                            (1, nkv * hd),
+                            gemm::Parallelism::None,
+                        );
+                    }
+                    // dS = P ∘ (dP − rowsum(dO ∘ O)) · scale, over the computed blocks
+                    // (P is zero past the diagonal, so dS is too).
+                    for &(r0, r1) in &blocks {
+                        for i in r0..r1 {
+                            let r = q0 + i * nh * hd;
+                            let di: f32 = (0..hd).map(|d| dout[r + d] * o[r + d]).sum();
+                            let (pr, dr) = (&p[i * t..(i + 1) * t], &mut dp[i * t..(i + 1) * t]);
+                            for j in start..r1 {
+                                dr[j] = pr[j] * (dr[j] - di) * self.scale;
+                            }
                         }
                     }
-                    // dQ = dS K
                     let mut dq = vec![0f32; t * hd];
-                    matmul(
-                        t,
-                        hd,
-                        t,
-                        &mut dq,
-                        hd,
-                        false,
-                        &dp,
-                        (t, 1),
-                        &kv[kv0..],
-                        (nkv * hd, 1),
-                        gemm::Parallelism::None,
-                    );
+                    for &(r0, r1) in &blocks {
+                        let (m, n) = (r1 - r0, r1 - start);
+                        // dQ[r0..r1] = dS[r0..r1, start..r1] K[start..r1]
+                        matmul(
+                            m,
+                            hd,
+                            n,
+                            &mut dq[r0 * hd..],
+                            hd,
+                            false,
+                            &dp[r0 * t + start..],
+                            (t, 1),
+                            &kb[start * hd..],
+                            (hd, 1),
+                            gemm::Parallelism::None,
+                        );
+                        // dK[start..r1] += dS[r0..r1, start..r1]ᵀ Q[r0..r1]
+                        matmul(
+                            n,
+                            hd,
+                            m,
+                            &mut dk[start * hd..],
+                            hd,
+                            true,
+                            &dp[r0 * t + start..],
+                            (1, t),
+                            &qb[r0 * hd..],
+                            (hd, 1),
+                            gemm::Parallelism::None,
+                        );
+                    }
+                    self.rotate(&mut dq, b, true);
                     dqs.push(dq);
-                    // dK += dSᵀ Q
-                    matmul(
-                        t,
-                        hd,
-                        t,
-                        &mut dk,
-                        hd,
-                        true,
-                        &dp,
-                        (1, t),
-                        &qv[q0..],
-                        (nh * hd, 1),
-                        gemm::Parallelism::None,
-                    );
                 }
+                self.rotate(&mut dk, b, true);
                 (dqs, dk, dv)
             })
             .collect();
-        let mut dq = vec![0f32; qv.len()];
-        dq.par_chunks_mut(nh * hd)
-            .enumerate()
-            .for_each(|(bt, row)| {
-                let (b, i) = (bt / t, bt % t);
-                for h in 0..nh {
-                    let blk = &per[b * nkv + h / rep].0[h % rep];
-                    row[h * hd..(h + 1) * hd].copy_from_slice(&blk[i * hd..(i + 1) * hd]);
-                }
-            });
-        let scatter_kv = |which: usize| {
-            let mut out = vec![0f32; kv.len()];
-            out.par_chunks_mut(nkv * hd)
-                .enumerate()
-                .for_each(|(bt, row)| {
-                    let (b, i) = (bt / t, bt % t);
-                    for kh in 0..nkv {
-                        let blk = if which == 0 {
-                            &per[b * nkv + kh].1
-                        } else {
-                            &per[b * nkv + kh].2
-                        };
-                        row[kh * hd..(kh + 1) * hd].copy_from_slice(&blk[i * hd..(i + 1) * hd]);
-                    }
-                });
-            out
-        };
-        let (dk, dv) = (scatter_kv(0), scatter_kv(1));
+        let dq = self.scatter(nh, |b, h| &per[b * nkv + h / rep].0[h % rep]);
+        let dk = self.scatter(nkv, |b, kh| &per[b * nkv + kh].1);
+        let dv = self.scatter(nkv, |b, kh| &per[b * nkv + kh].2);
         Ok((
             Some(tensor_from(dq, q)?),
             Some(tensor_from(dk, k)?),
@@ -704,9 +802,17 @@ impl CustomOp3 for Attention {
 }
 
 /// Causal attention of `q` (B, T, heads, hd) over `k`, `v` (B, T, kv_heads, hd), masked per
-/// row by `mask`, scaled by `1/sqrt(hd)`. Returns (B, T, heads, hd). Query rows with no real
-/// key (padding before a row's first token) get zeros.
-pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &KeyMask) -> Result<Tensor> {
+/// row by `mask`, scaled by `1/sqrt(hd)`; with `rope`, q and k are rotated first (inside the
+/// kernel: `attention(q, k, v, m, Some(t))` = `attention(rope(q, t), rope(k, t), v, m, None)`).
+/// Returns (B, T, heads, hd). Query rows with no real key (padding before a row's first
+/// token) get zeros.
+pub fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: &KeyMask,
+    rope: Option<&RopeTables>,
+) -> Result<Tensor> {
     let (_, _, heads, hd) = q.dims4()?;
     let kv_heads = k.dim(2)?;
     q.contiguous()?.apply_op3(
@@ -718,6 +824,7 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &KeyMask) -> Result<T
             kv_heads,
             head_dim: hd,
             scale: 1.0 / (hd as f32).sqrt(),
+            rope: rope.cloned(),
         },
     )
 }
@@ -798,17 +905,18 @@ pub fn dropout(x: &Tensor, p: f64, seed: u64) -> Result<Tensor> {
 // ---------------------------------------------------------------------------------------------
 
 struct FrozenLinear {
-    /// (out, in), f32 or the compute dtype; never receives a gradient.
+    /// (out, in), in the compute dtype; never receives a gradient.
     w: Tensor,
     b: Option<Tensor>,
 }
 
 impl FrozenLinear {
+    /// `x Wᵀ (+ b) (+ low · Bᵀ)`; `lora` is the low-rank input (n×r) and B (out×r).
     fn run(
         &self,
         x: &CpuStorage,
         xl: &Layout,
-        add: Option<(&CpuStorage, &Layout)>,
+        lora: Option<(&CpuStorage, &Layout, &CpuStorage, &Layout)>,
     ) -> Result<(CpuStorage, Shape)> {
         let dtype = x.dtype();
         let xs = as_f32(x, xl)?;
@@ -818,34 +926,52 @@ impl FrozenLinear {
             bail!("linear: input {dims:?} for a weight of ({fan_out}, {fan_in})");
         }
         let n = xs.len() / fan_in;
-        let mut y = match add {
-            Some((s, l)) => {
-                if l.shape().elem_count() != n * fan_out {
-                    bail!("linear: addend {:?} for output ({n}, {fan_out})", l.shape());
-                }
-                as_f32(s, l)?.into_owned()
-            }
-            None => vec![0f32; n * fan_out],
-        };
+        let mut y = vec![0f32; n * fan_out];
         let (ws, wl) = self.w.storage_and_layout();
         let Storage::Cpu(wc) = &*ws else {
             bail!("linear: CPU weight expected");
         };
         let w = as_f32(wc, wl)?;
-        // y (n×out) [+]= x (n×in) · Wᵀ (in×out: element (i, o) at o·in + i)
+        // y (n×out) = x (n×in) · Wᵀ (in×out: element (i, o) at o·in + i)
         matmul(
             n,
             fan_out,
             fan_in,
             &mut y,
             fan_out,
-            add.is_some(),
+            false,
             &xs,
             (fan_in, 1),
             &w,
             (1, fan_in),
             pool_parallelism(),
         );
+        if let Some((ls, ll, bs, bl)) = lora {
+            let low = as_f32(ls, ll)?;
+            let bm = as_f32(bs, bl)?;
+            let r = bl.shape().dims().last().copied().unwrap_or(0);
+            if low.len() != n * r || bm.len() != fan_out * r {
+                bail!(
+                    "linear: LoRA factors {:?} and {:?} for output ({n}, {fan_out})",
+                    ll.shape(),
+                    bl.shape()
+                );
+            }
+            // y += low (n×r) · Bᵀ (r×out: element (k, o) at o·r + k)
+            matmul(
+                n,
+                fan_out,
+                r,
+                &mut y,
+                fan_out,
+                true,
+                &low,
+                (r, 1),
+                &bm,
+                (1, r),
+                pool_parallelism(),
+            );
+        }
         if let Some(b) = &self.b {
             let bv = tensor_f32(b)?;
             y.par_chunks_mut(fan_out).for_each(|row| {
@@ -853,10 +979,6 @@ impl FrozenLinear {
                     *y += b;
                 }
             });
-        }
-        if dtype == DType::BF16 {
-            // A bf16 matmul rounds its result once.
-            y.par_iter_mut().for_each(|v| *v = round(*v, dtype));
         }
         let mut out = dims.to_vec();
         *out.last_mut().expect("rank > 0") = fan_out;
@@ -885,50 +1007,74 @@ impl CustomOp1 for FrozenLinear {
     }
 }
 
-impl CustomOp2 for FrozenLinear {
+impl CustomOp3 for FrozenLinear {
     fn name(&self) -> &'static str {
-        "fused-frozen-linear-add"
+        "fused-frozen-linear-lora"
     }
     fn cpu_fwd(
         &self,
         s: &CpuStorage,
         l: &Layout,
-        a: &CpuStorage,
-        al: &Layout,
+        low: &CpuStorage,
+        lowl: &Layout,
+        b: &CpuStorage,
+        bl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        self.run(s, l, Some((a, al)))
+        self.run(s, l, Some((low, lowl, b, bl)))
     }
     fn bwd(
         &self,
         x: &Tensor,
-        add: &Tensor,
+        low: &Tensor,
+        b: &Tensor,
         _res: &Tensor,
         grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (fan_out, _) = self.w.dims2()?;
+        let g = grad.reshape(((), fan_out))?;
         let gx = if x.track_op() {
             Some(self.grad_x(grad, x)?)
         } else {
             None
         };
-        let ga = if add.track_op() {
-            Some(grad.reshape(add.shape())?.to_dtype(add.dtype())?)
+        let glow = if low.track_op() {
+            Some(g.to_dtype(b.dtype())?.matmul(b)?.to_dtype(low.dtype())?)
         } else {
             None
         };
-        Ok((gx, ga))
+        let gb = if b.track_op() {
+            let low2 = low.reshape(((), b.dim(1)?))?;
+            Some(
+                g.t()?
+                    .to_dtype(low2.dtype())?
+                    .matmul(&low2)?
+                    .to_dtype(b.dtype())?,
+            )
+        } else {
+            None
+        };
+        Ok((gx, glow, gb))
     }
 }
 
-/// `x Wᵀ (+ b) (+ add)` for a frozen `w` (out, in) and `b`: `x` is (…, in), `add` has the
-/// output's elements. The backward pass computes no weight gradient.
-pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>, add: Option<&Tensor>) -> Result<Tensor> {
+/// `x Wᵀ (+ b) (+ low Bᵀ)` for a frozen `w` (out, in) and bias `b`: `x` is (…, in); `lora`
+/// is a LoRA path's low-rank activations `low` (n, r) (dropout, A and the scaling already
+/// applied) and its `B` (out, r). The backward pass computes no weight gradient for `w`, and
+/// gradients for `x`, `low` and `B` where they are tracked. The full-width LoRA term is never
+/// materialised.
+pub fn linear(
+    x: &Tensor,
+    w: &Tensor,
+    b: Option<&Tensor>,
+    lora: Option<(&Tensor, &Tensor)>,
+) -> Result<Tensor> {
     let op = FrozenLinear {
         w: w.contiguous()?,
         b: b.cloned(),
     };
     let x = x.contiguous()?;
-    match add {
-        Some(a) => x.apply_op2(&a.contiguous()?, op),
+    match lora {
+        Some((low, bm)) => x.apply_op3(&low.contiguous()?, &bm.contiguous()?, op),
         None => x.apply_op1(op),
     }
 }
@@ -962,24 +1108,22 @@ pub mod composed {
         gate.silu()? * up
     }
 
-    /// Additive bias (B, 1, T, T): causal and key padding, large and finite.
+    /// Additive bias (B, 1, T, T): causal and key padding, large and finite. Built on the
+    /// device from the (B, T) key mask and a causal triangle: only B·T values are uploaded.
     pub fn attention_bias(
         mask: &KeyMask,
         dtype: DType,
         dev: &candle_core::Device,
     ) -> Result<Tensor> {
         let (b, t) = (mask.batch, mask.seq);
-        let mut bias = vec![0f32; b * t * t];
-        for r in 0..b {
-            for i in 0..t {
-                for j in 0..t {
-                    if j > i || mask.data[r * t + j] == 0 {
-                        bias[(r * t + i) * t + j] = -1e9;
-                    }
-                }
-            }
-        }
-        Tensor::from_vec(bias, (b, 1, t, t), dev)?.to_dtype(dtype)
+        let keys: Vec<f32> = mask.data.iter().map(|&m| m as f32).collect();
+        let keys = Tensor::from_vec(keys, (b, 1, 1, t), dev)?;
+        let causal = Tensor::tril2(t, DType::F32, dev)?.reshape((1, 1, t, t))?;
+        // 1 where attending is allowed → 0; 0 → −1e9.
+        causal
+            .broadcast_mul(&keys)?
+            .affine(1e9, -1e9)?
+            .to_dtype(dtype)
     }
 
     /// `q` (B, T, heads, hd), `k`, `v` (B, T, kv_heads, hd) → (B, T, heads, hd).

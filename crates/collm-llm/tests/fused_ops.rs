@@ -153,12 +153,17 @@ fn swiglu_matches_composed() {
 
 #[test]
 fn attention_matches_composed_with_grouped_heads_and_padding() {
-    let (b, t, hd) = (3, 7, 8);
-    for (heads, kv_heads) in [(4, 2), (2, 2), (3, 1)] {
-        for mask in [
-            Mask::left_padded(&[7, 4, 1], t),
-            Mask::right_padded(&[2, 7, 5], t),
-        ] {
+    // T = 7 fits one block of query rows; T = 70 spans three, with padding that starts and
+    // ends inside blocks.
+    let (b, hd) = (3, 8);
+    for (t, heads, kv_heads, lens) in [
+        (7, 4, 2, [7, 4, 1]),
+        (7, 2, 2, [2, 7, 5]),
+        (7, 3, 1, [7, 1, 6]),
+        (70, 4, 2, [70, 45, 5]),
+        (70, 3, 3, [33, 70, 64]),
+    ] {
+        for mask in [Mask::left_padded(&lens, t), Mask::right_padded(&lens, t)] {
             let km = KeyMask {
                 data: Arc::new(mask.data.clone()),
                 batch: b,
@@ -180,7 +185,7 @@ fn attention_matches_composed_with_grouped_heads_and_padding() {
             compare(
                 &xs,
                 &|x| {
-                    ops::attention(&x[0], &x[1], &x[2], &km)
+                    ops::attention(&x[0], &x[1], &x[2], &km, None)
                         .unwrap()
                         .broadcast_mul(&real)
                         .unwrap()
@@ -207,7 +212,7 @@ fn attention_gives_padding_rows_zeros_and_no_nan() {
     };
     let q = randn(&[1, 4, 2, 4], 1);
     let kv = randn(&[1, 4, 1, 4], 2);
-    let out = ops::attention(&q, &kv, &kv, &km).unwrap();
+    let out = ops::attention(&q, &kv, &kv, &km, None).unwrap();
     let v = out.flatten_all().unwrap().to_vec1::<f32>().unwrap();
     assert!(v[..3 * 8].iter().all(|x| *x == 0.0));
     // The one real row attends to itself only: its output is its own value vector.
@@ -217,12 +222,57 @@ fn attention_gives_padding_rows_zeros_and_no_nan() {
 }
 
 #[test]
+fn attention_with_rope_inside_matches_rope_then_attention() {
+    let (b, t, heads, kv_heads, hd) = (2, 5, 4, 2, 8);
+    let inv: Vec<f32> = (0..hd / 2)
+        .map(|i| 1.0 / 100f32.powf(2.0 * i as f32 / hd as f32))
+        .collect();
+    let mask = Mask::left_padded(&[5, 3], t);
+    let tables = RopeTables::new(&mask.position_ids(), &inv);
+    let km = KeyMask {
+        data: Arc::new(mask.data.clone()),
+        batch: b,
+        seq: t,
+    };
+    let real = Tensor::from_vec(
+        mask.data.iter().map(|&m| m as f32).collect::<Vec<_>>(),
+        (b, t, 1, 1),
+        &DEV,
+    )
+    .unwrap();
+    let xs = [
+        randn(&[b, t, heads, hd], 1),
+        randn(&[b, t, kv_heads, hd], 2),
+        randn(&[b, t, kv_heads, hd], 3),
+    ];
+    compare(
+        &xs,
+        &|x| {
+            ops::attention(&x[0], &x[1], &x[2], &km, Some(&tables))
+                .unwrap()
+                .broadcast_mul(&real)
+                .unwrap()
+        },
+        &|x| {
+            let q = ops::rope(&x[0], &tables).unwrap();
+            let k = ops::rope(&x[1], &tables).unwrap();
+            ops::attention(&q, &k, &x[2], &km, None)
+                .unwrap()
+                .broadcast_mul(&real)
+                .unwrap()
+        },
+        1e-5,
+    );
+}
+
+#[test]
 fn linear_matches_matmul_and_gives_the_weight_no_gradient() {
     let x = randn(&[2, 3, 12], 1);
     let w = randn(&[5, 12], 2);
     let b = randn(&[5], 3);
-    let add = randn(&[6, 5], 4);
-    let fused = |t: &[Tensor]| ops::linear(&t[0], &w, Some(&b), Some(&t[1])).unwrap();
+    let low = randn(&[6, 4], 4);
+    let bm = randn(&[5, 4], 5);
+    let fused = |t: &[Tensor]| ops::linear(&t[0], &w, Some(&b), Some((&t[1], &t[2]))).unwrap();
     let reference = |t: &[Tensor]| {
         (t[0]
             .reshape((6, 12))
@@ -231,13 +281,13 @@ fn linear_matches_matmul_and_gives_the_weight_no_gradient() {
             .unwrap()
             .broadcast_add(&b)
             .unwrap()
-            + &t[1])
-            .unwrap()
-            .reshape((2, 3, 5))
-            .unwrap()
+            + t[1].matmul(&t[2].t().unwrap()).unwrap())
+        .unwrap()
+        .reshape((2, 3, 5))
+        .unwrap()
     };
-    compare(&[x.clone(), add], &fused, &reference, 1e-5);
-    // Without an addend and bias too; a frozen weight gets nothing.
+    compare(&[x.clone(), low, bm], &fused, &reference, 1e-5);
+    // Without LoRA and bias too; a frozen weight gets nothing.
     let wv = Var::from_tensor(&w).unwrap();
     let xv = Var::from_tensor(&x).unwrap();
     let y = ops::linear(xv.as_tensor(), wv.as_tensor(), None, None).unwrap();

@@ -152,6 +152,12 @@ pub struct ExperimentConfig {
     pub max_layers: Option<usize>,
     #[serde(default = "defaults::eval_batch")]
     pub eval_batch_size: usize,
+    /// Group training batches by prompt length: each run of this many batches of the epoch's
+    /// shuffled order is sorted by prompt length, cut into batches, and those batches are
+    /// shuffled (seeded, so resume sees the same order). Less padding; 0 or 1 = off (plain
+    /// shuffled batches, as the reference). Scoring always groups by length.
+    #[serde(default)]
+    pub length_buckets: usize,
     #[serde(default = "d")]
     pub name: String,
 }

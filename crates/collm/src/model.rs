@@ -248,6 +248,16 @@ impl CoLlm {
         })
     }
 
+    /// Token count of each row's prompt.
+    pub fn prompt_lengths(&self, rows: &[Interaction], titles: &[String]) -> Result<Vec<usize>> {
+        let all: Vec<&Interaction> = rows.iter().collect();
+        Ok(self
+            .encode_prompts(&all, titles)?
+            .iter()
+            .map(|e| e.ids.len())
+            .collect())
+    }
+
     /// Scores of many rows, in input order, without gradients; batched by prompt length.
     pub fn predict(
         &self,
@@ -268,12 +278,7 @@ impl CoLlm {
             .progress_chars("=> "),
         );
         // Batches of similar prompt lengths pad little; results go back to input order.
-        let all: Vec<&Interaction> = rows.iter().collect();
-        let lens: Vec<usize> = self
-            .encode_prompts(&all, titles)?
-            .iter()
-            .map(|e| e.ids.len())
-            .collect();
+        let lens = self.prompt_lengths(rows, titles)?;
         let mut order: Vec<usize> = (0..rows.len()).collect();
         order.sort_by_key(|&k| lens[k]);
         let mut out = vec![0f64; rows.len()];

@@ -184,6 +184,43 @@ fn epoch_order(seed: u64, epoch: usize, n: usize) -> Vec<usize> {
     v
 }
 
+/// The epoch's row order with batches grouped by prompt length (`length_buckets`): each window
+/// of `window` batches of the shuffled order is sorted by length (stably), cut into batches,
+/// and those batches are shuffled. A function of (seed, epoch) only, so a resumed run sees the
+/// same batches.
+pub fn bucketed_order(
+    seed: u64,
+    epoch: usize,
+    lens: &[usize],
+    batch: usize,
+    window: usize,
+) -> Vec<usize> {
+    let base = epoch_order(seed, epoch, lens.len());
+    if window <= 1 || batch == 0 {
+        return base;
+    }
+    let mut rng = ChaCha8Rng::seed_from_u64(
+        seed ^ 0xb0c4 ^ (epoch as u64 + 1).wrapping_mul(0xD6E8_FEB8_6659_FD93),
+    );
+    let mut out = Vec::with_capacity(base.len());
+    for chunk in base.chunks(batch * window) {
+        let mut rows = chunk.to_vec();
+        rows.sort_by_key(|&k| lens[k]);
+        let mut batches: Vec<&[usize]> = rows.chunks(batch).collect();
+        // A short last batch stays last (it is the epoch's remainder).
+        let full = if rows.len() % batch == 0 {
+            batches.len()
+        } else {
+            batches.len() - 1
+        };
+        batches[..full].shuffle(&mut rng);
+        for b in batches {
+            out.extend_from_slice(b);
+        }
+    }
+    out
+}
+
 fn json_atomic<T: Serialize>(path: &Path, v: &T) -> Result<()> {
     write_file_atomic(path, serde_json::to_string_pretty(v)?.as_bytes())
 }
@@ -258,6 +295,11 @@ pub fn train(cfg: &ExperimentConfig, out: &Path, opts: &TrainOptions) -> Result<
     }
     model.score_offset = state.score_offset;
     let counts = TrainCounts::from_dataset(&ds)?;
+    let lens = if cfg.length_buckets > 1 {
+        Some(model.prompt_lengths(&train, titles)?)
+    } else {
+        None
+    };
     let per_epoch = train.len().div_ceil(cfg.batch_size).max(1);
     let pb = if opts.quiet {
         indicatif::ProgressBar::hidden()
@@ -287,7 +329,10 @@ pub fn train(cfg: &ExperimentConfig, out: &Path, opts: &TrainOptions) -> Result<
         for micro in 0..cfg.grad_accum {
             let global = state.step * cfg.grad_accum + micro;
             let (epoch, pos) = (global / per_epoch, global % per_epoch);
-            let order = epoch_order(cfg.seed, epoch, train.len());
+            let order = match &lens {
+                Some(l) => bucketed_order(cfg.seed, epoch, l, cfg.batch_size, cfg.length_buckets),
+                None => epoch_order(cfg.seed, epoch, train.len()),
+            };
             let rows: Vec<&Interaction> = order
                 [pos * cfg.batch_size..((pos + 1) * cfg.batch_size).min(train.len())]
                 .iter()
@@ -468,4 +513,52 @@ pub fn evaluate(run: &Path, split: &str, progress: bool) -> Result<(Report, Vec<
     let rows = &ds.split(split)?.rows;
     let scores = model.predict(rows, &ds.titles, progress)?;
     Ok((Report::for_split(&ds, split, &scores)?, scores))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bucketed_order_is_a_seeded_permutation_with_less_padding() {
+        let lens: Vec<usize> = (0..1000).map(|k| 20 + (k * 7919) % 97).collect();
+        let (batch, window) = (8, 16);
+        let order = bucketed_order(3, 2, &lens, batch, window);
+        let mut sorted = order.clone();
+        sorted.sort_unstable();
+        assert_eq!(sorted, (0..1000).collect::<Vec<_>>(), "a permutation");
+        assert_eq!(order, bucketed_order(3, 2, &lens, batch, window), "seeded");
+        assert_ne!(
+            order,
+            bucketed_order(3, 3, &lens, batch, window),
+            "per epoch"
+        );
+        assert_eq!(
+            bucketed_order(3, 2, &lens, batch, 1),
+            epoch_order(3, 2, 1000)
+        );
+        // Padded tokens: sum over batches of (max length · size − sum of lengths).
+        let padding = |o: &[usize]| -> usize {
+            o.chunks(batch)
+                .map(|b| {
+                    let max = b.iter().map(|&k| lens[k]).max().unwrap();
+                    b.iter().map(|&k| max - lens[k]).sum::<usize>()
+                })
+                .sum()
+        };
+        let plain = padding(&epoch_order(3, 2, 1000));
+        let grouped = padding(&order);
+        assert!(grouped * 4 < plain, "padding {grouped} vs {plain}");
+        // Each window holds the same rows as the plain order's window.
+        let base = epoch_order(3, 2, 1000);
+        for (a, b) in order
+            .chunks(batch * window)
+            .zip(base.chunks(batch * window))
+        {
+            let (mut a, mut b) = (a.to_vec(), b.to_vec());
+            a.sort_unstable();
+            b.sort_unstable();
+            assert_eq!(a, b);
+        }
+    }
 }
