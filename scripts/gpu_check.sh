@@ -26,8 +26,16 @@ if [ "$stage" = stage1 ]; then
   timeout 180 python3 /tmp/collm-gpu/ref_lora_throughput.py --device cuda --dtype bf16 --plan "$PLAN" \
     --steps 3 --warm 1 > "$OUT/ref.log" 2>&1
   echo "reference exit $?"
-  timeout 120 "$BIN" bench llm --plan "$PLAN" --dtype bf16 --steps 3 --warm 1 --json > "$OUT/ours.log" 2>&1
-  echo "collm exit $?"
+  # One process per row, with the card's memory sampled while it runs (candle reports none).
+  : > "$OUT/ours.log"
+  for row in ${PLAN//,/ }; do
+    nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 200 > "$OUT/mem-$row.log" 2>/dev/null &
+    smi=$!
+    timeout 100 "$BIN" bench llm --plan "$row" --dtype bf16 --steps 3 --warm 1 --json >> "$OUT/ours.log" 2>&1
+    echo "collm $row exit $?"
+    kill $smi 2>/dev/null; wait $smi 2>/dev/null
+    echo "{\"mem_row\": \"$row\", \"peak_used_mib\": $(sort -n "$OUT/mem-$row.log" | tail -1 | tr -dc 0-9)}" >> "$OUT/ours.log"
+  done
   python3 - "$OUT" <<'PY'
 import json, sys
 out = sys.argv[1]
@@ -44,16 +52,24 @@ def rows(path):
                 r[(d["model"], int(d["batch"]))] = d
     return r
 ref, ours = rows(out + "/ref.log"), rows(out + "/ours.log")
+mem = {}
+for line in open(out + "/ours.log"):
+    if line.startswith('{"mem_row"'):
+        d = json.loads(line)
+        m, b = d["mem_row"].split(":")
+        mem[(m, int(b))] = d["peak_used_mib"] / 1024
 gpu = open(out + "/gpu.txt").read().strip()
 print(f"\n{gpu}: collm (candle, bf16) vs PyTorch+PEFT (bf16, logits_to_keep=1), samples/s")
-print(f"{'model':<14} {'batch':>5} {'torch train':>11} {'collm train':>11} {'ratio':>6} {'torch score':>11} {'collm score':>11} {'ratio':>6}")
+print(f"{'model':<14} {'batch':>5} {'torch train':>11} {'collm train':>11} {'ratio':>6} {'torch score':>11} {'collm score':>11} {'ratio':>6} {'torch GiB':>9} {'collm GiB':>9}")
 for k in sorted(set(ref) | set(ours)):
     a, b = ref.get(k, {}), ours.get(k, {})
     f = lambda d, key: d.get(key) if isinstance(d.get(key), (int, float)) else float("nan")
     ta, tb = f(a, "train_samples_per_s"), f(b, "train_samples_per_s")
     ia, ib = f(a, "infer_samples_per_s"), f(b, "infer_samples_per_s")
     err = b.get("error") or a.get("error") or ""
-    print(f"{k[0]:<14} {k[1]:>5} {ta:>11.1f} {tb:>11.1f} {tb/ta:>6.2f} {ia:>11.1f} {ib:>11.1f} {ib/ia:>6.2f} {err[:60]}")
+    ma, mb = f(a, "peak_gib"), mem.get(k, float("nan"))
+    print(f"{k[0]:<14} {k[1]:>5} {ta:>11.1f} {tb:>11.1f} {tb/ta:>6.2f} {ia:>11.1f} {ib:>11.1f} {ib/ia:>6.2f} {ma:>9.1f} {mb:>9.1f} {err[:60]}")
+print("(torch GiB: max_memory_allocated; collm GiB: the card's memory.used, sampled every 200 ms, whole process)")
 PY
   exit 0
 fi

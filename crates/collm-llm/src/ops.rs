@@ -108,8 +108,15 @@ fn exp(x: f32) -> f32 {
     y * f32::from_bits(((n as i32 + 127) << 23) as u32)
 }
 
+/// A tensor shaped and typed like `like` from f32 values (converted in parallel for bf16).
 fn tensor_from(v: Vec<f32>, like: &Tensor) -> Result<Tensor> {
-    Tensor::from_vec(v, like.shape(), like.device())?.to_dtype(like.dtype())
+    match like.dtype() {
+        DType::BF16 => {
+            let h: Vec<bf16> = v.into_par_iter().map(bf16::from_f32).collect();
+            Tensor::from_vec(h, like.shape(), like.device())
+        }
+        _ => Tensor::from_vec(v, like.shape(), like.device())?.to_dtype(like.dtype()),
+    }
 }
 
 fn pool_parallelism() -> gemm::Parallelism {
@@ -985,13 +992,36 @@ impl FrozenLinear {
         Ok((from_f32(y, dtype)?, Shape::from(out)))
     }
 
-    /// `grad (…, out) · W` → (…, in), in the input's dtype.
+    /// `grad (…, out) · W` → (…, in), in the input's dtype; computed in f32 like the forward
+    /// pass (candle's CPU matmul has no fast bf16 kernel).
     fn grad_x(&self, grad: &Tensor, x: &Tensor) -> Result<Tensor> {
-        let (fan_out, _) = self.w.dims2()?;
-        let g = grad.reshape(((), fan_out))?;
-        g.matmul(&self.w.to_dtype(g.dtype())?)?
-            .reshape(x.shape())?
-            .to_dtype(x.dtype())
+        let (fan_out, fan_in) = self.w.dims2()?;
+        cpu_f32!(grad => g);
+        cpu_f32!(self.w => w);
+        let n = g.len() / fan_out;
+        if n * fan_in != x.elem_count() {
+            bail!(
+                "linear: gradient {:?} for input {:?}",
+                grad.shape(),
+                x.shape()
+            );
+        }
+        let mut dx = vec![0f32; n * fan_in];
+        // dx (n×in) = g (n×out) · W (out×in)
+        matmul(
+            n,
+            fan_in,
+            fan_out,
+            &mut dx,
+            fan_in,
+            false,
+            &g,
+            (fan_out, 1),
+            &w,
+            (fan_in, 1),
+            pool_parallelism(),
+        );
+        tensor_from(dx, x)
     }
 }
 

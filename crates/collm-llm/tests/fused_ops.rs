@@ -354,6 +354,21 @@ fn bf16_ops_follow_the_f32_ones() {
     )
     .unwrap();
     assert!(max_diff(&s16.to_dtype(DType::F32).unwrap(), &s32) < 0.02);
+    // The projection and its input gradient, bf16 against f32.
+    let w = (randn(&[24, 32], 4) * 0.2).unwrap();
+    let grad_of = |dtype: DType| {
+        let xv = Var::from_tensor(&x.to_dtype(dtype).unwrap()).unwrap();
+        let y = ops::linear(xv.as_tensor(), &w.to_dtype(dtype).unwrap(), None, None).unwrap();
+        assert_eq!(y.dtype(), dtype);
+        let loss = probe(&y.to_dtype(DType::F32).unwrap(), 7);
+        let g = loss.backward().unwrap();
+        let gx = g.get(xv.as_tensor()).unwrap().to_dtype(DType::F32).unwrap();
+        (y.to_dtype(DType::F32).unwrap(), gx)
+    };
+    let (y32, g32) = grad_of(DType::F32);
+    let (y16, g16) = grad_of(DType::BF16);
+    assert!(max_diff(&y16, &y32) < 0.05, "{}", max_diff(&y16, &y32));
+    assert!(max_diff(&g16, &g32) < 0.05, "{}", max_diff(&g16, &g32));
 }
 
 fn tiny(name: &str) -> Decoder {
