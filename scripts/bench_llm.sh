@@ -8,6 +8,7 @@
 # whole process, as for PyTorch). Logs: target/bench-llm/. Needs torch, transformers and peft.
 #   scripts/bench_llm.sh                   # SmolLM2-135M shape, batch 8, seq 160
 #   PLAN=smollm2-135m:8 DTYPES=f32 STEPS=5 scripts/bench_llm.sh
+#   BASELINE_BIN=/path/to/older/collm scripts/bench_llm.sh   # also an older build, same run
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REF=${REF:-../shared/bench/ref_lora_throughput.py}
@@ -36,6 +37,14 @@ for path in $PATHS; do
       || echo "collm $path $dt failed (see $LOG/collm-$path-$dt.jsonl)" >&2
   done
 done
+if [ -n "${BASELINE_BIN:-}" ]; then
+  for dt in $DTYPES; do
+    echo "collm baseline ($BASELINE_BIN), $dt ..." >&2
+    /usr/bin/time -f %M -o "$LOG/baseline-$dt.rss" env RAYON_NUM_THREADS=$THREADS \
+      "$BASELINE_BIN" bench llm --plan "$PLAN" --dtype "$dt" --steps "$STEPS" --warm "$WARM" \
+      > "$LOG/baseline-$dt.jsonl" || echo "baseline $dt failed" >&2
+  done
+fi
 python3 - "$LOG" "$THREADS" <<'PY'
 import glob, json, os, sys
 log, threads = sys.argv[1], sys.argv[2]
@@ -46,7 +55,7 @@ def rows(path):
         if not line.startswith("{"):
             continue
         d = json.loads(line)
-        if "model" in d and not d.get("all_logits", False) and "error" not in d:
+        if "model" in d and "train_samples_per_s" in d and not d.get("all_logits", False):
             out[(d["model"], int(d["batch"]))] = d
     return out
 def rss(path):

@@ -203,9 +203,10 @@ impl Ctx<'_> {
         rms_norm(fused, self.pass.needs_grad(), x, w, self.eps)
     }
 
-    /// LoRA dropout: on the CPU a counter-based mask (never stored); on other devices a mask
-    /// drawn there (no host draws, no upload) from the device generator seeded per call. Both seeds come from the step's
-    /// `TrainCtx`, so a resumed run draws the same masks.
+    /// LoRA dropout. On the CPU: the same draws from the step's `TrainCtx` generator as the
+    /// composed `collm_nn::layers::dropout` (so resumed and older runs see the same masks),
+    /// drawn in parallel and kept as bits. On other devices: a mask drawn there (no host
+    /// draws, no upload) from the device generator seeded from the step's generator.
     fn dropout(&self, x: &Tensor, p: f64) -> Result<Tensor> {
         let Some(train) = self.pass.train else {
             return Ok(x.clone());
@@ -213,13 +214,12 @@ impl Ctx<'_> {
         if p <= 0.0 {
             return Ok(x.clone());
         }
-        let seed: u64 = train.rng.borrow_mut().gen();
         let dev = x.device();
+        let mut rng = train.rng.borrow_mut();
         Ok(match dev {
-            // The CPU kernel serves both paths (candle's CPU generator cannot be seeded).
-            Device::Cpu => ops::dropout(x, p, seed)?,
+            Device::Cpu => ops::dropout(x, p, &mut rng)?,
             _ => {
-                dev.set_seed(seed)?;
+                dev.set_seed(rng.gen())?;
                 let keep = Tensor::rand(0f32, 1f32, x.shape(), dev)?
                     .ge(p)?
                     .to_dtype(x.dtype())?;

@@ -12,8 +12,9 @@
 //!   to q and k inside (the rotated copies are never stored), grouped-query heads read in place
 //!   (no K/V copies), output already in `(B, T, heads·hd)` order; the backward recomputes the
 //!   probabilities flash-style, so memory grows with T, not T²;
-//! - [`dropout`]: inverted dropout whose mask comes from a counter-based generator (a seed and
-//!   the element index), so it is never stored: the backward draws it again;
+//! - [`dropout`]: inverted dropout drawing the same ChaCha stream as the composed
+//!   `collm_nn::layers::dropout`, but in parallel (ChaCha is counter-based: each chunk seeks to
+//!   its position); the mask is kept as bits, not as a tensor;
 //! - [`linear`]: a frozen projection `x Wᵀ (+ b)` plus its LoRA path's last factor
 //!   (`+ low Bᵀ`), whose backward gives `x`, `low` and `B` gradients and the frozen weight none.
 //!
@@ -840,21 +841,9 @@ pub fn attention(
 // Dropout
 // ---------------------------------------------------------------------------------------------
 
-/// SplitMix64 of (seed, index): a counter-based generator, so element `i` of a mask can be
-/// drawn again, in any order, on any thread.
-#[inline]
-fn keep(seed: u64, i: u64, threshold: u32) -> bool {
-    let mut z = seed.wrapping_add(i.wrapping_add(1).wrapping_mul(0x9E37_79B9_7F4A_7C15));
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^= z >> 31;
-    ((z >> 32) as u32) >= threshold
-}
-
 struct Dropout {
-    seed: u64,
-    /// Elements with a 32-bit draw below this are dropped: `p · 2³²`.
-    threshold: u32,
+    /// Bit `i` set: element `i` is kept (and scaled).
+    keep: Arc<Vec<u64>>,
     scale: f32,
 }
 
@@ -865,15 +854,20 @@ impl CustomOp1 for Dropout {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let dtype = s.dtype();
         let x = as_f32(s, l)?;
+        if x.len().div_ceil(64) != self.keep.len() {
+            bail!(
+                "dropout: a mask of {} words for {} elements",
+                self.keep.len(),
+                x.len()
+            );
+        }
         let mut y = vec![0f32; x.len()];
-        const CHUNK: usize = 4096;
-        y.par_chunks_mut(CHUNK)
-            .zip(x.par_chunks(CHUNK))
-            .enumerate()
-            .for_each(|(c, (y, x))| {
-                let base = (c * CHUNK) as u64;
+        y.par_chunks_mut(64)
+            .zip(x.par_chunks(64))
+            .zip(self.keep.par_iter())
+            .for_each(|((y, x), &bits)| {
                 for (i, (y, x)) in y.iter_mut().zip(x).enumerate() {
-                    *y = if keep(self.seed, base + i as u64, self.threshold) {
+                    *y = if bits >> i & 1 == 1 {
                         x * self.scale
                     } else {
                         0.0
@@ -883,26 +877,50 @@ impl CustomOp1 for Dropout {
         Ok((from_f32(y, dtype)?, l.shape().clone()))
     }
     fn bwd(&self, _x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        // Linear in x: the gradient goes through the same mask, drawn again from the seed.
+        // Linear in x: the gradient goes through the same mask.
         let op = Dropout {
-            seed: self.seed,
-            threshold: self.threshold,
+            keep: self.keep.clone(),
             scale: self.scale,
         };
         Ok(Some(grad.contiguous()?.apply_op1(op)?))
     }
 }
 
-/// Inverted dropout with probability `p`; the mask is a function of `seed` and the element's
-/// index in row-major order.
-pub fn dropout(x: &Tensor, p: f64, seed: u64) -> Result<Tensor> {
+/// Inverted dropout with probability `p`, drawing exactly what `collm_nn::layers::dropout`
+/// draws from `rng`: one `f64` per element in row-major order, dropped when below `p` (so runs
+/// and checkpoints from before the fused kernels replay the same masks). ChaCha is
+/// counter-based, so chunks of the mask are drawn in parallel by seeking to their word
+/// position; `rng` ends where the sequential draws would leave it. The mask is kept as bits
+/// for the backward pass.
+pub fn dropout(x: &Tensor, p: f64, rng: &mut rand_chacha::ChaCha8Rng) -> Result<Tensor> {
+    use rand::RngCore;
     if !(0.0..1.0).contains(&p) {
         bail!("dropout probability {p} outside [0, 1)");
     }
-    let threshold = (p * 4_294_967_296.0).round().min(u32::MAX as f64) as u32;
+    let n = x.elem_count();
+    let base = rng.get_word_pos();
+    let start = rng.clone();
+    // Elements per parallel chunk: whole words of the bit mask.
+    const CHUNK: usize = 1 << 14;
+    let mut keep = vec![0u64; n.div_ceil(64)];
+    keep.par_chunks_mut(CHUNK / 64)
+        .enumerate()
+        .for_each(|(c, words)| {
+            let mut r = start.clone();
+            let e0 = c * CHUNK;
+            // Each f64 draw is one next_u64: two 32-bit words.
+            r.set_word_pos(base + 2 * e0 as u128);
+            for e in e0..(e0 + CHUNK).min(n) {
+                // rand's Standard f64: the top 53 bits, scaled to [0, 1).
+                let u = (r.next_u64() >> 11) as f64 * (1.0 / (1u64 << 53) as f64);
+                if u >= p {
+                    words[(e - e0) / 64] |= 1 << ((e - e0) % 64);
+                }
+            }
+        });
+    rng.set_word_pos(base + 2 * n as u128);
     x.contiguous()?.apply_op1(Dropout {
-        seed,
-        threshold,
+        keep: Arc::new(keep),
         scale: (1.0 / (1.0 - p)) as f32,
     })
 }
