@@ -11,9 +11,10 @@
 //! - a backward pass through everything (for LoRA, injected embeddings, the CIE mapper).
 //!
 //! Two implementations of the same maths: on the CPU the fused ops of [`crate::ops`] (one
-//! kernel per RMSNorm, RoPE, attention, SwiGLU, dropout and frozen projection, each with its
-//! own backward); elsewhere (CUDA) the composed candle ops of [`crate::ops::composed`], with
-//! dropout masks drawn on the device. Tests run both and compare them.
+//! kernel each for RMSNorm, attention with RoPE, SwiGLU, dropout and the frozen projection with
+//! its LoRA, each with its own backward); elsewhere (CUDA) the composed candle ops of
+//! [`crate::ops::composed`], with the attention bias and dropout masks made on the device.
+//! Tests run both and compare them, in inference and in training (same dropout masks).
 
 use crate::config::LlamaConfig;
 use crate::load::Weights;
