@@ -20,7 +20,7 @@
 //!
 //! Every op is checked against [`composed`] (forward and gradients) and by finite differences in
 //! `tests/fused_ops.rs`. Only the CPU has these kernels; on other devices the decoder takes the
-//! composed path (see `Decoder::fused`). Tensors are f32 or bf16; bf16 is computed in f32.
+//! composed path (`Decoder::set_fused`). Tensors are f32 or bf16; bf16 is computed in f32.
 
 use candle_core::backend::BackendStorage;
 use candle_core::{
