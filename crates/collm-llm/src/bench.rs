@@ -6,7 +6,7 @@
 //! position), so that its numbers and these compare.
 
 use crate::load::{bench_shape, random_weights};
-use crate::{Decoder, Lora, LoraConfig, Mask, Pass};
+use crate::{dtype_name, Decoder, Lora, LoraConfig, Mask, Pass};
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
 use collm_nn::optim::{Adam, Decay};
@@ -73,15 +73,6 @@ pub fn peak_rss_mib() -> Option<f64> {
 /// as memory held from earlier rows allows.
 pub fn reset_peak_rss() {
     let _ = std::fs::write("/proc/self/clear_refs", "5");
-}
-
-pub fn dtype_name(d: DType) -> &'static str {
-    match d {
-        DType::F32 => "f32",
-        DType::BF16 => "bf16",
-        DType::F16 => "f16",
-        _ => "other",
-    }
 }
 
 /// Runs one benchmark row.

@@ -144,7 +144,8 @@ impl Mask {
         out
     }
 
-    fn key_mask(&self) -> KeyMask {
+    /// The mask in the form the fused attention kernel reads.
+    pub fn key_mask(&self) -> KeyMask {
         KeyMask {
             data: std::sync::Arc::new(self.data.clone()),
             batch: self.batch,

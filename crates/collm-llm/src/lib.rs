@@ -60,3 +60,13 @@ pub fn parse_dtype(s: &str) -> Result<DType> {
         other => bail!("unknown dtype '{other}' (f32, bf16, f16)"),
     }
 }
+
+/// The name [`parse_dtype`] reads.
+pub fn dtype_name(d: DType) -> &'static str {
+    match d {
+        DType::F32 => "f32",
+        DType::BF16 => "bf16",
+        DType::F16 => "f16",
+        _ => "other",
+    }
+}

@@ -69,16 +69,6 @@ fn round(x: f32, dtype: DType) -> f32 {
     }
 }
 
-/// A tensor's elements as f32, for the backward passes (which get tensors, not storages).
-fn tensor_f32(t: &Tensor) -> Result<Vec<f32>> {
-    let t = t.contiguous()?;
-    let (s, l) = t.storage_and_layout();
-    match &*s {
-        Storage::Cpu(c) => Ok(as_f32(c, l)?.into_owned()),
-        _ => bail!("fused op: CPU tensor expected"),
-    }
-}
-
 /// Binds `$v` to the elements of the CPU tensor `$t` as f32 for the rest of the block:
 /// borrowed from its storage when it is a contiguous f32 tensor (no copy), converted otherwise.
 macro_rules! cpu_f32 {
@@ -998,9 +988,9 @@ impl FrozenLinear {
             );
         }
         if let Some(b) = &self.b {
-            let bv = tensor_f32(b)?;
+            cpu_f32!(b => bv);
             y.par_chunks_mut(fan_out).for_each(|row| {
-                for (y, b) in row.iter_mut().zip(&bv) {
+                for (y, b) in row.iter_mut().zip(bv.iter()) {
                     *y += b;
                 }
             });

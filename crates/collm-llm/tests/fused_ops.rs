@@ -3,10 +3,9 @@
 
 use candle_core::{DType, Device, Tensor, Var};
 use collm_llm::load::load_hf_dir;
-use collm_llm::ops::{self, composed, KeyMask, RopeTables};
+use collm_llm::ops::{self, composed, RopeTables};
 use collm_llm::{Decoder, Lora, LoraConfig, Mask, Pass};
 use std::path::Path;
-use std::sync::Arc;
 
 const DEV: Device = Device::Cpu;
 
@@ -38,6 +37,13 @@ fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
         .unwrap()
         .to_scalar::<f32>()
         .unwrap()
+}
+
+/// 1 at a mask's real positions, 0 at padding, shaped `shape` (for comparing real rows only:
+/// a padding row's output is never read).
+fn real_rows(mask: &Mask, shape: impl Into<candle_core::Shape>) -> Tensor {
+    let v: Vec<f32> = mask.data.iter().map(|&m| m as f32).collect();
+    Tensor::from_vec(v, shape, &DEV).unwrap()
 }
 
 /// `sum(out · r)` for a fixed random `r`: a scalar whose gradient reaches every output.
@@ -164,19 +170,9 @@ fn attention_matches_composed_with_grouped_heads_and_padding() {
         (70, 3, 3, [33, 70, 64]),
     ] {
         for mask in [Mask::left_padded(&lens, t), Mask::right_padded(&lens, t)] {
-            let km = KeyMask {
-                data: Arc::new(mask.data.clone()),
-                batch: b,
-                seq: t,
-            };
+            let km = mask.key_mask();
             let bias = composed::attention_bias(&km, DType::F32, &DEV).unwrap();
-            // Only real query rows are compared: a padding row's output is never read.
-            let real = Tensor::from_vec(
-                mask.data.iter().map(|&m| m as f32).collect::<Vec<_>>(),
-                (b, t, 1, 1),
-                &DEV,
-            )
-            .unwrap();
+            let real = real_rows(&mask, (b, t, 1, 1));
             let xs = [
                 randn(&[b, t, heads, hd], 6),
                 randn(&[b, t, kv_heads, hd], 7),
@@ -205,11 +201,7 @@ fn attention_matches_composed_with_grouped_heads_and_padding() {
 #[test]
 fn attention_gives_padding_rows_zeros_and_no_nan() {
     let mask = Mask::left_padded(&[1], 4);
-    let km = KeyMask {
-        data: Arc::new(mask.data.clone()),
-        batch: 1,
-        seq: 4,
-    };
+    let km = mask.key_mask();
     let q = randn(&[1, 4, 2, 4], 1);
     let kv = randn(&[1, 4, 1, 4], 2);
     let out = ops::attention(&q, &kv, &kv, &km, None).unwrap();
@@ -229,17 +221,8 @@ fn attention_with_rope_inside_matches_rope_then_attention() {
         .collect();
     let mask = Mask::left_padded(&[5, 3], t);
     let tables = RopeTables::new(&mask.position_ids(), &inv);
-    let km = KeyMask {
-        data: Arc::new(mask.data.clone()),
-        batch: b,
-        seq: t,
-    };
-    let real = Tensor::from_vec(
-        mask.data.iter().map(|&m| m as f32).collect::<Vec<_>>(),
-        (b, t, 1, 1),
-        &DEV,
-    )
-    .unwrap();
+    let km = mask.key_mask();
+    let real = real_rows(&mask, (b, t, 1, 1));
     let xs = [
         randn(&[b, t, heads, hd], 1),
         randn(&[b, t, kv_heads, hd], 2),
@@ -410,12 +393,7 @@ fn fused_decoder_matches_the_composed_one_forward_and_backward() {
             let g = loss.backward().unwrap();
             let mut out = vec![logits];
             // Only real positions' embedding gradients: padding feeds nothing real.
-            let real = Tensor::from_vec(
-                mask.data.iter().map(|&m| m as f32).collect::<Vec<_>>(),
-                (2, mask.seq, 1),
-                &DEV,
-            )
-            .unwrap();
+            let real = real_rows(&mask, (2, mask.seq, 1));
             out.push(
                 g.get(emb.as_tensor())
                     .unwrap()
