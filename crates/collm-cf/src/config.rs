@@ -128,9 +128,16 @@ impl CfConfig {
     }
 
     /// Parses a TOML config: `model` is required, everything else defaults per model.
+    /// A run's own `config.toml` (`[cf]` and `[data]`) is accepted too: its `[cf]` table is the
+    /// config, so "train this again" is `--config RUN/config.toml`.
     pub fn from_toml(text: &str, origin: &str) -> Result<Self> {
-        let table: toml::Table =
+        let mut table: toml::Table =
             toml::from_str(text).with_context(|| format!("{origin}: not valid TOML"))?;
+        if !table.contains_key("model") && table.contains_key("data") {
+            if let Some(toml::Value::Table(cf)) = table.remove("cf") {
+                table = cf;
+            }
+        }
         let model = table
             .get("model")
             .and_then(|v| v.as_str())
@@ -171,6 +178,7 @@ impl CfConfig {
             ("batch_size", self.batch_size),
             ("eval_batch_size", self.eval_batch_size),
             ("max_epochs", self.max_epochs),
+            ("patience", self.patience),
             ("heads", self.heads),
         ];
         for (name, v) in positive {

@@ -6,7 +6,8 @@
 //!                        (name, path, content_sha256, num_users, num_items)
 //!   model.safetensors    the best weights (by valid AUC)
 //!   metrics.json         the training curve and the best valid report
-//!   checkpoint/          the last epoch's weights, optimizer state and loop state (--resume)
+//!   checkpoint/          the last epoch's weights, optimizer state and loop state (--resume),
+//!                        committed as a whole (`collm_nn::run`)
 //! ```
 //! Evaluating a run on another dataset than the one it was trained on is an error.
 
@@ -20,7 +21,6 @@ use std::path::Path;
 pub const CONFIG_FILE: &str = "config.toml";
 pub const MODEL_FILE: &str = "model.safetensors";
 pub const METRICS_FILE: &str = "metrics.json";
-pub const CHECKPOINT_DIR: &str = "checkpoint";
 
 /// The dataset a run was trained on.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

@@ -1,7 +1,6 @@
 //! A grid search over learning rate, weight decay and embedding size (the paper's search
 //! space by default), selecting by valid AUC. Each point is a full run under `OUT/runs/`.
 
-use crate::run::METRICS_FILE;
 use crate::train::{train, TrainMetrics, TrainOptions};
 use crate::CfConfig;
 use anyhow::Result;
@@ -57,7 +56,7 @@ pub fn sweep(base: &CfConfig, grid: &Grid, ds: &Dataset, out: &Path) -> Result<V
                 };
                 let name = format!("{}-d{dim}-lr{lr:e}-wd{wd:e}", cfg.model);
                 let run = out.join("runs").join(&name);
-                let resume = run.join(METRICS_FILE).is_file();
+                let resume = run.join(crate::run::CONFIG_FILE).is_file();
                 tracing::info!("sweep point {name}");
                 let m: TrainMetrics = train(
                     &cfg,
@@ -65,7 +64,7 @@ pub fn sweep(base: &CfConfig, grid: &Grid, ds: &Dataset, out: &Path) -> Result<V
                     &run,
                     &TrainOptions {
                         resume,
-                        quiet: false,
+                        ..Default::default()
                     },
                 )?;
                 let best = m.best_valid.as_ref();

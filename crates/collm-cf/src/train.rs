@@ -6,13 +6,14 @@
 
 use crate::nn::bce_with_logits;
 use crate::optim::{Adam, Decay};
-use crate::run::{DataRef, RunConfig, CHECKPOINT_DIR, CONFIG_FILE, METRICS_FILE, MODEL_FILE};
+use crate::run::{DataRef, RunConfig, CONFIG_FILE, METRICS_FILE, MODEL_FILE};
 use crate::{build_model, CfBatch, CfConfig, CollaborativeModel, TrainCtx};
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use candle_core::Device;
 use collm_data::subsets::TrainCounts;
 use collm_data::{Dataset, Interaction};
 use collm_metrics::Report;
+use collm_nn::run::{OpenMode, RunDir};
 use indicatif::{ProgressBar, ProgressStyle};
 use rand::prelude::*;
 use rand_chacha::ChaCha8Rng;
@@ -45,8 +46,16 @@ pub struct TrainMetrics {
 pub struct TrainOptions {
     /// Continue a run from its last checkpoint.
     pub resume: bool,
+    /// Replace the run `out` holds.
+    pub force: bool,
     /// Hide the progress bar.
     pub quiet: bool,
+}
+
+impl TrainOptions {
+    pub fn mode(&self) -> Result<OpenMode> {
+        OpenMode::from_flags(self.resume, self.force)
+    }
 }
 
 /// Scores (logits) of a model on rows, in order.
@@ -68,10 +77,6 @@ pub fn predict(
 
 fn epoch_seed(seed: u64, epoch: usize) -> u64 {
     seed ^ (epoch as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15)
-}
-
-fn json_atomic<T: Serialize>(path: &Path, value: &T) -> Result<()> {
-    collm_data::io::write_file_atomic(path, serde_json::to_string_pretty(value)?.as_bytes())
 }
 
 /// Builds the optimizer the training loop uses: Adam with L2 weight decay on every parameter
@@ -130,11 +135,11 @@ pub fn train(
 ) -> Result<TrainMetrics> {
     cfg.validate()?;
     let device = Device::Cpu;
-    let ckpt = out.join(CHECKPOINT_DIR);
     let run_cfg = RunConfig {
         cf: cfg.clone(),
         data: DataRef::of(ds),
     };
+    let mut run = RunDir::open(out, opts.mode()?, CONFIG_FILE)?;
     if opts.resume {
         let old = RunConfig::load(out)?;
         old.data.check(ds, &format!("run {}", out.display()))?;
@@ -144,13 +149,7 @@ pub fn train(
                 out.display()
             );
         }
-    } else if out.join(CONFIG_FILE).exists() {
-        bail!(
-            "{}: already holds a run (pass --resume to continue it, or choose another --out)",
-            out.display()
-        );
     }
-    std::fs::create_dir_all(&ckpt).with_context(|| format!("{}: cannot create", ckpt.display()))?;
     run_cfg.save(out)?;
 
     let model = build_model(cfg, ds, &device)?;
@@ -162,17 +161,16 @@ pub fn train(
         epochs_without_improvement: 0,
         stopped: None,
     };
-    if opts.resume {
-        let state = ckpt.join("state.json");
-        if state.is_file() {
-            metrics = serde_json::from_str(&std::fs::read_to_string(&state)?)
-                .with_context(|| format!("{}: invalid checkpoint state", state.display()))?;
-            model.params().load(&ckpt.join("last.safetensors"))?;
-            opt.load(&ckpt.join("optimizer.safetensors"))?;
-            if metrics.stopped.is_some() {
-                tracing::info!("{}: training had already finished", out.display());
-                return Ok(metrics);
-            }
+    if let Some((state, ckpt)) = run.load_state::<TrainMetrics>()? {
+        metrics = state;
+        model.params().load(&ckpt.join("last.safetensors"))?;
+        opt.load(&ckpt.join("optimizer.safetensors"))?;
+        if metrics.stopped.is_some() {
+            tracing::info!("{}: training had already finished", out.display());
+            // The kill may have come between the checkpoint and metrics.json.
+            run.write_json(METRICS_FILE, &metrics)?;
+            run.finish();
+            return Ok(metrics);
         }
     }
 
@@ -224,11 +222,12 @@ pub fn train(
         } else if epoch + 1 == cfg.max_epochs {
             metrics.stopped = Some("max_epochs".into());
         }
-        // Checkpoint: weights, optimizer, then the loop state that points at them.
-        model.params().save(&ckpt.join("last.safetensors"))?;
-        opt.save(&ckpt.join("optimizer.safetensors"))?;
-        json_atomic(&ckpt.join("state.json"), &metrics)?;
-        json_atomic(&out.join(METRICS_FILE), &metrics)?;
+        // Checkpoint: weights, optimizer and loop state, committed as one.
+        run.commit_checkpoint(&metrics, |dir| {
+            model.params().save(&dir.join("last.safetensors"))?;
+            opt.save(&dir.join("optimizer.safetensors"))
+        })?;
+        run.write_json(METRICS_FILE, &metrics)?;
         let best = metrics
             .best_valid
             .as_ref()
@@ -246,5 +245,6 @@ pub fn train(
         }
     }
     pb.finish_and_clear();
+    run.finish();
     Ok(metrics)
 }

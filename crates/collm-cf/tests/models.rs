@@ -190,6 +190,7 @@ fn same_seed_same_metrics_resume_matches_and_reload_reproduces_scores() {
         };
         let quiet = TrainOptions {
             resume: false,
+            force: false,
             quiet: true,
         };
         let a = train(&cfg, &ds, &tmp.path().join(format!("{kind}-a")), &quiet).unwrap();
@@ -210,7 +211,10 @@ fn same_seed_same_metrics_resume_matches_and_reload_reproduces_scores() {
         };
         train(&two, &ds, &c_dir, &quiet).unwrap();
         // Pretend the process died after epoch 2: clear the "stopped" mark and resume.
-        let state = c_dir.join("checkpoint/state.json");
+        let state = collm_nn::run::current_checkpoint(&c_dir)
+            .unwrap()
+            .unwrap()
+            .join(collm_nn::run::STATE_FILE);
         let mut s: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(&state).unwrap()).unwrap();
         s["stopped"] = serde_json::Value::Null;
@@ -225,6 +229,7 @@ fn same_seed_same_metrics_resume_matches_and_reload_reproduces_scores() {
             &c_dir,
             &TrainOptions {
                 resume: true,
+                force: false,
                 quiet: true,
             },
         )
@@ -257,6 +262,7 @@ fn bad_runs_fail_clearly() {
     };
     let quiet = TrainOptions {
         resume: false,
+        force: false,
         quiet: true,
     };
     train(&cfg, &ds, &run, &quiet).unwrap();

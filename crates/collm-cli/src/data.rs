@@ -2,7 +2,8 @@
 
 use anyhow::Result;
 use clap::{Args, Subcommand};
-use collm_data::dataset::{write_dataset, PreparedData};
+use collm_data::dataset::{write_dataset_into, PreparedData};
+use collm_data::io::AtomicDir;
 use collm_data::sources::{amazon, collm_tsv, ml1m, synthetic};
 use collm_data::{stats, Dataset};
 use std::path::PathBuf;
@@ -138,6 +139,14 @@ pub struct StatsArgs {
 pub fn run(cmd: DataCommand) -> Result<()> {
     match cmd {
         DataCommand::Prepare(src) => {
+            // The output is locked and checked before the (long) read of the sources.
+            let out_args = match &src {
+                PrepareSource::Ml1m { out, .. }
+                | PrepareSource::AmazonBook { out, .. }
+                | PrepareSource::CollmTsv { out, .. }
+                | PrepareSource::Synthetic { out, .. } => out.clone(),
+            };
+            let dir = AtomicDir::create(&out_args.out, out_args.force)?;
             let (data, out): (PreparedData, OutArgs) = match src {
                 PrepareSource::Ml1m { raw, out } => (ml1m::prepare(&raw)?, out),
                 PrepareSource::AmazonBook {
@@ -166,7 +175,7 @@ pub fn run(cmd: DataCommand) -> Result<()> {
                     (synthetic::prepare(&opts.options())?, out)
                 }
             };
-            let ds = write_dataset(data, &out.out, out.force)?;
+            let ds = write_dataset_into(data, dir, &out.out)?;
             let m = &ds.manifest;
             let counts: Vec<String> = m
                 .splits

@@ -71,8 +71,29 @@ enum Command {
     Quickstart(quickstart::QuickstartArgs),
 }
 
+/// Output piped into a reader that stops early (`collm data stats D --json | head -c 20`): the
+/// standard library's `println!` panics on the closed pipe; that is a normal end of the
+/// command, not a crash, so it exits quietly with status 0. Every other panic is reported as
+/// before.
+fn quiet_broken_pipe() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let payload = info.payload();
+        let msg = payload
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| payload.downcast_ref::<&str>().copied())
+            .unwrap_or("");
+        if msg.starts_with("failed printing to stdout") && msg.contains("Broken pipe") {
+            std::process::exit(0);
+        }
+        default(info);
+    }));
+}
+
 fn main() {
     keep_freed_memory();
+    quiet_broken_pipe();
     let filter = tracing_subscriber::EnvFilter::try_from_env("COLLM_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     tracing_subscriber::fmt()

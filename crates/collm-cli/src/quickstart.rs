@@ -85,7 +85,6 @@ pub fn run(args: QuickstartArgs) -> Result<()> {
 
     // MF.
     let mf_run = out.join("mf");
-    let _ = std::fs::remove_dir_all(&mf_run);
     // d 16, wd 1e-3: chosen on valid while the default data was designed (d 8/16/32 at wd 1e-3
     // within 0.003 of each other, wd 1e-2 far worse); valid AUC 0.799 on the final default.
     let mf_cfg = CfConfig {
@@ -103,8 +102,8 @@ pub fn run(args: QuickstartArgs) -> Result<()> {
         &ds,
         &mf_run,
         &CfOptions {
-            resume: false,
-            quiet: false,
+            force: true,
+            ..Default::default()
         },
     )?;
     let (_, mf) = collm_cf::run::load_model(&mf_run, &ds, &candle_core::Device::Cpu)?;
@@ -136,12 +135,10 @@ patience = 100\neval_batch_size = 32\nname = \"{mode}\"\n{extra}",
         Ok(c)
     };
     let opts = collm::train::TrainOptions {
-        resume: false,
-        quiet: false,
-        stop_after: None,
+        force: true,
+        ..Default::default()
     };
     let tallrec_run = out.join("tallrec");
-    let _ = std::fs::remove_dir_all(&tallrec_run);
     collm::train::train(
         &base("tallrec", args.step1_steps, "lr = 1e-3\nmin_lr = 1e-4\n")?,
         &tallrec_run,
@@ -152,7 +149,6 @@ patience = 100\neval_batch_size = 32\nname = \"{mode}\"\n{extra}",
         t0.elapsed().as_secs_f64()
     );
     let collm_run = out.join("collm-mf");
-    let _ = std::fs::remove_dir_all(&collm_run);
     let extra = format!(
         "cf_run = {:?}\nstep1 = {:?}\nlr = 3e-2\nmin_lr = 3e-3\n",
         mf_run.display().to_string(),

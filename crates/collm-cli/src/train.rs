@@ -25,14 +25,18 @@ pub enum TrainCommand {
 
 #[derive(Args)]
 pub struct CollmTrainArgs {
-    /// Experiment config (TOML).
+    /// Experiment config (TOML); a run's own config.toml is accepted too.
     #[arg(long)]
     pub config: PathBuf,
     /// Run directory to create.
     #[arg(long)]
     pub out: PathBuf,
+    /// Continue the run in --out from its last checkpoint.
     #[arg(long)]
     pub resume: bool,
+    /// Replace the run --out holds.
+    #[arg(long, conflicts_with = "resume")]
+    pub force: bool,
     /// Hide progress bars.
     #[arg(long)]
     pub quiet: bool,
@@ -46,7 +50,8 @@ pub struct CfArgs {
     /// Dataset directory.
     #[arg(long)]
     pub data: PathBuf,
-    /// TOML config (fields of the model config; flags below override it).
+    /// TOML config (fields of the model config; flags below override it); a run's own
+    /// config.toml is accepted too.
     #[arg(long)]
     pub config: Option<PathBuf>,
     #[arg(long)]
@@ -116,6 +121,9 @@ pub struct CfTrainArgs {
     /// Continue the run in --out from its last checkpoint.
     #[arg(long)]
     pub resume: bool,
+    /// Replace the run --out holds.
+    #[arg(long, conflicts_with = "resume")]
+    pub force: bool,
 }
 
 #[derive(Args)]
@@ -147,6 +155,7 @@ pub fn run(cmd: TrainCommand) -> Result<()> {
                 &a.out,
                 &TrainOptions {
                     resume: a.resume,
+                    force: a.force,
                     quiet: a.cf.quiet,
                 },
             )?;
@@ -170,6 +179,7 @@ pub fn run(cmd: TrainCommand) -> Result<()> {
                 &a.out,
                 &collm::train::TrainOptions {
                     resume: a.resume,
+                    force: a.force,
                     quiet: a.quiet,
                     stop_after: None,
                 },

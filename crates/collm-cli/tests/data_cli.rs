@@ -308,6 +308,12 @@ fn bad_ml1m_inputs_name_file_line_and_expectation() {
         &["movies.dat:2:", "empty title"],
     );
     ml_fails("", movies, &["ratings.dat", "empty file"]);
+    // Cut off mid-line: the last timestamp is shorter but still a number.
+    ml_fails(
+        "1::1::5::1000000000\n1::2::4::10411",
+        movies,
+        &["ratings.dat:2:", "no line ending", "truncated"],
+    );
     ml_fails(
         &format!("{good}1::x::4::1000000000\n"),
         movies,

@@ -104,6 +104,10 @@ pub struct Manifest {
     /// SHA-256 over the SHA-256s of items.tsv and the split files: identifies the data a model
     /// was trained on.
     pub content_sha256: String,
+    /// SHA-256 of items.tsv (absent in manifests written before it was recorded: those are
+    /// checked through `content_sha256`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub items_sha256: Option<String>,
 }
 
 /// A dataset in memory.
@@ -177,6 +181,32 @@ impl Dataset {
             );
         }
         let items_path = dir.join(ITEMS_FILE);
+        let items_sha = sha256_file(&items_path)?;
+        if let Some(want) = &manifest.items_sha256 {
+            if &items_sha != want {
+                bail!(
+                    "{}: contents changed since the dataset was prepared (sha256 {items_sha}, manifest says {want})",
+                    items_path.display()
+                );
+            }
+        }
+        // Every file is covered: the content hash is rebuilt from the files' own hashes.
+        let mut content = Sha256::new();
+        content.update(items_sha.as_bytes());
+        for name in SPLIT_NAMES {
+            if let Some(info) = manifest.splits.get(name) {
+                content.update(name.as_bytes());
+                content.update(info.sha256.as_bytes());
+            }
+        }
+        let content = hex::encode(content.finalize());
+        if content != manifest.content_sha256 {
+            bail!(
+                "{}: content sha256 {} does not match the files (items.tsv or a split's recorded hash changed since the dataset was prepared; prepare it again)",
+                mpath.display(),
+                manifest.content_sha256
+            );
+        }
         let titles = read_items_tsv(&items_path)?;
         let mut splits = Vec::new();
         for name in SPLIT_NAMES {
@@ -401,7 +431,13 @@ pub struct PreparedData {
 
 /// Writes a dataset directory atomically and returns the dataset as written.
 pub fn write_dataset(data: PreparedData, out: &Path, overwrite: bool) -> Result<Dataset> {
-    let dir = AtomicDir::create(out, overwrite)?;
+    write_dataset_into(data, AtomicDir::create(out, overwrite)?, out)
+}
+
+/// [`write_dataset`] into an output opened (and locked) before the data was prepared: a
+/// command that reads large sources takes its output first, so that a second writer, or one
+/// that would replace a finished dataset without `--force`, is refused before any work.
+pub fn write_dataset_into(data: PreparedData, dir: AtomicDir, out: &Path) -> Result<Dataset> {
     let items = items_tsv(&data.titles);
     let items_sha = sha256_hex(items.as_bytes());
     fs::write(dir.path().join(ITEMS_FILE), &items)
@@ -419,8 +455,6 @@ pub fn write_dataset(data: PreparedData, out: &Path, overwrite: bool) -> Result<
     for split in &data.splits {
         let text = split_tsv(&split.rows);
         let sha = sha256_hex(text.as_bytes());
-        content.update(split.name.as_bytes());
-        content.update(sha.as_bytes());
         let file = format!("{}.tsv", split.name);
         fs::write(dir.path().join(&file), &text)
             .with_context(|| format!("{}: write error", dir.path().display()))?;
@@ -454,6 +488,12 @@ pub fn write_dataset(data: PreparedData, out: &Path, overwrite: bool) -> Result<
             },
         );
     }
+    for name in SPLIT_NAMES {
+        if let Some(info) = splits.get(name) {
+            content.update(name.as_bytes());
+            content.update(info.sha256.as_bytes());
+        }
+    }
     let manifest = Manifest {
         format: "collm-dataset".into(),
         format_version: FORMAT_VERSION,
@@ -468,6 +508,7 @@ pub fn write_dataset(data: PreparedData, out: &Path, overwrite: bool) -> Result<
         uid_range: [if min_u == u32::MAX { 0 } else { min_u }, max_u],
         iid_range: [if min_i == u32::MAX { 0 } else { min_i }, max_i],
         content_sha256: hex::encode(content.finalize()),
+        items_sha256: Some(items_sha),
     };
     let json = serde_json::to_string_pretty(&manifest)?;
     write_file_atomic(&dir.path().join(MANIFEST_FILE), json.as_bytes())?;

@@ -102,6 +102,7 @@ pub fn load_hf_dir(dir: &Path, dtype: DType, device: &Device) -> Result<Checkpoi
             )
         })?;
         for (k, t) in loaded {
+            collm_nn::ensure_finite(&t, &file, &k)?;
             tensors.insert(k, t.to_dtype(dtype)?);
         }
     }
@@ -195,11 +196,75 @@ fn unpermute(t: &Tensor, heads: usize) -> Result<Tensor> {
         .reshape((rows, cols))?)
 }
 
+/// Checks a GGUF tensor's declared shape and place with checked arithmetic before anything is
+/// allocated for it: the element count must not overflow, the bytes must lie inside the file,
+/// and the dequantized size is then bounded by the file's size.
+fn check_gguf_tensor(c: &gguf_file::Content, name: &str, file_len: u64, path: &Path) -> Result<()> {
+    let info = &c.tensor_infos[name];
+    let dims = info.shape.dims();
+    let elems = dims
+        .iter()
+        .try_fold(1usize, |a, &d| a.checked_mul(d))
+        .filter(|&n| n > 0 && n <= isize::MAX as usize / 4)
+        .ok_or_else(|| {
+            anyhow!(
+                "{}: tensor '{name}': shape {dims:?} is empty or too large (corrupt file?)",
+                path.display()
+            )
+        })?;
+    let (block, type_size) = (info.ggml_dtype.block_size(), info.ggml_dtype.type_size());
+    if block == 0 || elems % block != 0 {
+        bail!(
+            "{}: tensor '{name}': {elems} elements are not a whole number of {block}-element blocks",
+            path.display()
+        );
+    }
+    let bytes = ((elems / block) as u64).checked_mul(type_size as u64);
+    let end = c
+        .tensor_data_offset
+        .checked_add(info.offset)
+        .zip(bytes)
+        .and_then(|(start, b)| start.checked_add(b));
+    match end {
+        Some(end) if end <= file_len => Ok(()),
+        _ => bail!(
+            "{}: tensor '{name}' (shape {dims:?}, offset {}) reaches past the end of the file ({file_len} bytes): truncated or corrupt",
+            path.display(),
+            info.offset
+        ),
+    }
+}
+
 pub fn load_gguf(path: &Path, dtype: DType, device: &Device) -> Result<Checkpoint> {
     let mut file =
         std::fs::File::open(path).with_context(|| format!("{}: cannot open", path.display()))?;
-    let content = gguf_file::Content::read(&mut file)
-        .map_err(|e| anyhow!("{}: not a valid GGUF file: {e}", path.display()))?;
+    read_gguf(&mut file, path, dtype, device)
+}
+
+/// Reads a GGUF model from any seekable reader (`path` names it in messages): what
+/// [`load_gguf`] does with a file, and what the fuzz target feeds bytes to.
+pub fn read_gguf<R: std::io::Read + std::io::Seek>(
+    file: &mut R,
+    path: &Path,
+    dtype: DType,
+    device: &Device,
+) -> Result<Checkpoint> {
+    let file_len = file
+        .seek(std::io::SeekFrom::End(0))
+        .and_then(|n| file.seek(std::io::SeekFrom::Start(0)).map(|_| n))
+        .with_context(|| format!("{}: cannot read", path.display()))?;
+    // candle's reader bounds its allocations by the file size but can still panic on some
+    // hostile headers (an alignment of 0 divides by zero): a panic there is a refused file.
+    let content = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        gguf_file::Content::read(file)
+    }))
+    .map_err(|_| {
+        anyhow!(
+            "{}: not a valid GGUF file (malformed header)",
+            path.display()
+        )
+    })?
+    .map_err(|e| anyhow!("{}: not a valid GGUF file: {e}", path.display()))?;
     let arch = meta(&content, "general.architecture", path)?
         .to_string()
         .map_err(|e| anyhow!("{}: {e}", path.display()))?
@@ -245,12 +310,14 @@ pub fn load_gguf(path: &Path, dtype: DType, device: &Device) -> Result<Checkpoin
             tracing::debug!("{}: ignoring tensor {name}", path.display());
             continue;
         };
+        check_gguf_tensor(&content, &name, file_len, path)?;
         let q = content
-            .tensor(&mut file, &name, device)
+            .tensor(file, &name, device)
             .map_err(|e| anyhow!("{}: tensor '{name}': {e}", path.display()))?;
         let mut t = q
             .dequantize(device)
             .map_err(|e| anyhow!("{}: tensor '{name}': {e}", path.display()))?;
+        collm_nn::ensure_finite(&t, path, &name)?;
         if arch == "llama" {
             if name.ends_with("attn_q.weight") {
                 t = unpermute(&t, heads)?;

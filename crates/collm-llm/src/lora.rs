@@ -260,6 +260,7 @@ impl Lora {
         // PEFT sometimes writes keys with the adapter name (".default") inside: accept both.
         let mut normalized: HashMap<String, Tensor> = HashMap::new();
         for (k, t) in tensors {
+            collm_nn::ensure_finite(&t, &wpath, &k)?;
             normalized.insert(k.replace(".default.weight", ".weight"), t);
         }
         for name in lora.params.names() {

@@ -6,6 +6,31 @@
 pub mod layers;
 pub mod optim;
 pub mod params;
+pub mod run;
 
 pub use layers::TrainCtx;
 pub use params::{Init, ParamStore};
+
+/// Refuses a weight that holds NaN or ±inf (a corrupt or hostile file), naming the file and the
+/// tensor. One reduction on the tensor's device: `x - x` is 0 for every finite `x` and NaN
+/// otherwise, so the sum is 0 exactly when every element is finite.
+pub fn ensure_finite(
+    t: &candle_core::Tensor,
+    file: &std::path::Path,
+    name: &str,
+) -> anyhow::Result<()> {
+    let t = if t.dtype().is_float() {
+        t.to_dtype(candle_core::DType::F32)?
+    } else {
+        return Ok(());
+    };
+    #[allow(clippy::eq_op)] // x - x is the point: NaN exactly for non-finite x
+    let s = (&t - &t)?.sum_all()?.to_scalar::<f32>()?;
+    if s != 0.0 {
+        anyhow::bail!(
+            "{}: tensor '{name}' holds NaN or infinite values (the file is corrupt)",
+            file.display()
+        );
+    }
+    Ok(())
+}

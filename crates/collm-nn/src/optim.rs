@@ -130,6 +130,9 @@ impl Adam {
             .unwrap_or(candle_core::Device::Cpu);
         let t = candle_core::safetensors::load(path, &dev)
             .with_context(|| format!("{}: cannot read optimizer state", path.display()))?;
+        for (name, v) in &t {
+            crate::ensure_finite(v, path, name)?;
+        }
         for (k, (name, _, _)) in self.params.iter().enumerate() {
             self.m[k] = t
                 .get(&format!("m.{name}"))

@@ -145,6 +145,7 @@ impl ParamStore {
         let tmp = path.with_extension("safetensors.tmp");
         candle_core::safetensors::save(&tensors.into_iter().collect(), &tmp)
             .with_context(|| format!("{}: cannot write", tmp.display()))?;
+        collm_data::io::crash_point();
         std::fs::rename(&tmp, path)
             .with_context(|| format!("{}: cannot rename into place", path.display()))?;
         Ok(())
@@ -167,6 +168,7 @@ impl ParamStore {
                     var.dims()
                 );
             }
+            crate::ensure_finite(t, path, name)?;
             var.set(&t.to_dtype(DType::F32)?)?;
         }
         if let Some(extra) = tensors.keys().find(|k| !self.vars.contains_key(*k)) {

@@ -226,7 +226,17 @@ impl ExperimentConfig {
     pub fn load(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("{}: cannot read", path.display()))?;
-        let mut c: Self = toml::from_str(&text)
+        let mut table: toml::Table = toml::from_str(&text)
+            .with_context(|| format!("{}: invalid experiment config", path.display()))?;
+        // A run's own config.toml (`[experiment]` + `[refs]`): its experiment is the config,
+        // so "train this again" is `--config RUN/config.toml`.
+        if table.contains_key("refs") && !table.contains_key("mode") {
+            if let Some(toml::Value::Table(e)) = table.remove("experiment") {
+                table = e;
+            }
+        }
+        let mut c: Self = table
+            .try_into()
             .with_context(|| format!("{}: invalid experiment config", path.display()))?;
         if c.name.is_empty() {
             c.name = path
@@ -276,6 +286,17 @@ impl ExperimentConfig {
             if v == 0 {
                 bail!("'{name}' must be at least 1");
             }
+        }
+        for (name, v) in [("max_steps", self.max_steps), ("patience", self.patience)] {
+            if v == 0 && self.mode.trains() {
+                bail!("'{name}' must be at least 1 (a run that trains nothing is not a run)");
+            }
+        }
+        if !(self.clip_norm.is_finite() && self.clip_norm >= 0.0) {
+            bail!("'clip_norm' must be >= 0 (0 turns clipping off)");
+        }
+        if !(self.weight_decay.is_finite() && self.weight_decay >= 0.0) {
+            bail!("'weight_decay' must be >= 0");
         }
         if self.k() == 0 {
             bail!("'tokens_per_slot' must be at least 1");

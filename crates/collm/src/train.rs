@@ -25,6 +25,7 @@ use collm_data::{Dataset, Interaction};
 use collm_metrics::Report;
 use collm_nn::layers::bce_with_logits;
 use collm_nn::optim::{clip_grad_norm, Adam, Decay};
+use collm_nn::run::{OpenMode, RunDir};
 use collm_nn::TrainCtx;
 use rand::prelude::*;
 use rand_chacha::ChaCha8Rng;
@@ -34,7 +35,6 @@ use std::path::Path;
 
 pub const CONFIG_FILE: &str = "config.toml";
 pub const METRICS_FILE: &str = "metrics.json";
-pub const CHECKPOINT_DIR: &str = "checkpoint";
 
 /// Hashed references to everything a run depends on.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -100,6 +100,9 @@ fn sha256_path(p: &Path) -> Result<String> {
 }
 
 pub fn refs(cfg: &ExperimentConfig, ds: &Dataset) -> Result<Refs> {
+    if let (Some(step1), true) = (&cfg.step1, cfg.mode.needs_step1()) {
+        check_step1(step1, cfg, ds)?;
+    }
     Ok(Refs {
         data_content_sha256: ds.manifest.content_sha256.clone(),
         backbone_sha256: sha256_path(&cfg.backbone)?,
@@ -114,6 +117,37 @@ pub fn refs(cfg: &ExperimentConfig, ds: &Dataset) -> Result<Refs> {
             _ => None,
         },
     })
+}
+
+/// A step-2 run's `step1` must be a LoRA-training run on the same data and backbone.
+fn check_step1(step1: &Path, cfg: &ExperimentConfig, ds: &Dataset) -> Result<()> {
+    let rf = load_run_file(step1).with_context(|| format!("'step1' = {}", step1.display()))?;
+    if !rf.experiment.mode.trains_lora() {
+        bail!(
+            "'step1' = {}: a '{}' run, which trains no LoRA (expected a 'tallrec' run)",
+            step1.display(),
+            rf.experiment.mode.name()
+        );
+    }
+    if rf.refs.data_content_sha256 != ds.manifest.content_sha256 {
+        bail!(
+            "'step1' = {}: trained on other data (content sha256 {}) than {} (content sha256 {}): train step 1 on this dataset",
+            step1.display(),
+            &rf.refs.data_content_sha256[..12.min(rf.refs.data_content_sha256.len())],
+            cfg.data.display(),
+            &ds.manifest.content_sha256[..12]
+        );
+    }
+    let backbone = sha256_path(&cfg.backbone)?;
+    if rf.refs.backbone_sha256 != backbone {
+        bail!(
+            "'step1' = {}: trained on another backbone ({}) than {}",
+            step1.display(),
+            rf.experiment.backbone.display(),
+            cfg.backbone.display()
+        );
+    }
+    Ok(())
 }
 
 fn save_groups(model: &CoLlm, dir: &Path) -> Result<()> {
@@ -221,16 +255,20 @@ pub fn bucketed_order(
     out
 }
 
-fn json_atomic<T: Serialize>(path: &Path, v: &T) -> Result<()> {
-    write_file_atomic(path, serde_json::to_string_pretty(v)?.as_bytes())
-}
-
 #[derive(Debug, Clone, Default)]
 pub struct TrainOptions {
     pub resume: bool,
+    /// Replace the run `out` holds.
+    pub force: bool,
     pub quiet: bool,
     /// Stop after this many optimizer steps of this invocation (tests of resume).
     pub stop_after: Option<usize>,
+}
+
+impl TrainOptions {
+    pub fn mode(&self) -> Result<OpenMode> {
+        OpenMode::from_flags(self.resume, self.force)
+    }
 }
 
 /// Trains (or, for ICL, just records) a run into `out`.
@@ -242,7 +280,7 @@ pub fn train(cfg: &ExperimentConfig, out: &Path, opts: &TrainOptions) -> Result<
         experiment: cfg.clone(),
         refs,
     };
-    let ckpt = out.join(CHECKPOINT_DIR);
+    let mut run = RunDir::open(out, opts.mode()?, CONFIG_FILE)?;
     if opts.resume {
         let old = load_run_file(out)?;
         if old != run_file {
@@ -251,13 +289,7 @@ pub fn train(cfg: &ExperimentConfig, out: &Path, opts: &TrainOptions) -> Result<
                 out.display()
             );
         }
-    } else if out.join(CONFIG_FILE).exists() {
-        bail!(
-            "{}: already holds a run (pass --resume to continue it, or choose another --out)",
-            out.display()
-        );
     }
-    std::fs::create_dir_all(&ckpt)?;
     write_file_atomic(
         &out.join(CONFIG_FILE),
         toml::to_string(&run_file)?.as_bytes(),
@@ -266,15 +298,19 @@ pub fn train(cfg: &ExperimentConfig, out: &Path, opts: &TrainOptions) -> Result<
     let mut state = RunState::default();
     if !cfg.mode.trains() {
         state.stopped = Some("no training (icl)".into());
-        json_atomic(&out.join(METRICS_FILE), &state)?;
+        run.write_json(METRICS_FILE, &state)?;
+        run.finish();
         return Ok(state);
     }
     let mut opt = optimizer(&model, cfg)?;
-    if opts.resume && ckpt.join("state.json").is_file() {
-        state = serde_json::from_str(&std::fs::read_to_string(ckpt.join("state.json"))?)?;
+    if let Some((saved, ckpt)) = run.load_state::<RunState>()? {
+        state = saved;
         load_groups(&model, &ckpt)?;
         opt.load(&ckpt.join("optimizer.safetensors"))?;
         if state.stopped.is_some() {
+            // The kill may have come between the checkpoint and metrics.json.
+            run.write_json(METRICS_FILE, &state)?;
+            run.finish();
             return Ok(state);
         }
     }
@@ -423,10 +459,11 @@ pub fn train(cfg: &ExperimentConfig, out: &Path, opts: &TrainOptions) -> Result<
             } else if last {
                 state.stopped = Some("max_steps".into());
             }
-            save_groups(&model, &ckpt)?;
-            opt.save(&ckpt.join("optimizer.safetensors"))?;
-            json_atomic(&ckpt.join("state.json"), &state)?;
-            json_atomic(&out.join(METRICS_FILE), &state)?;
+            run.commit_checkpoint(&state, |dir| {
+                save_groups(&model, dir)?;
+                opt.save(&dir.join("optimizer.safetensors"))
+            })?;
+            run.write_json(METRICS_FILE, &state)?;
             pb.set_message(format!(
                 "valid auc {:.4} (best {:.4})",
                 report.auc.unwrap_or(f64::NAN),
@@ -445,6 +482,7 @@ pub fn train(cfg: &ExperimentConfig, out: &Path, opts: &TrainOptions) -> Result<
         }
     }
     pb.finish_and_clear();
+    run.finish();
     Ok(state)
 }
 

@@ -47,6 +47,7 @@ fn setup() -> Setup {
             &root.join(format!("cf-{model}")),
             &CfOptions {
                 resume: false,
+                force: false,
                 quiet: true,
             },
         )
@@ -74,6 +75,7 @@ max_steps = 4\neval_every = 2\neval_rows = 20\nbatch_size = 4\nwarmup_steps = 1\
 fn quiet() -> TrainOptions {
     TrainOptions {
         resume: false,
+        force: false,
         quiet: true,
         stop_after: None,
     }
@@ -284,14 +286,16 @@ fn resume_gives_the_same_weights_as_an_uninterrupted_run() {
         &resumed,
         &TrainOptions {
             resume: true,
+            force: false,
             ..quiet()
         },
     )
     .unwrap();
     assert_eq!(st.step, 6);
     for g in ["lora", "mapper"] {
-        let a = weights(&straight.join("checkpoint").join(format!("{g}.safetensors")));
-        let b = weights(&resumed.join("checkpoint").join(format!("{g}.safetensors")));
+        let ck = |run: &Path| collm_nn::run::current_checkpoint(run).unwrap().unwrap();
+        let a = weights(&ck(&straight).join(format!("{g}.safetensors")));
+        let b = weights(&ck(&resumed).join(format!("{g}.safetensors")));
         assert_eq!(a, b, "{g}");
     }
     // A different config cannot resume this run.
@@ -302,6 +306,7 @@ fn resume_gives_the_same_weights_as_an_uninterrupted_run() {
         &resumed,
         &TrainOptions {
             resume: true,
+            force: false,
             ..quiet()
         },
     )

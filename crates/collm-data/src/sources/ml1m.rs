@@ -71,6 +71,7 @@ fn read_movies(path: &Path) -> Result<HashMap<u32, String>> {
             return Err(r.error(format!("movie {id} is listed twice")));
         }
     }
+    r.ensure_complete("movies.dat")?;
     if titles.is_empty() {
         bail!(
             "{}: empty file: expected lines MovieID::Title::Genres",
@@ -141,6 +142,7 @@ fn read_ratings(path: &Path, titles: &HashMap<u32, String>) -> Result<(Vec<Ratin
             });
         }
     }
+    r.ensure_complete("ratings.dat")?;
     if total == 0 {
         bail!(
             "{}: empty file: expected lines UserID::MovieID::Rating::Timestamp",

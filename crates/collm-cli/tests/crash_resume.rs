@@ -1,0 +1,246 @@
+//! A killed training run resumes to exactly the result of an uninterrupted one, wherever the
+//! kill lands. Each run is a real `collm train` process:
+//! - deterministic kills: `COLLM_CRASH_AT=N` aborts the process at its N-th crash point (between
+//!   the steps of every atomic write and checkpoint commit), for every N the run has;
+//! - real `kill -9` at spread-out moments of a run.
+//!
+//! After each kill the run is resumed (`--resume`, or a plain rerun when the kill came before the
+//! run's config was written) and its weights and metrics must equal the uninterrupted run's, byte
+//! for byte (metrics without their wall-clock fields).
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+fn collm(args: &[&str], crash_at: Option<usize>) -> Output {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_collm"));
+    c.args(args).env("COLLM_LOG", "error");
+    if let Some(n) = crash_at {
+        c.env("COLLM_CRASH_AT", n.to_string());
+    }
+    c.output().expect("collm runs")
+}
+
+fn ok(args: &[&str]) {
+    let o = collm(args, None);
+    assert!(
+        o.status.success(),
+        "collm {args:?} failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+/// `metrics.json` without its wall-clock fields.
+fn metrics(run: &Path) -> serde_json::Value {
+    fn strip(v: &mut serde_json::Value) {
+        match v {
+            serde_json::Value::Object(m) => {
+                for k in ["seconds", "samples_per_second", "train_seconds"] {
+                    m.remove(k);
+                }
+                m.values_mut().for_each(strip);
+            }
+            serde_json::Value::Array(a) => a.iter_mut().for_each(strip),
+            _ => {}
+        }
+    }
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("metrics.json")).unwrap()).unwrap();
+    strip(&mut v);
+    v
+}
+
+/// Every weight file of the run (best weights and the checkpoint's), by relative path.
+fn weights(run: &Path) -> Vec<(String, Vec<u8>)> {
+    fn walk(root: &Path, dir: &Path, out: &mut Vec<(String, Vec<u8>)>) {
+        for e in std::fs::read_dir(dir).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                walk(root, &p, out);
+            } else if p.extension().is_some_and(|x| x == "safetensors") {
+                let rel = p.strip_prefix(root).unwrap().to_string_lossy().into_owned();
+                // The checkpoint's directory name counts commits; compare by file name.
+                let rel = match rel.strip_prefix("checkpoint/") {
+                    Some(r) => format!("checkpoint/{}", &r[r.find('/').unwrap() + 1..]),
+                    None => rel,
+                };
+                out.push((rel, std::fs::read(&p).unwrap()));
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(run, run, &mut out);
+    out.sort();
+    out
+}
+
+/// Trains `run` with `args` (which end in `--out RUN`) to completion after a kill: `--resume`
+/// when the run's config exists, else a fresh start.
+fn finish(args: &[&str], run: &Path) {
+    let mut a = args.to_vec();
+    if run.join("config.toml").exists() {
+        a.push("--resume");
+    }
+    ok(&a);
+}
+
+fn same(reference: &Path, run: &Path, what: &str) {
+    assert_eq!(metrics(reference), metrics(run), "{what}: metrics differ");
+    let (a, b) = (weights(reference), weights(run));
+    assert_eq!(
+        a.iter().map(|x| &x.0).collect::<Vec<_>>(),
+        b.iter().map(|x| &x.0).collect::<Vec<_>>(),
+        "{what}: weight files differ"
+    );
+    for ((name, x), (_, y)) in a.iter().zip(&b) {
+        assert!(x == y, "{what}: {name} differs");
+    }
+}
+
+/// Kills `args` (a training command whose `--out` is `run`) at every crash point, then at
+/// `real_kills` moments with SIGKILL, resuming each time; returns (kill points, identical).
+fn kill_everywhere(
+    args: &dyn Fn(&Path) -> Vec<String>,
+    root: &Path,
+    reference: &Path,
+    real_kills: usize,
+) -> (usize, usize) {
+    let (mut points, mut identical) = (0, 0);
+    let mut n = 1;
+    loop {
+        let run = root.join(format!("crash-{n}"));
+        let a = args(&run);
+        let a: Vec<&str> = a.iter().map(String::as_str).collect();
+        let o = collm(&a, Some(n));
+        if o.status.success() {
+            break; // past the last crash point: the run finished
+        }
+        assert!(
+            o.status.code().is_none(),
+            "crash point {n}: expected an abort, got {:?}: {}",
+            o.status,
+            String::from_utf8_lossy(&o.stderr)
+        );
+        finish(&a, &run);
+        same(reference, &run, &format!("crash point {n}"));
+        points += 1;
+        identical += 1;
+        std::fs::remove_dir_all(&run).unwrap();
+        n += 1;
+    }
+    assert!(points > 10, "only {points} crash points");
+    // Real kills, spread over an uninterrupted run's duration.
+    let t = Instant::now();
+    let a = args(&root.join("timing"));
+    let a: Vec<&str> = a.iter().map(String::as_str).collect();
+    ok(&a);
+    let total = t.elapsed();
+    for k in 0..real_kills {
+        let run = root.join(format!("kill-{k}"));
+        let a = args(&run);
+        let a: Vec<&str> = a.iter().map(String::as_str).collect();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_collm"))
+            .args(&a)
+            .env("COLLM_LOG", "error")
+            .spawn()
+            .unwrap();
+        std::thread::sleep(total.mul_f64((k as f64 + 0.5) / real_kills as f64));
+        child.kill().ok(); // SIGKILL
+        child.wait().unwrap();
+        finish(&a, &run);
+        same(reference, &run, &format!("kill -9 at {k}"));
+        points += 1;
+        identical += 1;
+    }
+    (points, identical)
+}
+
+fn synthetic(root: &Path) -> PathBuf {
+    let data = root.join("data");
+    ok(&[
+        "data",
+        "prepare",
+        "synthetic",
+        "--users",
+        "40",
+        "--items",
+        "30",
+        "--rows-per-user",
+        "8",
+        "--out",
+        data.to_str().unwrap(),
+    ]);
+    data
+}
+
+#[test]
+fn a_killed_cf_run_resumes_to_the_same_result() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = synthetic(tmp.path());
+    let args = |run: &Path| -> Vec<String> {
+        [
+            "train",
+            "cf",
+            "--model",
+            "mf",
+            "--data",
+            data.to_str().unwrap(),
+            "--dim",
+            "8",
+            "--max-epochs",
+            "5",
+            "--patience",
+            "100",
+            "--quiet",
+            "--out",
+            run.to_str().unwrap(),
+        ]
+        .map(String::from)
+        .to_vec()
+    };
+    let reference = tmp.path().join("reference");
+    let a = args(&reference);
+    ok(&a.iter().map(String::as_str).collect::<Vec<_>>());
+    let (points, identical) = kill_everywhere(&args, tmp.path(), &reference, 4);
+    eprintln!("cf: {identical} of {points} kill points resumed identically");
+    assert_eq!(points, identical);
+}
+
+#[test]
+fn a_killed_collm_run_resumes_to_the_same_result() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = synthetic(tmp.path());
+    let backbone = tmp.path().join("backbone");
+    collm::testing::write_tiny_backbone(&backbone, 1).unwrap();
+    let config = tmp.path().join("tallrec.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "mode = \"tallrec\"\ndata = {:?}\nbackbone = {:?}\nmax_steps = 6\neval_every = 2\n\
+eval_rows = 20\nbatch_size = 4\nwarmup_steps = 1\nlr = 0.01\ntrain_rows = 40\n",
+            data.display().to_string(),
+            backbone.display().to_string()
+        ),
+    )
+    .unwrap();
+    let args = |run: &Path| -> Vec<String> {
+        [
+            "train",
+            "collm",
+            "--config",
+            config.to_str().unwrap(),
+            "--quiet",
+            "--out",
+            run.to_str().unwrap(),
+        ]
+        .map(String::from)
+        .to_vec()
+    };
+    let reference = tmp.path().join("reference");
+    let a = args(&reference);
+    ok(&a.iter().map(String::as_str).collect::<Vec<_>>());
+    let (points, identical) = kill_everywhere(&args, tmp.path(), &reference, 3);
+    eprintln!("collm: {identical} of {points} kill points resumed identically");
+    assert_eq!(points, identical);
+    let _ = Duration::ZERO;
+}
