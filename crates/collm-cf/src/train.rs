@@ -12,7 +12,7 @@ use anyhow::{bail, Result};
 use candle_core::Device;
 use collm_data::subsets::TrainCounts;
 use collm_data::{Dataset, Interaction};
-use collm_metrics::Report;
+use collm_metrics::{Report, RunKind};
 use collm_nn::run::{OpenMode, RunDir};
 use indicatif::{ProgressBar, ProgressStyle};
 use rand::prelude::*;
@@ -34,12 +34,19 @@ pub struct EpochRecord {
 /// `metrics.json`, also the loop state kept in the checkpoint.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct TrainMetrics {
+    /// Always `cf` (absent in files written before it was recorded).
+    #[serde(default = "cf_kind")]
+    pub kind: RunKind,
     pub curve: Vec<EpochRecord>,
     pub best_epoch: Option<usize>,
     pub best_valid: Option<Report>,
     pub epochs_without_improvement: usize,
     /// Why training ended: "patience", "max_epochs", or null while running.
     pub stopped: Option<String>,
+}
+
+fn cf_kind() -> RunKind {
+    RunKind::Cf
 }
 
 #[derive(Debug, Clone, Default)]
@@ -155,6 +162,7 @@ pub fn train(
     let model = build_model(cfg, ds, &device)?;
     let mut opt = optimizer(model.as_ref(), cfg)?;
     let mut metrics = TrainMetrics {
+        kind: RunKind::Cf,
         curve: Vec::new(),
         best_epoch: None,
         best_valid: None,

@@ -129,7 +129,7 @@ fn generate(args: &AmazonBenchArgs) -> Result<(PathBuf, PathBuf)> {
 
 fn bench_llm(args: &LlmBenchArgs) -> Result<()> {
     use collm_llm::bench::{measure, LlmBench};
-    let device = crate::device()?;
+    let device = collm_llm::device();
     let dtype = collm_llm::parse_dtype(&args.dtype)?;
     let paths: Vec<bool> = match args.path.as_str() {
         "fused" => vec![true],

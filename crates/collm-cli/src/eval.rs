@@ -2,8 +2,10 @@
 
 use anyhow::Result;
 use clap::{Args, Subcommand};
+use collm::pipeline::evaluate_run;
 use collm_data::Dataset;
-use collm_metrics::{scores::read_scores, Report};
+use collm_metrics::scores::{format_scores, read_scores};
+use collm_metrics::Report;
 use std::path::PathBuf;
 
 #[derive(Subcommand)]
@@ -83,42 +85,26 @@ pub fn print_report(report: &Report, json: bool) -> Result<()> {
 }
 
 pub fn run(cmd: EvalCommand) -> Result<()> {
-    match cmd {
+    let (e, scores_out, json) = match cmd {
         EvalCommand::Scores(a) => {
             let ds = Dataset::load(&a.data)?;
-            let rows = &ds.split(&a.split)?.rows;
-            let scores = read_scores(&a.scores, rows)?;
-            let report = Report::for_split(&ds, &a.split, &scores)?;
-            print_report(&report, a.json)
+            let scores = read_scores(&a.scores, &ds.split(&a.split)?.rows)?;
+            return print_report(&Report::for_split(&ds, &a.split, &scores)?, a.json);
         }
-        EvalCommand::Collm(a) => {
-            let (report, scores) = collm::train::evaluate(&a.run, &a.split, !a.json)?;
-            if let Some(path) = &a.scores_out {
-                let rf = collm::train::load_run_file(&a.run)?;
-                let ds = Dataset::load(&rf.experiment.data)?;
-                collm_data::io::write_file_atomic(
-                    path,
-                    collm_metrics::scores::format_scores(&ds.split(&a.split)?.rows, &scores)
-                        .as_bytes(),
-                )?;
-            }
-            print_report(&report, a.json)
-        }
-        EvalCommand::Cf(a) => {
-            let ds = Dataset::load(&a.data)?;
-            let device = candle_core::Device::Cpu;
-            let (cfg, model) = collm_cf::run::load_model(&a.run, &ds, &device)?;
-            let rows = &ds.split(&a.split)?.rows;
-            let scores =
-                collm_cf::train::predict(model.as_ref(), rows, cfg.cf.eval_batch_size, &device)?;
-            if let Some(path) = &a.scores_out {
-                collm_data::io::write_file_atomic(
-                    path,
-                    collm_metrics::scores::format_scores(rows, &scores).as_bytes(),
-                )?;
-            }
-            let report = Report::for_split(&ds, &a.split, &scores)?;
-            print_report(&report, a.json)
-        }
+        EvalCommand::Collm(a) => (
+            evaluate_run(&a.run, None, &a.split, !a.json)?,
+            a.scores_out,
+            a.json,
+        ),
+        EvalCommand::Cf(a) => (
+            evaluate_run(&a.run, Some(&a.data), &a.split, false)?,
+            a.scores_out,
+            a.json,
+        ),
+    };
+    if let Some(path) = &scores_out {
+        let rows = &e.dataset.split(&e.split)?.rows;
+        collm_data::io::write_file_atomic(path, format_scores(rows, &e.scores).as_bytes())?;
     }
+    print_report(&e.report, json)
 }

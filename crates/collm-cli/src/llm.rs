@@ -38,7 +38,7 @@ pub struct ScoreArgs {
 pub fn run(cmd: LlmCommand) -> Result<()> {
     match cmd {
         LlmCommand::Score(a) => {
-            let device = crate::device()?;
+            let device = collm_llm::device();
             let bb = Backbone::load(&a.model, parse_dtype(&a.dtype)?, &device)?;
             let ids = bb.tokenizer.encode(&a.prompt)?;
             if ids.is_empty() {

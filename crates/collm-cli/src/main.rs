@@ -107,12 +107,6 @@ fn main() {
     }
 }
 
-/// The compute device: the first CUDA GPU in a `--features cuda` build when one is present
-/// (unless COLLM_DEVICE=cpu), else the CPU.
-pub fn device() -> Result<candle_core::Device> {
-    Ok(collm::train::device())
-}
-
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Data(cmd) => data::run(cmd),

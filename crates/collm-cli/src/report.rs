@@ -3,10 +3,8 @@
 
 use anyhow::Result;
 use clap::Args;
-use collm::plot;
-use collm::report::{run_curve, table, Row};
-use collm_data::Dataset;
-use collm_metrics::Report;
+use collm::pipeline::evaluate_run;
+use collm_report::{plot, run_curve, table, Row};
 use std::path::PathBuf;
 
 #[derive(Args)]
@@ -36,21 +34,7 @@ pub fn run(a: ReportArgs) -> Result<()> {
             .file_name()
             .map(|s| s.to_string_lossy().into_owned())
             .unwrap_or_else(|| run.display().to_string());
-        // A CoLLM run's config.toml holds an [experiment]; a CF run's holds [cf].
-        let report = if collm::train::load_run_file(run).is_ok() {
-            collm::train::evaluate(run, &a.split, true)?.0
-        } else {
-            let data = a.data.as_ref().ok_or_else(|| {
-                anyhow::anyhow!("{}: a collaborative-model run needs --data", run.display())
-            })?;
-            let ds = Dataset::load(data)?;
-            let device = candle_core::Device::Cpu;
-            let (cfg, model) = collm_cf::run::load_model(run, &ds, &device)?;
-            let rows = &ds.split(&a.split)?.rows;
-            let scores =
-                collm_cf::train::predict(model.as_ref(), rows, cfg.cf.eval_batch_size, &device)?;
-            Report::for_split(&ds, &a.split, &scores)?
-        };
+        let report = evaluate_run(run, a.data.as_deref(), &a.split, true)?.report;
         curves.extend(run_curve(run, &name)?);
         rows.push(Row { name, report });
     }

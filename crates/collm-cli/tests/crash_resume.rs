@@ -211,7 +211,7 @@ fn a_killed_collm_run_resumes_to_the_same_result() {
     let tmp = tempfile::tempdir().unwrap();
     let data = synthetic(tmp.path());
     let backbone = tmp.path().join("backbone");
-    collm::testing::write_tiny_backbone(&backbone, 1).unwrap();
+    collm_llm::testing::write_tiny_backbone(&backbone, 1).unwrap();
     let config = tmp.path().join("tallrec.toml");
     std::fs::write(
         &config,

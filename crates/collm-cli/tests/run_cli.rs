@@ -124,7 +124,7 @@ fn a_run_config_trains_again_force_replaces_and_failures_leave_nothing() {
 
     // CoLLM: the same for an experiment run.
     let backbone = root.join("backbone");
-    collm::testing::write_tiny_backbone(&backbone, 1).unwrap();
+    collm_llm::testing::write_tiny_backbone(&backbone, 1).unwrap();
     let tcfg = tallrec_config(root, &data, &backbone, "tallrec", "");
     let t1 = root.join("t1");
     ok(&[
@@ -151,7 +151,7 @@ fn a_run_config_trains_again_force_replaces_and_failures_leave_nothing() {
     // A run that fails after its directory was made leaves nothing: here the backbone has no
     // tokenizer.
     let broken = root.join("broken-backbone");
-    collm::testing::write_tiny_backbone(&broken, 1).unwrap();
+    collm_llm::testing::write_tiny_backbone(&broken, 1).unwrap();
     std::fs::remove_file(broken.join("tokenizer.json")).unwrap();
     let bcfg = tallrec_config(root, &data, &broken, "broken", "");
     let out = root.join("failed");

@@ -309,8 +309,16 @@ pub fn read_split_tsv(path: &Path) -> Result<Vec<Interaction>> {
     Ok(rows)
 }
 
+/// The largest id a dataset file may hold: tables are indexed by id (titles, embeddings), so
+/// a hostile or corrupt id must not size them. `collm data prepare` numbers ids 1..n; the
+/// largest public benchmarks have a few million.
+pub const MAX_ID: u32 = 1 << 26;
+
 fn parse_id(s: &str, field: &str) -> std::result::Result<u32, String> {
     match s.parse::<u32>() {
+        Ok(v) if v > MAX_ID => Err(format!(
+            "field '{field}' is {v}: ids above {MAX_ID} are not supported (ids are numbered 1..n)"
+        )),
         Ok(v) if v > 0 => Ok(v),
         Ok(_) => Err(format!(
             "field '{field}' is 0: ids start at 1 (0 is the padding id)"
@@ -336,7 +344,7 @@ pub fn read_items_tsv(path: &Path) -> Result<Vec<String>> {
             return Err(r.error(format!("bad header '{h}': expected 'iid<TAB>title'")));
         }
     }
-    let mut titles: Vec<String> = vec![String::new()];
+    let mut pairs: Vec<(usize, String, usize)> = Vec::new();
     while let Some(line) = r.next_str(&mut buf)? {
         if line.is_empty() {
             continue;
@@ -352,13 +360,24 @@ pub fn read_items_tsv(path: &Path) -> Result<Vec<String>> {
         if title.is_empty() {
             return Err(r.error(format!("item {iid} has an empty title")));
         }
-        if titles.len() <= iid {
-            titles.resize(iid + 1, String::new());
-        }
+        pairs.push((iid, title.to_string(), r.line_no()));
+    }
+    // The table is indexed by id: ids far sparser than the file's items would size it by a
+    // number in the file rather than by the file (one line must not cost gigabytes).
+    let max = pairs.iter().map(|p| p.0).max().unwrap_or(0);
+    if max > 16 * pairs.len() + 65_536 {
+        bail!(
+            "{}: item id {max} with only {} items: ids must be numbered densely from 1 (collm data prepare does this)",
+            path.display(),
+            pairs.len()
+        );
+    }
+    let mut titles: Vec<String> = vec![String::new(); max + 1];
+    for (iid, title, line) in pairs {
         if !titles[iid].is_empty() {
-            return Err(r.error(format!("item {iid} is listed twice")));
+            bail!("{}:{line}: item {iid} is listed twice", path.display());
         }
-        titles[iid] = title.to_string();
+        titles[iid] = title;
     }
     Ok(titles)
 }

@@ -284,3 +284,40 @@ fn collm_tsv_round_trip_keeps_rows_and_histories() {
     let ds2 = write_dataset(again, &tmp.path().join("out2"), false).unwrap();
     assert_eq!(ds2.manifest.content_sha256, ds.manifest.content_sha256);
 }
+
+/// Ids size tables (titles, embeddings): a huge or sparse id in a small file is refused, not
+/// allocated. The first case is the fuzzer's finding (`fuzz/`, target `dataset_tsv`): 79 bytes
+/// that once asked for ~19 GB.
+#[test]
+fn huge_or_sparse_ids_are_refused_not_allocated() {
+    use collm_data::dataset::{read_items_tsv, read_split_tsv};
+    let found = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/fuzz/items-sparse-id");
+    let e = format!("{:#}", read_items_tsv(&found).unwrap_err());
+    assert!(
+        e.contains("items-sparse-id:2:") && e.contains("not supported"),
+        "{e}"
+    );
+    let tmp = tempfile::tempdir().unwrap();
+    let items = tmp.path().join("items.tsv");
+    std::fs::write(&items, "iid\ttitle\n1\ta\n3000000\tb\n").unwrap();
+    let e = format!("{:#}", read_items_tsv(&items).unwrap_err());
+    assert!(e.contains("item id 3000000 with only 2 items"), "{e}");
+    std::fs::write(&items, "iid\ttitle\n1\ta\n3\tb\n").unwrap();
+    assert_eq!(
+        read_items_tsv(&items).unwrap().len(),
+        4,
+        "dense enough: accepted"
+    );
+    let split = tmp.path().join("train.tsv");
+    std::fs::write(
+        &split,
+        "uid\tiid\tlabel\ttimestamp\thistory\n4000000000\t1\t1\t5\t\n",
+    )
+    .unwrap();
+    let e = format!("{:#}", read_split_tsv(&split).unwrap_err());
+    assert!(
+        e.contains("train.tsv:2:") && e.contains("not supported"),
+        "{e}"
+    );
+}

@@ -152,6 +152,30 @@ impl LlamaConfig {
     }
 
     pub fn validate(&self) -> Result<()> {
+        for (name, v) in [
+            ("hidden_size", self.hidden_size),
+            ("intermediate_size", self.intermediate_size),
+            ("num_hidden_layers", self.num_hidden_layers),
+            ("vocab_size", self.vocab_size),
+            ("head_dim", self.head_dim),
+        ] {
+            // The upper bound only refuses corrupt values (the largest real models are far below).
+            if v == 0 || v > 1 << 24 {
+                bail!("{name} is {v}: expected 1..=16777216");
+            }
+        }
+        if !(self.rms_norm_eps.is_finite() && self.rms_norm_eps > 0.0) {
+            bail!(
+                "rms_norm_eps is {}: expected a positive number",
+                self.rms_norm_eps
+            );
+        }
+        if !(self.rope_theta.is_finite() && self.rope_theta > 0.0) {
+            bail!(
+                "rope_theta is {}: expected a positive number",
+                self.rope_theta
+            );
+        }
         if self.num_attention_heads == 0
             || self.num_key_value_heads == 0
             || !self

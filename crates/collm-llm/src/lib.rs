@@ -14,6 +14,8 @@ pub mod decoder;
 pub mod load;
 pub mod lora;
 pub mod ops;
+#[cfg(feature = "testing")]
+pub mod testing;
 pub mod tokenizer;
 
 use anyhow::{bail, Result};
@@ -69,4 +71,17 @@ pub fn dtype_name(d: DType) -> &'static str {
         DType::F16 => "f16",
         _ => "other",
     }
+}
+
+/// The first CUDA GPU in a `cuda` build when one is present (unless COLLM_DEVICE=cpu), else
+/// the CPU.
+pub fn device() -> candle_core::Device {
+    if std::env::var("COLLM_DEVICE").as_deref() != Ok("cpu")
+        && candle_core::utils::cuda_is_available()
+    {
+        if let Ok(g) = candle_core::Device::new_cuda(0) {
+            return g;
+        }
+    }
+    candle_core::Device::Cpu
 }

@@ -296,7 +296,8 @@ pub fn read_gguf<R: std::io::Read + std::io::Seek>(
         max_position_embeddings: meta_u(&content, &k("context_length"), path).unwrap_or(4096),
         tie_word_embeddings: !has_output,
         attention_bias: arch == "qwen2",
-        head_dim: meta_u(&content, &k("attention.key_length"), path).unwrap_or(hidden / heads),
+        head_dim: meta_u(&content, &k("attention.key_length"), path)
+            .unwrap_or(hidden.checked_div(heads).unwrap_or(0)),
         bos_token_id: meta_id(&content, "tokenizer.ggml.bos_token_id"),
         eos_token_id: meta_id(&content, "tokenizer.ggml.eos_token_id"),
     };

@@ -188,7 +188,9 @@ impl Lora {
         self.params.trainable()
     }
 
-    /// Writes `adapter_config.json` and `adapter_model.safetensors` into `dir`.
+    /// Writes `adapter_config.json` and `adapter_model.safetensors` into `dir`: PEFT's layout
+    /// and key names (`PeftModel.from_pretrained` opens it). `base_model` goes into
+    /// `base_model_name_or_path`, so it must be a name PEFT can resolve ([`peft_base_name`]).
     pub fn save_peft(&self, dir: &Path, base_model: &str) -> Result<()> {
         std::fs::create_dir_all(dir)
             .with_context(|| format!("{}: cannot create", dir.display()))?;
@@ -239,8 +241,47 @@ impl Lora {
             serde_json::Value::String(s) => vec![s.clone()],
             _ => bail!("{}: target_modules must be a list", cpath.display()),
         };
-        if v.get("use_rslora").and_then(|x| x.as_bool()) == Some(true) {
-            bail!("{}: rsLoRA adapters are not supported", cpath.display());
+        // Every adapter feature collm does not implement is refused: scoring with it ignored
+        // would be silently wrong.
+        let is_true = |k: &str| v.get(k).and_then(|x| x.as_bool()) == Some(true);
+        let is_set = |k: &str| match v.get(k) {
+            None | Some(serde_json::Value::Null) => false,
+            Some(serde_json::Value::Object(m)) => !m.is_empty(),
+            Some(serde_json::Value::Array(a)) => !a.is_empty(),
+            Some(_) => true,
+        };
+        for (key, what) in [
+            ("use_rslora", "rsLoRA"),
+            ("use_dora", "DoRA"),
+            ("fan_in_fan_out", "fan_in_fan_out (Conv1D-style) weights"),
+        ] {
+            if is_true(key) {
+                bail!(
+                    "{}: {what} adapters are not supported ('{key}' is true)",
+                    cpath.display()
+                );
+            }
+        }
+        for (key, what) in [
+            ("alpha_pattern", "per-module alphas"),
+            ("rank_pattern", "per-module ranks"),
+            ("modules_to_save", "extra trained modules"),
+            ("layers_to_transform", "LoRA on a subset of layers"),
+            ("layer_replication", "layer replication"),
+        ] {
+            if is_set(key) {
+                bail!(
+                    "{}: adapters with {what} ('{key}') are not supported",
+                    cpath.display()
+                );
+            }
+        }
+        match v.get("bias").and_then(|x| x.as_str()) {
+            None | Some("none") => {}
+            Some(b) => bail!(
+                "{}: adapters with trained biases (bias = \"{b}\") are not supported; expected \"none\"",
+                cpath.display()
+            ),
         }
         let cfg = LoraConfig {
             r: field("r")?.as_u64().unwrap_or(0) as usize,
@@ -280,6 +321,50 @@ impl Lora {
         }
         Ok(lora)
     }
+}
+
+/// The `base_model_name_or_path` PEFT can resolve for a backbone: a Hugging Face model
+/// directory is its own path; a GGUF file is named by the Hub repository it was converted from
+/// when the file name says which (`SmolLM2-135M-Instruct.Q4_1.gguf` →
+/// `HuggingFaceTB/SmolLM2-135M-Instruct`), else by its file stem.
+pub fn peft_base_name(backbone: &Path) -> String {
+    if backbone.is_dir() {
+        return backbone
+            .canonicalize()
+            .unwrap_or_else(|_| backbone.to_path_buf())
+            .display()
+            .to_string();
+    }
+    let stem = backbone
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    const KNOWN: [(&str, &str); 6] = [
+        (
+            "SmolLM2-135M-Instruct",
+            "HuggingFaceTB/SmolLM2-135M-Instruct",
+        ),
+        (
+            "SmolLM2-360M-Instruct",
+            "HuggingFaceTB/SmolLM2-360M-Instruct",
+        ),
+        (
+            "SmolLM2-1.7B-Instruct",
+            "HuggingFaceTB/SmolLM2-1.7B-Instruct",
+        ),
+        ("Qwen2.5-0.5B-Instruct", "Qwen/Qwen2.5-0.5B-Instruct"),
+        (
+            "TinyLlama-1.1B-Chat-v1.0",
+            "TinyLlama/TinyLlama-1.1B-Chat-v1.0",
+        ),
+        ("vicuna-7b-v1.5", "lmsys/vicuna-7b-v1.5"),
+    ];
+    let lower = stem.to_lowercase();
+    KNOWN
+        .iter()
+        .find(|(k, _)| lower.starts_with(&k.to_lowercase()))
+        .map(|(_, hub)| hub.to_string())
+        .unwrap_or(stem)
 }
 
 fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {

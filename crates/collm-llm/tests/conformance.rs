@@ -191,6 +191,66 @@ fn peft_adapter_loads_and_matches_transformers_with_peft() {
     assert_eq!(cfg["peft_type"], "LORA");
     assert_eq!(cfg["r"], 4);
     assert_eq!(cfg["lora_alpha"], 8.0);
+
+    // Every adapter feature collm does not implement is refused, naming the key.
+    let good = cfg.clone();
+    for (key, value) in [
+        ("use_dora", serde_json::json!(true)),
+        ("use_rslora", serde_json::json!(true)),
+        ("fan_in_fan_out", serde_json::json!(true)),
+        ("alpha_pattern", serde_json::json!({"q_proj": 32})),
+        ("rank_pattern", serde_json::json!({"v_proj": 2})),
+        ("modules_to_save", serde_json::json!(["lm_head"])),
+        ("layers_to_transform", serde_json::json!([0])),
+        ("bias", serde_json::json!("lora_only")),
+    ] {
+        let mut bad = good.clone();
+        bad[key] = value;
+        std::fs::write(
+            tmp.path().join("adapter_config.json"),
+            serde_json::to_string(&bad).unwrap(),
+        )
+        .unwrap();
+        let e = match Lora::load_peft(tmp.path(), &dec.config, &Device::Cpu) {
+            Ok(_) => panic!("{key}: accepted"),
+            Err(e) => format!("{e:#}"),
+        };
+        assert!(
+            e.contains("adapter_config.json") && e.contains(key),
+            "{key}: {e}"
+        );
+    }
+    // Empty patterns and null lists are what PEFT writes for a plain adapter: accepted.
+    let mut plain = good.clone();
+    plain["alpha_pattern"] = serde_json::json!({});
+    plain["rank_pattern"] = serde_json::json!({});
+    plain["modules_to_save"] = serde_json::Value::Null;
+    std::fs::write(
+        tmp.path().join("adapter_config.json"),
+        serde_json::to_string(&plain).unwrap(),
+    )
+    .unwrap();
+    Lora::load_peft(tmp.path(), &dec.config, &Device::Cpu).unwrap();
+}
+
+#[test]
+fn peft_base_names_are_hub_names_or_directories() {
+    use collm_llm::lora::peft_base_name;
+    assert_eq!(
+        peft_base_name(std::path::Path::new(
+            "models/SmolLM2-135M-Instruct.Q4_1.gguf"
+        )),
+        "HuggingFaceTB/SmolLM2-135M-Instruct"
+    );
+    assert_eq!(
+        peft_base_name(std::path::Path::new("x/my-model.gguf")),
+        "my-model"
+    );
+    let d = fixtures().join("tiny-llama");
+    assert_eq!(
+        peft_base_name(&d),
+        d.canonicalize().unwrap().display().to_string()
+    );
 }
 
 #[test]

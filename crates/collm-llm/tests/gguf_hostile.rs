@@ -148,3 +148,24 @@ fn a_corrupted_smollm2_is_refused() {
         "{e}"
     );
 }
+
+/// Inputs the fuzzer (`fuzz/`, target `gguf`) found, each once a panic: every one is now an
+/// error naming the file.
+#[test]
+fn fuzzer_findings_are_errors() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/fuzz");
+    let mut n = 0;
+    for e in std::fs::read_dir(&dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.file_name()
+            .unwrap()
+            .to_string_lossy()
+            .starts_with("gguf-")
+        {
+            let e = err(&p);
+            assert!(e.contains(p.to_str().unwrap()), "{e}");
+            n += 1;
+        }
+    }
+    assert!(n >= 1);
+}

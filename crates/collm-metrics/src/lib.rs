@@ -16,6 +16,27 @@ use collm_data::{Dataset, Interaction};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
 
+/// What trained a run directory, recorded as `"kind"` in its `metrics.json` so that readers
+/// (reports, evaluation) need not guess.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RunKind {
+    /// `collm train cf`: a collaborative model, one curve point per epoch.
+    Cf,
+    /// `collm train collm`: a CoLLM run (any mode), one curve point per validation step.
+    Collm,
+}
+
+impl RunKind {
+    /// The curve's x axis.
+    pub fn x_label(self) -> &'static str {
+        match self {
+            RunKind::Cf => "epoch",
+            RunKind::Collm => "step",
+        }
+    }
+}
+
 /// Area under the ROC curve, identical to scikit-learn's `roc_auc_score`: the probability that
 /// a random positive scores above a random negative, ties counting one half. `None` when
 /// either class is absent (scikit-learn raises an error there).

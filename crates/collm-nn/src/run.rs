@@ -159,17 +159,7 @@ impl RunDir {
         crash_point();
         fs::write(tmp.join(STATE_FILE), serde_json::to_string_pretty(state)?)
             .with_context(|| format!("{}: write error", tmp.display()))?;
-        for e in fs::read_dir(&tmp)? {
-            let p = e?.path();
-            if p.is_file() {
-                fs::File::open(&p)
-                    .and_then(|f| f.sync_all())
-                    .with_context(|| format!("{}: cannot sync", p.display()))?;
-            } else if p.is_dir() {
-                sync_dir(&p)?;
-            }
-        }
-        sync_dir(&tmp)?;
+        sync_tree(&tmp)?;
         crash_point();
         let dir = root.join(&name);
         if dir.exists() {
@@ -231,6 +221,21 @@ impl Drop for RunDir {
             fs::remove_dir_all(&self.path).ok();
         }
     }
+}
+
+/// Flushes every file under `dir`, and the directories' entries, to disk.
+fn sync_tree(dir: &Path) -> Result<()> {
+    for e in fs::read_dir(dir)? {
+        let p = e?.path();
+        if p.is_dir() {
+            sync_tree(&p)?;
+        } else {
+            fs::File::open(&p)
+                .and_then(|f| f.sync_all())
+                .with_context(|| format!("{}: cannot sync", p.display()))?;
+        }
+    }
+    sync_dir(dir)
 }
 
 /// The committed checkpoint directory of the run at `run`, if any (read-only; no lock).

@@ -223,6 +223,16 @@ mod defaults {
 }
 
 impl ExperimentConfig {
+    /// A config with every field at its default (what a TOML file with only these three
+    /// fields gives); set fields in Rust, then [`Self::validate`].
+    pub fn new(mode: Mode, data: &Path, backbone: &Path) -> Self {
+        let mut t = toml::Table::new();
+        t.insert("mode".into(), mode.name().into());
+        t.insert("data".into(), data.display().to_string().into());
+        t.insert("backbone".into(), backbone.display().to_string().into());
+        t.try_into().expect("the defaults deserialize")
+    }
+
     pub fn load(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("{}: cannot read", path.display()))?;

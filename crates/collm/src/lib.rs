@@ -5,16 +5,14 @@
 //! metrics ([`collm_metrics`]).
 //!
 //! [`experiment`] holds the run config and modes (CoLLM's steps and variants, the baselines),
-//! [`train`] the training loop, checkpoints and evaluation, [`report`] the tables and [`plot`] the
-//! charts.
+//! [`train`] the training loop, checkpoints and evaluation, [`pipeline`] the jobs the binary
+//! runs (evaluating any run, the quickstart). Tables and charts are in [`collm_report`].
 
 pub mod cie;
 pub mod experiment;
 pub mod model;
-pub mod plot;
+pub mod pipeline;
 pub mod prompt;
-pub mod report;
-pub mod testing;
 pub mod train;
 
 pub use experiment::{ExperimentConfig, Mode};

@@ -7,8 +7,9 @@
 //! ```text
 //! RUN/
 //!   config.toml      the experiment config + hashed references (data, backbone, CF run, step 1)
-//!   best/            the best weights: one safetensors per trained group (lora, mapper, cf,
-//!                    soft_prompt, ui_token); LoRA also as a PEFT adapter in best/lora/
+//!   best/            the best weights: one safetensors per trained group (mapper, cf,
+//!                    soft_prompt, ui_token); the LoRA once, as a PEFT adapter in best/lora/
+//!                    (adapter_config.json, adapter_model.safetensors, collm.json: the backbone)
 //!   checkpoint/      the last validation's weights, optimizer state and loop state (resume)
 //!   metrics.json     the curve and the best validation
 //! ```
@@ -18,11 +19,11 @@
 use crate::experiment::ExperimentConfig;
 use crate::model::{CoLlm, BEST_DIR};
 use anyhow::{bail, Context, Result};
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
 use collm_data::io::write_file_atomic;
 use collm_data::subsets::TrainCounts;
 use collm_data::{Dataset, Interaction};
-use collm_metrics::Report;
+use collm_metrics::{Report, RunKind};
 use collm_nn::layers::bce_with_logits;
 use collm_nn::optim::{clip_grad_norm, Adam, Decay};
 use collm_nn::run::{OpenMode, RunDir};
@@ -31,7 +32,7 @@ use rand::prelude::*;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 pub const CONFIG_FILE: &str = "config.toml";
 pub const METRICS_FILE: &str = "metrics.json";
@@ -61,8 +62,12 @@ pub struct EvalPoint {
     pub seconds: f64,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+/// `metrics.json`, also the loop state kept in the checkpoint.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct RunState {
+    /// Always `collm` (absent in files written before it was recorded).
+    #[serde(default = "collm_kind")]
+    pub kind: RunKind,
     pub step: usize,
     /// The score offset measured when training started (`calibrate`), used by every later
     /// score of the run.
@@ -75,6 +80,27 @@ pub struct RunState {
     pub skipped_steps: usize,
     pub stopped: Option<String>,
     pub train_seconds: f64,
+}
+
+fn collm_kind() -> RunKind {
+    RunKind::Collm
+}
+
+impl Default for RunState {
+    fn default() -> Self {
+        Self {
+            kind: RunKind::Collm,
+            step: 0,
+            score_offset: 0.0,
+            curve: Vec::new(),
+            best_step: None,
+            best_valid: None,
+            evals_without_improvement: 0,
+            skipped_steps: 0,
+            stopped: None,
+            train_seconds: 0.0,
+        }
+    }
 }
 
 fn sha256_path(p: &Path) -> Result<String> {
@@ -112,7 +138,8 @@ pub fn refs(cfg: &ExperimentConfig, ds: &Dataset) -> Result<Refs> {
         },
         step1_lora_sha256: match &cfg.step1 {
             Some(r) if cfg.mode.needs_step1() => {
-                Some(sha256_path(&r.join(BEST_DIR).join("lora.safetensors"))?)
+                // The file step 2 loads.
+                Some(sha256_path(&group_file(&r.join(BEST_DIR), "lora"))?)
             }
             _ => None,
         },
@@ -150,17 +177,53 @@ fn check_step1(step1: &Path, cfg: &ExperimentConfig, ds: &Dataset) -> Result<()>
     Ok(())
 }
 
+/// The LoRA of a weights directory (`best/` or a checkpoint), a PEFT adapter directory.
+pub const LORA_DIR: &str = "lora";
+/// collm's own notes next to the PEFT adapter (the backbone file it was trained on).
+pub const LORA_META: &str = "collm.json";
+
+/// Where a trained group's weights live in a weights directory: the LoRA once, as a PEFT
+/// adapter (`lora/adapter_model.safetensors`, PEFT's key names), every other group as
+/// `GROUP.safetensors`.
+pub fn group_file(dir: &Path, group: &str) -> PathBuf {
+    if group == "lora" {
+        dir.join(LORA_DIR).join("adapter_model.safetensors")
+    } else {
+        dir.join(format!("{group}.safetensors"))
+    }
+}
+
 fn save_groups(model: &CoLlm, dir: &Path) -> Result<()> {
     std::fs::create_dir_all(dir)?;
     for (group, store) in model.trainable_stores() {
-        store.save(&dir.join(format!("{group}.safetensors")))?;
+        match (group, &model.lora) {
+            ("lora", Some(l)) => {
+                let backbone = &model.config.backbone;
+                let adapter = dir.join(LORA_DIR);
+                l.save_peft(&adapter, &collm_llm::lora::peft_base_name(backbone))?;
+                let meta = serde_json::json!({
+                    "backbone": backbone.display().to_string(),
+                    "backbone_sha256": sha256_path(backbone)?,
+                });
+                write_file_atomic(
+                    &adapter.join(LORA_META),
+                    serde_json::to_string_pretty(&meta)?.as_bytes(),
+                )?;
+            }
+            _ => store.save(&group_file(dir, group))?,
+        }
     }
     Ok(())
 }
 
 fn load_groups(model: &CoLlm, dir: &Path) -> Result<()> {
     for (group, store) in model.trainable_stores() {
-        let p = dir.join(format!("{group}.safetensors"));
+        let mut p = group_file(dir, group);
+        // Runs written before the LoRA was kept once kept it as lora.safetensors too.
+        let legacy = dir.join(format!("{group}.safetensors"));
+        if !p.is_file() && legacy.is_file() {
+            p = legacy;
+        }
         store
             .load(&p)
             .with_context(|| format!("loading the trained '{group}' weights"))?;
@@ -445,9 +508,6 @@ pub fn train(cfg: &ExperimentConfig, out: &Path, opts: &TrainOptions) -> Result<
             if improved {
                 let best = out.join(BEST_DIR);
                 save_groups(&model, &best)?;
-                if let (true, Some(l)) = (cfg.mode.trains_lora(), &model.lora) {
-                    l.save_peft(&best.join("lora"), &cfg.backbone.display().to_string())?;
-                }
                 state.best_step = Some(state.step);
                 state.best_valid = Some(report.clone());
                 state.evals_without_improvement = 0;
@@ -486,18 +546,8 @@ pub fn train(cfg: &ExperimentConfig, out: &Path, opts: &TrainOptions) -> Result<
     Ok(state)
 }
 
-/// The first CUDA GPU in a `cuda` build when one is present (unless COLLM_DEVICE=cpu), else
-/// the CPU.
-pub fn device() -> Device {
-    if std::env::var("COLLM_DEVICE").as_deref() != Ok("cpu")
-        && candle_core::utils::cuda_is_available()
-    {
-        if let Ok(g) = Device::new_cuda(0) {
-            return g;
-        }
-    }
-    Device::Cpu
-}
+/// The program's compute device ([`collm_llm::device`]).
+pub use collm_llm::device;
 
 pub fn load_run_file(run: &Path) -> Result<RunFile> {
     let p = run.join(CONFIG_FILE);

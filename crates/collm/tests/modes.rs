@@ -22,7 +22,7 @@ struct Setup {
 fn setup() -> Setup {
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path().to_path_buf();
-    collm::testing::write_tiny_backbone(&root.join("backbone"), 1).unwrap();
+    collm_llm::testing::write_tiny_backbone(&root.join("backbone"), 1).unwrap();
     let data = prepare(&SyntheticOptions {
         users: 24,
         items: 20,
@@ -294,8 +294,8 @@ fn resume_gives_the_same_weights_as_an_uninterrupted_run() {
     assert_eq!(st.step, 6);
     for g in ["lora", "mapper"] {
         let ck = |run: &Path| collm_nn::run::current_checkpoint(run).unwrap().unwrap();
-        let a = weights(&ck(&straight).join(format!("{g}.safetensors")));
-        let b = weights(&ck(&resumed).join(format!("{g}.safetensors")));
+        let a = weights(&collm::train::group_file(&ck(&straight), g));
+        let b = weights(&collm::train::group_file(&ck(&resumed), g));
         assert_eq!(a, b, "{g}");
     }
     // A different config cannot resume this run.

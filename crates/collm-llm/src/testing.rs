@@ -1,11 +1,12 @@
 //! Tiny backbones for tests and demos: a random LLaMA-shaped model (2 layers, hidden 32) with a
 //! real byte-level BPE tokenizer in which " Yes" and " No" are single tokens, written as a
-//! Hugging Face model directory.
+//! Hugging Face model directory. Behind the `testing` feature: the tests of the crates above
+//! enable it as a dev-dependency; it is not part of the library's API.
 
+use crate::config::LlamaConfig;
+use crate::load::random_weights;
 use anyhow::Result;
 use candle_core::{DType, Device};
-use collm_llm::config::LlamaConfig;
-use collm_llm::load::random_weights;
 use serde_json::json;
 use std::collections::HashMap;
 use std::path::Path;

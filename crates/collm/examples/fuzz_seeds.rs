@@ -1,20 +1,25 @@
-//! Seed corpora for the fuzz targets, made the way the tests make their fixtures: a tiny
-//! llama GGUF, a PEFT adapter written by collm, a synthetic dataset's files, and the shipped
-//! configs. `cargo +nightly run --release --bin make_seeds` (scripts/fuzz.sh does it).
+//! Seed corpora for the fuzz targets (`fuzz/`), made the way the tests make their fixtures: a
+//! tiny llama GGUF, a PEFT adapter written by collm, a synthetic dataset's files, and the
+//! shipped configs. `cargo run --release -p collm --example fuzz_seeds` (scripts/fuzz.sh runs
+//! it); it writes fuzz/corpus/<target>/.
 
 use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
 use std::path::Path;
 
 fn main() {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("corpus");
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let root = repo.join("fuzz/corpus");
     let dir = |t: &str| {
         let d = root.join(t);
         std::fs::create_dir_all(&d).unwrap();
         d
     };
     // gguf: a complete tiny llama (one tensor, a 2-token vocabulary), f32 and q8_0.
-    for (name, dtype) in [("tiny-f32.gguf", GgmlDType::F32), ("tiny-q8.gguf", GgmlDType::Q8_0)] {
+    for (name, dtype) in [
+        ("tiny-f32.gguf", GgmlDType::F32),
+        ("tiny-q8.gguf", GgmlDType::Q8_0),
+    ] {
         use gguf_file::Value;
         let t = Tensor::full(0.25f32, (2, 32), &Device::Cpu).unwrap();
         let q = QTensor::quantize(&t, dtype).unwrap();
@@ -51,12 +56,14 @@ fn main() {
     seed.extend(std::fs::read(tmp.path().join("adapter_model.safetensors")).unwrap());
     std::fs::write(dir("peft_adapter").join("collm-adapter"), seed).unwrap();
     // dataset_tsv: a synthetic dataset's files; dataset.json NUL train.tsv.
-    let data = collm_data::sources::synthetic::prepare(&collm_data::sources::synthetic::SyntheticOptions {
-        users: 6,
-        items: 8,
-        rows_per_user: 4.0,
-        ..Default::default()
-    })
+    let data = collm_data::sources::synthetic::prepare(
+        &collm_data::sources::synthetic::SyntheticOptions {
+            users: 6,
+            items: 8,
+            rows_per_user: 4.0,
+            ..Default::default()
+        },
+    )
     .unwrap();
     let ds_dir = tmp.path().join("ds");
     collm_data::dataset::write_dataset(data, &ds_dir, false).unwrap();
@@ -70,7 +77,7 @@ fn main() {
     std::fs::write(d.join("manifest-and-train"), seed).unwrap();
     // config: the shipped configs.
     let c = dir("config");
-    let configs = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/ml-1m");
+    let configs = repo.join("configs/ml-1m");
     for e in std::fs::read_dir(configs).unwrap() {
         let p = e.unwrap().path();
         std::fs::copy(&p, c.join(p.file_name().unwrap())).unwrap();

@@ -2,7 +2,7 @@
 //! curves of training runs. Rendered in memory with plotters (font embedded from the `dejavu`
 //! crate, so no system fonts are needed) and written atomically.
 
-use crate::report::Row;
+use crate::{Curve, Row};
 use anyhow::{anyhow, Result};
 use plotters::prelude::*;
 use plotters::style::text_anchor::{HPos, Pos, VPos};
@@ -132,15 +132,6 @@ pub fn subset_bars(path: &Path, title: &str, rows: &[Row], subsets: &[&str]) -> 
             .map_err(plot_err)?;
         Ok(())
     })
-}
-
-/// One training run's validation curve.
-pub struct Curve {
-    pub name: String,
-    /// "step" (CoLLM runs) or "epoch" (collaborative-model runs).
-    pub x_label: String,
-    /// (x, valid AUC)
-    pub points: Vec<(f64, f64)>,
 }
 
 /// Validation AUC against training progress, one panel per run (runs count progress in

@@ -1,0 +1,157 @@
+//! Reports: a Table-2-style markdown table (AUC, UAUC, relative improvement over the best
+//! baseline), warm/cold columns like Figure 3, and the training curves read from run
+//! directories. Charts are in [`plot`]. Apart from the model crates: reports need evaluations
+//! and run files, not the models.
+
+pub mod plot;
+
+use anyhow::{bail, Context};
+use collm_metrics::Report;
+use serde::Deserialize;
+use std::fmt::Write as _;
+use std::path::Path;
+
+/// One row of a report: a run's name and its evaluation.
+pub struct Row {
+    pub name: String,
+    pub report: Report,
+}
+
+use collm_metrics::fmt_metric as f;
+
+/// Markdown table; the last row is compared with the best of the others ("RelaImpr" as in the
+/// paper: relative improvement of AUC − 0.5 and UAUC − 0.5).
+pub fn table(rows: &[Row], subsets: &[&str]) -> String {
+    let mut s = String::from("| model | AUC | UAUC |");
+    for sub in subsets {
+        let _ = write!(s, " {sub} AUC | {sub} UAUC |");
+    }
+    s.push_str("\n|---|---|---|");
+    for _ in subsets {
+        s.push_str("---|---|");
+    }
+    s.push('\n');
+    for r in rows {
+        let _ = write!(
+            s,
+            "| {} | {} | {} |",
+            r.name,
+            f(r.report.auc),
+            f(r.report.uauc)
+        );
+        for sub in subsets {
+            let m = r.report.subsets.get(*sub);
+            let _ = write!(
+                s,
+                " {} | {} |",
+                f(m.and_then(|m| m.auc)),
+                f(m.and_then(|m| m.uauc))
+            );
+        }
+        s.push('\n');
+    }
+    if rows.len() >= 2 {
+        let last = &rows[rows.len() - 1];
+        let best = |g: fn(&Report) -> Option<f64>| {
+            rows[..rows.len() - 1]
+                .iter()
+                .filter_map(|r| g(&r.report))
+                .fold(f64::NAN, f64::max)
+        };
+        let rel = |x: Option<f64>, b: f64| match x {
+            Some(v) if b.is_finite() && b != 0.5 => format!("{:+.2}%", 100.0 * (v - b) / (b - 0.5)),
+            _ => "-".into(),
+        };
+        let _ = writeln!(
+            s,
+            "\nRelaImpr of {} over the best other row: AUC {}, UAUC {}",
+            last.name,
+            rel(last.report.auc, best(|r| r.auc)),
+            rel(last.report.uauc, best(|r| r.uauc))
+        );
+    }
+    s
+}
+
+pub use collm_metrics::RunKind;
+
+/// The kind of the run in `run`, from its `config.toml` (`[cf]` or `[experiment]`).
+pub fn run_kind(run: &Path) -> anyhow::Result<RunKind> {
+    let p = run.join("config.toml");
+    let text = std::fs::read_to_string(&p).with_context(|| {
+        format!(
+            "{}: cannot read (is {} a run directory?)",
+            p.display(),
+            run.display()
+        )
+    })?;
+    let t: toml::Table =
+        toml::from_str(&text).with_context(|| format!("{}: not valid TOML", p.display()))?;
+    match (t.contains_key("cf"), t.contains_key("experiment")) {
+        (true, false) => Ok(RunKind::Cf),
+        (false, true) => Ok(RunKind::Collm),
+        _ => bail!(
+            "{}: neither a collaborative-model run ([cf]) nor a CoLLM run ([experiment])",
+            p.display()
+        ),
+    }
+}
+
+/// One point of a validation curve as either trainer writes it in `metrics.json`.
+#[derive(Debug, Clone, Deserialize)]
+struct CurvePoint {
+    #[serde(default)]
+    epoch: Option<usize>,
+    #[serde(default)]
+    step: Option<usize>,
+    valid_auc: Option<f64>,
+}
+
+/// The part of `metrics.json` that reports read.
+#[derive(Debug, Clone, Deserialize)]
+struct MetricsFile {
+    #[serde(default)]
+    kind: Option<RunKind>,
+    curve: Vec<CurvePoint>,
+}
+
+/// One training run's validation curve.
+#[derive(Debug, Clone)]
+pub struct Curve {
+    pub name: String,
+    /// "step" (CoLLM runs) or "epoch" (collaborative-model runs).
+    pub x_label: String,
+    /// (x, valid AUC)
+    pub points: Vec<(f64, f64)>,
+}
+
+/// The validation curve of a run directory, read from its metrics.json; None when the run has
+/// no validation points yet.
+pub fn run_curve(run: &Path, name: &str) -> anyhow::Result<Option<Curve>> {
+    let path = run.join("metrics.json");
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("{}: cannot read", path.display()))?;
+    let m: MetricsFile = serde_json::from_str(&text)
+        .with_context(|| format!("{}: not a run's metrics", path.display()))?;
+    // Files written before "kind" was recorded: the config says.
+    let kind = match m.kind {
+        Some(k) => k,
+        None => run_kind(run)?,
+    };
+    let points: Vec<(f64, f64)> = m
+        .curve
+        .iter()
+        .filter_map(|p| {
+            let x = match kind {
+                RunKind::Cf => p.epoch?,
+                RunKind::Collm => p.step?,
+            };
+            Some((x as f64, p.valid_auc?))
+        })
+        .collect();
+    Ok((!points.is_empty()).then(|| Curve {
+        name: name.to_string(),
+        x_label: kind.x_label().into(),
+        points,
+    }))
+}
