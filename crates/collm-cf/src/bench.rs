@@ -76,3 +76,36 @@ pub fn measure(cfg: &CfConfig, ds: &Dataset, epochs: usize) -> Result<CfBench> {
         last_train_loss: loss,
     })
 }
+
+/// The table `collm bench cf` prints for its rows.
+pub fn render(rows: &[CfBench], epochs: usize) -> String {
+    use std::fmt::Write as _;
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "\n{} train rows, {} valid rows, {} epoch(s) each",
+        rows.first().map_or(0, |r| r.train_rows),
+        rows.first().map_or(0, |r| r.valid_rows),
+        epochs
+    );
+    let _ = writeln!(
+        s,
+        "{:<9} {:>4} {:>6} {:>9} {:>12} {:>11} {:>10} {:>12}",
+        "model", "d", "batch", "s/epoch", "train rows/s", "forward s", "epoch/fwd", "score rows/s"
+    );
+    for r in rows {
+        let _ = writeln!(
+            s,
+            "{:<9} {:>4} {:>6} {:>9.2} {:>12.0} {:>11.3} {:>9.1}x {:>12.0}",
+            r.model,
+            r.dim,
+            r.batch_size,
+            r.epoch_seconds,
+            r.train_samples_per_second,
+            r.forward_seconds,
+            r.epoch_over_forward,
+            r.score_samples_per_second
+        );
+    }
+    s
+}

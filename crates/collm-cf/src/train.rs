@@ -13,7 +13,7 @@ use candle_core::Device;
 use collm_data::subsets::TrainCounts;
 use collm_data::{Dataset, Interaction};
 use collm_metrics::{Report, RunKind};
-use collm_nn::run::{OpenMode, RunDir};
+use collm_nn::run::{epoch_seed, improves, OpenMode, RunDir};
 use indicatif::{ProgressBar, ProgressStyle};
 use rand::prelude::*;
 use rand_chacha::ChaCha8Rng;
@@ -80,10 +80,6 @@ pub fn predict(
         out.extend(s.into_iter().map(f64::from));
     }
     Ok(out)
-}
-
-fn epoch_seed(seed: u64, epoch: usize) -> u64 {
-    seed ^ (epoch as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15)
 }
 
 /// Builds the optimizer the training loop uses: Adam with L2 weight decay on every parameter
@@ -204,11 +200,7 @@ pub fn train(
         let train_s = t.elapsed().as_secs_f64();
         let scores = predict(model.as_ref(), valid_rows, cfg.eval_batch_size, &device)?;
         let report = Report::compute(&counts, valid_rows, &scores)?;
-        let improved = match (&metrics.best_valid, report.auc) {
-            (_, None) => false,
-            (None, Some(_)) => true,
-            (Some(best), Some(a)) => best.auc.is_none_or(|b| a > b),
-        };
+        let improved = improves(metrics.best_valid.as_ref().and_then(|b| b.auc), report.auc);
         metrics.curve.push(EpochRecord {
             epoch: epoch + 1,
             train_loss,

@@ -9,6 +9,7 @@
 //! - [`subsets`]: warm/cold/seen row subsets used by the metrics.
 //! - [`stats`]: the paper's Table 1 and more.
 
+pub mod bench;
 pub mod dataset;
 pub mod history;
 pub mod io;

@@ -61,19 +61,7 @@ pub struct LlmBenchRow {
     pub peak_rss_gib: Option<f64>,
 }
 
-/// Peak resident memory of this process so far (Linux), in MiB.
-pub fn peak_rss_mib() -> Option<f64> {
-    let s = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb / 1024.0)
-}
-
-/// Resets the peak-RSS counter (Linux `clear_refs` 5), so that a row's peak is its own as far
-/// as memory held from earlier rows allows.
-pub fn reset_peak_rss() {
-    let _ = std::fs::write("/proc/self/clear_refs", "5");
-}
+pub use collm_data::bench::{peak_rss_mib, reset_peak_rss};
 
 /// Runs one benchmark row.
 pub fn measure(b: &LlmBench, device: &Device) -> Result<LlmBenchRow> {
@@ -197,4 +185,55 @@ pub fn measure(b: &LlmBench, device: &Device) -> Result<LlmBenchRow> {
         peak_rss_train_gib: peak_train,
         peak_rss_gib: peak_rss_mib().map(|m| m / 1024.0),
     })
+}
+
+/// The table `collm bench llm` prints for its rows.
+pub fn render(rows: &[LlmBenchRow], dtype: &str) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "{:<20} {:>5} {:>4} {:<8} {:>8} {:>9} {:>8} {:>9}  {:>5} {:>5} {:>5} {:>5}  {:>9}",
+        "model",
+        "batch",
+        "seq",
+        "path",
+        "train/s",
+        "tok/s",
+        "score/s",
+        "tok/s",
+        "prep",
+        "fwd",
+        "bwd",
+        "opt",
+        "peak GiB"
+    );
+    for r in rows {
+        let s = &r.step;
+        let total = s.prep_s + s.forward_s + s.backward_s + s.optimizer_s;
+        let pct = |x: f64| 100.0 * x / total;
+        let _ = writeln!(out,
+            "{:<20} {:>5} {:>4} {:<8} {:>8.2} {:>9.0} {:>8.2} {:>9.0}  {:>4.0}% {:>4.0}% {:>4.0}% {:>4.0}%  {:>9.2}",
+            r.model,
+            r.batch,
+            r.seq,
+            r.path,
+            r.train_samples_per_s,
+            r.train_tokens_per_s,
+            r.infer_samples_per_s,
+            r.infer_tokens_per_s,
+            pct(s.prep_s),
+            pct(s.forward_s),
+            pct(s.backward_s),
+            pct(s.optimizer_s),
+            r.peak_rss_train_gib.unwrap_or(f64::NAN)
+        );
+    }
+    let _ = writeln!(out,
+        "({} {}, {} threads; step shares: host prep, forward, backward, optimizer; peak RSS of the train steps)",
+        dtype,
+        rows.first().map_or("", |r| r.device.as_str()),
+        rows.first().map_or(0, |r| r.threads)
+    );
+    out
 }

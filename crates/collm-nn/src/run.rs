@@ -223,6 +223,22 @@ impl Drop for RunDir {
     }
 }
 
+/// The seed of one epoch's data order and dropout, from the run's seed: a function of (seed,
+/// epoch) only, so that a resumed run sees the same epochs as an uninterrupted one.
+pub fn epoch_seed(seed: u64, epoch: usize) -> u64 {
+    seed ^ (epoch as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+}
+
+/// Early stopping's test: does a validation AUC of `new` beat the best so far? The first
+/// defined AUC always does; an undefined one (a split with one label) never does.
+pub fn improves(best: Option<f64>, new: Option<f64>) -> bool {
+    match (best, new) {
+        (_, None) => false,
+        (None, Some(_)) => true,
+        (Some(b), Some(a)) => a > b,
+    }
+}
+
 /// Flushes every file under `dir`, and the directories' entries, to disk.
 fn sync_tree(dir: &Path) -> Result<()> {
     for e in fs::read_dir(dir)? {

@@ -26,7 +26,7 @@ use collm_data::{Dataset, Interaction};
 use collm_metrics::{Report, RunKind};
 use collm_nn::layers::bce_with_logits;
 use collm_nn::optim::{clip_grad_norm, Adam, Decay};
-use collm_nn::run::{OpenMode, RunDir};
+use collm_nn::run::{epoch_seed, improves, OpenMode, RunDir};
 use collm_nn::TrainCtx;
 use rand::prelude::*;
 use rand_chacha::ChaCha8Rng;
@@ -274,8 +274,7 @@ fn train_rows(cfg: &ExperimentConfig, train: &[Interaction]) -> Vec<Interaction>
 }
 
 fn epoch_order(seed: u64, epoch: usize, n: usize) -> Vec<usize> {
-    let mut rng =
-        ChaCha8Rng::seed_from_u64(seed ^ (epoch as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    let mut rng = ChaCha8Rng::seed_from_u64(epoch_seed(seed, epoch));
     let mut v: Vec<usize> = (0..n).collect();
     v.shuffle(&mut rng);
     v
@@ -488,11 +487,7 @@ pub fn train(cfg: &ExperimentConfig, out: &Path, opts: &TrainOptions) -> Result<
         if state.step % cfg.eval_every == 0 || last {
             let scores = model.predict(&valid, titles, false)?;
             let report = Report::compute(&counts, &valid, &scores)?;
-            let improved = match (&state.best_valid, report.auc) {
-                (_, None) => false,
-                (None, Some(_)) => true,
-                (Some(b), Some(a)) => b.auc.is_none_or(|x| a > x),
-            };
+            let improved = improves(state.best_valid.as_ref().and_then(|b| b.auc), report.auc);
             state.train_seconds += last_eval.elapsed().as_secs_f64();
             last_eval = std::time::Instant::now();
             state.curve.push(EvalPoint {
