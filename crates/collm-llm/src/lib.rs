@@ -51,6 +51,58 @@ impl Backbone {
             source: path.display().to_string(),
         })
     }
+
+    /// The next-token logits after `prompt` (encoded without special tokens): those of `words`
+    /// (each must be one token), and the `top` highest, best first. `collm llm score`.
+    pub fn next_token_logits(
+        &self,
+        prompt: &str,
+        words: &[String],
+        top: usize,
+    ) -> Result<NextToken> {
+        let ids = self.tokenizer.encode(prompt)?;
+        if ids.is_empty() {
+            bail!("the prompt encodes to no tokens");
+        }
+        let word_ids = words
+            .iter()
+            .map(|w| self.tokenizer.single_token(w))
+            .collect::<Result<Vec<_>>>()?;
+        let dec = &self.decoder;
+        let emb = dec.embed(&ids)?.unsqueeze(0)?;
+        let mask = Mask::left_padded(&[ids.len()], ids.len());
+        let h = dec.forward(&emb, &mask, &Pass::inference())?;
+        let logits = dec.vocab_logits(&h, &[ids.len() - 1])?.to_vec2::<f32>()?;
+        let row = &logits[0];
+        let mut order: Vec<usize> = (0..row.len()).collect();
+        order.sort_by(|&x, &y| row[y].total_cmp(&row[x]));
+        Ok(NextToken {
+            prompt_tokens: ids.len(),
+            words: words
+                .iter()
+                .zip(&word_ids)
+                .map(|(w, &id)| (w.clone(), row[id as usize]))
+                .collect(),
+            top: order
+                .iter()
+                .take(top)
+                .map(|&i| {
+                    let text = self.tokenizer.decode(&[i as u32]).unwrap_or_default();
+                    (text, i as u32, row[i])
+                })
+                .collect(),
+        })
+    }
+}
+
+/// What [`Backbone::next_token_logits`] returns.
+#[derive(Debug, Clone)]
+pub struct NextToken {
+    pub prompt_tokens: usize,
+    /// (word, logit) for each word asked for, in order.
+    pub words: Vec<(String, f32)>,
+    /// (token text, id, logit), best first.
+    pub top: Vec<(String, u32, f32)>,
 }
 
 /// Parses a dtype name: `f32` or `bf16`.
