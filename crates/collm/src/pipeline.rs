@@ -165,17 +165,17 @@ pub fn quickstart(o: &QuickstartOptions) -> Result<QuickstartOutcome> {
     let base = |mode: Mode, steps: usize, (lr, min_lr): (f64, f64)| -> Result<ExperimentConfig> {
         let mut c = ExperimentConfig::new(mode, &data_dir, &backbone);
         c.name = mode.name().into();
-        c.max_layers = (o.layers > 0).then_some(o.layers);
-        c.history = o.history;
-        c.batch_size = o.batch_size;
-        c.max_steps = steps;
-        c.warmup_steps = 5;
-        c.eval_every = steps;
-        c.eval_rows = 200;
-        c.patience = 100;
-        c.eval_batch_size = 32;
-        c.lr = lr;
-        c.min_lr = min_lr;
+        c.model.max_layers = (o.layers > 0).then_some(o.layers);
+        c.model.history = o.history;
+        c.training.batch_size = o.batch_size;
+        c.training.max_steps = steps;
+        c.training.warmup_steps = 5;
+        c.training.eval_every = steps;
+        c.training.eval_rows = 200;
+        c.training.patience = 100;
+        c.model.eval_batch_size = 32;
+        c.training.lr = lr;
+        c.training.min_lr = min_lr;
         c.validate()?;
         Ok(c)
     };
@@ -192,8 +192,8 @@ pub fn quickstart(o: &QuickstartOptions) -> Result<QuickstartOutcome> {
     tracing::info!("[3/5] step 1 (TALLRec) trained ({:.0} s)", secs());
     let collm_run = out.join("collm-mf");
     let mut step2 = base(Mode::Collm, o.step2_steps, (3e-2, 3e-3))?;
-    step2.cf_run = Some(mf_run.clone());
-    step2.step1 = Some(tallrec_run.clone());
+    step2.model.cf_run = Some(mf_run.clone());
+    step2.model.step1 = Some(tallrec_run.clone());
     step2.validate()?;
     crate::train::train(&step2, &collm_run, &force)?;
     tracing::info!("[4/5] step 2 (CoLLM-MF) trained ({:.0} s)", secs());

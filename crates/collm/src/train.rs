@@ -126,17 +126,17 @@ fn sha256_path(p: &Path) -> Result<String> {
 }
 
 pub fn refs(cfg: &ExperimentConfig, ds: &Dataset) -> Result<Refs> {
-    if let (Some(step1), true) = (&cfg.step1, cfg.mode.needs_step1()) {
+    if let (Some(step1), true) = (&cfg.model.step1, cfg.mode.needs_step1()) {
         check_step1(step1, cfg, ds)?;
     }
     Ok(Refs {
         data_content_sha256: ds.manifest.content_sha256.clone(),
-        backbone_sha256: sha256_path(&cfg.backbone)?,
-        cf_run_model_sha256: match &cfg.cf_run {
+        backbone_sha256: sha256_path(&cfg.model.backbone)?,
+        cf_run_model_sha256: match &cfg.model.cf_run {
             Some(r) if cfg.mode.uses_cf() => Some(sha256_path(&r.join("model.safetensors"))?),
             _ => None,
         },
-        step1_lora_sha256: match &cfg.step1 {
+        step1_lora_sha256: match &cfg.model.step1 {
             Some(r) if cfg.mode.needs_step1() => {
                 // The file step 2 loads.
                 Some(sha256_path(&group_file(&r.join(BEST_DIR), "lora"))?)
@@ -161,17 +161,17 @@ fn check_step1(step1: &Path, cfg: &ExperimentConfig, ds: &Dataset) -> Result<()>
             "'step1' = {}: trained on other data (content sha256 {}) than {} (content sha256 {}): train step 1 on this dataset",
             step1.display(),
             &rf.refs.data_content_sha256[..12.min(rf.refs.data_content_sha256.len())],
-            cfg.data.display(),
+            cfg.data.path.display(),
             &ds.manifest.content_sha256[..12]
         );
     }
-    let backbone = sha256_path(&cfg.backbone)?;
+    let backbone = sha256_path(&cfg.model.backbone)?;
     if rf.refs.backbone_sha256 != backbone {
         bail!(
             "'step1' = {}: trained on another backbone ({}) than {}",
             step1.display(),
-            rf.experiment.backbone.display(),
-            cfg.backbone.display()
+            rf.experiment.model.backbone.display(),
+            cfg.model.backbone.display()
         );
     }
     Ok(())
@@ -198,7 +198,7 @@ fn save_groups(model: &CoLlm, dir: &Path) -> Result<()> {
     for (group, store) in model.trainable_stores() {
         match (group, &model.lora) {
             ("lora", Some(l)) => {
-                let backbone = &model.config.backbone;
+                let backbone = &model.config.model.backbone;
                 let adapter = dir.join(LORA_DIR);
                 l.save_peft(&adapter, &collm_llm::lora::peft_base_name(backbone))?;
                 let meta = serde_json::json!({
@@ -237,7 +237,7 @@ fn optimizer(model: &CoLlm, cfg: &ExperimentConfig) -> Result<Adam> {
         for (name, var) in store.trainable() {
             // Decay only matrices, never biases or vectors (the reference's rule).
             let wd = if var.rank() >= 2 && !name.contains("bias") {
-                cfg.weight_decay
+                cfg.training.weight_decay
             } else {
                 0.0
             };
@@ -247,22 +247,23 @@ fn optimizer(model: &CoLlm, cfg: &ExperimentConfig) -> Result<Adam> {
     if params.is_empty() {
         bail!("mode '{}' has nothing to train", cfg.mode.name());
     }
-    Adam::new(params, cfg.lr, Decay::Decoupled)
+    Adam::new(params, cfg.training.lr, Decay::Decoupled)
 }
 
 /// The fixed validation subsample (seeded, in split order).
 pub fn valid_sample(cfg: &ExperimentConfig, valid: &[Interaction]) -> Vec<Interaction> {
-    if cfg.eval_rows == 0 || cfg.eval_rows >= valid.len() {
+    if cfg.training.eval_rows == 0 || cfg.training.eval_rows >= valid.len() {
         return valid.to_vec();
     }
     let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed ^ 0x5eed);
-    let mut idx = rand::seq::index::sample(&mut rng, valid.len(), cfg.eval_rows).into_vec();
+    let mut idx =
+        rand::seq::index::sample(&mut rng, valid.len(), cfg.training.eval_rows).into_vec();
     idx.sort_unstable();
     idx.into_iter().map(|k| valid[k].clone()).collect()
 }
 
 fn train_rows(cfg: &ExperimentConfig, train: &[Interaction]) -> Vec<Interaction> {
-    match cfg.train_rows {
+    match cfg.data.train_rows {
         Some(n) if n < train.len() => {
             let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed ^ 0x7a11);
             let mut idx = rand::seq::index::sample(&mut rng, train.len(), n).into_vec();
@@ -335,7 +336,7 @@ impl TrainOptions {
 
 /// Trains (or, for ICL, just records) a run into `out`.
 pub fn train(cfg: &ExperimentConfig, out: &Path, opts: &TrainOptions) -> Result<RunState> {
-    let ds = Dataset::load(&cfg.data)?;
+    let ds = Dataset::load(&cfg.data.path)?;
     let device = device();
     let refs = refs(cfg, &ds)?;
     let run_file = RunFile {
@@ -379,7 +380,7 @@ pub fn train(cfg: &ExperimentConfig, out: &Path, opts: &TrainOptions) -> Result<
     let titles = &ds.titles;
     let train = train_rows(cfg, &ds.train()?.rows);
     let valid = valid_sample(cfg, &ds.split("valid")?.rows);
-    if state.step == 0 && cfg.calibrate {
+    if state.step == 0 && cfg.model.calibrate {
         // The first rows of the epoch-0 order, under the initial weights.
         let order = epoch_order(cfg.seed, 0, train.len());
         let first: Vec<Interaction> = order.iter().take(64).map(|&k| train[k].clone()).collect();
@@ -393,16 +394,16 @@ pub fn train(cfg: &ExperimentConfig, out: &Path, opts: &TrainOptions) -> Result<
     }
     model.score_offset = state.score_offset;
     let counts = TrainCounts::from_dataset(&ds)?;
-    let lens = if cfg.length_buckets > 1 {
+    let lens = if cfg.training.length_buckets > 1 {
         Some(model.prompt_lengths(&train, titles)?)
     } else {
         None
     };
-    let per_epoch = train.len().div_ceil(cfg.batch_size).max(1);
+    let per_epoch = train.len().div_ceil(cfg.training.batch_size).max(1);
     let pb = if opts.quiet {
         indicatif::ProgressBar::hidden()
     } else {
-        indicatif::ProgressBar::new(cfg.max_steps as u64)
+        indicatif::ProgressBar::new(cfg.training.max_steps as u64)
     };
     pb.set_style(
         indicatif::ProgressStyle::with_template(
@@ -419,20 +420,26 @@ pub fn train(cfg: &ExperimentConfig, out: &Path, opts: &TrainOptions) -> Result<
     let mut steps_here = 0usize;
     let t0 = std::time::Instant::now();
     let mut last_eval = std::time::Instant::now();
-    while state.step < cfg.max_steps {
+    while state.step < cfg.training.max_steps {
         // Micro-batches of this optimizer step, in a data order fixed by (seed, epoch).
         let mut acc: Vec<Option<Tensor>> = vec![None; vars.len()];
         let mut step_loss = 0.0;
         let mut finite = true;
-        for micro in 0..cfg.grad_accum {
-            let global = state.step * cfg.grad_accum + micro;
+        for micro in 0..cfg.training.grad_accum {
+            let global = state.step * cfg.training.grad_accum + micro;
             let (epoch, pos) = (global / per_epoch, global % per_epoch);
             let order = match &lens {
-                Some(l) => bucketed_order(cfg.seed, epoch, l, cfg.batch_size, cfg.length_buckets),
+                Some(l) => bucketed_order(
+                    cfg.seed,
+                    epoch,
+                    l,
+                    cfg.training.batch_size,
+                    cfg.training.length_buckets,
+                ),
                 None => epoch_order(cfg.seed, epoch, train.len()),
             };
-            let rows: Vec<&Interaction> = order
-                [pos * cfg.batch_size..((pos + 1) * cfg.batch_size).min(train.len())]
+            let rows: Vec<&Interaction> = order[pos * cfg.training.batch_size
+                ..((pos + 1) * cfg.training.batch_size).min(train.len())]
                 .iter()
                 .map(|&k| &train[k])
                 .collect();
@@ -440,7 +447,7 @@ pub fn train(cfg: &ExperimentConfig, out: &Path, opts: &TrainOptions) -> Result<
             let scores = model.scores(&rows, titles, Some(&ctx), true)?;
             let labels: Vec<f32> = rows.iter().map(|r| r.label as f32).collect();
             let labels = Tensor::from_vec(labels, rows.len(), scores.device())?;
-            let loss = (bce_with_logits(&scores, &labels)? / cfg.grad_accum as f64)?;
+            let loss = (bce_with_logits(&scores, &labels)? / cfg.training.grad_accum as f64)?;
             let l = loss.to_scalar::<f32>()? as f64;
             if !l.is_finite() {
                 finite = false;
@@ -458,7 +465,7 @@ pub fn train(cfg: &ExperimentConfig, out: &Path, opts: &TrainOptions) -> Result<
             }
         }
         let norm = if finite {
-            clip_grad_norm(&mut acc, cfg.clip_norm)?
+            clip_grad_norm(&mut acc, cfg.training.clip_norm)?
         } else {
             f64::NAN
         };
@@ -483,8 +490,8 @@ pub fn train(cfg: &ExperimentConfig, out: &Path, opts: &TrainOptions) -> Result<
         state.step += 1;
         steps_here += 1;
         pb.inc(1);
-        let last = state.step == cfg.max_steps;
-        if state.step % cfg.eval_every == 0 || last {
+        let last = state.step == cfg.training.max_steps;
+        if state.step % cfg.training.eval_every == 0 || last {
             let scores = model.predict(&valid, titles, false)?;
             let report = Report::compute(&counts, &valid, &scores)?;
             let improved = improves(state.best_valid.as_ref().and_then(|b| b.auc), report.auc);
@@ -509,7 +516,7 @@ pub fn train(cfg: &ExperimentConfig, out: &Path, opts: &TrainOptions) -> Result<
             } else {
                 state.evals_without_improvement += 1;
             }
-            if state.evals_without_improvement >= cfg.patience {
+            if state.evals_without_improvement >= cfg.training.patience {
                 state.stopped = Some("patience".into());
             } else if last {
                 state.stopped = Some("max_steps".into());
@@ -553,23 +560,40 @@ pub fn load_run_file(run: &Path) -> Result<RunFile> {
             run.display()
         )
     })?;
-    toml::from_str(&text).with_context(|| format!("{}: invalid run config", p.display()))
+    let origin = p.display().to_string();
+    let mut t: toml::Table =
+        toml::from_str(&text).with_context(|| format!("{origin}: invalid run config"))?;
+    // Runs written before the nested layout hold a flat [experiment]: read through the same
+    // migration as config files.
+    let experiment = match t.remove("experiment") {
+        Some(toml::Value::Table(e)) => ExperimentConfig::from_table(e, &origin)?,
+        _ => bail!("{origin}: no [experiment] table (is this a CoLLM run?)"),
+    };
+    let refs: Refs = t
+        .remove("refs")
+        .ok_or_else(|| anyhow::anyhow!("{origin}: no [refs] table"))?
+        .try_into()
+        .with_context(|| format!("{origin}: invalid [refs]"))?;
+    if let Some(k) = t.keys().next() {
+        bail!("{origin}: unknown table '{k}'");
+    }
+    Ok(RunFile { experiment, refs })
 }
 
 /// Loads a run's model with its best weights (ICL: the base model).
 pub fn load_run(run: &Path) -> Result<(RunFile, Dataset, CoLlm)> {
     let rf = load_run_file(run)?;
-    let ds = Dataset::load(&rf.experiment.data)?;
+    let ds = Dataset::load(&rf.experiment.data.path)?;
     if ds.manifest.content_sha256 != rf.refs.data_content_sha256 {
         bail!(
             "run {} was trained on other data than {} now holds (content sha256 differs)",
             run.display(),
-            rf.experiment.data.display()
+            rf.experiment.data.path.display()
         );
     }
     let mut model = CoLlm::build(&rf.experiment, &ds, &device())?;
     if rf.experiment.mode.trains() {
-        if rf.experiment.calibrate {
+        if rf.experiment.model.calibrate {
             let metrics = run.join(METRICS_FILE);
             let state: RunState = serde_json::from_str(
                 &std::fs::read_to_string(&metrics)

@@ -66,7 +66,7 @@ max_steps = 4\neval_every = 2\neval_rows = 20\nbatch_size = 4\nwarmup_steps = 1\
         s.root.join("cf-mf").display(),
         s.root.join("run-tallrec").display(),
     );
-    let mut c: ExperimentConfig = toml::from_str(&text).unwrap();
+    let mut c = ExperimentConfig::from_table(toml::from_str(&text).unwrap(), "test").unwrap();
     c.name = mode.name().into();
     c.validate().unwrap();
     c
@@ -117,7 +117,7 @@ fn every_mode_trains_and_evaluates_end_to_end() {
     }
     // A CoLLM run over DIN (u = 3e) works too.
     let mut cfg = config(&s, Mode::Collm);
-    cfg.cf_run = Some(s.root.join("cf-din"));
+    cfg.model.cf_run = Some(s.root.join("cf-din"));
     train(&cfg, &s.root.join("run-collm-din"), &quiet()).unwrap();
 }
 
@@ -264,10 +264,10 @@ fn weights(dir: &Path) -> Vec<(String, Vec<f32>)> {
 fn resume_gives_the_same_weights_as_an_uninterrupted_run() {
     let s = setup();
     let mut cfg = config(&s, Mode::T3);
-    cfg.max_steps = 6;
-    cfg.eval_every = 2;
-    cfg.patience = 100;
-    cfg.grad_accum = 2;
+    cfg.training.max_steps = 6;
+    cfg.training.eval_every = 2;
+    cfg.training.patience = 100;
+    cfg.training.grad_accum = 2;
     let straight = s.root.join("straight");
     train(&cfg, &straight, &quiet()).unwrap();
     let resumed = s.root.join("resumed");
@@ -300,7 +300,7 @@ fn resume_gives_the_same_weights_as_an_uninterrupted_run() {
     }
     // A different config cannot resume this run.
     let mut other = cfg.clone();
-    other.lr = 0.5;
+    other.training.lr = 0.5;
     let e = train(
         &other,
         &resumed,
@@ -322,8 +322,8 @@ fn calibration_shifts_every_score_by_the_initial_mean() {
     let s = setup();
     let ds = Dataset::load(&s.root.join("data")).unwrap();
     let mut cfg = config(&s, Mode::Tallrec);
-    cfg.max_steps = 2;
-    cfg.calibrate = true;
+    cfg.training.max_steps = 2;
+    cfg.model.calibrate = true;
     // LoRA B starts at zero, so the initial scores are the base model's.
     let base = CoLlm::build(&cfg, &ds, &Device::Cpu).unwrap();
     assert_eq!(base.score_offset, 0.0);
@@ -351,7 +351,7 @@ fn calibration_shifts_every_score_by_the_initial_mean() {
         assert!((a - (b - st.score_offset)).abs() < 1e-4, "{a} vs {b}");
     }
 
-    cfg.calibrate = false;
+    cfg.model.calibrate = false;
     let st = train(&cfg, &s.root.join("run-raw"), &quiet()).unwrap();
     assert_eq!(st.score_offset, 0.0);
 }
