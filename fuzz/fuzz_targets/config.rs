@@ -11,7 +11,7 @@ fuzz_target!(|data: &[u8]| {
     std::fs::write(&p, text).unwrap();
     if let Ok(c) = collm::ExperimentConfig::load(&p) {
         // A valid config's schedule is defined at every step.
-        for t in [0, 1, c.warmup_steps, c.max_steps] {
+        for t in [0, 1, c.training.warmup_steps, c.training.max_steps] {
             assert!(c.lr_at(t).is_finite(), "lr_at({t})");
         }
     }
