@@ -13,7 +13,8 @@ use candle_core::Device;
 use collm_data::subsets::TrainCounts;
 use collm_data::{Dataset, Interaction};
 use collm_metrics::{Report, RunKind};
-use collm_nn::run::{epoch_seed, improves, OpenMode, RunDir};
+use collm_nn::run::{epoch_seed, OpenMode, RunDir};
+use collm_nn::scaffold::{drive, LoopState, Trainer, Validation};
 use indicatif::{ProgressBar, ProgressStyle};
 use rand::prelude::*;
 use rand_chacha::ChaCha8Rng;
@@ -156,8 +157,8 @@ pub fn train(
     run_cfg.save(out)?;
 
     let model = build_model(cfg, ds, &device)?;
-    let mut opt = optimizer(model.as_ref(), cfg)?;
-    let mut metrics = TrainMetrics {
+    let opt = optimizer(model.as_ref(), cfg)?;
+    let fresh = TrainMetrics {
         kind: RunKind::Cf,
         curve: Vec::new(),
         best_epoch: None,
@@ -165,23 +166,7 @@ pub fn train(
         epochs_without_improvement: 0,
         stopped: None,
     };
-    if let Some((state, ckpt)) = run.load_state::<TrainMetrics>()? {
-        metrics = state;
-        model.params().load(&ckpt.join("last.safetensors"))?;
-        opt.load(&ckpt.join("optimizer.safetensors"))?;
-        if metrics.stopped.is_some() {
-            tracing::info!("{}: training had already finished", out.display());
-            // The kill may have come between the checkpoint and metrics.json.
-            run.write_json(METRICS_FILE, &metrics)?;
-            run.finish();
-            return Ok(metrics);
-        }
-    }
-
     let train_rows = &ds.train()?.rows;
-    let valid_rows = &ds.split("valid")?.rows;
-    let counts = TrainCounts::from_rows(train_rows);
-    let start_epoch = metrics.curve.len();
     let pb = if opts.quiet {
         ProgressBar::hidden()
     } else {
@@ -193,58 +178,124 @@ pub fn train(
             .progress_chars("=> "),
     );
     pb.set_prefix(format!("train {}", cfg.model));
-    pb.set_position(start_epoch as u64);
-    for epoch in start_epoch..cfg.max_epochs {
+    let mut trainer = CfTrainer {
+        cfg,
+        model,
+        opt,
+        train_rows,
+        valid_rows: &ds.split("valid")?.rows,
+        counts: TrainCounts::from_rows(train_rows),
+        device,
+        pb,
+        last_loss: f64::NAN,
+        last_report: None,
+    };
+    let metrics = drive(&mut trainer, &mut run, fresh, METRICS_FILE, None)?;
+    trainer.pb.finish_and_clear();
+    run.finish();
+    Ok(metrics)
+}
+
+impl LoopState for TrainMetrics {
+    fn best_auc(&self) -> Option<f64> {
+        self.best_valid.as_ref().and_then(|b| b.auc)
+    }
+    fn without_improvement(&mut self) -> &mut usize {
+        &mut self.epochs_without_improvement
+    }
+    fn stopped(&self) -> Option<&str> {
+        self.stopped.as_deref()
+    }
+    fn set_stopped(&mut self, why: &str) {
+        self.stopped = Some(why.into());
+    }
+}
+
+/// A collaborative model's side of the scaffold: an interval is one epoch.
+struct CfTrainer<'a> {
+    cfg: &'a CfConfig,
+    model: Box<dyn CollaborativeModel>,
+    opt: Adam,
+    train_rows: &'a [Interaction],
+    valid_rows: &'a [Interaction],
+    counts: TrainCounts,
+    device: Device,
+    pb: ProgressBar,
+    last_loss: f64,
+    last_report: Option<Report>,
+}
+
+impl Trainer for CfTrainer<'_> {
+    type State = TrainMetrics;
+
+    fn restore(&mut self, ckpt: &Path) -> Result<()> {
+        self.model.params().load(&ckpt.join("last.safetensors"))?;
+        self.opt.load(&ckpt.join("optimizer.safetensors"))
+    }
+
+    fn start(&mut self, state: &mut TrainMetrics) -> Result<()> {
+        self.pb.set_position(state.curve.len() as u64);
+        Ok(())
+    }
+
+    fn interval(&mut self, state: &mut TrainMetrics) -> Result<Validation> {
+        let epoch = state.curve.len();
         let t = Instant::now();
-        let train_loss = train_epoch(model.as_ref(), &mut opt, train_rows, cfg, epoch, &device)?;
+        let (model, cfg) = (self.model.as_ref(), self.cfg);
+        let train_loss = train_epoch(
+            model,
+            &mut self.opt,
+            self.train_rows,
+            cfg,
+            epoch,
+            &self.device,
+        )?;
         let train_s = t.elapsed().as_secs_f64();
-        let scores = predict(model.as_ref(), valid_rows, cfg.eval_batch_size, &device)?;
-        let report = Report::compute(&counts, valid_rows, &scores)?;
-        let improved = improves(metrics.best_valid.as_ref().and_then(|b| b.auc), report.auc);
-        metrics.curve.push(EpochRecord {
+        let scores = predict(model, self.valid_rows, cfg.eval_batch_size, &self.device)?;
+        let report = Report::compute(&self.counts, self.valid_rows, &scores)?;
+        state.curve.push(EpochRecord {
             epoch: epoch + 1,
             train_loss,
             valid_auc: report.auc,
             valid_uauc: report.uauc,
             seconds: t.elapsed().as_secs_f64(),
-            samples_per_second: train_rows.len() as f64 / train_s,
+            samples_per_second: self.train_rows.len() as f64 / train_s,
         });
-        if improved {
-            model.params().save(&out.join(MODEL_FILE))?;
-            metrics.best_epoch = Some(epoch + 1);
-            metrics.best_valid = Some(report.clone());
-            metrics.epochs_without_improvement = 0;
-        } else {
-            metrics.epochs_without_improvement += 1;
-        }
-        if metrics.epochs_without_improvement >= cfg.patience {
-            metrics.stopped = Some("patience".into());
-        } else if epoch + 1 == cfg.max_epochs {
-            metrics.stopped = Some("max_epochs".into());
-        }
-        // Checkpoint: weights, optimizer and loop state, committed as one.
-        run.commit_checkpoint(&metrics, |dir| {
-            model.params().save(&dir.join("last.safetensors"))?;
-            opt.save(&dir.join("optimizer.safetensors"))
-        })?;
-        run.write_json(METRICS_FILE, &metrics)?;
-        let best = metrics
-            .best_valid
-            .as_ref()
-            .and_then(|r| r.auc)
-            .unwrap_or(f64::NAN);
-        pb.set_message(format!(
-            "loss {train_loss:.4} valid auc {:.4} (best {best:.4} @ {})",
-            report.auc.unwrap_or(f64::NAN),
-            metrics.best_epoch.unwrap_or(0)
-        ));
-        pb.inc(1);
+        self.last_loss = train_loss;
         tracing::debug!(epoch = epoch + 1, auc = ?report.auc, "epoch done");
-        if metrics.stopped.is_some() {
-            break;
-        }
+        let auc = report.auc;
+        self.last_report = Some(report);
+        Ok(Validation { auc })
     }
-    pb.finish_and_clear();
-    run.finish();
-    Ok(metrics)
+
+    fn keep_best(&mut self, state: &mut TrainMetrics, run: &Path) -> Result<()> {
+        self.model.params().save(&run.join(MODEL_FILE))?;
+        state.best_epoch = Some(state.curve.len());
+        state.best_valid = self.last_report.clone();
+        Ok(())
+    }
+
+    fn budget_spent(&self, state: &TrainMetrics) -> Option<&'static str> {
+        (state.curve.len() >= self.cfg.max_epochs).then_some("max_epochs")
+    }
+
+    fn patience(&self) -> usize {
+        self.cfg.patience
+    }
+
+    fn checkpoint(&self, dir: &Path) -> Result<()> {
+        self.model.params().save(&dir.join("last.safetensors"))?;
+        self.opt.save(&dir.join("optimizer.safetensors"))
+    }
+
+    fn validated(&mut self, state: &TrainMetrics, v: &Validation) {
+        self.pb.set_message(format!(
+            "loss {:.4} valid auc {:.4} (best {:.4} @ {})",
+            self.last_loss,
+            v.auc.unwrap_or(f64::NAN),
+            state.best_auc().unwrap_or(f64::NAN),
+            state.best_epoch.unwrap_or(0)
+        ));
+        self.pb.inc(1);
+    }
 }

@@ -7,6 +7,7 @@ pub mod layers;
 pub mod optim;
 pub mod params;
 pub mod run;
+pub mod scaffold;
 
 pub use layers::TrainCtx;
 pub use params::{Init, ParamStore};

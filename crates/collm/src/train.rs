@@ -26,7 +26,8 @@ use collm_data::{Dataset, Interaction};
 use collm_metrics::{Report, RunKind};
 use collm_nn::layers::bce_with_logits;
 use collm_nn::optim::{clip_grad_norm, Adam, Decay};
-use collm_nn::run::{epoch_seed, improves, OpenMode, RunDir};
+use collm_nn::run::{epoch_seed, OpenMode, RunDir};
+use collm_nn::scaffold::{drive, LoopState, Trainer, Validation};
 use collm_nn::TrainCtx;
 use rand::prelude::*;
 use rand_chacha::ChaCha8Rng;
@@ -324,7 +325,7 @@ pub struct TrainOptions {
     /// Replace the run `out` holds.
     pub force: bool,
     pub quiet: bool,
-    /// Stop after this many optimizer steps of this invocation (tests of resume).
+    /// Stop after this many validations of this invocation (tests of resume).
     pub stop_after: Option<usize>,
 }
 
@@ -357,7 +358,7 @@ pub fn train(cfg: &ExperimentConfig, out: &Path, opts: &TrainOptions) -> Result<
         &out.join(CONFIG_FILE),
         toml::to_string(&run_file)?.as_bytes(),
     )?;
-    let mut model = CoLlm::build(cfg, &ds, &device)?;
+    let model = CoLlm::build(cfg, &ds, &device)?;
     let mut state = RunState::default();
     if !cfg.mode.trains() {
         state.stopped = Some("no training (icl)".into());
@@ -365,41 +366,14 @@ pub fn train(cfg: &ExperimentConfig, out: &Path, opts: &TrainOptions) -> Result<
         run.finish();
         return Ok(state);
     }
-    let mut opt = optimizer(&model, cfg)?;
-    if let Some((saved, ckpt)) = run.load_state::<RunState>()? {
-        state = saved;
-        load_groups(&model, &ckpt)?;
-        opt.load(&ckpt.join("optimizer.safetensors"))?;
-        if state.stopped.is_some() {
-            // The kill may have come between the checkpoint and metrics.json.
-            run.write_json(METRICS_FILE, &state)?;
-            run.finish();
-            return Ok(state);
-        }
-    }
+    let opt = optimizer(&model, cfg)?;
     let titles = &ds.titles;
     let train = train_rows(cfg, &ds.train()?.rows);
-    let valid = valid_sample(cfg, &ds.split("valid")?.rows);
-    if state.step == 0 && cfg.model.calibrate {
-        // The first rows of the epoch-0 order, under the initial weights.
-        let order = epoch_order(cfg.seed, 0, train.len());
-        let first: Vec<Interaction> = order.iter().take(64).map(|&k| train[k].clone()).collect();
-        let raw = model.predict(&first, titles, false)?;
-        state.score_offset = raw.iter().sum::<f64>() / raw.len().max(1) as f64;
-        tracing::info!(
-            "calibration: score offset {:.3} (mean raw score of {} train rows)",
-            state.score_offset,
-            raw.len()
-        );
-    }
-    model.score_offset = state.score_offset;
-    let counts = TrainCounts::from_dataset(&ds)?;
     let lens = if cfg.training.length_buckets > 1 {
         Some(model.prompt_lengths(&train, titles)?)
     } else {
         None
     };
-    let per_epoch = train.len().div_ceil(cfg.training.batch_size).max(1);
     let pb = if opts.quiet {
         indicatif::ProgressBar::hidden()
     } else {
@@ -413,41 +387,98 @@ pub fn train(cfg: &ExperimentConfig, out: &Path, opts: &TrainOptions) -> Result<
         .progress_chars("=> "),
     );
     pb.set_prefix(format!("train {}", cfg.mode.name()));
-    pb.set_position(state.step as u64);
     let vars: Vec<candle_core::Var> = opt.vars().into_iter().cloned().collect();
-    let mut loss_sum = 0.0;
-    let mut loss_n = 0usize;
-    let mut steps_here = 0usize;
-    let t0 = std::time::Instant::now();
-    let mut last_eval = std::time::Instant::now();
-    while state.step < cfg.training.max_steps {
-        // Micro-batches of this optimizer step, in a data order fixed by (seed, epoch).
-        let mut acc: Vec<Option<Tensor>> = vec![None; vars.len()];
+    let mut trainer = CollmTrainer {
+        cfg,
+        per_epoch: train.len().div_ceil(cfg.training.batch_size).max(1),
+        valid: valid_sample(cfg, &ds.split("valid")?.rows),
+        counts: TrainCounts::from_dataset(&ds)?,
+        titles,
+        train,
+        lens,
+        model,
+        opt,
+        vars,
+        pb,
+        loss_sum: 0.0,
+        loss_n: 0,
+        t0: std::time::Instant::now(),
+        last_eval: std::time::Instant::now(),
+        last_report: None,
+    };
+    let state = drive(
+        &mut trainer,
+        &mut run,
+        RunState::default(),
+        METRICS_FILE,
+        opts.stop_after,
+    )?;
+    trainer.pb.finish_and_clear();
+    run.finish();
+    Ok(state)
+}
+
+impl LoopState for RunState {
+    fn best_auc(&self) -> Option<f64> {
+        self.best_valid.as_ref().and_then(|b| b.auc)
+    }
+    fn without_improvement(&mut self) -> &mut usize {
+        &mut self.evals_without_improvement
+    }
+    fn stopped(&self) -> Option<&str> {
+        self.stopped.as_deref()
+    }
+    fn set_stopped(&mut self, why: &str) {
+        self.stopped = Some(why.into());
+    }
+}
+
+/// A CoLLM run's side of the scaffold: an interval is `eval_every` optimizer steps (fewer at
+/// the end of the budget), each of `grad_accum` micro-batches in a data order fixed by (seed,
+/// epoch), with the NaN guard; then a validation on the fixed valid subsample.
+struct CollmTrainer<'a> {
+    cfg: &'a ExperimentConfig,
+    model: CoLlm,
+    opt: Adam,
+    vars: Vec<candle_core::Var>,
+    titles: &'a [String],
+    train: Vec<Interaction>,
+    valid: Vec<Interaction>,
+    counts: TrainCounts,
+    lens: Option<Vec<usize>>,
+    per_epoch: usize,
+    pb: indicatif::ProgressBar,
+    loss_sum: f64,
+    loss_n: usize,
+    t0: std::time::Instant,
+    last_eval: std::time::Instant,
+    last_report: Option<Report>,
+}
+
+impl CollmTrainer<'_> {
+    /// One optimizer step (its micro-batches), or a skipped one when the NaN guard trips.
+    fn step(&mut self, state: &mut RunState) -> Result<()> {
+        let (cfg, t) = (self.cfg, &self.cfg.training);
+        let mut acc: Vec<Option<Tensor>> = vec![None; self.vars.len()];
         let mut step_loss = 0.0;
         let mut finite = true;
-        for micro in 0..cfg.training.grad_accum {
-            let global = state.step * cfg.training.grad_accum + micro;
-            let (epoch, pos) = (global / per_epoch, global % per_epoch);
-            let order = match &lens {
-                Some(l) => bucketed_order(
-                    cfg.seed,
-                    epoch,
-                    l,
-                    cfg.training.batch_size,
-                    cfg.training.length_buckets,
-                ),
-                None => epoch_order(cfg.seed, epoch, train.len()),
+        for micro in 0..t.grad_accum {
+            let global = state.step * t.grad_accum + micro;
+            let (epoch, pos) = (global / self.per_epoch, global % self.per_epoch);
+            let order = match &self.lens {
+                Some(l) => bucketed_order(cfg.seed, epoch, l, t.batch_size, t.length_buckets),
+                None => epoch_order(cfg.seed, epoch, self.train.len()),
             };
-            let rows: Vec<&Interaction> = order[pos * cfg.training.batch_size
-                ..((pos + 1) * cfg.training.batch_size).min(train.len())]
+            let rows: Vec<&Interaction> = order
+                [pos * t.batch_size..((pos + 1) * t.batch_size).min(self.train.len())]
                 .iter()
-                .map(|&k| &train[k])
+                .map(|&k| &self.train[k])
                 .collect();
             let ctx = TrainCtx::new(cfg.seed.wrapping_add(global as u64 * 7919));
-            let scores = model.scores(&rows, titles, Some(&ctx), true)?;
+            let scores = self.model.scores(&rows, self.titles, Some(&ctx), true)?;
             let labels: Vec<f32> = rows.iter().map(|r| r.label as f32).collect();
             let labels = Tensor::from_vec(labels, rows.len(), scores.device())?;
-            let loss = (bce_with_logits(&scores, &labels)? / cfg.training.grad_accum as f64)?;
+            let loss = (bce_with_logits(&scores, &labels)? / t.grad_accum as f64)?;
             let l = loss.to_scalar::<f32>()? as f64;
             if !l.is_finite() {
                 finite = false;
@@ -455,7 +486,7 @@ pub fn train(cfg: &ExperimentConfig, out: &Path, opts: &TrainOptions) -> Result<
             }
             step_loss += l;
             let grads = loss.backward()?;
-            for (k, v) in vars.iter().enumerate() {
+            for (k, v) in self.vars.iter().enumerate() {
                 if let Some(g) = grads.get(v.as_tensor()) {
                     acc[k] = Some(match acc[k].take() {
                         Some(a) => (a + g)?,
@@ -465,15 +496,15 @@ pub fn train(cfg: &ExperimentConfig, out: &Path, opts: &TrainOptions) -> Result<
             }
         }
         let norm = if finite {
-            clip_grad_norm(&mut acc, cfg.training.clip_norm)?
+            clip_grad_norm(&mut acc, t.clip_norm)?
         } else {
             f64::NAN
         };
         if finite && norm.is_finite() {
-            opt.lr = cfg.lr_at(state.step);
-            opt.step_with(&acc)?;
-            loss_sum += step_loss;
-            loss_n += 1;
+            self.opt.lr = cfg.lr_at(state.step);
+            self.opt.step_with(&acc)?;
+            self.loss_sum += step_loss;
+            self.loss_n += 1;
         } else {
             state.skipped_steps += 1;
             tracing::warn!(
@@ -488,64 +519,95 @@ pub fn train(cfg: &ExperimentConfig, out: &Path, opts: &TrainOptions) -> Result<
             }
         }
         state.step += 1;
-        steps_here += 1;
-        pb.inc(1);
-        let last = state.step == cfg.training.max_steps;
-        if state.step % cfg.training.eval_every == 0 || last {
-            let scores = model.predict(&valid, titles, false)?;
-            let report = Report::compute(&counts, &valid, &scores)?;
-            let improved = improves(state.best_valid.as_ref().and_then(|b| b.auc), report.auc);
-            state.train_seconds += last_eval.elapsed().as_secs_f64();
-            last_eval = std::time::Instant::now();
-            state.curve.push(EvalPoint {
-                step: state.step,
-                train_loss: loss_sum / loss_n.max(1) as f64,
-                valid_auc: report.auc,
-                valid_uauc: report.uauc,
-                lr: opt.lr,
-                seconds: t0.elapsed().as_secs_f64(),
-            });
-            loss_sum = 0.0;
-            loss_n = 0;
-            if improved {
-                let best = out.join(BEST_DIR);
-                save_groups(&model, &best)?;
-                state.best_step = Some(state.step);
-                state.best_valid = Some(report.clone());
-                state.evals_without_improvement = 0;
-            } else {
-                state.evals_without_improvement += 1;
-            }
-            if state.evals_without_improvement >= cfg.training.patience {
-                state.stopped = Some("patience".into());
-            } else if last {
-                state.stopped = Some("max_steps".into());
-            }
-            run.commit_checkpoint(&state, |dir| {
-                save_groups(&model, dir)?;
-                opt.save(&dir.join("optimizer.safetensors"))
-            })?;
-            run.write_json(METRICS_FILE, &state)?;
-            pb.set_message(format!(
-                "valid auc {:.4} (best {:.4})",
-                report.auc.unwrap_or(f64::NAN),
-                state
-                    .best_valid
-                    .as_ref()
-                    .and_then(|r| r.auc)
-                    .unwrap_or(f64::NAN)
-            ));
-            if state.stopped.is_some() {
+        self.pb.inc(1);
+        Ok(())
+    }
+}
+
+impl Trainer for CollmTrainer<'_> {
+    type State = RunState;
+
+    fn restore(&mut self, ckpt: &Path) -> Result<()> {
+        load_groups(&self.model, ckpt)?;
+        self.opt.load(&ckpt.join("optimizer.safetensors"))
+    }
+
+    fn start(&mut self, state: &mut RunState) -> Result<()> {
+        if state.step == 0 && self.cfg.model.calibrate {
+            // The first rows of the epoch-0 order, under the initial weights.
+            let order = epoch_order(self.cfg.seed, 0, self.train.len());
+            let first: Vec<Interaction> = order
+                .iter()
+                .take(64)
+                .map(|&k| self.train[k].clone())
+                .collect();
+            let raw = self.model.predict(&first, self.titles, false)?;
+            state.score_offset = raw.iter().sum::<f64>() / raw.len().max(1) as f64;
+            tracing::info!(
+                "calibration: score offset {:.3} (mean raw score of {} train rows)",
+                state.score_offset,
+                raw.len()
+            );
+        }
+        self.model.score_offset = state.score_offset;
+        self.pb.set_position(state.step as u64);
+        Ok(())
+    }
+
+    fn interval(&mut self, state: &mut RunState) -> Result<Validation> {
+        let t = &self.cfg.training;
+        loop {
+            self.step(state)?;
+            if state.step.is_multiple_of(t.eval_every) || state.step == t.max_steps {
                 break;
             }
         }
-        if opts.stop_after == Some(steps_here) {
-            break;
-        }
+        let scores = self.model.predict(&self.valid, self.titles, false)?;
+        let report = Report::compute(&self.counts, &self.valid, &scores)?;
+        state.train_seconds += self.last_eval.elapsed().as_secs_f64();
+        self.last_eval = std::time::Instant::now();
+        state.curve.push(EvalPoint {
+            step: state.step,
+            train_loss: self.loss_sum / self.loss_n.max(1) as f64,
+            valid_auc: report.auc,
+            valid_uauc: report.uauc,
+            lr: self.opt.lr,
+            seconds: self.t0.elapsed().as_secs_f64(),
+        });
+        self.loss_sum = 0.0;
+        self.loss_n = 0;
+        let auc = report.auc;
+        self.last_report = Some(report);
+        Ok(Validation { auc })
     }
-    pb.finish_and_clear();
-    run.finish();
-    Ok(state)
+
+    fn keep_best(&mut self, state: &mut RunState, run: &Path) -> Result<()> {
+        save_groups(&self.model, &run.join(BEST_DIR))?;
+        state.best_step = Some(state.step);
+        state.best_valid = self.last_report.clone();
+        Ok(())
+    }
+
+    fn budget_spent(&self, state: &RunState) -> Option<&'static str> {
+        (state.step >= self.cfg.training.max_steps).then_some("max_steps")
+    }
+
+    fn patience(&self) -> usize {
+        self.cfg.training.patience
+    }
+
+    fn checkpoint(&self, dir: &Path) -> Result<()> {
+        save_groups(&self.model, dir)?;
+        self.opt.save(&dir.join("optimizer.safetensors"))
+    }
+
+    fn validated(&mut self, state: &RunState, v: &Validation) {
+        self.pb.set_message(format!(
+            "valid auc {:.4} (best {:.4})",
+            v.auc.unwrap_or(f64::NAN),
+            state.best_auc().unwrap_or(f64::NAN)
+        ));
+    }
 }
 
 /// The program's compute device ([`collm_llm::device`]).

@@ -271,12 +271,12 @@ fn resume_gives_the_same_weights_as_an_uninterrupted_run() {
     let straight = s.root.join("straight");
     train(&cfg, &straight, &quiet()).unwrap();
     let resumed = s.root.join("resumed");
-    // "Killed" after 2 steps (right after the checkpoint of step 2), then resumed.
+    // "Killed" after the first validation (step 2, right after its checkpoint), then resumed.
     train(
         &cfg,
         &resumed,
         &TrainOptions {
-            stop_after: Some(2),
+            stop_after: Some(1),
             ..quiet()
         },
     )

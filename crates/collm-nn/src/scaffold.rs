@@ -1,0 +1,97 @@
+//! The training scaffold both trainers share (a collaborative model's, a CoLLM run's): resume
+//! from the run directory's checkpoint, validation intervals, early stopping on validation AUC
+//! with patience, the best weights kept, a checkpoint committed and `metrics.json` rewritten
+//! after every validation. A trainer supplies its interval (train up to the next validation,
+//! then validate), its checkpoint contents and its best-weights file; see [`Trainer`].
+
+use crate::run::{improves, RunDir};
+use anyhow::Result;
+use serde::{de::DeserializeOwned, Serialize};
+use std::path::Path;
+
+/// The early-stopping part of a trainer's loop state (which is also its `metrics.json`).
+pub trait LoopState: Serialize + DeserializeOwned {
+    /// The best validation AUC so far.
+    fn best_auc(&self) -> Option<f64>;
+    /// Validations since the last improvement.
+    fn without_improvement(&mut self) -> &mut usize;
+    /// Why training ended, once it has.
+    fn stopped(&self) -> Option<&str>;
+    fn set_stopped(&mut self, why: &str);
+}
+
+/// What one validation gave.
+pub struct Validation {
+    pub auc: Option<f64>,
+}
+
+/// A trainer driven by [`drive`].
+pub trait Trainer {
+    type State: LoopState;
+    /// Loads weights and optimizer state from a checkpoint directory.
+    fn restore(&mut self, checkpoint: &Path) -> Result<()>;
+    /// Called once before the first interval of this invocation (fresh or resumed).
+    fn start(&mut self, _state: &mut Self::State) -> Result<()> {
+        Ok(())
+    }
+    /// Trains up to the next validation (an epoch; `eval_every` optimizer steps), validates,
+    /// and adds the curve point to `state`.
+    fn interval(&mut self, state: &mut Self::State) -> Result<Validation>;
+    /// A new best: records it in `state` and writes its weights into the run.
+    fn keep_best(&mut self, state: &mut Self::State, run: &Path) -> Result<()>;
+    /// The reason to stop once the budget (epochs, steps) is spent.
+    fn budget_spent(&self, state: &Self::State) -> Option<&'static str>;
+    /// Validations without improvement before stopping.
+    fn patience(&self) -> usize;
+    /// Writes weights and optimizer state into a new checkpoint directory.
+    fn checkpoint(&self, dir: &Path) -> Result<()>;
+    /// After each validation (progress display).
+    fn validated(&mut self, _state: &Self::State, _v: &Validation) {}
+}
+
+/// Runs `trainer` in `run` until early stopping or the end of its budget, from the run's
+/// checkpoint if it has one (else from `fresh`); `stop_after` ends this invocation after that
+/// many validations (tests of resume). Writes `metrics_file` after every checkpoint.
+pub fn drive<T: Trainer>(
+    trainer: &mut T,
+    run: &mut RunDir,
+    fresh: T::State,
+    metrics_file: &str,
+    stop_after: Option<usize>,
+) -> Result<T::State> {
+    let mut state = match run.load_state::<T::State>()? {
+        Some((state, dir)) => {
+            trainer.restore(&dir)?;
+            state
+        }
+        None => fresh,
+    };
+    if state.stopped().is_some() {
+        // The kill may have come between the checkpoint and metrics.json.
+        run.write_json(metrics_file, &state)?;
+        return Ok(state);
+    }
+    trainer.start(&mut state)?;
+    let mut done = 0;
+    loop {
+        let v = trainer.interval(&mut state)?;
+        if improves(state.best_auc(), v.auc) {
+            trainer.keep_best(&mut state, run.path())?;
+            *state.without_improvement() = 0;
+        } else {
+            *state.without_improvement() += 1;
+        }
+        if *state.without_improvement() >= trainer.patience() {
+            state.set_stopped("patience");
+        } else if let Some(why) = trainer.budget_spent(&state) {
+            state.set_stopped(why);
+        }
+        run.commit_checkpoint(&state, |dir| trainer.checkpoint(dir))?;
+        run.write_json(metrics_file, &state)?;
+        trainer.validated(&state, &v);
+        done += 1;
+        if state.stopped().is_some() || stop_after == Some(done) {
+            return Ok(state);
+        }
+    }
+}
