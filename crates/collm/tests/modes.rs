@@ -57,17 +57,14 @@ fn setup() -> Setup {
 }
 
 fn config(s: &Setup, mode: Mode) -> ExperimentConfig {
-    let text = format!(
-        "mode = \"{}\"\ndata = \"{}\"\nbackbone = \"{}\"\ncf_run = \"{}\"\nstep1 = \"{}\"\n\
-max_steps = 4\neval_every = 2\neval_rows = 20\nbatch_size = 4\nwarmup_steps = 1\nmapper_mult = 2\nlr = 0.01\n",
-        mode.name(),
-        s.root.join("data").display(),
-        s.root.join("backbone").display(),
-        s.root.join("cf-mf").display(),
-        s.root.join("run-tallrec").display(),
-    );
-    let mut c = ExperimentConfig::from_table(toml::from_str(&text).unwrap(), "test").unwrap();
+    let mut c = ExperimentConfig::new(mode, &s.root.join("data"), &s.root.join("backbone"));
     c.name = mode.name().into();
+    c.model.cf_run = Some(s.root.join("cf-mf"));
+    c.model.step1 = Some(s.root.join("run-tallrec"));
+    c.model.mapper_mult = 2;
+    let t = &mut c.training;
+    (t.max_steps, t.eval_every, t.eval_rows) = (4, 2, 20);
+    (t.batch_size, t.warmup_steps, t.lr) = (4, 1, 0.01);
     c.validate().unwrap();
     c
 }
