@@ -162,7 +162,8 @@ pub fn quickstart(o: &QuickstartOptions) -> Result<QuickstartOutcome> {
     // Step 1 trains LoRA (lr 1e-3: at 5e-3 it is unstable over all 30 layers), step 2 only the
     // small mapper (lr 3e-2: it learns fast).
     let backbone = o.backbone.canonicalize()?;
-    let base = |mode: Mode, steps: usize, (lr, min_lr): (f64, f64)| -> Result<ExperimentConfig> {
+    // Built in Rust and validated once complete (step 2 needs its cf_run and step1 first).
+    let base = |mode: Mode, steps: usize, (lr, min_lr): (f64, f64)| -> ExperimentConfig {
         let mut c = ExperimentConfig::new(mode, &data_dir, &backbone);
         c.name = mode.name().into();
         c.model.max_layers = (o.layers > 0).then_some(o.layers);
@@ -176,22 +177,19 @@ pub fn quickstart(o: &QuickstartOptions) -> Result<QuickstartOutcome> {
         c.model.eval_batch_size = 32;
         c.training.lr = lr;
         c.training.min_lr = min_lr;
-        c.validate()?;
-        Ok(c)
+        c
     };
     let force = TrainOptions {
         force: true,
         ..Default::default()
     };
     let tallrec_run = out.join("tallrec");
-    crate::train::train(
-        &base(Mode::Tallrec, o.step1_steps, (1e-3, 1e-4))?,
-        &tallrec_run,
-        &force,
-    )?;
+    let step1 = base(Mode::Tallrec, o.step1_steps, (1e-3, 1e-4));
+    step1.validate()?;
+    crate::train::train(&step1, &tallrec_run, &force)?;
     tracing::info!("[3/5] step 1 (TALLRec) trained ({:.0} s)", secs());
     let collm_run = out.join("collm-mf");
-    let mut step2 = base(Mode::Collm, o.step2_steps, (3e-2, 3e-3))?;
+    let mut step2 = base(Mode::Collm, o.step2_steps, (3e-2, 3e-3));
     step2.model.cf_run = Some(mf_run.clone());
     step2.model.step1 = Some(tallrec_run.clone());
     step2.validate()?;
