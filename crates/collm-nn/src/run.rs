@@ -76,7 +76,12 @@ impl RunDir {
                 path.display()
             ),
             OpenMode::Force if path.exists() => {
-                if !holds_run && fs::read_dir(path).map(|mut d| d.next().is_some())? {
+                // Only a directory that looks like a run is removed: its config and a
+                // checkpoint directory or metrics (never, say, a folder that merely holds a
+                // config.toml).
+                let looks_like_run = holds_run
+                    && (path.join(CHECKPOINT_DIR).is_dir() || path.join("metrics.json").is_file());
+                if !looks_like_run && fs::read_dir(path).map(|mut d| d.next().is_some())? {
                     bail!(
                         "{}: exists and is not a run directory; --force replaces runs only",
                         path.display()
@@ -337,6 +342,15 @@ mod tests {
         assert!(p.exists(), "a resumed run is never removed");
         let run = RunDir::open(&p, OpenMode::Force, "config.toml").unwrap();
         assert!(run.checkpoint().unwrap().is_none(), "--force starts over");
+        drop(run);
+        // A folder that merely holds a config.toml is not a run: --force leaves it alone.
+        let other = tmp.path().join("configs");
+        fs::create_dir_all(&other).unwrap();
+        fs::write(other.join("config.toml"), "x").unwrap();
+        fs::write(other.join("notes.txt"), "keep me").unwrap();
+        let e = RunDir::open(&other, OpenMode::Force, "config.toml").unwrap_err();
+        assert!(e.to_string().contains("not a run directory"), "{e}");
+        assert!(other.join("notes.txt").is_file());
     }
 
     #[test]
