@@ -3,8 +3,7 @@
 
 use anyhow::Result;
 use clap::Args;
-use collm::pipeline::evaluate_run;
-use collm_report::{plot, run_curve, table, Row};
+use collm::pipeline::report;
 use std::path::PathBuf;
 
 #[derive(Args)]
@@ -27,27 +26,9 @@ pub struct ReportArgs {
 }
 
 pub fn run(a: ReportArgs) -> Result<()> {
-    let mut rows = Vec::new();
-    let mut curves = Vec::new();
-    for run in &a.runs {
-        let name = run
-            .file_name()
-            .map(|s| s.to_string_lossy().into_owned())
-            .unwrap_or_else(|| run.display().to_string());
-        let report = evaluate_run(run, a.data.as_deref(), &a.split, true)?.report;
-        curves.extend(run_curve(run, &name)?);
-        rows.push(Row { name, report });
-    }
-    let md = table(&rows, &["warm", "cold", "warm4", "cold4", "seen", "unseen"]);
+    let md = report(&a.runs, a.data.as_deref(), &a.split, a.out.as_deref())?;
     print!("{md}");
     if let Some(out) = &a.out {
-        std::fs::create_dir_all(out)?;
-        collm_data::io::write_file_atomic(&out.join("report.md"), md.as_bytes())?;
-        let title = format!("AUC on the warm and cold rows of {}", a.split);
-        plot::subset_bars(&out.join("warm_cold.png"), &title, &rows, &["warm", "cold"])?;
-        if !curves.is_empty() {
-            plot::curves(&out.join("curves.png"), &curves)?;
-        }
         eprintln!(
             "wrote {}/{{report.md, warm_cold.png, curves.png}}",
             out.display()

@@ -1,6 +1,6 @@
 //! The pipeline as library functions (the `collm` binary only parses arguments and calls
-//! these): evaluating any run directory, and the quickstart, from a synthetic dataset to the
-//! report with its charts.
+//! these): evaluating any run directory, reports over runs, and the quickstart, from a
+//! synthetic dataset to the report with its charts.
 
 use crate::experiment::{ExperimentConfig, Mode};
 use crate::train::TrainOptions;
@@ -80,6 +80,39 @@ pub fn evaluate_run(
         scores,
         report,
     })
+}
+
+/// `collm report`: evaluates each run on `split` (collaborative-model runs need `data`) and
+/// returns the Table-2-style markdown table (the last run compared with the best other); with
+/// `out`, also writes OUT/report.md, OUT/warm_cold.png (Figure 3) and OUT/curves.png.
+pub fn report(
+    runs: &[PathBuf],
+    data: Option<&Path>,
+    split: &str,
+    out: Option<&Path>,
+) -> Result<String> {
+    let mut rows = Vec::new();
+    let mut curves = Vec::new();
+    for run in runs {
+        let name = run
+            .file_name()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_else(|| run.display().to_string());
+        let report = evaluate_run(run, data, split, true)?.report;
+        curves.extend(run_curve(run, &name)?);
+        rows.push(Row { name, report });
+    }
+    let md = table(&rows, &["warm", "cold", "warm4", "cold4", "seen", "unseen"]);
+    if let Some(out) = out {
+        std::fs::create_dir_all(out)?;
+        collm_data::io::write_file_atomic(&out.join("report.md"), md.as_bytes())?;
+        let title = format!("AUC on the warm and cold rows of {split}");
+        plot::subset_bars(&out.join("warm_cold.png"), &title, &rows, &["warm", "cold"])?;
+        if !curves.is_empty() {
+            plot::curves(&out.join("curves.png"), &curves)?;
+        }
+    }
+    Ok(md)
 }
 
 /// The quickstart's settings (`collm quickstart`'s flags).

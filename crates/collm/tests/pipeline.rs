@@ -47,6 +47,22 @@ fn the_quickstart_runs_end_to_end_and_its_runs_evaluate() {
     assert_eq!(c.kind, RunKind::Collm);
     assert_eq!(c.report.auc, r.collm_mf.auc);
     assert_eq!(c.scores.len(), r.collm_mf.n);
+    // A report over runs of both kinds: the table and its files.
+    let rep = tmp.path().join("report");
+    let md = collm::pipeline::report(
+        &[out.join("mf"), out.join("collm-mf")],
+        Some(&out.join("data")),
+        "valid",
+        Some(&rep),
+    )
+    .unwrap();
+    assert!(
+        md.contains("| mf |") && md.contains("| collm-mf |") && md.contains("RelaImpr"),
+        "{md}"
+    );
+    for f in ["report.md", "warm_cold.png", "curves.png"] {
+        assert!(rep.join(f).is_file(), "{f}");
+    }
     // Run again into the same directory: the runs are replaced, the numbers repeat.
     let again = quickstart(&QuickstartOptions {
         out: out.clone(),
