@@ -14,8 +14,8 @@ use collm_data::subsets::TrainCounts;
 use collm_data::{Dataset, Interaction};
 use collm_metrics::{Report, RunKind};
 use collm_nn::run::{epoch_seed, OpenMode, RunDir};
-use collm_nn::scaffold::{drive, LoopState, Trainer, Validation};
-use indicatif::{ProgressBar, ProgressStyle};
+use collm_nn::scaffold::{drive, progress_bar, LoopState, Trainer, Validation};
+use indicatif::ProgressBar;
 use rand::prelude::*;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
@@ -167,17 +167,12 @@ pub fn train(
         stopped: None,
     };
     let train_rows = &ds.train()?.rows;
-    let pb = if opts.quiet {
-        ProgressBar::hidden()
-    } else {
-        ProgressBar::new(cfg.max_epochs as u64)
-    };
-    pb.set_style(
-        ProgressStyle::with_template("{prefix} [{bar:30}] epoch {pos}/{len} {msg}")
-            .expect("valid template")
-            .progress_chars("=> "),
+    let pb = progress_bar(
+        cfg.max_epochs,
+        "epoch",
+        format!("train {}", cfg.model),
+        opts.quiet,
     );
-    pb.set_prefix(format!("train {}", cfg.model));
     let mut trainer = CfTrainer {
         cfg,
         model,

@@ -95,3 +95,22 @@ pub fn drive<T: Trainer>(
         }
     }
 }
+
+/// The progress bar both trainers show: `len` units (epochs, steps) named `unit`, hidden when
+/// `quiet`.
+pub fn progress_bar(len: usize, unit: &str, prefix: String, quiet: bool) -> indicatif::ProgressBar {
+    let pb = if quiet {
+        indicatif::ProgressBar::hidden()
+    } else {
+        indicatif::ProgressBar::new(len as u64)
+    };
+    pb.set_style(
+        indicatif::ProgressStyle::with_template(&format!(
+            "{{prefix}} [{{bar:30}}] {unit} {{pos}}/{{len}} {{msg}} (eta {{eta}})"
+        ))
+        .expect("valid template")
+        .progress_chars("=> "),
+    );
+    pb.set_prefix(prefix);
+    pb
+}

@@ -27,7 +27,7 @@ use collm_metrics::{Report, RunKind};
 use collm_nn::layers::bce_with_logits;
 use collm_nn::optim::{clip_grad_norm, Adam, Decay};
 use collm_nn::run::{epoch_seed, OpenMode, RunDir};
-use collm_nn::scaffold::{drive, LoopState, Trainer, Validation};
+use collm_nn::scaffold::{drive, progress_bar, LoopState, Trainer, Validation};
 use collm_nn::TrainCtx;
 use rand::prelude::*;
 use rand_chacha::ChaCha8Rng;
@@ -374,19 +374,12 @@ pub fn train(cfg: &ExperimentConfig, out: &Path, opts: &TrainOptions) -> Result<
     } else {
         None
     };
-    let pb = if opts.quiet {
-        indicatif::ProgressBar::hidden()
-    } else {
-        indicatif::ProgressBar::new(cfg.training.max_steps as u64)
-    };
-    pb.set_style(
-        indicatif::ProgressStyle::with_template(
-            "{prefix} [{bar:30}] step {pos}/{len} {msg} (eta {eta})",
-        )
-        .expect("valid template")
-        .progress_chars("=> "),
+    let pb = progress_bar(
+        cfg.training.max_steps,
+        "step",
+        format!("train {}", cfg.mode.name()),
+        opts.quiet,
     );
-    pb.set_prefix(format!("train {}", cfg.mode.name()));
     let vars: Vec<candle_core::Var> = opt.vars().into_iter().cloned().collect();
     let mut trainer = CollmTrainer {
         cfg,

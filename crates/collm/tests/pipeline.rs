@@ -5,15 +5,11 @@ use collm::pipeline::{evaluate_run, quickstart, QuickstartOptions};
 use collm_data::sources::synthetic::SyntheticOptions;
 use collm_metrics::RunKind;
 
-#[test]
-fn the_quickstart_runs_end_to_end_and_its_runs_evaluate() {
-    let tmp = tempfile::tempdir().unwrap();
-    let backbone = tmp.path().join("backbone");
-    collm_llm::testing::write_tiny_backbone(&backbone, 1).unwrap();
-    let out = tmp.path().join("qs");
-    let r = quickstart(&QuickstartOptions {
-        out: out.clone(),
-        backbone,
+/// A quickstart sized for a test: tiny data, 2 optimizer steps per step.
+fn options(out: &std::path::Path, backbone: &std::path::Path) -> QuickstartOptions {
+    QuickstartOptions {
+        out: out.to_path_buf(),
+        backbone: backbone.to_path_buf(),
         step1_steps: 2,
         step2_steps: 2,
         batch_size: 4,
@@ -25,8 +21,16 @@ fn the_quickstart_runs_end_to_end_and_its_runs_evaluate() {
             rows_per_user: 8.0,
             ..Default::default()
         },
-    })
-    .unwrap();
+    }
+}
+
+#[test]
+fn the_quickstart_runs_end_to_end_and_its_runs_evaluate() {
+    let tmp = tempfile::tempdir().unwrap();
+    let backbone = tmp.path().join("backbone");
+    collm_llm::testing::write_tiny_backbone(&backbone, 1).unwrap();
+    let out = tmp.path().join("qs");
+    let r = quickstart(&options(&out, &backbone)).unwrap();
     for f in ["report.md", "warm_cold.png", "curves.png"] {
         assert!(out.join(f).is_file(), "{f}");
     }
@@ -64,21 +68,6 @@ fn the_quickstart_runs_end_to_end_and_its_runs_evaluate() {
         assert!(rep.join(f).is_file(), "{f}");
     }
     // Run again into the same directory: the runs are replaced, the numbers repeat.
-    let again = quickstart(&QuickstartOptions {
-        out: out.clone(),
-        backbone: tmp.path().join("backbone"),
-        step1_steps: 2,
-        step2_steps: 2,
-        batch_size: 4,
-        layers: 0,
-        history: 3,
-        synthetic: SyntheticOptions {
-            users: 40,
-            items: 30,
-            rows_per_user: 8.0,
-            ..Default::default()
-        },
-    })
-    .unwrap();
+    let again = quickstart(&options(&out, &backbone)).unwrap();
     assert_eq!(again.collm_mf.auc, r.collm_mf.auc);
 }
