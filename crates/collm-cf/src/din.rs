@@ -111,4 +111,7 @@ impl CollaborativeModel for Din {
     fn params(&self) -> &ParamStore {
         &self.ps
     }
+    fn user_depends_on_item(&self) -> bool {
+        true
+    }
 }

@@ -53,6 +53,11 @@ pub trait CollaborativeModel {
     /// `ctx` is `Some` in training (dropout, batch statistics) and `None` in evaluation.
     fn forward(&self, batch: &CfBatch, ctx: Option<&TrainCtx>) -> Result<CfOutput>;
     fn params(&self) -> &ParamStore;
+    /// Whether `u` depends on the target item (DIN's attention over the history is queried
+    /// by it): then a prompt's user slot is not shared by that user's candidates.
+    fn user_depends_on_item(&self) -> bool {
+        false
+    }
 }
 
 /// Builds a freshly initialised model for a dataset (LightGCN builds its graph from the

@@ -182,10 +182,12 @@ impl Pass<'_> {
 struct Ctx<'a> {
     pass: &'a Pass<'a>,
     eps: f64,
-    path: Path,
+    /// Fused CPU kernels for the projections, norms and SwiGLU.
+    fused: bool,
+    attn: Attn<'a>,
 }
 
-enum Path {
+enum Attn<'a> {
     Fused {
         rope: RopeTables,
         mask: KeyMask,
@@ -197,12 +199,21 @@ enum Path {
         /// Additive (B, 1, T, T).
         bias: Tensor,
     },
+    /// Suffixes attending to cached prefixes (see [`PrefixCache`]); inference only.
+    Cached {
+        cos: Tensor,
+        sin: Tensor,
+        /// Additive (B, 1, Ts, Ts): causal and key padding within the suffixes.
+        bias: Tensor,
+        cache: &'a PrefixCache,
+        /// Consecutive runs of suffix rows: (prefix index, row count).
+        groups: &'a [(usize, usize)],
+    },
 }
 
 impl Ctx<'_> {
     fn rms_norm(&self, x: &Tensor, w: &Tensor) -> Result<Tensor> {
-        let fused = matches!(self.path, Path::Fused { .. });
-        rms_norm(fused, self.pass.needs_grad(), x, w, self.eps)
+        rms_norm(self.fused, self.pass.needs_grad(), x, w, self.eps)
     }
 
     /// LoRA dropout. On the CPU: the same draws from the step's `TrainCtx` generator as the
@@ -293,14 +304,14 @@ impl Linear {
             }
             None => None,
         };
-        let y = match ctx.path {
-            Path::Fused { .. } => {
+        let y = match ctx.fused {
+            true => {
                 // The fused op multiplies by B itself (in f32): no full-width LoRA term is
                 // stored.
                 let lora = low.as_ref().map(|(l, b)| (l, b));
                 ops::linear(&flat, &self.w, self.b.as_ref(), lora)?
             }
-            Path::Composed { .. } => {
+            false => {
                 let input_has_grad = pass.needs_grad() && flat.track_op();
                 let mut y = if input_has_grad {
                     flat.detach().matmul(&self.w.t()?)?
@@ -353,24 +364,116 @@ impl Attention {
         })
     }
 
-    fn forward(&self, x: &Tensor, ctx: &Ctx) -> Result<Tensor> {
+    /// The forward pass; with `keep`, also hands out this layer's keys (after RoPE) and
+    /// values, each (B, T, kv_heads, hd), for a prefix cache.
+    fn forward(
+        &self,
+        x: &Tensor,
+        ctx: &Ctx,
+        keep: Option<&mut Vec<(Tensor, Tensor)>>,
+    ) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         let (nh, nkv, hd) = (self.heads, self.kv_heads, self.head_dim);
         // (B, T, heads, hd) throughout: no transposes on the fused path.
         let q = self.q.forward(x, ctx)?.reshape((b, t, nh, hd))?;
         let k = self.k.forward(x, ctx)?.reshape((b, t, nkv, hd))?;
         let v = self.v.forward(x, ctx)?.reshape((b, t, nkv, hd))?;
-        let out = match &ctx.path {
+        let out = match &ctx.attn {
             // RoPE inside the kernel.
-            Path::Fused { mask, rope } => ops::attention(&q, &k, &v, mask, Some(rope))?,
-            Path::Composed { bias, cos, sin } => {
+            Attn::Fused { mask, rope } => {
+                if let Some(keep) = keep {
+                    keep.push((ops::rope(&k, rope)?, v.clone()));
+                }
+                ops::attention(&q, &k, &v, mask, Some(rope))?
+            }
+            Attn::Composed { bias, cos, sin } => {
                 let q = composed::rope(&q.contiguous()?, cos, sin)?;
                 let k = composed::rope(&k.contiguous()?, cos, sin)?;
+                if let Some(keep) = keep {
+                    keep.push((k.clone(), v.clone()));
+                }
                 composed::attention(&q, &k, &v, bias)?
+            }
+            Attn::Cached {
+                cos,
+                sin,
+                bias,
+                cache,
+                groups,
+            } => {
+                let q = composed::rope(&q.contiguous()?, cos, sin)?;
+                let k = composed::rope(&k.contiguous()?, cos, sin)?;
+                let layer = self.q.layer;
+                let mut outs = Vec::with_capacity(groups.len());
+                let mut row = 0;
+                for &(p, n) in groups.iter() {
+                    let (pk, pv) = cache.layer(p, layer)?;
+                    let part = |x: &Tensor| x.narrow(0, row, n);
+                    outs.push(attention_with_prefix(
+                        &part(&q)?,
+                        &part(&k)?,
+                        &part(&v)?,
+                        &part(bias)?,
+                        pk,
+                        pv,
+                    )?);
+                    row += n;
+                }
+                Tensor::cat(&outs, 0)?
             }
         };
         self.o.forward(&out.reshape((b, t, nh * hd))?, ctx)
     }
+}
+
+/// Attention of `n` suffix rows over one shared prefix and their own tokens: `q`, `k`, `v`
+/// (n, Ts, heads | kv_heads, hd), `bias` (n, 1, Ts, Ts) for the suffix keys, `pk` (kv_heads,
+/// hd, Tp) and `pv` (kv_heads, Tp, hd) the prefix's (every prefix key is real). The prefix is
+/// read in place by all `n` rows (one matmul over n·Ts queries per kv head), never copied per
+/// row. → (n, Ts, heads, hd).
+fn attention_with_prefix(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    bias: &Tensor,
+    pk: &Tensor,
+    pv: &Tensor,
+) -> Result<Tensor> {
+    let (n, ts, nh, hd) = q.dims4()?;
+    let nkv = k.dim(2)?;
+    let rep = nh / nkv;
+    let tp = pk.dim(2)?;
+    let scale = 1.0 / (hd as f64).sqrt();
+    // Prefix scores: q as (kv_heads, rep·n·Ts, hd) against (kv_heads, hd, Tp).
+    let qh = q.permute((2, 0, 1, 3))?.contiguous()?; // (nh, n, Ts, hd)
+    let sp = (qh.reshape((nkv, rep * n * ts, hd))?.matmul(pk)? * scale)?
+        .reshape((nh, n, ts, tp))?
+        .permute((1, 0, 2, 3))?; // (n, nh, Ts, Tp)
+                                 // Suffix scores, as the composed attention.
+    let qs = qh.permute((1, 0, 2, 3))?; // (n, nh, Ts, hd)
+    let expand = |x: &Tensor| -> Result<Tensor> {
+        let x = x.transpose(1, 2)?.contiguous()?; // (n, nkv, Ts, hd)
+        if rep == 1 {
+            return Ok(x);
+        }
+        Ok(x.unsqueeze(2)?
+            .broadcast_as((n, nkv, rep, ts, hd))?
+            .reshape((n, nh, ts, hd))?)
+    };
+    let (ks, vs) = (expand(k)?, expand(v)?);
+    let ss = (qs.contiguous()?.matmul(&ks.t()?)? * scale)?.broadcast_add(bias)?;
+    let att = candle_nn::ops::softmax_last_dim(&Tensor::cat(&[&sp.contiguous()?, &ss], 3)?)?;
+    let ap = att.narrow(3, 0, tp)?; // (n, nh, Ts, Tp)
+    let as_ = att.narrow(3, tp, ts)?.contiguous()?;
+    let op = ap
+        .permute((1, 0, 2, 3))?
+        .contiguous()?
+        .reshape((nkv, rep * n * ts, tp))?
+        .matmul(pv)?
+        .reshape((nh, n, ts, hd))?
+        .permute((1, 2, 0, 3))?; // (n, Ts, nh, hd)
+    let os = as_.matmul(&vs)?.transpose(1, 2)?; // (n, Ts, nh, hd)
+    Ok((op + os)?)
 }
 
 struct Mlp {
@@ -394,9 +497,10 @@ impl Mlp {
     fn forward(&self, x: &Tensor, ctx: &Ctx) -> Result<Tensor> {
         let gate = self.gate.forward(x, ctx)?;
         let up = self.up.forward(x, ctx)?;
-        let act = match ctx.path {
-            Path::Fused { .. } => ops::swiglu(&gate, &up)?,
-            Path::Composed { .. } => composed::swiglu(&gate, &up)?,
+        let act = if ctx.fused {
+            ops::swiglu(&gate, &up)?
+        } else {
+            composed::swiglu(&gate, &up)?
         };
         self.down.forward(&act, ctx)
     }
@@ -421,11 +525,54 @@ impl Block {
         })
     }
 
-    fn forward(&self, x: &Tensor, ctx: &Ctx) -> Result<Tensor> {
+    fn forward(
+        &self,
+        x: &Tensor,
+        ctx: &Ctx,
+        keep: Option<&mut Vec<(Tensor, Tensor)>>,
+    ) -> Result<Tensor> {
         let x = (x + self
             .attn
-            .forward(&ctx.rms_norm(x, &self.input_norm)?, ctx)?)?;
+            .forward(&ctx.rms_norm(x, &self.input_norm)?, ctx, keep)?)?;
         Ok((&x + self.mlp.forward(&ctx.rms_norm(&x, &self.post_norm)?, ctx)?)?)
+    }
+}
+
+/// One cached prompt prefix: its length and, per layer, its keys (kv_heads, hd, Tp) after
+/// RoPE and its values (kv_heads, Tp, hd).
+struct Prefix {
+    len: usize,
+    layers: Vec<(Tensor, Tensor)>,
+}
+
+/// Keys and values of prompt prefixes, made by [`Decoder::prefill`] and read by
+/// [`Decoder::forward_cached`]: a user's instruction, history and `<UserID>` run once for all
+/// of that user's candidates.
+pub struct PrefixCache {
+    prefixes: Vec<Prefix>,
+}
+
+impl PrefixCache {
+    pub fn len(&self) -> usize {
+        self.prefixes.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.prefixes.is_empty()
+    }
+
+    /// Token count of prefix `p`.
+    pub fn prefix_len(&self, p: usize) -> Option<usize> {
+        self.prefixes.get(p).map(|x| x.len)
+    }
+
+    fn layer(&self, p: usize, layer: usize) -> Result<(&Tensor, &Tensor)> {
+        let (k, v) = self
+            .prefixes
+            .get(p)
+            .and_then(|x| x.layers.get(layer))
+            .ok_or_else(|| anyhow::anyhow!("no cached prefix {p} at layer {layer}"))?;
+        Ok((k, v))
     }
 }
 
@@ -525,37 +672,52 @@ impl Decoder {
         Ok((e, Mask::left_padded(&lens, seq)))
     }
 
-    fn ctx<'a>(&self, mask: &Mask, pass: &'a Pass<'a>) -> Result<Ctx<'a>> {
+    /// cos/sin tables (B, T, 1, hd) for the mask's position ids, offset by `offsets[b]` in
+    /// row b.
+    fn rope_tensors(&self, mask: &Mask, offsets: Option<&[usize]>) -> Result<(Tensor, Tensor)> {
         let (b, t) = (mask.batch, mask.seq);
-        let positions = mask.position_ids();
-        let path = if self.fused {
-            Path::Fused {
-                rope: RopeTables::new(&positions, &self.inv_freq),
+        let mut positions = mask.position_ids();
+        if let Some(off) = offsets {
+            for (row, &o) in off.iter().enumerate() {
+                for p in &mut positions[row * t..(row + 1) * t] {
+                    *p += o as f32;
+                }
+            }
+        }
+        let n = self.inv_freq.len();
+        let inv = Tensor::from_vec(self.inv_freq.clone(), (1, 1, n), &self.device)?;
+        let pos = Tensor::from_vec(positions, (b, t, 1), &self.device)?;
+        let freqs = pos.broadcast_mul(&inv)?;
+        let freqs = Tensor::cat(&[&freqs, &freqs], 2)?.unsqueeze(2)?;
+        Ok((
+            freqs.cos()?.to_dtype(self.dtype)?,
+            freqs.sin()?.to_dtype(self.dtype)?,
+        ))
+    }
+
+    fn ctx<'a>(&self, mask: &Mask, pass: &'a Pass<'a>) -> Result<Ctx<'a>> {
+        let attn = if self.fused {
+            Attn::Fused {
+                rope: RopeTables::new(&mask.position_ids(), &self.inv_freq),
                 mask: mask.key_mask(),
             }
         } else {
-            let n = self.inv_freq.len();
-            let inv = Tensor::from_vec(self.inv_freq.clone(), (1, 1, n), &self.device)?;
-            let pos = Tensor::from_vec(positions, (b, t, 1), &self.device)?;
-            let freqs = pos.broadcast_mul(&inv)?;
-            let freqs = Tensor::cat(&[&freqs, &freqs], 2)?.unsqueeze(2)?;
-            Path::Composed {
-                cos: freqs.cos()?.to_dtype(self.dtype)?,
-                sin: freqs.sin()?.to_dtype(self.dtype)?,
+            let (cos, sin) = self.rope_tensors(mask, None)?;
+            Attn::Composed {
+                cos,
+                sin,
                 bias: composed::attention_bias(&mask.key_mask(), self.dtype, &self.device)?,
             }
         };
         Ok(Ctx {
             pass,
             eps: self.config.rms_norm_eps,
-            path,
+            fused: self.fused,
+            attn,
         })
     }
 
-    /// Runs the decoder over input embeddings (B, T, hidden) and returns the hidden states
-    /// (B, T, hidden) *before* the final norm. Hidden states at padding positions are
-    /// unspecified (no real position reads them).
-    pub fn forward(&self, embeds: &Tensor, mask: &Mask, pass: &Pass) -> Result<Tensor> {
+    fn check_mask(embeds: &Tensor, mask: &Mask) -> Result<()> {
         let (b, t, _) = embeds.dims3()?;
         if (mask.batch, mask.seq) != (b, t) {
             bail!(
@@ -564,6 +726,14 @@ impl Decoder {
                 mask.seq
             );
         }
+        Ok(())
+    }
+
+    /// Runs the decoder over input embeddings (B, T, hidden) and returns the hidden states
+    /// (B, T, hidden) *before* the final norm. Hidden states at padding positions are
+    /// unspecified (no real position reads them).
+    pub fn forward(&self, embeds: &Tensor, mask: &Mask, pass: &Pass) -> Result<Tensor> {
+        Self::check_mask(embeds, mask)?;
         let ctx = self.ctx(mask, pass)?;
         let mut x = embeds.to_dtype(self.dtype)?;
         if !pass.needs_grad() {
@@ -571,7 +741,101 @@ impl Decoder {
             x = x.detach();
         }
         for block in &self.blocks {
-            x = block.forward(&x, &ctx)?;
+            x = block.forward(&x, &ctx, None)?;
+        }
+        Ok(x)
+    }
+
+    /// Runs prompt prefixes (P, Tp, hidden), padded as `mask` says, and keeps each one's keys
+    /// and values per layer, padding dropped: the [`PrefixCache`] that
+    /// [`Decoder::forward_cached`] reads. Inference only.
+    pub fn prefill(&self, embeds: &Tensor, mask: &Mask, pass: &Pass) -> Result<PrefixCache> {
+        if pass.needs_grad() {
+            bail!("a prefix cache is for scoring; training runs whole prompts");
+        }
+        Self::check_mask(embeds, mask)?;
+        let ctx = self.ctx(mask, pass)?;
+        let mut x = embeds.to_dtype(self.dtype)?.detach();
+        let mut kv = Vec::with_capacity(self.blocks.len());
+        for block in &self.blocks {
+            x = block.forward(&x, &ctx, Some(&mut kv))?;
+        }
+        // Per prefix: its real positions (wherever the padding is), as (kv_heads, hd, Tp)
+        // keys and (kv_heads, Tp, hd) values, the layouts the suffix attention multiplies.
+        let mut prefixes = Vec::with_capacity(mask.batch);
+        for p in 0..mask.batch {
+            let real: Vec<u32> = (0..mask.seq)
+                .filter(|&t| mask.data[p * mask.seq + t] == 1)
+                .map(|t| t as u32)
+                .collect();
+            if real.is_empty() {
+                bail!("prefix {p} is empty");
+            }
+            let len = real.len();
+            let idx = Tensor::from_vec(real, len, &self.device)?;
+            let layers = kv
+                .iter()
+                .map(|(k, v)| -> Result<(Tensor, Tensor)> {
+                    let k = k.get(p)?.index_select(&idx, 0)?; // (Tp, nkv, hd)
+                    let v = v.get(p)?.index_select(&idx, 0)?;
+                    Ok((
+                        k.permute((1, 2, 0))?.contiguous()?,
+                        v.transpose(0, 1)?.contiguous()?,
+                    ))
+                })
+                .collect::<Result<Vec<_>>>()?;
+            prefixes.push(Prefix { len, layers });
+        }
+        Ok(PrefixCache { prefixes })
+    }
+
+    /// Runs prompt suffixes (B, Ts, hidden) that continue cached prefixes: the rows come in
+    /// consecutive `groups` of (prefix index, row count); each row attends to all of its
+    /// prefix and causally to its own real tokens, its positions continuing the prefix's.
+    /// The hidden states equal those at the same positions of the whole prompts (within
+    /// rounding). Inference only.
+    pub fn forward_cached(
+        &self,
+        embeds: &Tensor,
+        mask: &Mask,
+        cache: &PrefixCache,
+        groups: &[(usize, usize)],
+        pass: &Pass,
+    ) -> Result<Tensor> {
+        if pass.needs_grad() {
+            bail!("a prefix cache is for scoring; training runs whole prompts");
+        }
+        Self::check_mask(embeds, mask)?;
+        let covered: usize = groups.iter().map(|g| g.1).sum();
+        if covered != mask.batch {
+            bail!(
+                "prefix groups cover {covered} rows, the batch has {}",
+                mask.batch
+            );
+        }
+        let mut offsets = Vec::with_capacity(mask.batch);
+        for &(p, n) in groups {
+            let len = cache
+                .prefix_len(p)
+                .ok_or_else(|| anyhow::anyhow!("no cached prefix {p}"))?;
+            offsets.extend(std::iter::repeat_n(len, n));
+        }
+        let (cos, sin) = self.rope_tensors(mask, Some(&offsets))?;
+        let ctx = Ctx {
+            pass,
+            eps: self.config.rms_norm_eps,
+            fused: self.fused,
+            attn: Attn::Cached {
+                cos,
+                sin,
+                bias: composed::attention_bias(&mask.key_mask(), self.dtype, &self.device)?,
+                cache,
+                groups,
+            },
+        };
+        let mut x = embeds.to_dtype(self.dtype)?.detach();
+        for block in &self.blocks {
+            x = block.forward(&x, &ctx, None)?;
         }
         Ok(x)
     }

@@ -21,7 +21,7 @@ pub mod tokenizer;
 use anyhow::{bail, Result};
 use candle_core::{DType, Device};
 pub use config::LlamaConfig;
-pub use decoder::{Decoder, Mask, Pass};
+pub use decoder::{Decoder, Mask, Pass, PrefixCache};
 pub use lora::{Lora, LoraConfig};
 use std::path::Path;
 pub use tokenizer::Tokenizer;

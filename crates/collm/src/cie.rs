@@ -147,6 +147,11 @@ impl SlotSource {
         })
     }
 
+    /// Whether a user slot's vector depends on the target item (CIE over DIN).
+    pub fn user_depends_on_item(&self) -> bool {
+        matches!(self, SlotSource::Cie { cf, .. } if cf.user_depends_on_item())
+    }
+
     /// The parameter stores this source trains (by group name).
     pub fn stores(&self) -> Vec<(&'static str, &ParamStore)> {
         match self {

@@ -12,6 +12,11 @@ use collm_cf::{build_model, CfBatch};
 use collm_data::{Dataset, Interaction};
 use collm_llm::{Backbone, Lora, Mask, Pass};
 use collm_nn::{ParamStore, TrainCtx};
+use std::collections::HashMap;
+
+/// What makes two prompts' prefixes the same: their tokens and, when the prefix holds a user
+/// slot, the user and history that fill it.
+type PrefixKey<'a> = (&'a [u32], Option<(u32, &'a [u32])>);
 
 pub struct CoLlm {
     pub config: ExperimentConfig,
@@ -158,15 +163,36 @@ impl CoLlm {
         titles: &[String],
         ctx: Option<&TrainCtx>,
     ) -> Result<(Tensor, Mask)> {
-        let dec = &self.backbone.decoder;
         let enc = self.encode_prompts(rows, titles)?;
+        let slots = self.slot_values(rows, ctx)?;
+        self.embed_encoded(&enc, slots.as_ref())
+    }
+
+    /// The user and item slot vectors of `rows`, (B, k, d2) each; None for text-only modes.
+    fn slot_values(
+        &self,
+        rows: &[&Interaction],
+        ctx: Option<&TrainCtx>,
+    ) -> Result<Option<(Tensor, Tensor)>> {
+        let dec = &self.backbone.decoder;
+        let cfb = CfBatch::new(rows, self.cf_history, &dec.device)?;
+        self.slots
+            .encode(&cfb, self.config.k(), dec.hidden_size(), ctx)
+    }
+
+    /// Left-padded embeddings of encoded prompts (or prompt parts) with their ID slots filled
+    /// from `slots` (row r of each tensor fills prompt r's user / item slots).
+    fn embed_encoded(
+        &self,
+        enc: &[Encoded],
+        slots: Option<&(Tensor, Tensor)>,
+    ) -> Result<(Tensor, Mask)> {
+        let dec = &self.backbone.decoder;
         let seqs: Vec<Vec<u32>> = enc.iter().map(|e| e.ids.clone()).collect();
         let (emb, mask) = dec.embed_left_padded(&seqs, self.pad_id)?;
         let dev = &dec.device;
-        let cfb = CfBatch::new(rows, self.cf_history, dev)?;
         let k = self.config.k();
-        let d2 = dec.hidden_size();
-        let Some((u, i)) = self.slots.encode(&cfb, k, d2, ctx)? else {
+        let Some((u, i)) = slots else {
             return Ok((emb, mask));
         };
         let (b, t, h) = emb.dims3()?;
@@ -208,6 +234,34 @@ impl CoLlm {
         Ok((out, mask))
     }
 
+    /// The pass that scoring runs: this model's LoRA, no dropout, no graph.
+    fn scoring_pass(&self) -> Pass<'_> {
+        Pass {
+            lora: self.lora.as_ref(),
+            train: None,
+            grad: false,
+        }
+    }
+
+    /// The click score from the decoder's hidden states: the " Yes" logit at each row's last
+    /// position (or Yes − No), minus `score_offset`. Shape (B,).
+    fn score_hidden(&self, h: &Tensor, mask: &Mask, pass: &Pass) -> Result<Tensor> {
+        let dec = &self.backbone.decoder;
+        let logits =
+            dec.token_logits(h, &mask.last_positions(), &[self.yes_id, self.no_id], pass)?;
+        let yes = logits.narrow(1, 0, 1)?.squeeze(1)?;
+        let raw = if self.config.model.score == crate::experiment::Score::YesMinusNo {
+            (yes - logits.narrow(1, 1, 1)?.squeeze(1)?)?
+        } else {
+            yes
+        };
+        Ok(if self.score_offset != 0.0 {
+            (raw - self.score_offset)?
+        } else {
+            raw
+        })
+    }
+
     /// Click scores (logits) of a batch: the " Yes" logit at the last prompt position (or
     /// Yes − No with `score = "yes_minus_no"`), minus `score_offset`. Shape (B,).
     pub fn scores(
@@ -227,25 +281,124 @@ impl CoLlm {
             },
             grad,
         };
+        let h = self.backbone.decoder.forward(&emb, &mask, &pass)?;
+        self.score_hidden(&h, &mask, &pass)
+    }
+
+    /// Where a prompt is split for shared-prefix scoring: at the start of its target part, or
+    /// before its first user slot when the user vector depends on the item (DIN).
+    pub fn split_point(&self, e: &Encoded) -> usize {
+        let mut at = e.target_start;
+        if self.slots.user_depends_on_item() {
+            if let Some(&u) = e.user_slots.first() {
+                at = at.min(u);
+            }
+        }
+        at
+    }
+
+    /// Scores of many rows, in input order, without gradients, sharing prompt prefixes: rows
+    /// whose prompts begin with the same user part (same tokens, and for a user slot the same
+    /// user and history) run that part once into a KV cache, and their suffixes (target title,
+    /// `<TargetItemID>`, answer cue) attend to it in batches of `eval_batch_size`. Equal to
+    /// [`CoLlm::predict`] within rounding; much faster when users have many candidates.
+    pub fn predict_shared(
+        &self,
+        rows: &[Interaction],
+        titles: &[String],
+        progress: bool,
+    ) -> Result<Vec<f64>> {
+        let refs: Vec<&Interaction> = rows.iter().collect();
+        let enc = self.encode_prompts(&refs, titles)?;
+        let splits: Vec<usize> = enc.iter().map(|e| self.split_point(e)).collect();
+        if splits.contains(&0) {
+            // A template that starts with its target part has nothing to share.
+            return self.predict(rows, titles, progress);
+        }
+        // Groups of rows with one prefix, in order of first appearance.
+        let mut groups: Vec<Vec<usize>> = Vec::new();
+        let mut seen: HashMap<PrefixKey, usize> = HashMap::new();
+        for (r, e) in enc.iter().enumerate() {
+            let at = splits[r];
+            let user = e
+                .user_slots
+                .iter()
+                .any(|&p| p < at)
+                .then(|| (rows[r].uid, rows[r].history.as_slice()));
+            let g = *seen.entry((&e.ids[..at], user)).or_insert_with(|| {
+                groups.push(Vec::new());
+                groups.len() - 1
+            });
+            groups[g].push(r);
+        }
+        // Within a group, suffixes of similar length pad little.
+        for g in &mut groups {
+            g.sort_by_key(|&r| enc[r].ids.len() - splits[r]);
+        }
+        let pb = collm_nn::scaffold::progress_bar(rows.len(), "rows", "score".into(), !progress);
+        let batch = self.config.model.eval_batch_size.max(1);
+        let pass = self.scoring_pass();
         let dec = &self.backbone.decoder;
-        let h = dec.forward(&emb, &mask, &pass)?;
-        let logits = dec.token_logits(
-            &h,
-            &mask.last_positions(),
-            &[self.yes_id, self.no_id],
-            &pass,
-        )?;
-        let yes = logits.narrow(1, 0, 1)?.squeeze(1)?;
-        let raw = if self.config.model.score == crate::experiment::Score::YesMinusNo {
-            (yes - logits.narrow(1, 1, 1)?.squeeze(1)?)?
-        } else {
-            yes
-        };
-        Ok(if self.score_offset != 0.0 {
-            (raw - self.score_offset)?
-        } else {
-            raw
-        })
+        let mut out = vec![0f64; rows.len()];
+        // Windows of whole groups, about one batch of rows (or of prefixes) each, so that the
+        // cache holds at most `batch` prefixes at a time.
+        let mut start = 0;
+        while start < groups.len() {
+            let mut end = start;
+            let mut n = 0;
+            while end < groups.len() && (end == start || n + groups[end].len() <= batch) {
+                n += groups[end].len();
+                end += 1;
+                if end - start == batch {
+                    break;
+                }
+            }
+            let window = &groups[start..end];
+            // The prefixes, user slots filled from each group's first row.
+            let firsts: Vec<usize> = window.iter().map(|g| g[0]).collect();
+            let prefix_enc: Vec<Encoded> = firsts
+                .iter()
+                .map(|&r| enc[r].split_at(splits[r]).0)
+                .collect();
+            let first_rows: Vec<&Interaction> = firsts.iter().map(|&r| &rows[r]).collect();
+            let slots = self.slot_values(&first_rows, None)?;
+            let (pe, pm) = self.embed_encoded(&prefix_enc, slots.as_ref())?;
+            let cache = dec.prefill(&pe, &pm, &pass)?;
+            // The suffixes, in chunks of `batch` rows.
+            let order: Vec<(usize, usize)> = window
+                .iter()
+                .enumerate()
+                .flat_map(|(p, g)| g.iter().map(move |&r| (p, r)))
+                .collect();
+            for chunk in order.chunks(batch) {
+                let mut runs: Vec<(usize, usize)> = Vec::new();
+                for &(p, _) in chunk {
+                    match runs.last_mut() {
+                        Some((q, n)) if *q == p => *n += 1,
+                        _ => runs.push((p, 1)),
+                    }
+                }
+                let suffix_enc: Vec<Encoded> = chunk
+                    .iter()
+                    .map(|&(_, r)| enc[r].split_at(splits[r]).1)
+                    .collect();
+                let chunk_rows: Vec<&Interaction> = chunk.iter().map(|&(_, r)| &rows[r]).collect();
+                let slots = self.slot_values(&chunk_rows, None)?;
+                let (se, sm) = self.embed_encoded(&suffix_enc, slots.as_ref())?;
+                let h = dec.forward_cached(&se, &sm, &cache, &runs, &pass)?;
+                let s = self
+                    .score_hidden(&h, &sm, &pass)?
+                    .to_dtype(DType::F32)?
+                    .to_vec1::<f32>()?;
+                for (&(_, r), v) in chunk.iter().zip(s) {
+                    out[r] = f64::from(v);
+                }
+                pb.inc(chunk.len() as u64);
+            }
+            start = end;
+        }
+        pb.finish_and_clear();
+        Ok(out)
     }
 
     /// Token count of each row's prompt.
@@ -265,18 +418,7 @@ impl CoLlm {
         titles: &[String],
         progress: bool,
     ) -> Result<Vec<f64>> {
-        let pb = if progress {
-            indicatif::ProgressBar::new(rows.len() as u64)
-        } else {
-            indicatif::ProgressBar::hidden()
-        };
-        pb.set_style(
-            indicatif::ProgressStyle::with_template(
-                "score [{bar:30}] {pos}/{len} rows ({per_sec}, eta {eta})",
-            )
-            .expect("valid template")
-            .progress_chars("=> "),
-        );
+        let pb = collm_nn::scaffold::progress_bar(rows.len(), "rows", "score".into(), !progress);
         // Batches of similar prompt lengths pad little; results go back to input order.
         let lens = self.prompt_lengths(rows, titles)?;
         let mut order: Vec<usize> = (0..rows.len()).collect();

@@ -39,6 +39,8 @@ pub enum Piece {
     Text(String),
     User,
     Item,
+    /// Where the target part begins (no text; a piece boundary).
+    TargetStart,
 }
 
 #[derive(Debug, Clone)]
@@ -137,11 +139,33 @@ impl PromptBuilder {
         }
     }
 
-    /// The prompt as text and ID slots.
+    /// Where the template's target part starts: at its first target slot
+    /// (`<TargetItemTitle>` or `<TargetItemID>`), moved back over the whitespace before it, so
+    /// that the boundary falls between two words (where a byte-level BPE splits anyway).
+    fn target_start(&self) -> usize {
+        let text = &self.template.text;
+        let first = ["<TargetItemTitle>", "<TargetItemID>"]
+            .iter()
+            .filter_map(|t| text.find(t))
+            .min()
+            .expect("validated: a template has a target slot");
+        text[..first].trim_end_matches([' ', '\t']).len()
+    }
+
+    /// The prompt as text and ID slots: the user part (instruction, history, `<UserID>`, …)
+    /// then the target part, with a piece boundary between the two (see
+    /// [`Encoded::target_start`]). Every prompt is encoded at these boundaries — in training,
+    /// evaluation and shared-prefix scoring alike — so there is one tokenization.
     pub fn pieces(&self, row: &Interaction, titles: &[String]) -> Vec<Piece> {
-        let text = self
-            .template
-            .text
+        let (user, target) = self.template.text.split_at(self.target_start());
+        let mut pieces = self.fill(user, row, titles);
+        pieces.push(Piece::TargetStart);
+        pieces.extend(self.fill(target, row, titles));
+        pieces
+    }
+
+    fn fill(&self, template: &str, row: &Interaction, titles: &[String]) -> Vec<Piece> {
+        let text = template
             .replace("<ItemPlural>", &format!("{}s", self.item_noun))
             .replace("<ItemNoun>", &self.item_noun)
             .replace("<ItemTitleList>", &self.history_text(row, titles))
@@ -188,6 +212,7 @@ impl PromptBuilder {
             .map(|p| match p {
                 Piece::Text(t) => t,
                 Piece::User | Piece::Item => slot.clone(),
+                Piece::TargetStart => String::new(),
             })
             .collect()
     }
@@ -204,6 +229,7 @@ impl PromptBuilder {
         for p in self.pieces(row, titles) {
             match p {
                 Piece::Text(t) => e.ids.extend(tok.encode(&t)?),
+                Piece::TargetStart => e.target_start = e.ids.len(),
                 Piece::User | Piece::Item => {
                     for _ in 0..self.tokens_per_slot {
                         let pos = e.ids.len();
@@ -227,6 +253,34 @@ pub struct Encoded {
     pub ids: Vec<u32>,
     pub user_slots: Vec<usize>,
     pub item_slots: Vec<usize>,
+    /// The first token of the target part (target title, `<TargetItemID>`, the answer cue):
+    /// everything before it depends on the user alone and can be shared by all of that user's
+    /// candidates.
+    pub target_start: usize,
+}
+
+impl Encoded {
+    /// Splits at token `at`: (the first `at` tokens, the rest), slot positions relative to
+    /// each part.
+    pub fn split_at(&self, at: usize) -> (Encoded, Encoded) {
+        let part = |lo: usize, hi: usize| Encoded {
+            ids: self.ids[lo..hi].to_vec(),
+            user_slots: self
+                .user_slots
+                .iter()
+                .filter(|&&p| (lo..hi).contains(&p))
+                .map(|p| p - lo)
+                .collect(),
+            item_slots: self
+                .item_slots
+                .iter()
+                .filter(|&&p| (lo..hi).contains(&p))
+                .map(|p| p - lo)
+                .collect(),
+            target_start: self.target_start.saturating_sub(lo).min(hi - lo),
+        };
+        (part(0, at), part(at, self.ids.len()))
+    }
 }
 
 #[cfg(test)]
@@ -268,6 +322,37 @@ the feature <unk>? Answer with \"Yes\" or \"No\". \\n#Answer:"
     }
 
     #[test]
+    fn the_target_part_starts_between_two_words() {
+        let b = PromptBuilder::new(Template::resolve("collm").unwrap(), "movie");
+        let p = b.pieces(&row(vec![1]), &titles());
+        let at = p.iter().position(|x| *x == Piece::TargetStart).unwrap();
+        let Piece::Text(before) = &p[at - 1] else {
+            panic!("{p:?}")
+        };
+        assert!(before.ends_with("would enjoy the movie titled"), "{before}");
+        assert_eq!(
+            p[at + 1],
+            Piece::Text(" \"Of Human Bondage (1934)\" with the feature ".into())
+        );
+        // Split at the boundary, each part keeps its own slots.
+        let e = Encoded {
+            ids: (0..10).collect(),
+            user_slots: vec![2],
+            item_slots: vec![8],
+            target_start: 6,
+        };
+        let (a, c) = e.split_at(6);
+        assert_eq!(
+            (a.ids.len(), a.user_slots, a.item_slots),
+            (6, vec![2], vec![])
+        );
+        assert_eq!(
+            (c.ids, c.user_slots, c.item_slots),
+            (vec![6, 7, 8, 9], vec![], vec![2])
+        );
+    }
+
+    #[test]
     fn tallrec_book_prompt_empty_history_and_last_ten() {
         let b = PromptBuilder::new(Template::resolve("tallrec").unwrap(), "book");
         let got = b.render(&row(vec![]), &titles(), "?");
@@ -295,7 +380,9 @@ predict whether the user would enjoy the book titled \"Of Human Bondage (1934)\"
         };
         let p = b.pieces(&row(vec![1]), &titles());
         assert_eq!(p[1], Piece::User);
-        assert_eq!(p[3], Piece::Item);
+        assert_eq!(p[3], Piece::TargetStart);
+        assert_eq!(p[4], Piece::Text(" ".into()));
+        assert_eq!(p[5], Piece::Item);
         assert!(b
             .render(&row(vec![1]), &titles(), "u")
             .starts_with("#Question: u.u.u \"Heat (1995)\" [SEP] u.u.u \"Of"));
