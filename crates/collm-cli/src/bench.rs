@@ -20,6 +20,47 @@ pub enum BenchCommand {
     /// seconds per epoch, train and valid-scoring samples/s, and the epoch as a multiple of a
     /// gradient-free forward pass over the train split (the baseline, measured in the same run).
     Cf(CfBenchArgs),
+    /// Shared-prefix scoring against whole prompts, same run, same rows: one user's
+    /// candidates scored both ways; prints {"full_s","prefix_s","speedup","max_abs_diff"}.
+    Rank(RankBenchArgs),
+    /// Load on a running `collm serve` (loopback): N seeded requests (3/4 score, 1/4 rank) from
+    /// C concurrent keep-alive connections; throughput, p50/p99 latency, count of each status.
+    /// scripts/load_test.sh starts the server, runs this and checks the server afterwards.
+    Serve(ServeBenchArgs),
+}
+
+#[derive(Args)]
+pub struct RankBenchArgs {
+    /// Run directory (a CoLLM run; a collaborative-model run scores the same both ways).
+    #[arg(long)]
+    pub run: PathBuf,
+    /// Dataset directory (needed by a collaborative-model run).
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    #[arg(long, default_value_t = 100)]
+    pub candidates: usize,
+    /// The user (default: the first with enough unseen items).
+    #[arg(long)]
+    pub user: Option<u64>,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args)]
+pub struct ServeBenchArgs {
+    /// The server's address.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    pub addr: String,
+    #[arg(long, default_value_t = 10_000)]
+    pub requests: usize,
+    #[arg(long, default_value_t = 64)]
+    pub concurrency: usize,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Args)]
@@ -160,6 +201,31 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
     match cmd {
         BenchCommand::Llm(args) => bench_llm(&args),
         BenchCommand::Cf(args) => bench_cf(&args),
+        BenchCommand::Rank(a) => {
+            let rec = collm::recommend::Recommender::open(&a.run, a.data.as_deref())?;
+            let r = collm::recommend::bench_rank(&rec, a.user, a.candidates, a.seed)?;
+            if a.json {
+                println!("{}", serde_json::to_string(&r)?);
+            } else {
+                println!(
+                    "user {}, {} candidates: whole prompts {:.2} s, shared prefix {:.2} s, speedup {:.2}x, max |diff| {:.2e}",
+                    r.user, r.candidates, r.full_s, r.prefix_s, r.speedup, r.max_abs_diff
+                );
+            }
+            Ok(())
+        }
+        BenchCommand::Serve(a) => {
+            let r = collm_serve::client::run_load(&a.addr, a.requests, a.concurrency, a.seed)?;
+            if a.json {
+                println!("{}", serde_json::to_string(&r)?);
+            } else {
+                println!(
+                    "{} requests, {} clients: {:.1} s, {:.0} req/s, p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms, statuses {:?}",
+                    r.requests, r.concurrency, r.seconds, r.requests_per_s, r.p50_ms, r.p99_ms, r.max_ms, r.statuses
+                );
+            }
+            Ok(())
+        }
         BenchCommand::AmazonPrepare(args) => {
             let r = collm_data::bench::amazon_prepare(args.lines, &args.dir, args.seed)?;
             print!("{}", r.render());

@@ -7,6 +7,7 @@ mod data;
 mod eval;
 mod llm;
 mod quickstart;
+mod recommend;
 mod report;
 mod train;
 
@@ -66,6 +67,16 @@ enum Command {
     /// Benchmarks (throughput, memory), each against a baseline measured in the same run.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
+    /// Score `uid iid` pairs with a trained run (CoLLM or collaborative model); rows of one
+    /// user share their prompt prefix.
+    Score(recommend::ScoreArgs),
+    /// Top-K ranking with a trained run: evaluate HR@K / NDCG@K / MRR on a split against
+    /// sampled negatives (--split), or recommend for one user (--user).
+    Rank(recommend::RankArgs),
+    /// Serve a trained run over HTTP: POST /v1/score, POST /v1/rank, GET /health, GET /metrics
+    /// (Prometheus), GET /openapi.json. Requests are batched by one model worker; SIGTERM or
+    /// ctrl-c drains requests in flight and exits 0.
+    Serve(recommend::ServeArgs),
     /// The main job: on a synthetic dataset, train MF, step 1 (TALLRec) and step 2 (CoLLM-MF) on
     /// SmolLM2-135M and compare them on the test split, overall and warm/cold (~10 min, 2 cores).
     Quickstart(quickstart::QuickstartArgs),
@@ -116,5 +127,8 @@ fn run(cli: Cli) -> Result<()> {
         Command::Bench(cmd) => bench::run(cmd),
         Command::Llm(cmd) => llm::run(cmd),
         Command::Report(args) => report::run(args),
+        Command::Score(args) => recommend::score(args),
+        Command::Rank(args) => recommend::rank(args),
+        Command::Serve(args) => recommend::serve(args),
     }
 }

@@ -1,1 +1,191 @@
-pub fn placeholder() {}
+//! `collm serve`: a trained run behind HTTP. axum + tokio answer requests; one model worker
+//! thread ([`worker`]) owns the run and scores requests in batches, sharing each user's prompt
+//! prefix; a bounded queue between them turns overload into 503s instead of growing memory.
+//!
+//! Routes ([`api`]): `POST /v1/score`, `POST /v1/rank`, `GET /health`, `GET /metrics`
+//! (Prometheus), `GET /openapi.json`. SIGTERM or ctrl-c stops accepting connections, lets
+//! requests in flight finish, and returns. [`client`] is the load generator behind
+//! `scripts/load_test.sh`.
+
+pub mod api;
+pub mod client;
+pub mod metrics;
+pub mod worker;
+
+use anyhow::{Context, Result};
+use axum::routing::{get, post};
+use axum::Router;
+use collm::recommend::Recommender;
+use metrics::Metrics;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    pub run: PathBuf,
+    pub data: Option<PathBuf>,
+    /// `host:port`; port 0 picks a free one (see [`Server::addr`]).
+    pub addr: String,
+    /// Most scoring rows per model call.
+    pub max_batch: usize,
+    /// How long the worker waits to fill a batch.
+    pub max_wait: Duration,
+    /// Requests waiting for the worker at most.
+    pub queue: usize,
+    /// Largest request body, bytes.
+    pub max_body: usize,
+}
+
+#[derive(Clone)]
+pub struct AppState {
+    queue: worker::Queue,
+    metrics: Arc<Metrics>,
+    max_body: usize,
+    health: api::Health,
+}
+
+/// The routes over a state.
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/v1/score", post(api::score))
+        .route("/v1/rank", post(api::rank))
+        .route("/health", get(api::health))
+        .route("/metrics", get(api::metrics))
+        .route("/openapi.json", get(api::openapi))
+        .fallback(api::not_found)
+        // Bodies are read with the server's own limit (413 as JSON), not axum's default.
+        .layer(axum::extract::DefaultBodyLimit::disable())
+        .with_state(state)
+}
+
+/// A running server: its address, and a way to stop it as SIGTERM would.
+pub struct Server {
+    addr: SocketAddr,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<Result<()>>>,
+}
+
+impl Server {
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Stops accepting, drains requests in flight, stops the worker; returns how the server
+    /// ended.
+    pub fn stop(mut self) -> Result<()> {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        self.join()
+    }
+
+    /// Waits for the server to end (SIGTERM, ctrl-c or [`Server::stop`]).
+    pub fn join(mut self) -> Result<()> {
+        match self.thread.take() {
+            Some(t) => t
+                .join()
+                .map_err(|_| anyhow::anyhow!("the server thread panicked"))?,
+            None => Ok(()),
+        }
+    }
+}
+
+/// Opens the run (in the worker thread), binds the address and starts serving in the
+/// background. Fails before serving when the run cannot be opened or the address bound.
+pub fn start(o: &ServeOptions) -> Result<Server> {
+    let metrics = Arc::new(Metrics::new());
+    let (run, data) = (o.run.clone(), o.data.clone());
+    let (health_tx, health_rx) = std::sync::mpsc::channel();
+    let (queue, worker) = worker::start(
+        move || {
+            let rec = Recommender::open(&run, data.as_deref())?;
+            let _ = health_tx.send(api::Health {
+                status: "ok".into(),
+                kind: format!("{:?}", rec.kind).to_lowercase(),
+                users: rec.max_user() as usize,
+                items: rec.max_item() as usize,
+            });
+            Ok(rec)
+        },
+        o.queue,
+        worker::Limits {
+            max_batch: o.max_batch.max(1),
+            max_wait: o.max_wait,
+        },
+        metrics.clone(),
+    )?;
+    let health = health_rx.recv().context("the model worker did not start")?;
+    let state = AppState {
+        queue,
+        metrics,
+        max_body: o.max_body,
+        health,
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let listener = rt
+        .block_on(tokio::net::TcpListener::bind(&o.addr))
+        .with_context(|| format!("cannot listen on {}", o.addr))?;
+    let addr = listener.local_addr()?;
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let thread = std::thread::Builder::new()
+        .name("collm-http".into())
+        .spawn(move || -> Result<()> {
+            rt.block_on(async move {
+                let app = router(state);
+                axum::serve(listener, app)
+                    .with_graceful_shutdown(shutdown_signal(stop_rx))
+                    .await
+            })?;
+            // The router (and with it every sender of the queue) is gone: the worker finishes
+            // what it holds and ends.
+            worker
+                .join()
+                .map_err(|_| anyhow::anyhow!("the model worker panicked"))?;
+            Ok(())
+        })?;
+    Ok(Server {
+        addr,
+        stop: Some(stop_tx),
+        thread: Some(thread),
+    })
+}
+
+async fn shutdown_signal(stop: tokio::sync::oneshot::Receiver<()>) {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term => {}
+        _ = stop => {}
+    }
+    tracing::info!("shutting down: finishing requests in flight");
+}
+
+/// `collm serve`: serves until SIGTERM or ctrl-c, then drains and returns.
+pub fn run(o: &ServeOptions) -> Result<()> {
+    let server = start(o)?;
+    tracing::info!(
+        "serving {} on http://{} (POST /v1/score, POST /v1/rank, GET /health, GET /metrics, GET /openapi.json)",
+        o.run.display(),
+        server.addr()
+    );
+    eprintln!("listening on http://{}", server.addr());
+    server.join()
+}

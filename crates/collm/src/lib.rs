@@ -13,6 +13,7 @@ pub mod experiment;
 pub mod model;
 pub mod pipeline;
 pub mod prompt;
+pub mod recommend;
 pub mod train;
 
 pub use experiment::{ExperimentConfig, Mode};

@@ -1,0 +1,249 @@
+//! The model worker: one thread owns the run and answers requests in batches. Handlers put
+//! jobs on a bounded queue (`try_send`: a full queue is answered 503 at once, never waited
+//! on); the worker takes the first job, then more for up to `max_wait` or until `max_batch`
+//! rows, checks each job's ids, scores all their rows in one shared-prefix call (rows of one
+//! user share their prefix across requests too) and answers each job on its own channel.
+
+use crate::api::ApiError;
+use crate::metrics::Metrics;
+use collm::recommend::{Ranked, Recommender, RequestError, User};
+use collm_data::Interaction;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::oneshot;
+
+/// Who a request is for.
+#[derive(Debug, Clone)]
+pub enum Who {
+    User(u64),
+    /// A cold user: liked items, oldest first.
+    History(Vec<u64>),
+}
+
+pub enum Task {
+    Score {
+        items: Vec<u64>,
+    },
+    Rank {
+        k: usize,
+        candidates: Option<Vec<u64>>,
+    },
+}
+
+pub enum Answer {
+    Scores(Vec<f64>),
+    Ranked(Vec<Ranked>),
+}
+
+pub struct Job {
+    pub who: Who,
+    pub task: Task,
+    pub reply: oneshot::Sender<Result<Answer, ApiError>>,
+}
+
+/// What the handlers hold: the queue's sending end and its depth.
+#[derive(Clone)]
+pub struct Queue {
+    tx: SyncSender<Job>,
+    depth: Arc<AtomicUsize>,
+    metrics: Arc<Metrics>,
+}
+
+impl Queue {
+    /// Queues a job; `Err(job)` when the queue is full (or the worker has stopped).
+    pub fn offer(&self, job: Job) -> Result<(), Job> {
+        self.depth.fetch_add(1, Ordering::SeqCst);
+        match self.tx.try_send(job) {
+            Ok(()) => {
+                self.metrics
+                    .queue_depth
+                    .set(self.depth.load(Ordering::SeqCst) as i64);
+                Ok(())
+            }
+            Err(TrySendError::Full(j)) | Err(TrySendError::Disconnected(j)) => {
+                self.depth.fetch_sub(1, Ordering::SeqCst);
+                Err(j)
+            }
+        }
+    }
+}
+
+pub struct Limits {
+    pub max_batch: usize,
+    pub max_wait: Duration,
+}
+
+/// Starts the worker thread; `open` builds the recommender inside it (the model never moves
+/// between threads). Returns the queue once the run is open, or the error that opening gave.
+pub fn start(
+    open: impl FnOnce() -> anyhow::Result<Recommender> + Send + 'static,
+    capacity: usize,
+    limits: Limits,
+    metrics: Arc<Metrics>,
+) -> anyhow::Result<(Queue, std::thread::JoinHandle<()>)> {
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Job>(capacity.max(1));
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel::<anyhow::Result<()>>();
+    let depth = Arc::new(AtomicUsize::new(0));
+    let (d, m) = (depth.clone(), metrics.clone());
+    let handle = std::thread::Builder::new()
+        .name("collm-model".into())
+        .spawn(move || {
+            let rec = match open() {
+                Ok(r) => {
+                    let _ = ready_tx.send(Ok(()));
+                    r
+                }
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e));
+                    return;
+                }
+            };
+            serve_jobs(&rec, rx, &limits, &d, &m);
+        })?;
+    ready_rx
+        .recv()
+        .map_err(|_| anyhow::anyhow!("the model worker stopped while opening the run"))??;
+    Ok((Queue { tx, depth, metrics }, handle))
+}
+
+fn serve_jobs(
+    rec: &Recommender,
+    rx: Receiver<Job>,
+    limits: &Limits,
+    depth: &AtomicUsize,
+    metrics: &Metrics,
+) {
+    let taken = |n: usize| {
+        let left = depth.fetch_sub(n, Ordering::SeqCst) - n;
+        metrics.queue_depth.set(left as i64);
+    };
+    // Ends when every sender is gone (the server has shut down and drained).
+    while let Ok(first) = rx.recv() {
+        taken(1);
+        let mut jobs = vec![first];
+        let deadline = Instant::now() + limits.max_wait;
+        let mut rows = jobs[0].task.rows_hint();
+        while rows < limits.max_batch {
+            let wait = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(wait) {
+                Ok(j) => {
+                    taken(1);
+                    rows += j.task.rows_hint();
+                    jobs.push(j);
+                }
+                Err(RecvTimeoutError::Timeout) | Err(RecvTimeoutError::Disconnected) => break,
+            }
+        }
+        run_batch(rec, jobs, metrics);
+    }
+}
+
+impl Task {
+    fn rows_hint(&self) -> usize {
+        match self {
+            Task::Score { items } => items.len(),
+            Task::Rank {
+                candidates: Some(c),
+                ..
+            } => c.len(),
+            Task::Rank {
+                candidates: None, ..
+            } => usize::MAX / 4,
+        }
+    }
+}
+
+/// A job whose ids are checked: its user and the items to score.
+struct Ready {
+    user: User,
+    items: Vec<u32>,
+    k: Option<usize>,
+}
+
+fn prepare(rec: &Recommender, job: &Job) -> Result<Ready, RequestError> {
+    let user = match &job.who {
+        Who::User(u) => rec.user(*u)?,
+        Who::History(h) => rec.cold_user(h)?,
+    };
+    let (items, k) = match &job.task {
+        Task::Score { items } => (
+            items
+                .iter()
+                .map(|&i| rec.item(i))
+                .collect::<Result<Vec<_>, _>>()?,
+            None,
+        ),
+        Task::Rank {
+            k,
+            candidates: Some(c),
+        } => (
+            c.iter()
+                .map(|&i| rec.item(i))
+                .collect::<Result<Vec<_>, _>>()?,
+            Some(*k),
+        ),
+        Task::Rank {
+            k,
+            candidates: None,
+        } => (rec.unseen(&user), Some(*k)),
+    };
+    Ok(Ready { user, items, k })
+}
+
+fn run_batch(rec: &Recommender, jobs: Vec<Job>, metrics: &Metrics) {
+    let mut ready = Vec::with_capacity(jobs.len());
+    for job in jobs {
+        match prepare(rec, &job) {
+            Ok(r) => ready.push((job, r)),
+            Err(e) => {
+                let _ = job.reply.send(Err(ApiError::from(e)));
+            }
+        }
+    }
+    if ready.is_empty() {
+        return;
+    }
+    let rows: Vec<Interaction> = ready
+        .iter()
+        .flat_map(|(_, r)| r.items.iter().map(|&i| r.user.row(i)))
+        .collect();
+    metrics.batch_rows.observe(rows.len() as f64);
+    metrics.batch_requests.observe(ready.len() as f64);
+    // A failure (or a panic) in the model answers this batch with 500; the worker goes on.
+    let scored = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        rec.score_rows(&rows, false)
+    }));
+    let scores = match scored {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            tracing::error!("scoring failed: {e:#}");
+            for (job, _) in ready {
+                let _ = job
+                    .reply
+                    .send(Err(ApiError::internal(format!("scoring failed: {e:#}"))));
+            }
+            return;
+        }
+        Err(_) => {
+            tracing::error!("scoring panicked");
+            for (job, _) in ready {
+                let _ = job
+                    .reply
+                    .send(Err(ApiError::internal("scoring failed".to_string())));
+            }
+            return;
+        }
+    };
+    let mut at = 0;
+    for (job, r) in ready {
+        let s = &scores[at..at + r.items.len()];
+        at += r.items.len();
+        let answer = match r.k {
+            None => Answer::Scores(s.to_vec()),
+            Some(k) => Answer::Ranked(rec.top(&r.items, s, k)),
+        };
+        let _ = job.reply.send(Ok(answer));
+    }
+}

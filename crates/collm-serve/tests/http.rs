@@ -1,0 +1,384 @@
+//! `collm serve` against a tiny trained CoLLM-MF run (tiny random backbone, synthetic data):
+//! every route, every error status, cold users, batching across concurrent clients equal to
+//! sequential scoring, a full queue answered 503 with Retry-After, and a shutdown that lets a
+//! request in flight finish.
+
+use collm::experiment::{ExperimentConfig, Mode};
+use collm::recommend::Recommender;
+use collm::train::{train, TrainOptions};
+use collm_cf::train::{train as train_cf, TrainOptions as CfOptions};
+use collm_cf::{CfConfig, ModelKind};
+use collm_data::dataset::write_dataset;
+use collm_data::sources::synthetic::{prepare, SyntheticOptions};
+use collm_data::Dataset;
+use collm_serve::client::{request, Reply};
+use collm_serve::{start, ServeOptions};
+use serde_json::json;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// A tiny CoLLM-MF run: dataset, MF, step 1, step 2.
+fn tiny_run(root: &Path) -> PathBuf {
+    collm_llm::testing::write_tiny_backbone(&root.join("backbone"), 1).unwrap();
+    let data = prepare(&SyntheticOptions {
+        users: 20,
+        items: 40,
+        rows_per_user: 6.0,
+        seed: 3,
+        ..Default::default()
+    })
+    .unwrap();
+    write_dataset(data, &root.join("data"), false).unwrap();
+    let ds = Dataset::load(&root.join("data")).unwrap();
+    let cf = CfConfig {
+        dim: 8,
+        max_epochs: 1,
+        ..CfConfig::defaults(ModelKind::Mf)
+    };
+    let q = CfOptions {
+        resume: false,
+        force: false,
+        quiet: true,
+    };
+    train_cf(&cf, &ds, &root.join("mf"), &q).unwrap();
+    let quiet = TrainOptions {
+        resume: false,
+        force: false,
+        quiet: true,
+        stop_after: None,
+    };
+    let config = |mode| {
+        let mut c = ExperimentConfig::new(mode, &root.join("data"), &root.join("backbone"));
+        c.model.cf_run = Some(root.join("mf"));
+        c.model.step1 = Some(root.join("step1"));
+        c.model.mapper_mult = 2;
+        c.model.eval_batch_size = 8;
+        let t = &mut c.training;
+        (t.max_steps, t.eval_every, t.eval_rows, t.batch_size) = (2, 2, 8, 4);
+        c
+    };
+    train(&config(Mode::Tallrec), &root.join("step1"), &quiet).unwrap();
+    train(&config(Mode::Collm), &root.join("collm"), &quiet).unwrap();
+    root.join("collm")
+}
+
+fn options(run: &Path) -> ServeOptions {
+    ServeOptions {
+        run: run.to_path_buf(),
+        data: None,
+        addr: "127.0.0.1:0".into(),
+        max_batch: 64,
+        max_wait: Duration::from_millis(2),
+        queue: 256,
+        max_body: 4096,
+    }
+}
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(4)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+fn post(rt: &tokio::runtime::Runtime, addr: SocketAddr, path: &str, body: &str) -> Reply {
+    rt.block_on(request(addr, "POST", path, body.as_bytes()))
+        .unwrap()
+}
+
+fn get(rt: &tokio::runtime::Runtime, addr: SocketAddr, path: &str) -> Reply {
+    rt.block_on(request(addr, "GET", path, b"")).unwrap()
+}
+
+fn assert_error(r: &Reply, status: u16, needle: &str) {
+    assert_eq!(r.status, status, "{}", r.body);
+    assert!(r.content_type.starts_with("application/json"), "{r:?}");
+    let msg = r.json()["error"].as_str().unwrap_or_default().to_string();
+    assert!(msg.contains(needle), "{status}: {msg:?} lacks {needle:?}");
+}
+
+#[test]
+fn routes_errors_batching_backpressure_and_shutdown() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tiny_run(tmp.path());
+    let rec = Recommender::open(&run, None).unwrap();
+    let rt = rt();
+    let server = start(&options(&run)).unwrap();
+    let addr = server.addr();
+
+    // --- Every route.
+    let h = get(&rt, addr, "/health");
+    assert_eq!(h.status, 200);
+    let health = h.json();
+    assert_eq!(health["status"], "ok");
+    assert_eq!(health["kind"], "collm");
+    let (max_user, max_item) = (rec.max_user(), rec.max_item());
+    assert_eq!(health["users"], max_user);
+    assert_eq!(health["items"], max_item);
+
+    let user = rec.user(3).unwrap();
+    let items = [5u32, 1, 17, 5, 2];
+    let want = rec.score(&user, &items).unwrap();
+    let r = post(
+        &rt,
+        addr,
+        "/v1/score",
+        &json!({"user": 3, "items": items}).to_string(),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    let got: Vec<f64> = serde_json::from_value(r.json()["scores"].clone()).unwrap();
+    assert_eq!(got.len(), items.len());
+    for (a, b) in got.iter().zip(&want) {
+        assert!((a - b).abs() < 1e-4, "{got:?} vs {want:?}");
+    }
+    assert!(
+        (got[0] - got[3]).abs() < 1e-6,
+        "the same item twice scores the same"
+    );
+
+    // Rank over given candidates: the best k, best first, titled.
+    let cands = [1u32, 2, 3, 4, 5, 6, 7, 8];
+    let r = post(
+        &rt,
+        addr,
+        "/v1/rank",
+        &json!({"user": 3, "k": 3, "candidates": cands}).to_string(),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    let ranked = r.json()["items"].as_array().unwrap().clone();
+    assert_eq!(ranked.len(), 3);
+    let scores = rec.score(&user, &cands).unwrap();
+    let mut best: Vec<(f64, u32)> = scores.iter().copied().zip(cands).collect();
+    best.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+    for (x, (s, i)) in ranked.iter().zip(&best) {
+        assert_eq!(x["item"], *i);
+        assert!((x["score"].as_f64().unwrap() - s).abs() < 1e-4);
+        assert_eq!(x["title"], rec.dataset.title(*i));
+    }
+    // Without candidates: every unseen item, none the user has interacted with.
+    let r = post(
+        &rt,
+        addr,
+        "/v1/rank",
+        &json!({"user": 3, "k": 100}).to_string(),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    let all = r.json()["items"].as_array().unwrap().clone();
+    assert_eq!(all.len(), rec.unseen(&user).len());
+    assert!(all
+        .iter()
+        .all(|x| !user.seen.contains(&(x["item"].as_u64().unwrap() as u32))));
+
+    // A cold user: a history instead of an id; scored as the library scores it.
+    let cold = rec.cold_user(&[4, 9, 2]).unwrap();
+    let want = rec.score(&cold, &[1, 3]).unwrap();
+    let r = post(
+        &rt,
+        addr,
+        "/v1/score",
+        &json!({"history": [4, 9, 2], "items": [1, 3]}).to_string(),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    let got: Vec<f64> = serde_json::from_value(r.json()["scores"].clone()).unwrap();
+    assert!((got[0] - want[0]).abs() < 1e-4 && (got[1] - want[1]).abs() < 1e-4);
+    let r = post(
+        &rt,
+        addr,
+        "/v1/rank",
+        &json!({"history": [], "k": 2}).to_string(),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+
+    let o = get(&rt, addr, "/openapi.json");
+    assert_eq!(o.status, 200);
+    let paths = o.json()["paths"].clone();
+    for p in ["/v1/score", "/v1/rank", "/health", "/metrics"] {
+        assert!(paths.get(p).is_some(), "openapi lacks {p}");
+    }
+
+    // --- Every error, as JSON.
+    let score = |body: &str| post(&rt, addr, "/v1/score", body);
+    assert_error(&score("{\"user\": 3, \"items\": [1,"), 400, "invalid JSON");
+    assert_error(&score("not json"), 400, "invalid JSON");
+    assert_error(
+        &score("{\"user\": 3, \"itemz\": [1]}"),
+        400,
+        "unknown field `itemz`",
+    );
+    assert_error(
+        &score("{\"user\": \"3\", \"items\": [1]}"),
+        400,
+        "invalid type",
+    );
+    assert_error(&score("{\"user\": -1, \"items\": [1]}"), 400, "invalid");
+    assert_error(
+        &score("{\"user\": 3, \"items\": []}"),
+        400,
+        "'items' must hold",
+    );
+    assert_error(&score("{\"items\": [1]}"), 400, "missing 'user'");
+    assert_error(
+        &score("{\"user\": 3, \"history\": [1], \"items\": [1]}"),
+        400,
+        "not both",
+    );
+    let unknown = format!(
+        "unknown user {}: user ids run from 1 to {max_user}",
+        max_user + 1
+    );
+    assert_error(
+        &score(&json!({"user": max_user + 1, "items": [1]}).to_string()),
+        404,
+        &unknown,
+    );
+    assert_error(
+        &score("{\"user\": 0, \"items\": [1]}"),
+        404,
+        "unknown user 0",
+    );
+    let unknown = format!("unknown item 999999: item ids run from 1 to {max_item}");
+    assert_error(
+        &score("{\"user\": 3, \"items\": [1, 999999]}"),
+        404,
+        &unknown,
+    );
+    assert_error(
+        &score("{\"history\": [999999], \"items\": [1]}"),
+        404,
+        "unknown item 999999",
+    );
+    assert_error(
+        &post(&rt, addr, "/v1/rank", "{\"user\": 3, \"k\": 0}"),
+        400,
+        "'k' must be",
+    );
+    assert_error(
+        &post(&rt, addr, "/v1/rank", "{\"user\": 3, \"candidates\": []}"),
+        400,
+        "'candidates' must hold",
+    );
+    let big = json!({"user": 3, "items": vec![1; 3000]}).to_string();
+    assert!(big.len() > 4096);
+    assert_error(&score(&big), 413, "over the limit of 4096 bytes");
+    assert_error(&get(&rt, addr, "/v2/nothing"), 404, "no route /v2/nothing");
+    assert_eq!(get(&rt, addr, "/v1/score").status, 405);
+
+    // --- Concurrent clients, batched together, equal sequential scoring.
+    let jobs: Vec<(u64, Vec<u32>)> = (0..48)
+        .map(|n| {
+            let u = 1 + (n * 7) % u64::from(max_user);
+            let items = (0..6)
+                .map(|j| 1 + ((n * 13 + j * 5) % u64::from(max_item)) as u32)
+                .collect();
+            (u, items)
+        })
+        .collect();
+    let replies: Vec<Reply> = rt.block_on(async {
+        let tasks: Vec<_> = jobs
+            .iter()
+            .map(|(u, items)| {
+                let body = json!({"user": u, "items": items}).to_string();
+                tokio::spawn(
+                    async move { request(addr, "POST", "/v1/score", body.as_bytes()).await },
+                )
+            })
+            .collect();
+        let mut out = Vec::new();
+        for t in tasks {
+            out.push(t.await.unwrap().unwrap());
+        }
+        out
+    });
+    for ((u, items), r) in jobs.iter().zip(&replies) {
+        assert_eq!(r.status, 200, "{}", r.body);
+        let got: Vec<f64> = serde_json::from_value(r.json()["scores"].clone()).unwrap();
+        let want = rec.score(&rec.user(*u).unwrap(), items).unwrap();
+        for (a, b) in got.iter().zip(&want) {
+            assert!((a - b).abs() < 1e-4, "user {u}: {got:?} vs {want:?}");
+        }
+    }
+    let m = get(&rt, addr, "/metrics");
+    assert_eq!(m.status, 200);
+    for needle in [
+        "collm_http_requests_total{route=\"/v1/score\",status=\"200\"}",
+        "collm_http_errors_total{route=\"/v1/score\",status=\"404\"}",
+        "collm_http_request_duration_seconds_bucket",
+        "collm_batch_rows_bucket",
+        "collm_queue_depth",
+    ] {
+        assert!(
+            m.body.contains(needle),
+            "/metrics lacks {needle}:\n{}",
+            m.body
+        );
+    }
+    // Some model calls took several requests at once.
+    let batched = m
+        .body
+        .lines()
+        .find(|l| l.starts_with("collm_batch_requests_count"))
+        .and_then(|l| l.split_whitespace().last())
+        .and_then(|x| x.parse::<f64>().ok())
+        .unwrap();
+    let requests_scored = 48.0 + 8.0;
+    assert!(
+        batched < requests_scored,
+        "{batched} model calls for {requests_scored} requests"
+    );
+
+    // --- Shutdown lets a request in flight finish.
+    let slow = json!({"user": 5, "k": 5}).to_string();
+    let inflight =
+        rt.spawn(async move { request(addr, "POST", "/v1/rank", slow.as_bytes()).await });
+    std::thread::sleep(Duration::from_millis(30));
+    server.stop().unwrap();
+    let r = rt.block_on(inflight).unwrap().unwrap();
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert!(
+        rt.block_on(request(addr, "GET", "/health", b"")).is_err(),
+        "stopped"
+    );
+}
+
+#[test]
+fn a_full_queue_answers_503_with_retry_after_and_recovers() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tiny_run(tmp.path());
+    let rt = rt();
+    let server = start(&ServeOptions {
+        queue: 1,
+        max_batch: 1,
+        ..options(&run)
+    })
+    .unwrap();
+    let addr = server.addr();
+    let items: Vec<u32> = (1..=40).collect();
+    let body = json!({"user": 2, "items": items}).to_string();
+    let replies: Vec<Reply> = rt.block_on(async {
+        let tasks: Vec<_> = (0..150)
+            .map(|_| {
+                let b = body.clone();
+                tokio::spawn(async move { request(addr, "POST", "/v1/score", b.as_bytes()).await })
+            })
+            .collect();
+        let mut out = Vec::new();
+        for t in tasks {
+            out.push(t.await.unwrap().unwrap());
+        }
+        out
+    });
+    let ok = replies.iter().filter(|r| r.status == 200).count();
+    let busy: Vec<&Reply> = replies.iter().filter(|r| r.status == 503).collect();
+    assert_eq!(ok + busy.len(), replies.len(), "only 200 and 503");
+    assert!(ok >= 1 && !busy.is_empty(), "{ok} ok, {} busy", busy.len());
+    for r in &busy {
+        assert_eq!(r.retry_after.as_deref(), Some("1"));
+        assert_error(r, 503, "queue is full");
+    }
+    // Healthy afterwards.
+    let r = post(&rt, addr, "/v1/score", &body);
+    assert_eq!(r.status, 200);
+    server.stop().unwrap();
+}

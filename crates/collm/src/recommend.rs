@@ -1,0 +1,480 @@
+//! Recommending with a trained run (of either kind): score a user's candidates, rank them, and
+//! evaluate top-K ranking on a split. CoLLM runs score through [`CoLlm::predict_shared`] (one
+//! prefix per user, its candidates' suffixes batched); collaborative-model runs through their
+//! own forward pass. Used by `collm score`, `collm rank`, `collm bench rank` and `collm serve`.
+//!
+//! A user is a known id (the prompt shows their latest liked titles, the user slot holds what
+//! the CF model learned for them) or a **cold user** given only a history of liked items: the
+//! prompt shows that history, and the user slot holds what the CF model gives a user it has
+//! never seen — SASRec and DIN build `u` from the history; MF, LightGCN and UI-token read the
+//! padding row (id 0), which training never updates.
+
+use crate::model::CoLlm;
+use anyhow::{bail, Context, Result};
+use collm_cf::train::predict as cf_predict;
+use collm_cf::CollaborativeModel;
+use collm_data::io::LineReader;
+use collm_data::{Dataset, Interaction};
+use collm_metrics::ranking::{rank_of, RankingReport};
+use collm_metrics::RunKind;
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use std::collections::HashSet;
+use std::fmt::Write as _;
+use std::path::Path;
+
+/// A request that names something the run does not know, or asks for nothing sensible: the
+/// server answers these with 404 / 400.
+#[derive(Debug, thiserror::Error)]
+pub enum RequestError {
+    #[error("unknown user {id}: user ids run from 1 to {max}")]
+    UnknownUser { id: u64, max: u32 },
+    #[error("unknown item {id}: item ids run from 1 to {max}")]
+    UnknownItem { id: u64, max: u32 },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl RequestError {
+    /// 404 for ids the run does not know, 400 for the rest.
+    pub fn is_not_found(&self) -> bool {
+        !matches!(self, RequestError::Invalid(_))
+    }
+}
+
+enum Scorer {
+    Collm(Box<CoLlm>),
+    Cf {
+        model: Box<dyn CollaborativeModel>,
+        batch: usize,
+    },
+}
+
+/// Who to recommend for: the row every candidate is scored in (uid, history), and the items
+/// not to recommend again.
+#[derive(Debug, Clone)]
+pub struct User {
+    /// 0 for a cold user.
+    pub uid: u32,
+    /// Liked items, oldest first.
+    pub history: Vec<u32>,
+    /// Items the user interacted with (any split), or the given history for a cold user.
+    pub seen: HashSet<u32>,
+}
+
+impl User {
+    /// The interaction row that scores `iid` for this user.
+    pub fn row(&self, iid: u32) -> Interaction {
+        Interaction {
+            uid: self.uid,
+            iid,
+            label: 0,
+            timestamp: 0,
+            history: self.history.clone(),
+        }
+    }
+}
+
+/// One ranked item.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Ranked {
+    pub item: u32,
+    pub score: f64,
+    pub title: String,
+}
+
+/// A run ready to score and rank, with the dataset it was trained on.
+pub struct Recommender {
+    pub kind: RunKind,
+    pub dataset: Dataset,
+    scorer: Scorer,
+    /// Per uid: latest liked history and every item interacted with, over all splits.
+    users: Vec<(Vec<u32>, HashSet<u32>)>,
+}
+
+impl Recommender {
+    /// Opens a run directory: a CoLLM run knows its dataset (`data`, when given, must hold
+    /// the same content); a collaborative-model run needs `data`.
+    pub fn open(run: &Path, data: Option<&Path>) -> Result<Self> {
+        let kind = collm_report::run_kind(run)?;
+        let (dataset, scorer) = match kind {
+            RunKind::Collm => {
+                let (_, ds, model) = crate::train::load_run(run)?;
+                if let Some(d) = data {
+                    let given = Dataset::load(d)?;
+                    if given.manifest.content_sha256 != ds.manifest.content_sha256 {
+                        bail!(
+                            "run {} was trained on {}, not on {}",
+                            run.display(),
+                            ds.display_name(),
+                            d.display()
+                        );
+                    }
+                }
+                (ds, Scorer::Collm(Box::new(model)))
+            }
+            RunKind::Cf => {
+                let Some(d) = data else {
+                    bail!(
+                        "{}: a collaborative-model run needs its dataset (--data)",
+                        run.display()
+                    );
+                };
+                let ds = Dataset::load(d)?;
+                let (cfg, model) = collm_cf::run::load_model(run, &ds, &candle_core::Device::Cpu)?;
+                let batch = cfg.cf.eval_batch_size;
+                (ds, Scorer::Cf { model, batch })
+            }
+        };
+        Ok(Self::new(kind, dataset, scorer))
+    }
+
+    /// A CoLLM model already built (tests, examples).
+    pub fn from_model(model: CoLlm, dataset: Dataset) -> Self {
+        Self::new(RunKind::Collm, dataset, Scorer::Collm(Box::new(model)))
+    }
+
+    fn new(kind: RunKind, dataset: Dataset, scorer: Scorer) -> Self {
+        let mut users: Vec<(Vec<u32>, HashSet<u32>)> =
+            vec![Default::default(); dataset.num_users()];
+        // The latest row (by timestamp; later splits win ties) gives the current history.
+        let mut latest: Vec<Option<(i64, &Interaction)>> = vec![None; dataset.num_users()];
+        for split in &dataset.splits {
+            for r in &split.rows {
+                let u = r.uid as usize;
+                users[u].1.insert(r.iid);
+                if latest[u].is_none_or(|(t, _)| r.timestamp >= t) {
+                    latest[u] = Some((r.timestamp, r));
+                }
+            }
+        }
+        for (u, l) in latest.iter().enumerate() {
+            if let Some((_, r)) = l {
+                let mut h = r.history.clone();
+                if r.label == 1 {
+                    h.push(r.iid);
+                }
+                users[u].0 = h;
+            }
+        }
+        Self {
+            kind,
+            dataset,
+            scorer,
+            users,
+        }
+    }
+
+    /// Largest user id.
+    pub fn max_user(&self) -> u32 {
+        self.dataset.num_users().saturating_sub(1) as u32
+    }
+
+    /// Largest item id.
+    pub fn max_item(&self) -> u32 {
+        self.dataset.num_items().saturating_sub(1) as u32
+    }
+
+    /// A known user, with their latest history.
+    pub fn user(&self, uid: u64) -> Result<User, RequestError> {
+        if uid == 0 || uid > u64::from(self.max_user()) {
+            return Err(RequestError::UnknownUser {
+                id: uid,
+                max: self.max_user(),
+            });
+        }
+        let (history, seen) = &self.users[uid as usize];
+        Ok(User {
+            uid: uid as u32,
+            history: history.clone(),
+            seen: seen.clone(),
+        })
+    }
+
+    /// A user the run has never seen, described by liked items (oldest first).
+    pub fn cold_user(&self, history: &[u64]) -> Result<User, RequestError> {
+        let history = history
+            .iter()
+            .map(|&i| self.item(i))
+            .collect::<Result<Vec<u32>, _>>()?;
+        Ok(User {
+            uid: 0,
+            seen: history.iter().copied().collect(),
+            history,
+        })
+    }
+
+    /// Checks an item id.
+    pub fn item(&self, iid: u64) -> Result<u32, RequestError> {
+        if iid == 0 || iid > u64::from(self.max_item()) {
+            return Err(RequestError::UnknownItem {
+                id: iid,
+                max: self.max_item(),
+            });
+        }
+        Ok(iid as u32)
+    }
+
+    /// Items the user has not interacted with, in id order.
+    pub fn unseen(&self, user: &User) -> Vec<u32> {
+        (1..=self.max_item())
+            .filter(|i| !user.seen.contains(i))
+            .collect()
+    }
+
+    /// Scores of rows (any users, any order), in their order: logits (P(Yes) = sigmoid).
+    pub fn score_rows(&self, rows: &[Interaction], progress: bool) -> Result<Vec<f64>> {
+        match &self.scorer {
+            Scorer::Collm(m) => m.predict_shared(rows, &self.dataset.titles, progress),
+            Scorer::Cf { model, batch } => {
+                cf_predict(model.as_ref(), rows, *batch, &candle_core::Device::Cpu)
+            }
+        }
+    }
+
+    /// The same scores through whole prompts (no prefix sharing): the reference that
+    /// `collm bench rank` compares with. Collaborative-model runs score as in `score_rows`.
+    pub fn score_rows_full(&self, rows: &[Interaction]) -> Result<Vec<f64>> {
+        match &self.scorer {
+            Scorer::Collm(m) => m.predict(rows, &self.dataset.titles, false),
+            Scorer::Cf { .. } => self.score_rows(rows, false),
+        }
+    }
+
+    /// Scores of `items` for `user`, in the order given.
+    pub fn score(&self, user: &User, items: &[u32]) -> Result<Vec<f64>> {
+        let rows: Vec<Interaction> = items.iter().map(|&i| user.row(i)).collect();
+        self.score_rows(&rows, false)
+    }
+
+    /// The `k` best of `candidates` (default: every item the user has not interacted with),
+    /// best first; ties in id order.
+    pub fn rank(
+        &self,
+        user: &User,
+        k: usize,
+        candidates: Option<&[u32]>,
+        progress: bool,
+    ) -> Result<Vec<Ranked>> {
+        let items = match candidates {
+            Some(c) => c.to_vec(),
+            None => self.unseen(user),
+        };
+        let rows: Vec<Interaction> = items.iter().map(|&i| user.row(i)).collect();
+        let scores = self.score_rows(&rows, progress)?;
+        Ok(self.top(&items, &scores, k))
+    }
+
+    /// The `k` best of `items` by `scores`, best first; ties in id order.
+    pub fn top(&self, items: &[u32], scores: &[f64], k: usize) -> Vec<Ranked> {
+        let mut order: Vec<usize> = (0..items.len()).collect();
+        order.sort_by(|&a, &b| {
+            scores[b]
+                .total_cmp(&scores[a])
+                .then(items[a].cmp(&items[b]))
+        });
+        order
+            .into_iter()
+            .take(k)
+            .map(|j| Ranked {
+                item: items[j],
+                score: scores[j],
+                title: self.dataset.title(items[j]).to_string(),
+            })
+            .collect()
+    }
+
+    /// Top-K ranking on a split: every positive row of `split` is a case — its item against
+    /// `candidates - 1` items sampled (seeded) from those its user never interacted with, all
+    /// scored in the row's own context (its user and history at that time). Returns the
+    /// report and, per case, the ranked candidates as TSV lines
+    /// (`uid  positive  rank  iid  score  title`).
+    pub fn evaluate_ranking(
+        &self,
+        split: &str,
+        candidates: usize,
+        k: usize,
+        seed: u64,
+        progress: bool,
+    ) -> Result<(RankingReport, String)> {
+        if candidates < 2 || k == 0 {
+            bail!("--candidates must be at least 2 and --k at least 1");
+        }
+        let positives: Vec<&Interaction> = self
+            .dataset
+            .split(split)?
+            .rows
+            .iter()
+            .filter(|r| r.label == 1)
+            .collect();
+        if positives.is_empty() {
+            bail!("split '{split}' has no positive row to rank");
+        }
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        let mut rows = Vec::new();
+        let mut spans = Vec::with_capacity(positives.len());
+        for p in &positives {
+            let seen = &self.users[p.uid as usize].1;
+            let mut pool: Vec<u32> = (1..=self.max_item())
+                .filter(|i| !seen.contains(i))
+                .collect();
+            pool.shuffle(&mut rng);
+            pool.truncate(candidates - 1);
+            pool.sort_unstable();
+            let start = rows.len();
+            rows.push((*p).clone());
+            rows.extend(pool.iter().map(|&i| Interaction {
+                iid: i,
+                label: 0,
+                ..(*p).clone()
+            }));
+            spans.push(start..rows.len());
+        }
+        let scores = self.score_rows(&rows, progress)?;
+        let mut cases = Vec::with_capacity(spans.len());
+        let mut lists = String::from("uid\tpositive\trank\tiid\tscore\ttitle\n");
+        for span in spans {
+            let pos = &rows[span.start];
+            let s = &scores[span.clone()];
+            let r = rank_of(s[0], &s[1..]);
+            cases.push((pos.uid, r, span.len()));
+            let items: Vec<u32> = rows[span.clone()].iter().map(|x| x.iid).collect();
+            // The positive listed at its own rank (ties against it, as the metric counts).
+            let mut ranked = self.top(&items[1..], &s[1..], items.len());
+            ranked.insert(
+                r - 1,
+                Ranked {
+                    item: pos.iid,
+                    score: s[0],
+                    title: self.dataset.title(pos.iid).to_string(),
+                },
+            );
+            for (j, x) in ranked.iter().enumerate() {
+                writeln!(
+                    lists,
+                    "{}\t{}\t{}\t{}\t{}\t{}",
+                    pos.uid,
+                    pos.iid,
+                    j + 1,
+                    x.item,
+                    x.score,
+                    x.title
+                )?;
+            }
+        }
+        Ok((RankingReport::new(&cases, candidates, k), lists))
+    }
+}
+
+/// Reads `uid iid` pairs (tab- or space-separated, one per line; an optional header line
+/// `uid iid`; `#` comments and blank lines skipped), checking every id against the run.
+pub fn read_pairs(path: &Path, rec: &Recommender) -> Result<Vec<Interaction>> {
+    let mut reader = LineReader::open(path)?;
+    let mut buf = Vec::new();
+    let mut out = Vec::new();
+    let mut user_cache: Vec<Option<User>> = Vec::new();
+    user_cache.resize(rec.dataset.num_users(), None);
+    while let Some(line) = reader.next_str(&mut buf)? {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let f: Vec<&str> = line.split_whitespace().collect();
+        if reader.line_no() == 1 && f.first().is_some_and(|x| x.eq_ignore_ascii_case("uid")) {
+            continue;
+        }
+        if f.len() != 2 {
+            return Err(reader.error(format!("expected 2 fields `uid iid`, found {}", f.len())));
+        }
+        let id = |name: &str, s: &str| -> Result<u64> {
+            s.parse::<u64>()
+                .map_err(|_| reader.error(format!("field '{name}' is not an id: {s:?}")))
+        };
+        let (u, i) = (id("uid", f[0])?, id("iid", f[1])?);
+        let user = rec.user(u).map_err(|e| reader.error(e))?;
+        let iid = rec.item(i).map_err(|e| reader.error(e))?;
+        let slot = &mut user_cache[user.uid as usize];
+        let user = slot.get_or_insert(user);
+        out.push(user.row(iid));
+    }
+    if out.is_empty() {
+        bail!("{}: no `uid iid` pair found", path.display());
+    }
+    Ok(out)
+}
+
+/// `collm score`: scores a file of `uid iid` pairs and writes `uid iid score prob` lines
+/// (score = the logit, prob = its sigmoid), in the input's order, atomically.
+pub fn score_file(rec: &Recommender, input: &Path, out: &Path, progress: bool) -> Result<usize> {
+    let rows = read_pairs(input, rec)?;
+    let scores = rec
+        .score_rows(&rows, progress)
+        .with_context(|| format!("scoring {}", input.display()))?;
+    let mut text = String::from("uid\tiid\tscore\tprob\n");
+    for (r, s) in rows.iter().zip(&scores) {
+        writeln!(
+            text,
+            "{}\t{}\t{s}\t{}",
+            r.uid,
+            r.iid,
+            1.0 / (1.0 + (-s).exp())
+        )?;
+    }
+    collm_data::io::write_file_atomic(out, text.as_bytes())?;
+    Ok(rows.len())
+}
+
+/// What `collm bench rank` measured: one user's candidates scored through whole prompts and
+/// through the shared prefix, same run, same rows.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RankBench {
+    pub user: u32,
+    pub candidates: usize,
+    pub full_s: f64,
+    pub prefix_s: f64,
+    pub speedup: f64,
+    pub max_abs_diff: f64,
+}
+
+/// Scores `candidates` items (sampled, seeded, from those the user never interacted with) for
+/// one user (`user`, or the first with enough unseen items) both ways and compares.
+pub fn bench_rank(
+    rec: &Recommender,
+    user: Option<u64>,
+    candidates: usize,
+    seed: u64,
+) -> Result<RankBench> {
+    let user = match user {
+        Some(u) => rec.user(u)?,
+        None => (1..=u64::from(rec.max_user()))
+            .filter_map(|u| rec.user(u).ok())
+            .find(|u| rec.unseen(u).len() >= candidates)
+            .with_context(|| format!("no user has {candidates} unseen items"))?,
+    };
+    let mut items = rec.unseen(&user);
+    items.shuffle(&mut rand_chacha::ChaCha8Rng::seed_from_u64(seed));
+    items.truncate(candidates);
+    let rows: Vec<Interaction> = items.iter().map(|&i| user.row(i)).collect();
+    // One untimed pass of each first: lazy initialisation and allocator warm-up.
+    rec.score_rows(&rows[..rows.len().min(4)], false)?;
+    rec.score_rows_full(&rows[..rows.len().min(4)])?;
+    let t = std::time::Instant::now();
+    let full = rec.score_rows_full(&rows)?;
+    let full_s = t.elapsed().as_secs_f64();
+    let t = std::time::Instant::now();
+    let shared = rec.score_rows(&rows, false)?;
+    let prefix_s = t.elapsed().as_secs_f64();
+    let max_abs_diff = full
+        .iter()
+        .zip(&shared)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f64, f64::max);
+    Ok(RankBench {
+        user: user.uid,
+        candidates: rows.len(),
+        full_s,
+        prefix_s,
+        speedup: full_s / prefix_s,
+        max_abs_diff,
+    })
+}
