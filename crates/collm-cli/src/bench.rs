@@ -39,7 +39,8 @@ pub struct RankBenchArgs {
     pub data: Option<PathBuf>,
     #[arg(long, default_value_t = 100)]
     pub candidates: usize,
-    /// The user (default: the first with enough unseen items).
+    /// The user (default: the first with enough unseen items and a full prompt history of 10
+    /// liked items, the usual case; else the first with enough unseen items).
     #[arg(long)]
     pub user: Option<u64>,
     #[arg(long, default_value_t = 0)]

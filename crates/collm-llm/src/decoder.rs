@@ -144,6 +144,17 @@ impl Mask {
         out
     }
 
+    /// Position ids of rows that continue prefixes of `offsets[b]` tokens.
+    pub fn position_ids_after(&self, offsets: &[usize]) -> Vec<f32> {
+        let mut p = self.position_ids();
+        for (row, &o) in offsets.iter().enumerate() {
+            for x in &mut p[row * self.seq..(row + 1) * self.seq] {
+                *x += o as f32;
+            }
+        }
+        p
+    }
+
     /// The mask in the form the fused attention kernel reads.
     pub fn key_mask(&self) -> KeyMask {
         KeyMask {
@@ -201,13 +212,26 @@ enum Attn<'a> {
     },
     /// Suffixes attending to cached prefixes (see [`PrefixCache`]); inference only.
     Cached {
+        rope: CachedRope,
+        cache: &'a PrefixCache,
+        /// Consecutive runs of suffix rows: (prefix index, row count).
+        groups: &'a [(usize, usize)],
+    },
+}
+
+/// RoPE and masking of the suffix path: the fused CPU kernels or composed candle ops.
+enum CachedRope {
+    Fused {
+        /// Positions continue each row's prefix.
+        tables: RopeTables,
+        /// The suffixes' real tokens (B × Ts).
+        mask: KeyMask,
+    },
+    Composed {
         cos: Tensor,
         sin: Tensor,
         /// Additive (B, 1, Ts, Ts): causal and key padding within the suffixes.
         bias: Tensor,
-        cache: &'a PrefixCache,
-        /// Consecutive runs of suffix rows: (prefix index, row count).
-        groups: &'a [(usize, usize)],
     },
 }
 
@@ -395,28 +419,41 @@ impl Attention {
                 composed::attention(&q, &k, &v, bias)?
             }
             Attn::Cached {
-                cos,
-                sin,
-                bias,
+                rope,
                 cache,
                 groups,
             } => {
-                let q = composed::rope(&q.contiguous()?, cos, sin)?;
-                let k = composed::rope(&k.contiguous()?, cos, sin)?;
+                let (q, k) = match rope {
+                    CachedRope::Fused { tables, .. } => {
+                        (ops::rope(&q, tables)?, ops::rope(&k, tables)?)
+                    }
+                    CachedRope::Composed { cos, sin, .. } => (
+                        composed::rope(&q.contiguous()?, cos, sin)?,
+                        composed::rope(&k.contiguous()?, cos, sin)?,
+                    ),
+                };
                 let layer = self.q.layer;
                 let mut outs = Vec::with_capacity(groups.len());
                 let mut row = 0;
                 for &(p, n) in groups.iter() {
                     let (pk, pv) = cache.layer(p, layer)?;
                     let part = |x: &Tensor| x.narrow(0, row, n);
-                    outs.push(attention_with_prefix(
-                        &part(&q)?,
-                        &part(&k)?,
-                        &part(&v)?,
-                        &part(bias)?,
-                        pk,
-                        pv,
-                    )?);
+                    let (q, k, v) = (part(&q)?, part(&k)?, part(&v)?);
+                    outs.push(match rope {
+                        CachedRope::Fused { mask, .. } => {
+                            let mask = KeyMask {
+                                data: std::sync::Arc::new(
+                                    mask.data[row * t..(row + n) * t].to_vec(),
+                                ),
+                                batch: n,
+                                seq: t,
+                            };
+                            ops::prefix_attention(&q, &k, &v, &mask, pk, pv)?
+                        }
+                        CachedRope::Composed { bias, .. } => {
+                            composed::prefix_attention(&q, &k, &v, &part(bias)?, pk, pv)?
+                        }
+                    });
                     row += n;
                 }
                 Tensor::cat(&outs, 0)?
@@ -424,56 +461,6 @@ impl Attention {
         };
         self.o.forward(&out.reshape((b, t, nh * hd))?, ctx)
     }
-}
-
-/// Attention of `n` suffix rows over one shared prefix and their own tokens: `q`, `k`, `v`
-/// (n, Ts, heads | kv_heads, hd), `bias` (n, 1, Ts, Ts) for the suffix keys, `pk` (kv_heads,
-/// hd, Tp) and `pv` (kv_heads, Tp, hd) the prefix's (every prefix key is real). The prefix is
-/// read in place by all `n` rows (one matmul over n·Ts queries per kv head), never copied per
-/// row. → (n, Ts, heads, hd).
-fn attention_with_prefix(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    bias: &Tensor,
-    pk: &Tensor,
-    pv: &Tensor,
-) -> Result<Tensor> {
-    let (n, ts, nh, hd) = q.dims4()?;
-    let nkv = k.dim(2)?;
-    let rep = nh / nkv;
-    let tp = pk.dim(2)?;
-    let scale = 1.0 / (hd as f64).sqrt();
-    // Prefix scores: q as (kv_heads, rep·n·Ts, hd) against (kv_heads, hd, Tp).
-    let qh = q.permute((2, 0, 1, 3))?.contiguous()?; // (nh, n, Ts, hd)
-    let sp = (qh.reshape((nkv, rep * n * ts, hd))?.matmul(pk)? * scale)?
-        .reshape((nh, n, ts, tp))?
-        .permute((1, 0, 2, 3))?; // (n, nh, Ts, Tp)
-                                 // Suffix scores, as the composed attention.
-    let qs = qh.permute((1, 0, 2, 3))?; // (n, nh, Ts, hd)
-    let expand = |x: &Tensor| -> Result<Tensor> {
-        let x = x.transpose(1, 2)?.contiguous()?; // (n, nkv, Ts, hd)
-        if rep == 1 {
-            return Ok(x);
-        }
-        Ok(x.unsqueeze(2)?
-            .broadcast_as((n, nkv, rep, ts, hd))?
-            .reshape((n, nh, ts, hd))?)
-    };
-    let (ks, vs) = (expand(k)?, expand(v)?);
-    let ss = (qs.contiguous()?.matmul(&ks.t()?)? * scale)?.broadcast_add(bias)?;
-    let att = candle_nn::ops::softmax_last_dim(&Tensor::cat(&[&sp.contiguous()?, &ss], 3)?)?;
-    let ap = att.narrow(3, 0, tp)?; // (n, nh, Ts, Tp)
-    let as_ = att.narrow(3, tp, ts)?.contiguous()?;
-    let op = ap
-        .permute((1, 0, 2, 3))?
-        .contiguous()?
-        .reshape((nkv, rep * n * ts, tp))?
-        .matmul(pv)?
-        .reshape((nh, n, ts, hd))?
-        .permute((1, 2, 0, 3))?; // (n, Ts, nh, hd)
-    let os = as_.matmul(&vs)?.transpose(1, 2)?; // (n, Ts, nh, hd)
-    Ok((op + os)?)
 }
 
 struct Mlp {
@@ -676,14 +663,10 @@ impl Decoder {
     /// row b.
     fn rope_tensors(&self, mask: &Mask, offsets: Option<&[usize]>) -> Result<(Tensor, Tensor)> {
         let (b, t) = (mask.batch, mask.seq);
-        let mut positions = mask.position_ids();
-        if let Some(off) = offsets {
-            for (row, &o) in off.iter().enumerate() {
-                for p in &mut positions[row * t..(row + 1) * t] {
-                    *p += o as f32;
-                }
-            }
-        }
+        let positions = match offsets {
+            Some(off) => mask.position_ids_after(off),
+            None => mask.position_ids(),
+        };
         let n = self.inv_freq.len();
         let inv = Tensor::from_vec(self.inv_freq.clone(), (1, 1, n), &self.device)?;
         let pos = Tensor::from_vec(positions, (b, t, 1), &self.device)?;
@@ -820,15 +803,25 @@ impl Decoder {
                 .ok_or_else(|| anyhow::anyhow!("no cached prefix {p}"))?;
             offsets.extend(std::iter::repeat_n(len, n));
         }
-        let (cos, sin) = self.rope_tensors(mask, Some(&offsets))?;
+        let rope = if self.fused {
+            CachedRope::Fused {
+                tables: RopeTables::new(&mask.position_ids_after(&offsets), &self.inv_freq),
+                mask: mask.key_mask(),
+            }
+        } else {
+            let (cos, sin) = self.rope_tensors(mask, Some(&offsets))?;
+            CachedRope::Composed {
+                cos,
+                sin,
+                bias: composed::attention_bias(&mask.key_mask(), self.dtype, &self.device)?,
+            }
+        };
         let ctx = Ctx {
             pass,
             eps: self.config.rms_norm_eps,
             fused: self.fused,
             attn: Attn::Cached {
-                cos,
-                sin,
-                bias: composed::attention_bias(&mask.key_mask(), self.dtype, &self.device)?,
+                rope,
                 cache,
                 groups,
             },

@@ -916,6 +916,172 @@ pub fn dropout(x: &Tensor, p: f64, rng: &mut rand_chacha::ChaCha8Rng) -> Result<
 }
 
 // ---------------------------------------------------------------------------------------------
+// Attention over a cached prefix (scoring only)
+// ---------------------------------------------------------------------------------------------
+
+/// Attention of `n` suffix rows over one shared prompt prefix and their own tokens, on the CPU
+/// (inference only: no backward; the composed reference is
+/// [`composed::prefix_attention`]). `q` (n, Ts, heads, hd), `k`, `v` (n, Ts, kv_heads, hd),
+/// all after RoPE; `mask` (n × Ts) marks the suffixes' real tokens; `pk` (kv_heads, hd, Tp) and
+/// `pv` (kv_heads, Tp, hd) are the prefix's keys and values (all real). Query `i` of a row
+/// attends to every prefix key and to the row's real suffix keys `j <= i`.
+///
+/// One task per (row, kv head): its `rep` query heads form one (rep·Ts × hd) block, so the
+/// prefix part is two matmuls per task with the prefix read in place.
+pub fn prefix_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: &KeyMask,
+    pk: &Tensor,
+    pv: &Tensor,
+) -> Result<Tensor> {
+    let (n, ts, nh, hd) = q.dims4()?;
+    let nkv = k.dim(2)?;
+    let tp = pk.dim(2)?;
+    if (mask.batch, mask.seq) != (n, ts) || nh % nkv != 0 || pk.dims() != [nkv, hd, tp] {
+        bail!(
+            "prefix attention: q {:?}, k {:?}, mask {}x{}, prefix keys {:?}",
+            q.dims(),
+            k.dims(),
+            mask.batch,
+            mask.seq,
+            pk.dims()
+        );
+    }
+    let rep = nh / nkv;
+    let flat =
+        |x: &Tensor| -> Result<Vec<f32>> { x.to_dtype(DType::F32)?.flatten_all()?.to_vec1() };
+    let (qf, kf, vf, pkf, pvf) = (flat(q)?, flat(k)?, flat(v)?, flat(pk)?, flat(pv)?);
+    let scale = 1.0 / (hd as f32).sqrt();
+    let tk = tp + ts;
+    let rows = rep * ts;
+    // Per task: its (rep·Ts × hd) output block.
+    let blocks: Vec<Vec<f32>> = (0..n * nkv)
+        .into_par_iter()
+        .map(|task| {
+            let (r, g) = (task / nkv, task % nkv);
+            // Queries of heads g·rep .. (g+1)·rep, head-major: row (h, i) at (h·Ts + i)·hd.
+            let mut qb = Vec::with_capacity(rows * hd);
+            for h in 0..rep {
+                for i in 0..ts {
+                    let at = ((r * ts + i) * nh + g * rep + h) * hd;
+                    qb.extend_from_slice(&qf[at..at + hd]);
+                }
+            }
+            let gather = |x: &[f32]| {
+                let mut b = Vec::with_capacity(ts * hd);
+                for j in 0..ts {
+                    let at = ((r * ts + j) * nkv + g) * hd;
+                    b.extend_from_slice(&x[at..at + hd]);
+                }
+                b
+            };
+            let (kb, vb) = (gather(&kf), gather(&vf));
+            // Scores: [prefix | suffix] per query row, (rows × Tk).
+            let mut s = vec![0f32; rows * tk];
+            let pkg = &pkf[g * hd * tp..(g + 1) * hd * tp]; // (hd × Tp)
+            matmul(
+                rows,
+                tp,
+                hd,
+                &mut s,
+                tk,
+                false,
+                &qb,
+                (hd, 1),
+                pkg,
+                (tp, 1),
+                gemm::Parallelism::None,
+            );
+            matmul(
+                rows,
+                ts,
+                hd,
+                &mut s[tp..],
+                tk,
+                false,
+                &qb,
+                (hd, 1),
+                &kb,
+                (1, hd),
+                gemm::Parallelism::None,
+            );
+            let m = &mask.data[r * ts..(r + 1) * ts];
+            for row in 0..rows {
+                let i = row % ts;
+                let sr = &mut s[row * tk..(row + 1) * tk];
+                let mut max = f32::NEG_INFINITY;
+                for (j, x) in sr.iter_mut().enumerate() {
+                    let real = j < tp || (j - tp <= i && m[j - tp] == 1);
+                    if real {
+                        *x *= scale;
+                        max = max.max(*x);
+                    } else {
+                        *x = f32::NEG_INFINITY;
+                    }
+                }
+                let mut sum = 0f32;
+                for x in sr.iter_mut() {
+                    *x = if *x == f32::NEG_INFINITY {
+                        0.0
+                    } else {
+                        exp(*x - max)
+                    };
+                    sum += *x;
+                }
+                let inv = 1.0 / sum;
+                for x in sr.iter_mut() {
+                    *x *= inv;
+                }
+            }
+            // Out = P_prefix · V_prefix + P_suffix · V_suffix.
+            let mut o = vec![0f32; rows * hd];
+            let pvg = &pvf[g * tp * hd..(g + 1) * tp * hd]; // (Tp × hd)
+            matmul(
+                rows,
+                hd,
+                tp,
+                &mut o,
+                hd,
+                false,
+                &s,
+                (tk, 1),
+                pvg,
+                (hd, 1),
+                gemm::Parallelism::None,
+            );
+            matmul(
+                rows,
+                hd,
+                ts,
+                &mut o,
+                hd,
+                true,
+                &s[tp..],
+                (tk, 1),
+                &vb,
+                (hd, 1),
+                gemm::Parallelism::None,
+            );
+            o
+        })
+        .collect();
+    let mut out = vec![0f32; n * ts * nh * hd];
+    for (task, o) in blocks.iter().enumerate() {
+        let (r, g) = (task / nkv, task % nkv);
+        for h in 0..rep {
+            for i in 0..ts {
+                let src = (h * ts + i) * hd;
+                let dst = ((r * ts + i) * nh + g * rep + h) * hd;
+                out[dst..dst + hd].copy_from_slice(&o[src..src + hd]);
+            }
+        }
+    }
+    tensor_from(out, q)
+}
+
+// ---------------------------------------------------------------------------------------------
 // Frozen linear
 // ---------------------------------------------------------------------------------------------
 
@@ -1182,5 +1348,56 @@ pub mod composed {
         let scores = (q.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?.broadcast_add(bias)?;
         let att = candle_nn::ops::softmax(&scores, D::Minus1)?;
         att.matmul(&v)?.transpose(1, 2)
+    }
+
+    /// Attention of `n` suffix rows over one shared prefix and their own tokens, in candle
+    /// ops (the reference for [`super::prefix_attention`], and the path on other devices):
+    /// `q`, `k`, `v` (n, Ts, heads | kv_heads, hd), `bias` (n, 1, Ts, Ts) for the suffix keys,
+    /// `pk` (kv_heads, hd, Tp) and `pv` (kv_heads, Tp, hd) the prefix's (every prefix key is
+    /// real). The prefix is read in place by all `n` rows (one matmul over n·Ts queries per kv
+    /// head), never copied per row. → (n, Ts, heads, hd).
+    pub fn prefix_attention(
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        bias: &Tensor,
+        pk: &Tensor,
+        pv: &Tensor,
+    ) -> Result<Tensor> {
+        let (n, ts, nh, hd) = q.dims4()?;
+        let nkv = k.dim(2)?;
+        let rep = nh / nkv;
+        let tp = pk.dim(2)?;
+        let scale = 1.0 / (hd as f64).sqrt();
+        // Prefix scores: q as (kv_heads, rep·n·Ts, hd) against (kv_heads, hd, Tp).
+        let qh = q.permute((2, 0, 1, 3))?.contiguous()?; // (nh, n, Ts, hd)
+        let sp = (qh.reshape((nkv, rep * n * ts, hd))?.matmul(pk)? * scale)?
+            .reshape((nh, n, ts, tp))?
+            .permute((1, 0, 2, 3))?; // (n, nh, Ts, Tp)
+                                     // Suffix scores, as the composed attention.
+        let qs = qh.permute((1, 0, 2, 3))?; // (n, nh, Ts, hd)
+        let expand = |x: &Tensor| -> Result<Tensor> {
+            let x = x.transpose(1, 2)?.contiguous()?; // (n, nkv, Ts, hd)
+            if rep == 1 {
+                return Ok(x);
+            }
+            x.unsqueeze(2)?
+                .broadcast_as((n, nkv, rep, ts, hd))?
+                .reshape((n, nh, ts, hd))
+        };
+        let (ks, vs) = (expand(k)?, expand(v)?);
+        let ss = (qs.contiguous()?.matmul(&ks.t()?)? * scale)?.broadcast_add(bias)?;
+        let att = candle_nn::ops::softmax_last_dim(&Tensor::cat(&[&sp.contiguous()?, &ss], 3)?)?;
+        let ap = att.narrow(3, 0, tp)?; // (n, nh, Ts, Tp)
+        let as_ = att.narrow(3, tp, ts)?.contiguous()?;
+        let op = ap
+            .permute((1, 0, 2, 3))?
+            .contiguous()?
+            .reshape((nkv, rep * n * ts, tp))?
+            .matmul(pv)?
+            .reshape((nh, n, ts, hd))?
+            .permute((1, 2, 0, 3))?; // (n, Ts, nh, hd)
+        let os = as_.matmul(&vs)?.transpose(1, 2)?; // (n, Ts, nh, hd)
+        op + os
     }
 }

@@ -455,3 +455,38 @@ fn fused_decoder_trains_with_dropout_reproducibly() {
     let d = max_diff(&a, &logits(&composed, 1));
     assert!(d < 1e-4, "fused vs composed in training mode: {d}");
 }
+
+#[test]
+fn prefix_attention_matches_the_composed_one() {
+    // 3 suffix rows of 5 (left-padded: 5, 2, 4 real), 4 query heads over 2 kv heads, a
+    // 7-token prefix.
+    let (n, ts, nh, nkv, hd, tp) = (3, 5, 4, 2, 8, 7);
+    let q = randn(&[n, ts, nh, hd], 1);
+    let k = randn(&[n, ts, nkv, hd], 2);
+    let v = randn(&[n, ts, nkv, hd], 3);
+    let pk = randn(&[nkv, hd, tp], 4);
+    let pv = randn(&[nkv, tp, hd], 5);
+    let mask = Mask::left_padded(&[5, 2, 4], ts);
+    let bias = composed::attention_bias(&mask.key_mask(), DType::F32, &DEV).unwrap();
+    let want = composed::prefix_attention(&q, &k, &v, &bias, &pk, &pv).unwrap();
+    let got = ops::prefix_attention(&q, &k, &v, &mask.key_mask(), &pk, &pv).unwrap();
+    assert_eq!(got.dims(), want.dims());
+    // Padding query rows are unspecified; compare the real ones.
+    let real = Tensor::from_vec(
+        mask.data.iter().map(|&m| m as f32).collect::<Vec<f32>>(),
+        (n, ts, 1, 1),
+        &DEV,
+    )
+    .unwrap();
+    let d = (got - want)
+        .unwrap()
+        .broadcast_mul(&real)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!(d < 1e-5, "max diff {d}");
+}

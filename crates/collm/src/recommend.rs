@@ -436,8 +436,12 @@ pub struct RankBench {
     pub max_abs_diff: f64,
 }
 
+/// Liked items that fill a prompt's history (the default `history`).
+const FULL_HISTORY: usize = 10;
+
 /// Scores `candidates` items (sampled, seeded, from those the user never interacted with) for
-/// one user (`user`, or the first with enough unseen items) both ways and compares.
+/// one user (`user`, or else the first with enough unseen items and a full prompt history of
+/// 10 liked items, else the first with enough unseen items) both ways and compares.
 pub fn bench_rank(
     rec: &Recommender,
     user: Option<u64>,
@@ -446,10 +450,21 @@ pub fn bench_rank(
 ) -> Result<RankBench> {
     let user = match user {
         Some(u) => rec.user(u)?,
-        None => (1..=u64::from(rec.max_user()))
-            .filter_map(|u| rec.user(u).ok())
-            .find(|u| rec.unseen(u).len() >= candidates)
-            .with_context(|| format!("no user has {candidates} unseen items"))?,
+        None => {
+            let eligible: Vec<User> = (1..=u64::from(rec.max_user()))
+                .filter_map(|u| rec.user(u).ok())
+                .filter(|u| rec.unseen(u).len() >= candidates)
+                .collect();
+            // A user with a full prompt history (10 titles, the default) is the usual case.
+            let full = eligible.iter().position(|u| u.history.len() >= FULL_HISTORY);
+            match full {
+                Some(k) => eligible[k].clone(),
+                None => eligible
+                    .into_iter()
+                    .next()
+                    .with_context(|| format!("no user has {candidates} unseen items"))?,
+            }
+        }
     };
     let mut items = rec.unseen(&user);
     items.shuffle(&mut rand_chacha::ChaCha8Rng::seed_from_u64(seed));
