@@ -43,13 +43,35 @@ fn s(p: &Path) -> &str {
 fn runs(root: &Path) -> (PathBuf, PathBuf, PathBuf) {
     let data = root.join("data");
     ok(&[
-        "data", "prepare", "synthetic", "--users", "24", "--items", "30", "--rows-per-user", "6",
-        "--seed", "4", "--out", s(&data),
+        "data",
+        "prepare",
+        "synthetic",
+        "--users",
+        "24",
+        "--items",
+        "30",
+        "--rows-per-user",
+        "6",
+        "--seed",
+        "4",
+        "--out",
+        s(&data),
     ]);
     let mf = root.join("mf");
     ok(&[
-        "train", "cf", "--model", "mf", "--data", s(&data), "--dim", "8", "--max-epochs", "2",
-        "--quiet", "--out", s(&mf),
+        "train",
+        "cf",
+        "--model",
+        "mf",
+        "--data",
+        s(&data),
+        "--dim",
+        "8",
+        "--max-epochs",
+        "2",
+        "--quiet",
+        "--out",
+        s(&mf),
     ]);
     let backbone = root.join("backbone");
     collm_llm::testing::write_tiny_backbone(&backbone, 1).unwrap();
@@ -64,7 +86,15 @@ fn runs(root: &Path) -> (PathBuf, PathBuf, PathBuf) {
     for (mode, out) in [("tallrec", "step1"), ("collm", "collm")] {
         let cfg = root.join(format!("{out}.toml"));
         std::fs::write(&cfg, format!("mode = \"{mode}\"\n{common}")).unwrap();
-        ok(&["train", "collm", "--config", s(&cfg), "--out", s(&root.join(out)), "--quiet"]);
+        ok(&[
+            "train",
+            "collm",
+            "--config",
+            s(&cfg),
+            "--out",
+            s(&root.join(out)),
+            "--quiet",
+        ]);
     }
     (data, mf, root.join("collm"))
 }
@@ -77,9 +107,22 @@ fn score_rank_and_serve_from_the_command_line() {
 
     // --- collm score: input order, any users; equal to whole-prompt scoring.
     let pairs = root.join("pairs.tsv");
-    std::fs::write(&pairs, "uid\tiid\n3\t5\n1 2\n3 7\n# a comment\n\n2\t5\n3 5\n").unwrap();
+    std::fs::write(
+        &pairs,
+        "uid\tiid\n3\t5\n1 2\n3 7\n# a comment\n\n2\t5\n3 5\n",
+    )
+    .unwrap();
     let out = root.join("scores.tsv");
-    ok(&["score", "--run", s(&run), "--input", s(&pairs), "--out", s(&out), "--quiet"]);
+    ok(&[
+        "score",
+        "--run",
+        s(&run),
+        "--input",
+        s(&pairs),
+        "--out",
+        s(&out),
+        "--quiet",
+    ]);
     let text = std::fs::read_to_string(&out).unwrap();
     let lines: Vec<&str> = text.lines().collect();
     assert_eq!(lines[0], "uid\tiid\tscore\tprob");
@@ -87,7 +130,12 @@ fn score_rank_and_serve_from_the_command_line() {
         .iter()
         .map(|l| {
             let f: Vec<&str> = l.split('\t').collect();
-            (f[0].parse().unwrap(), f[1].parse().unwrap(), f[2].parse().unwrap(), f[3].parse().unwrap())
+            (
+                f[0].parse().unwrap(),
+                f[1].parse().unwrap(),
+                f[2].parse().unwrap(),
+                f[3].parse().unwrap(),
+            )
         })
         .collect();
     let order: Vec<(u32, u32)> = got.iter().map(|g| (g.0, g.1)).collect();
@@ -105,10 +153,28 @@ fn score_rank_and_serve_from_the_command_line() {
     assert!((got[0].2 - got[4].2).abs() < 1e-6);
     // A collaborative-model run scores the same file (with its dataset).
     let cf_out = root.join("cf.tsv");
-    ok(&["score", "--run", s(&mf), "--data", s(&data), "--input", s(&pairs), "--out", s(&cf_out)]);
+    ok(&[
+        "score",
+        "--run",
+        s(&mf),
+        "--data",
+        s(&data),
+        "--input",
+        s(&pairs),
+        "--out",
+        s(&cf_out),
+    ]);
     assert_eq!(std::fs::read_to_string(&cf_out).unwrap().lines().count(), 6);
     fails(
-        &["score", "--run", s(&mf), "--input", s(&pairs), "--out", s(&cf_out)],
+        &[
+            "score",
+            "--run",
+            s(&mf),
+            "--input",
+            s(&pairs),
+            "--out",
+            s(&cf_out),
+        ],
         &["needs its dataset (--data)"],
     );
 
@@ -117,21 +183,49 @@ fn score_rank_and_serve_from_the_command_line() {
     let gone = root.join("none.tsv");
     for (body, expect) in [
         ("1 2\n3 x\n", "bad.tsv:2: field 'iid' is not an id: \"x\""),
-        ("1 2\n999 2\n", "bad.tsv:2: unknown user 999: user ids run from 1 to 24"),
-        ("1 2\n1 0\n", "bad.tsv:2: unknown item 0: item ids run from 1 to"),
+        (
+            "1 2\n999 2\n",
+            "bad.tsv:2: unknown user 999: user ids run from 1 to 24",
+        ),
+        (
+            "1 2\n1 0\n",
+            "bad.tsv:2: unknown item 0: item ids run from 1 to",
+        ),
         ("1 2 3\n", "bad.tsv:1: expected 2 fields `uid iid`, found 3"),
         ("# nothing\n", "no `uid iid` pair found"),
     ] {
         std::fs::write(&bad, body).unwrap();
-        fails(&["score", "--run", s(&run), "--input", s(&bad), "--out", s(&gone)], &[expect]);
+        fails(
+            &[
+                "score",
+                "--run",
+                s(&run),
+                "--input",
+                s(&bad),
+                "--out",
+                s(&gone),
+            ],
+            &[expect],
+        );
         assert!(!gone.exists());
     }
 
     // --- collm rank --split: metrics in range, lists of every case.
     let lists = root.join("lists.tsv");
     let j: serde_json::Value = serde_json::from_str(&ok(&[
-        "rank", "--run", s(&run), "--split", "test", "--candidates", "8", "--k", "3", "--json",
-        "--out", s(&lists), "--quiet",
+        "rank",
+        "--run",
+        s(&run),
+        "--split",
+        "test",
+        "--candidates",
+        "8",
+        "--k",
+        "3",
+        "--json",
+        "--out",
+        s(&lists),
+        "--quiet",
     ]))
     .unwrap();
     for key in ["hr@3", "ndcg@3", "mrr"] {
@@ -141,25 +235,58 @@ fn score_rank_and_serve_from_the_command_line() {
     assert!(j["ndcg@3"].as_f64().unwrap() <= j["hr@3"].as_f64().unwrap());
     let cases = j["cases"].as_u64().unwrap() as usize;
     assert!(cases > 0 && j["users"].as_u64().unwrap() > 0);
-    assert_eq!((j["k"].as_u64(), j["candidates"].as_u64()), (Some(3), Some(8)));
+    assert_eq!(
+        (j["k"].as_u64(), j["candidates"].as_u64()),
+        (Some(3), Some(8))
+    );
     let mean = j["mean_candidates"].as_f64().unwrap();
     let listed = std::fs::read_to_string(&lists).unwrap().lines().count() - 1;
     assert!((listed as f64 - mean * cases as f64).abs() < 1e-6);
     // The same seed samples the same candidates: the same numbers again; a CF run ranks too.
     let again: serde_json::Value = serde_json::from_str(&ok(&[
-        "rank", "--run", s(&run), "--split", "test", "--candidates", "8", "--k", "3", "--json", "--quiet",
+        "rank",
+        "--run",
+        s(&run),
+        "--split",
+        "test",
+        "--candidates",
+        "8",
+        "--k",
+        "3",
+        "--json",
+        "--quiet",
     ]))
     .unwrap();
     assert_eq!(j, again);
     let cf: serde_json::Value = serde_json::from_str(&ok(&[
-        "rank", "--run", s(&mf), "--data", s(&data), "--split", "test", "--candidates", "8", "--k", "3",
-        "--json", "--quiet",
+        "rank",
+        "--run",
+        s(&mf),
+        "--data",
+        s(&data),
+        "--split",
+        "test",
+        "--candidates",
+        "8",
+        "--k",
+        "3",
+        "--json",
+        "--quiet",
     ]))
     .unwrap();
     assert_eq!(cf["cases"], j["cases"]);
 
     // --- collm rank --user: the best k unseen items, titled.
-    let top = ok(&["rank", "--run", s(&run), "--user", "3", "--k", "4", "--quiet"]);
+    let top = ok(&[
+        "rank",
+        "--run",
+        s(&run),
+        "--user",
+        "3",
+        "--k",
+        "4",
+        "--quiet",
+    ]);
     let rows: Vec<&str> = top.lines().collect();
     assert_eq!(rows[0], "rank\titem\tscore\ttitle");
     assert_eq!(rows.len(), 5);
@@ -168,7 +295,10 @@ fn score_rank_and_serve_from_the_command_line() {
         let item: u32 = r.split('\t').nth(1).unwrap().parse().unwrap();
         assert!(!user.seen.contains(&item));
     }
-    fails(&["rank", "--run", s(&run), "--user", "999"], &["unknown user 999"]);
+    fails(
+        &["rank", "--run", s(&run), "--user", "999"],
+        &["unknown user 999"],
+    );
     fails(&["rank", "--run", s(&run)], &["give --split NAME"]);
 
     // --- collm serve: answers, then SIGTERM drains and exits 0.
@@ -206,5 +336,9 @@ fn score_rank_and_serve_from_the_command_line() {
         .unwrap();
     assert!(killed.success());
     let status = child.wait().unwrap();
-    assert_eq!(status.code(), Some(0), "collm serve after SIGTERM: {status:?}");
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "collm serve after SIGTERM: {status:?}"
+    );
 }

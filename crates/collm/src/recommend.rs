@@ -456,7 +456,9 @@ pub fn bench_rank(
                 .filter(|u| rec.unseen(u).len() >= candidates)
                 .collect();
             // A user with a full prompt history (10 titles, the default) is the usual case.
-            let full = eligible.iter().position(|u| u.history.len() >= FULL_HISTORY);
+            let full = eligible
+                .iter()
+                .position(|u| u.history.len() >= FULL_HISTORY);
             match full {
                 Some(k) => eligible[k].clone(),
                 None => eligible
