@@ -1,5 +1,5 @@
 //! Shared-prefix scoring (`CoLlm::predict_shared`) equals whole-prompt scoring
-//! (`CoLlm::predict`) for every mode: text-only, CIE over MF and over DIN (whose user slot
+//! (`CoLlm::predict`) for every mode: text-only, CIE over MF, SASRec, LightGCN and DIN (whose user slot
 //! depends on the item, so its prefix ends before `<UserID>`), Soft-Prompt with k = 2 tokens
 //! per slot, UI-token; with users that have many candidates, rows with their own histories,
 //! and batches smaller than a user's candidates.
@@ -29,7 +29,12 @@ fn shared_prefix_scores_equal_whole_prompt_scores_in_every_mode() {
     .unwrap();
     write_dataset(data, &root.join("data"), false).unwrap();
     let ds = Dataset::load(&root.join("data")).unwrap();
-    for model in [ModelKind::Mf, ModelKind::Din] {
+    for model in [
+        ModelKind::Mf,
+        ModelKind::Din,
+        ModelKind::SasRec,
+        ModelKind::LightGcn,
+    ] {
         let cfg = CfConfig {
             dim: 8,
             hidden: vec![8],
@@ -90,6 +95,18 @@ fn shared_prefix_scores_equal_whole_prompt_scores_in_every_mode() {
     let mut din = config(Mode::Collm);
     din.model.cf_run = Some(root.join("cf-din"));
     cases.push(("collm-din", din));
+    for cf in ["sasrec", "lightgcn"] {
+        let mut c = config(Mode::Collm);
+        c.model.cf_run = Some(root.join(format!("cf-{cf}")));
+        cases.push((
+            if cf == "sasrec" {
+                "collm-sasrec"
+            } else {
+                "collm-lightgcn"
+            },
+            c,
+        ));
+    }
     let mut soft = config(Mode::Softprompt);
     soft.model.tokens_per_slot = Some(2);
     cases.push(("softprompt k=2", soft));
