@@ -58,6 +58,6 @@ print(f"| warm-up | | | | | | {r0} |")
 for k, rss in (("1", r1), ("2", r2)):
     j = json.load(open(f"{out}/round{k}.json"))
     st = ", ".join(f"{s}: {v}" for s, v in j["statuses"].items())
-    print(f"| {k} | {j['requests_per_s']:.0f} | {j['p50_ms']:.1f} | {j['p99_ms']:.1f} | {j['max_ms']:.1f} | {st} | {rss} |")
+    print(f"| {k} | {j['requests_per_s']:.2f} | {j['p50_ms']:.1f} | {j['p99_ms']:.1f} | {j['max_ms']:.1f} | {st} | {rss} |")
 print(f"GET /health afterwards: {health}; exit status after SIGTERM: {code}")
 PY
