@@ -328,30 +328,26 @@ impl Linear {
             }
             None => None,
         };
-        let y = match ctx.fused {
-            true => {
-                // The fused op multiplies by B itself (in f32): no full-width LoRA term is
-                // stored.
-                let lora = low.as_ref().map(|(l, b)| (l, b));
-                ops::linear(&flat, &self.w, self.b.as_ref(), lora)?
+        let y = if ctx.fused {
+            // The fused op multiplies by B itself (in f32): no full-width LoRA term is stored.
+            let lora = low.as_ref().map(|(l, b)| (l, b));
+            ops::linear(&flat, &self.w, self.b.as_ref(), lora)?
+        } else {
+            let input_has_grad = pass.needs_grad() && flat.track_op();
+            let mut y = if input_has_grad {
+                flat.detach().matmul(&self.w.t()?)?
+            } else {
+                flat.matmul(&self.w.t()?)?
+            };
+            if let Some(bias) = &self.b {
+                y = y.broadcast_add(bias)?;
             }
-            false => {
-                let input_has_grad = pass.needs_grad() && flat.track_op();
-                let mut y = if input_has_grad {
-                    flat.detach().matmul(&self.w.t()?)?
-                } else {
-                    flat.matmul(&self.w.t()?)?
-                };
-                if let Some(bias) = &self.b {
-                    y = y.broadcast_add(bias)?;
-                }
-                if input_has_grad {
-                    y = flat.apply_op2(&y, FrozenWeight { w: self.w.clone() })?;
-                }
-                match low {
-                    Some((low, bm)) => (y + low.matmul(&bm.t()?)?.to_dtype(x.dtype())?)?,
-                    None => y,
-                }
+            if input_has_grad {
+                y = flat.apply_op2(&y, FrozenWeight { w: self.w.clone() })?;
+            }
+            match low {
+                Some((low, bm)) => (y + low.matmul(&bm.t()?)?.to_dtype(x.dtype())?)?,
+                None => y,
             }
         };
         Ok(y.reshape((b, t, ()))?)
