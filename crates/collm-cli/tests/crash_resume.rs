@@ -8,46 +8,23 @@
 //! run's config was written) and its weights and metrics must equal the uninterrupted run's, byte
 //! for byte (metrics without their wall-clock fields).
 
+mod common;
+
+use common::metrics;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 fn collm(args: &[&str], crash_at: Option<usize>) -> Output {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_collm"));
-    c.args(args).env("COLLM_LOG", "error");
-    if let Some(n) = crash_at {
-        c.env("COLLM_CRASH_AT", n.to_string());
-    }
-    c.output().expect("collm runs")
+    let env: Vec<(&str, String)> = crash_at
+        .map(|n| ("COLLM_CRASH_AT", n.to_string()))
+        .into_iter()
+        .collect();
+    common::collm_env(args, &env)
 }
 
 fn ok(args: &[&str]) {
-    let o = collm(args, None);
-    assert!(
-        o.status.success(),
-        "collm {args:?} failed: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-}
-
-/// `metrics.json` without its wall-clock fields.
-fn metrics(run: &Path) -> serde_json::Value {
-    fn strip(v: &mut serde_json::Value) {
-        match v {
-            serde_json::Value::Object(m) => {
-                for k in ["seconds", "samples_per_second", "train_seconds"] {
-                    m.remove(k);
-                }
-                m.values_mut().for_each(strip);
-            }
-            serde_json::Value::Array(a) => a.iter_mut().for_each(strip),
-            _ => {}
-        }
-    }
-    let mut v: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(run.join("metrics.json")).unwrap()).unwrap();
-    strip(&mut v);
-    v
+    common::ok(args);
 }
 
 /// Every weight file of the run (best weights and the checkpoint's), by relative path.

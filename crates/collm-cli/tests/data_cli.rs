@@ -2,39 +2,10 @@
 //! foundation issue lists: each must fail with an error naming the file, the line and what
 //! was expected, and leave nothing behind.
 
+mod common;
+
+use common::{assert_contains, failure, ok};
 use std::path::Path;
-use std::process::{Command, Output};
-
-fn collm(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_collm"))
-        .args(args)
-        .env("COLLM_LOG", "warn")
-        .output()
-        .expect("collm runs")
-}
-
-fn ok(args: &[&str]) -> String {
-    let o = collm(args);
-    assert!(
-        o.status.success(),
-        "collm {args:?} failed: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8(o.stdout).unwrap()
-}
-
-/// Runs a command that must fail; returns its stderr.
-fn fails(args: &[&str]) -> String {
-    let o = collm(args);
-    assert!(!o.status.success(), "collm {args:?} should have failed");
-    String::from_utf8(o.stderr).unwrap()
-}
-
-fn assert_contains(text: &str, parts: &[&str]) {
-    for p in parts {
-        assert!(text.contains(p), "expected {p:?} in:\n{text}");
-    }
-}
 
 /// Nothing but `keep` is left in `dir` (no output, no temporary sibling).
 fn assert_only(dir: &Path, keep: &[&str]) {
@@ -87,7 +58,7 @@ fn prepare_stats_and_eval_scores_end_to_end() {
     assert_contains(&human, &["#Train", "count the padding id 0"]);
 
     // Preparing again into the same place needs --force.
-    let e = fails(&[
+    let e = failure(&[
         "data",
         "prepare",
         "collm-tsv",
@@ -124,7 +95,7 @@ fn prepare_stats_and_eval_scores_end_to_end() {
 
     // A scores file with the wrong number of rows, or in the wrong order.
     std::fs::write(&scores, "uid\tiid\tscore\n1\t2\t0.2\n").unwrap();
-    let e = fails(&[
+    let e = failure(&[
         "eval",
         "scores",
         "--data",
@@ -136,7 +107,7 @@ fn prepare_stats_and_eval_scores_end_to_end() {
     ]);
     assert_contains(&e, &["s.tsv", "1 score lines", "split has 2 rows"]);
     std::fs::write(&scores, "uid\tiid\tscore\n2\t1\t0.2\n1\t2\t0.1\n").unwrap();
-    let e = fails(&[
+    let e = failure(&[
         "eval",
         "scores",
         "--data",
@@ -148,7 +119,7 @@ fn prepare_stats_and_eval_scores_end_to_end() {
     ]);
     assert_contains(&e, &["s.tsv:2:", "split's order"]);
     std::fs::write(&scores, "uid\tiid\tscore\n1\t2\tNaN\n2\t1\t0.1\n").unwrap();
-    let e = fails(&[
+    let e = failure(&[
         "eval",
         "scores",
         "--data",
@@ -160,7 +131,7 @@ fn prepare_stats_and_eval_scores_end_to_end() {
     ]);
     assert_contains(&e, &["s.tsv:2:", "finite number"]);
     // An unknown split.
-    let e = fails(&[
+    let e = failure(&[
         "eval",
         "scores",
         "--data",
@@ -178,7 +149,7 @@ fn prepare_stats_and_eval_scores_end_to_end() {
         .unwrap()
         .replace("1\t1\t1\t1", "1\t1\t0\t1");
     std::fs::write(&train, text).unwrap();
-    let e = fails(&["data", "stats", out.to_str().unwrap()]);
+    let e = failure(&["data", "stats", out.to_str().unwrap()]);
     assert_contains(&e, &["train.tsv", "contents changed"]);
 }
 
@@ -187,7 +158,7 @@ fn tsv_fails(train: &str, items: &[u8], expect: &[&str]) {
     let tmp = tempfile::tempdir().unwrap();
     let input = tmp.path().join("in");
     tsv_dir(&input, train, items);
-    let e = fails(&[
+    let e = failure(&[
         "data",
         "prepare",
         "collm-tsv",
@@ -261,7 +232,7 @@ fn ml_fails(ratings: &str, movies: &[u8], expect: &[&str]) {
     std::fs::create_dir_all(&raw).unwrap();
     std::fs::write(raw.join("ratings.dat"), ratings).unwrap();
     std::fs::write(raw.join("movies.dat"), movies).unwrap();
-    let e = fails(&[
+    let e = failure(&[
         "data",
         "prepare",
         "ml-1m",
@@ -329,7 +300,7 @@ fn bad_amazon_inputs_name_file_line_and_expectation() {
     let meta = tmp.path().join("meta.json");
     std::fs::write(&meta, "{\"asin\": \"X\", \"title\": \"Book\"}\n").unwrap();
     let run = |reviews: &Path| -> String {
-        fails(&[
+        failure(&[
             "data",
             "prepare",
             "amazon-book",

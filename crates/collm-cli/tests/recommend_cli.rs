@@ -3,41 +3,13 @@
 //! whole-prompt scoring, bad pair files refused by file:line, ranking metrics and lists, a
 //! user's recommendations, and a server that answers and exits 0 on SIGTERM.
 
+mod common;
+
 use collm::recommend::Recommender;
+use common::{fails, ok, s};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
-
-fn collm(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_collm"))
-        .args(args)
-        .env("COLLM_LOG", "error")
-        .output()
-        .expect("collm runs")
-}
-
-fn ok(args: &[&str]) -> String {
-    let o = collm(args);
-    assert!(
-        o.status.success(),
-        "collm {args:?} failed: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8(o.stdout).unwrap()
-}
-
-fn fails(args: &[&str], expect: &[&str]) {
-    let o = collm(args);
-    assert_eq!(o.status.code(), Some(1), "collm {args:?}: {o:?}");
-    let e = String::from_utf8_lossy(&o.stderr);
-    for p in expect {
-        assert!(e.contains(p), "expected {p:?} in:\n{e}");
-    }
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
+use std::process::{Command, Stdio};
 
 /// Dataset, MF run, step 1 and a CoLLM-MF run, all through the binary.
 fn runs(root: &Path) -> (PathBuf, PathBuf, PathBuf) {

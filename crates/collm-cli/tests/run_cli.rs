@@ -2,35 +2,11 @@
 //! replaces, a run's own config.toml trains it again, edited or truncated inputs are refused,
 //! one writer per output, and a closed stdout is a normal end.
 
+mod common;
+
+use common::{collm, fails, metrics, ok};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
-
-fn collm(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_collm"))
-        .args(args)
-        .env("COLLM_LOG", "error")
-        .output()
-        .expect("collm runs")
-}
-
-fn ok(args: &[&str]) -> String {
-    let o = collm(args);
-    assert!(
-        o.status.success(),
-        "collm {args:?} failed: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8(o.stdout).unwrap()
-}
-
-fn fails(args: &[&str], expect: &[&str]) {
-    let o = collm(args);
-    assert_eq!(o.status.code(), Some(1), "collm {args:?}: {o:?}");
-    let e = String::from_utf8_lossy(&o.stderr);
-    for p in expect {
-        assert!(e.contains(p), "expected {p:?} in:\n{e}");
-    }
-}
 
 fn synthetic(root: &Path, name: &str, seed: u64) -> PathBuf {
     let data = root.join(name);
@@ -50,19 +26,6 @@ fn synthetic(root: &Path, name: &str, seed: u64) -> PathBuf {
         data.to_str().unwrap(),
     ]);
     data
-}
-
-fn metrics(run: &Path) -> serde_json::Value {
-    let mut v: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(run.join("metrics.json")).unwrap()).unwrap();
-    for p in v["curve"].as_array_mut().unwrap() {
-        let p = p.as_object_mut().unwrap();
-        for k in ["seconds", "samples_per_second"] {
-            p.remove(k);
-        }
-    }
-    v.as_object_mut().unwrap().remove("train_seconds");
-    v
 }
 
 fn tallrec_config(root: &Path, data: &Path, backbone: &Path, name: &str, extra: &str) -> PathBuf {
