@@ -3,15 +3,16 @@
 //! synthetic dataset to the report with its charts.
 
 use crate::experiment::{ExperimentConfig, Mode};
+use crate::recommend::Recommender;
 use crate::train::TrainOptions;
 use anyhow::{bail, Result};
-use collm_cf::train::{predict, train as train_cf, TrainOptions as CfOptions};
+use collm_cf::train::{train as train_cf, TrainOptions as CfOptions};
 use collm_cf::{CfConfig, ModelKind};
 use collm_data::dataset::write_dataset;
 use collm_data::sources::synthetic::{self, SyntheticOptions};
 use collm_data::{stats, Dataset};
 use collm_metrics::{Report, RunKind};
-use collm_report::{plot, run_curve, run_kind, table, Row};
+use collm_report::{plot, run_curve, table, Row};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -34,44 +35,10 @@ pub fn evaluate_run(
     split: &str,
     progress: bool,
 ) -> Result<Evaluation> {
-    let kind = run_kind(run)?;
-    let (dataset, scores) = match kind {
-        RunKind::Collm => {
-            let (_, ds, model) = crate::train::load_run(run)?;
-            if let Some(d) = data {
-                let given = Dataset::load(d)?;
-                if given.manifest.content_sha256 != ds.manifest.content_sha256 {
-                    bail!(
-                        "run {} was trained on {}, not on {}",
-                        run.display(),
-                        ds.display_name(),
-                        d.display()
-                    );
-                }
-            }
-            let scores = model.predict(&ds.split(split)?.rows, &ds.titles, progress)?;
-            (ds, scores)
-        }
-        RunKind::Cf => {
-            let Some(d) = data else {
-                bail!(
-                    "{}: a collaborative-model run needs its dataset (--data)",
-                    run.display()
-                );
-            };
-            let ds = Dataset::load(d)?;
-            // Collaborative models are small: they train and score on the CPU.
-            let device = candle_core::Device::Cpu;
-            let (cfg, model) = collm_cf::run::load_model(run, &ds, &device)?;
-            let scores = predict(
-                model.as_ref(),
-                &ds.split(split)?.rows,
-                cfg.cf.eval_batch_size,
-                &device,
-            )?;
-            (ds, scores)
-        }
-    };
+    // Whole prompts, as training validated: evaluation numbers stay comparable across runs.
+    let rec = Recommender::open(run, data)?;
+    let scores = rec.score_rows_full(&rec.dataset.split(split)?.rows, progress)?;
+    let Recommender { kind, dataset, .. } = rec;
     let report = Report::for_split(&dataset, split, &scores)?;
     Ok(Evaluation {
         kind,

@@ -129,11 +129,6 @@ impl Recommender {
         Ok(Self::new(kind, dataset, scorer))
     }
 
-    /// A CoLLM model already built (tests, examples).
-    pub fn from_model(model: CoLlm, dataset: Dataset) -> Self {
-        Self::new(RunKind::Collm, dataset, Scorer::Collm(Box::new(model)))
-    }
-
     fn new(kind: RunKind, dataset: Dataset, scorer: Scorer) -> Self {
         let mut users: Vec<(Vec<u32>, HashSet<u32>)> =
             vec![Default::default(); dataset.num_users()];
@@ -232,12 +227,13 @@ impl Recommender {
         }
     }
 
-    /// The same scores through whole prompts (no prefix sharing): the reference that
-    /// `collm bench rank` compares with. Collaborative-model runs score as in `score_rows`.
-    pub fn score_rows_full(&self, rows: &[Interaction]) -> Result<Vec<f64>> {
+    /// The same scores through whole prompts (no prefix sharing): what `collm eval` and
+    /// validation score with, and the reference `collm bench rank` compares with.
+    /// Collaborative-model runs score as in `score_rows`.
+    pub fn score_rows_full(&self, rows: &[Interaction], progress: bool) -> Result<Vec<f64>> {
         match &self.scorer {
-            Scorer::Collm(m) => m.predict(rows, &self.dataset.titles, false),
-            Scorer::Cf { .. } => self.score_rows(rows, false),
+            Scorer::Collm(m) => m.predict(rows, &self.dataset.titles, progress),
+            Scorer::Cf { .. } => self.score_rows(rows, progress),
         }
     }
 
@@ -474,9 +470,9 @@ pub fn bench_rank(
     let rows: Vec<Interaction> = items.iter().map(|&i| user.row(i)).collect();
     // One untimed pass of each first: lazy initialisation and allocator warm-up.
     rec.score_rows(&rows[..rows.len().min(4)], false)?;
-    rec.score_rows_full(&rows[..rows.len().min(4)])?;
+    rec.score_rows_full(&rows[..rows.len().min(4)], false)?;
     let t = std::time::Instant::now();
-    let full = rec.score_rows_full(&rows)?;
+    let full = rec.score_rows_full(&rows, false)?;
     let full_s = t.elapsed().as_secs_f64();
     let t = std::time::Instant::now();
     let shared = rec.score_rows(&rows, false)?;
