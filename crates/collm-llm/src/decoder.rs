@@ -713,14 +713,23 @@ impl Decoder {
     /// unspecified (no real position reads them).
     pub fn forward(&self, embeds: &Tensor, mask: &Mask, pass: &Pass) -> Result<Tensor> {
         Self::check_mask(embeds, mask)?;
-        let ctx = self.ctx(mask, pass)?;
+        self.run_blocks(embeds, &self.ctx(mask, pass)?, None)
+    }
+
+    /// Every block over `embeds`; with `keep`, each layer's keys and values too.
+    fn run_blocks(
+        &self,
+        embeds: &Tensor,
+        ctx: &Ctx,
+        mut keep: Option<&mut Vec<(Tensor, Tensor)>>,
+    ) -> Result<Tensor> {
         let mut x = embeds.to_dtype(self.dtype)?;
-        if !pass.needs_grad() {
+        if !ctx.pass.needs_grad() {
             // Scoring never builds a backward graph, even over injected (trainable) inputs.
             x = x.detach();
         }
         for block in &self.blocks {
-            x = block.forward(&x, &ctx, None)?;
+            x = block.forward(&x, ctx, keep.as_deref_mut())?;
         }
         Ok(x)
     }
@@ -733,12 +742,8 @@ impl Decoder {
             bail!("a prefix cache is for scoring; training runs whole prompts");
         }
         Self::check_mask(embeds, mask)?;
-        let ctx = self.ctx(mask, pass)?;
-        let mut x = embeds.to_dtype(self.dtype)?.detach();
         let mut kv = Vec::with_capacity(self.blocks.len());
-        for block in &self.blocks {
-            x = block.forward(&x, &ctx, Some(&mut kv))?;
-        }
+        self.run_blocks(embeds, &self.ctx(mask, pass)?, Some(&mut kv))?;
         // Per prefix: its real positions (wherever the padding is), as (kv_heads, hd, Tp)
         // keys and (kv_heads, Tp, hd) values, the layouts the suffix attention multiplies.
         let mut prefixes = Vec::with_capacity(mask.batch);
@@ -822,11 +827,7 @@ impl Decoder {
                 groups,
             },
         };
-        let mut x = embeds.to_dtype(self.dtype)?.detach();
-        for block in &self.blocks {
-            x = block.forward(&x, &ctx, None)?;
-        }
-        Ok(x)
+        self.run_blocks(embeds, &ctx, None)
     }
 
     /// Final-normed hidden states at one position per row, (B, hidden).
