@@ -11,6 +11,11 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
+/// Runs a command that prints one JSON value.
+fn json(args: &[&str]) -> serde_json::Value {
+    serde_json::from_str(&ok(args)).unwrap()
+}
+
 /// Dataset, MF run, step 1 and a CoLLM-MF run, all through the binary.
 fn runs(root: &Path) -> (PathBuf, PathBuf, PathBuf) {
     let data = root.join("data");
@@ -117,7 +122,7 @@ fn score_rank_and_serve_from_the_command_line() {
         .iter()
         .map(|&(u, i)| rec.user(u64::from(u)).unwrap().row(i))
         .collect();
-    let want = rec.score_rows_full(&rows).unwrap();
+    let want = rec.score_rows_full(&rows, false).unwrap();
     for (g, w) in got.iter().zip(&want) {
         assert!((g.2 - w).abs() < 1e-4, "{g:?} vs {w}");
         assert!((g.3 - 1.0 / (1.0 + (-g.2).exp())).abs() < 1e-9);
@@ -184,7 +189,7 @@ fn score_rank_and_serve_from_the_command_line() {
 
     // --- collm rank --split: metrics in range, lists of every case.
     let lists = root.join("lists.tsv");
-    let j: serde_json::Value = serde_json::from_str(&ok(&[
+    let j = json(&[
         "rank",
         "--run",
         s(&run),
@@ -198,8 +203,7 @@ fn score_rank_and_serve_from_the_command_line() {
         "--out",
         s(&lists),
         "--quiet",
-    ]))
-    .unwrap();
+    ]);
     for key in ["hr@3", "ndcg@3", "mrr"] {
         let x = j[key].as_f64().unwrap();
         assert!((0.0..=1.0).contains(&x), "{key} = {x}");
@@ -215,7 +219,7 @@ fn score_rank_and_serve_from_the_command_line() {
     let listed = std::fs::read_to_string(&lists).unwrap().lines().count() - 1;
     assert!((listed as f64 - mean * cases as f64).abs() < 1e-6);
     // The same seed samples the same candidates: the same numbers again; a CF run ranks too.
-    let again: serde_json::Value = serde_json::from_str(&ok(&[
+    let again = json(&[
         "rank",
         "--run",
         s(&run),
@@ -227,10 +231,9 @@ fn score_rank_and_serve_from_the_command_line() {
         "3",
         "--json",
         "--quiet",
-    ]))
-    .unwrap();
+    ]);
     assert_eq!(j, again);
-    let cf: serde_json::Value = serde_json::from_str(&ok(&[
+    let cf = json(&[
         "rank",
         "--run",
         s(&mf),
@@ -244,8 +247,7 @@ fn score_rank_and_serve_from_the_command_line() {
         "3",
         "--json",
         "--quiet",
-    ]))
-    .unwrap();
+    ]);
     assert_eq!(cf["cases"], j["cases"]);
 
     // --- collm rank --user: the best k unseen items, titled.

@@ -3,14 +3,13 @@
 //! for a LLaMA (tied embeddings, llama3 RoPE scaling), a Qwen2 (q/k/v biases, untied head)
 //! and a PEFT LoRA adapter.
 
+mod common;
+
 use candle_core::{DType, Device, Tensor};
 use collm_llm::load::load_hf_dir;
 use collm_llm::{Decoder, Lora, LoraConfig, Mask, Pass};
-use std::path::{Path, PathBuf};
-
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
-}
+use common::{fixtures, tiny};
+use std::path::Path;
 
 struct Expected {
     seqs: Vec<Vec<u32>>,
@@ -51,11 +50,6 @@ fn max_diff(a: &[f32], b: &[f32]) -> f32 {
         .zip(b)
         .map(|(x, y)| (x - y).abs())
         .fold(0.0, f32::max)
-}
-
-fn decoder(name: &str) -> Decoder {
-    let ck = load_hf_dir(&fixtures().join(name), DType::F32, &Device::Cpu).unwrap();
-    Decoder::new(&ck.config, &ck.weights, DType::F32, &Device::Cpu).unwrap()
 }
 
 fn check(model: &str, dec: &Decoder, lora: Option<&Lora>) {
@@ -136,17 +130,17 @@ fn check(model: &str, dec: &Decoder, lora: Option<&Lora>) {
 
 #[test]
 fn tiny_llama_matches_transformers() {
-    check("tiny-llama", &decoder("tiny-llama"), None);
+    check("tiny-llama", &tiny("tiny-llama"), None);
 }
 
 #[test]
 fn tiny_qwen2_matches_transformers() {
-    check("tiny-qwen2", &decoder("tiny-qwen2"), None);
+    check("tiny-qwen2", &tiny("tiny-qwen2"), None);
 }
 
 #[test]
 fn peft_adapter_loads_and_matches_transformers_with_peft() {
-    let dec = decoder("tiny-llama");
+    let dec = tiny("tiny-llama");
     let lora = Lora::load_peft(
         &fixtures().join("tiny-llama-lora"),
         &dec.config,

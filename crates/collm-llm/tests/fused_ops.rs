@@ -1,11 +1,12 @@
 //! Every fused op against its composed reference (forward values and gradients) and against
 //! finite differences; the fused decoder against the composed one, end to end.
 
+mod common;
+
 use candle_core::{DType, Device, Tensor, Var};
-use collm_llm::load::load_hf_dir;
 use collm_llm::ops::{self, composed, RopeTables};
 use collm_llm::{Decoder, Lora, LoraConfig, Mask, Pass};
-use std::path::Path;
+use common::tiny;
 
 const DEV: Device = Device::Cpu;
 
@@ -352,14 +353,6 @@ fn bf16_ops_follow_the_f32_ones() {
     let (y16, g16) = grad_of(DType::BF16);
     assert!(max_diff(&y16, &y32) < 0.05, "{}", max_diff(&y16, &y32));
     assert!(max_diff(&g16, &g32) < 0.05, "{}", max_diff(&g16, &g32));
-}
-
-fn tiny(name: &str) -> Decoder {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(name);
-    let ck = load_hf_dir(&dir, DType::F32, &DEV).unwrap();
-    Decoder::new(&ck.config, &ck.weights, DType::F32, &DEV).unwrap()
 }
 
 #[test]

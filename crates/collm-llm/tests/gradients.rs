@@ -1,20 +1,13 @@
 //! Every op on the training path has a backward pass: LoRA tensors and injected input
 //! embeddings get non-zero finite gradients, and those gradients agree with finite differences.
 
-use candle_core::{DType, Device, Tensor, Var};
-use collm_llm::load::load_hf_dir;
+mod common;
+
+use candle_core::{Device, Tensor, Var};
 use collm_llm::{Decoder, Lora, LoraConfig, Mask, Pass};
 use collm_nn::optim::{Adam, Decay};
 use collm_nn::TrainCtx;
-use std::path::Path;
-
-fn tiny(name: &str) -> Decoder {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(name);
-    let ck = load_hf_dir(&dir, DType::F32, &Device::Cpu).unwrap();
-    Decoder::new(&ck.config, &ck.weights, DType::F32, &Device::Cpu).unwrap()
-}
+use common::tiny;
 
 /// A left-padded batch whose second row has an injected (trainable) embedding at position 2.
 fn batch(dec: &Decoder, slot: &Var) -> (Tensor, Mask) {

@@ -3,18 +3,11 @@
 //! several prefixes in one batch, grouped-query heads, LoRA on every projection, fused and
 //! composed paths), and the cache refuses to build a backward graph.
 
-use candle_core::{DType, Device, Tensor};
-use collm_llm::load::load_hf_dir;
-use collm_llm::{Decoder, Lora, LoraConfig, Mask, Pass};
-use std::path::Path;
+mod common;
 
-fn tiny(name: &str) -> Decoder {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(name);
-    let ck = load_hf_dir(&dir, DType::F32, &Device::Cpu).unwrap();
-    Decoder::new(&ck.config, &ck.weights, DType::F32, &Device::Cpu).unwrap()
-}
+use candle_core::{Device, Tensor};
+use collm_llm::{Decoder, Lora, LoraConfig, Mask, Pass};
+use common::tiny;
 
 fn lora(dec: &Decoder) -> Lora {
     let cfg = LoraConfig {
