@@ -77,7 +77,8 @@ for key in keys:
     best_train = max((d["train_samples_per_s"] for _, d in torch), default=float("nan"))
     best_score = max((d["infer_samples_per_s"] for _, d in torch), default=float("nan"))
     print(f"\n{key[0]} batch {key[1]}, seq {torch[0][1]['seq'] if torch else '?'}")
-    print(f"{'run':<20} {'train/s':>8} {'ratio':>6} {'score/s':>8} {'ratio':>6} {'peak RSS GiB':>12}  step: prep/fwd/bwd/opt")
+    print(f"{'run':<20} {'train/s':>8} {'ratio':>6} {'score/s':>8} {'ratio':>6} {'peak RSS GiB':>12} {'GF/s train/score':>17}  step: prep/fwd/bwd/opt")
+    gemm = None
     for n, r, m in runs:
         if key not in r:
             continue
@@ -88,5 +89,17 @@ for key in keys:
             st = d["step"]
             tot = sum(st.values())
             step = "/".join(f"{100 * st[k] / tot:.0f}%" for k in ("prep_s", "forward_s", "backward_s", "optimizer_s"))
-        print(f"{n:<20} {t:>8.2f} {t / best_train:>5.2f}x {s:>8.2f} {s / best_score:>5.2f}x {m:>12.2f}  {step}")
+        if "train_gflops" in d:
+            gf = (d["train_gflops"], d["infer_gflops"])
+            gemm = d.get("gemm_gflops") or gemm
+        else:
+            gf = (1e3 * d["train_tflops"], 1e3 * d["infer_tflops"])
+        print(f"{n:<20} {t:>8.2f} {t / best_train:>5.2f}x {s:>8.2f} {s / best_score:>5.2f}x {m:>12.2f} {gf[0]:>8.1f}/{gf[1]:<8.1f}  {step}")
+    if gemm and torch:
+        # The reference's FLOP count per sample, from its own rate and throughput.
+        d = torch[0][1]
+        per = 1e12 * d["infer_tflops"] / d["infer_samples_per_s"]
+        ct, cs = gemm * 1e9 / (2 * per), gemm * 1e9 / per
+        print(f"f32 matmul on this CPU: {gemm:.1f} GF/s (same run), so no f32 engine passes "
+              f"{ct:.2f} train/s ({ct / best_train:.2f}x) or {cs:.2f} score/s ({cs / best_score:.2f}x) here")
 PY

@@ -59,6 +59,28 @@ pub struct LlmBenchRow {
     /// Process peak RSS after the train steps and after scoring (Linux; CPU memory).
     pub peak_rss_train_gib: Option<f64>,
     pub peak_rss_gib: Option<f64>,
+    /// The FLOP rates, counted as `../shared/bench/ref_lora_throughput.py` counts them (a
+    /// forward pass is 2 × non-embedding parameters per token; a train step two forward
+    /// passes), so they compare with its `train_tflops` / `infer_tflops`.
+    pub train_gflops: f64,
+    pub infer_gflops: f64,
+    /// CPU: this machine's f32 matmul rate on the shape of an MLP projection of this batch
+    /// ([`crate::ops::gemm_gflops`]), measured in the same run: the ceiling of any f32 engine
+    /// here. `None` on other devices.
+    pub gemm_gflops: Option<f64>,
+}
+
+/// Forward FLOPs of one pass over `tokens` tokens, as the reference script counts them.
+pub fn forward_flop(cfg: &crate::LlamaConfig, tokens: usize) -> f64 {
+    let (h, i, l) = (
+        cfg.hidden_size,
+        cfg.intermediate_size,
+        cfg.num_hidden_layers,
+    );
+    let kv = cfg.num_key_value_heads * cfg.head_dim;
+    let q = cfg.num_attention_heads * cfg.head_dim;
+    let params = l * (2 * h * q + 2 * h * kv + 3 * h * i);
+    2.0 * params as f64 * tokens as f64
 }
 
 pub use collm_data::bench::{peak_rss_mib, reset_peak_rss};
@@ -164,6 +186,10 @@ pub fn measure(b: &LlmBench, device: &Device) -> Result<LlmBenchRow> {
     sync()?;
     let infer_s = t.elapsed().as_secs_f64() / b.steps as f64;
     let n = b.steps as f64;
+    let flop = forward_flop(&cfg, batch * seq);
+    let gemm = device
+        .is_cpu()
+        .then(|| crate::ops::gemm_gflops(batch * seq, cfg.intermediate_size, cfg.hidden_size, 3));
     Ok(LlmBenchRow {
         model: b.model.clone(),
         batch,
@@ -184,7 +210,15 @@ pub fn measure(b: &LlmBench, device: &Device) -> Result<LlmBenchRow> {
         },
         peak_rss_train_gib: peak_train,
         peak_rss_gib: peak_rss_mib().map(|m| m / 1024.0),
+        train_gflops: 2.0 * flop / train_s / 1e9,
+        infer_gflops: flop / infer_s / 1e9,
+        gemm_gflops: gemm,
     })
+}
+
+/// A row's forward FLOPs per sample, from its measured rate and throughput.
+fn forward_flop_per_sample(r: &LlmBenchRow) -> f64 {
+    r.infer_gflops * 1e9 / r.infer_samples_per_s
 }
 
 /// The table `collm bench llm` prints for its rows.
@@ -193,7 +227,7 @@ pub fn render(rows: &[LlmBenchRow], dtype: &str) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "{:<20} {:>5} {:>4} {:<8} {:>8} {:>9} {:>8} {:>9}  {:>5} {:>5} {:>5} {:>5}  {:>9}",
+        "{:<20} {:>5} {:>4} {:<8} {:>8} {:>9} {:>8} {:>9}  {:>5} {:>5} {:>5} {:>5}  {:>9}  {:>17}",
         "model",
         "batch",
         "seq",
@@ -206,14 +240,15 @@ pub fn render(rows: &[LlmBenchRow], dtype: &str) -> String {
         "fwd",
         "bwd",
         "opt",
-        "peak GiB"
+        "peak GiB",
+        "GF/s train/score"
     );
     for r in rows {
         let s = &r.step;
         let total = s.prep_s + s.forward_s + s.backward_s + s.optimizer_s;
         let pct = |x: f64| 100.0 * x / total;
         let _ = writeln!(out,
-            "{:<20} {:>5} {:>4} {:<8} {:>8.2} {:>9.0} {:>8.2} {:>9.0}  {:>4.0}% {:>4.0}% {:>4.0}% {:>4.0}%  {:>9.2}",
+            "{:<20} {:>5} {:>4} {:<8} {:>8.2} {:>9.0} {:>8.2} {:>9.0}  {:>4.0}% {:>4.0}% {:>4.0}% {:>4.0}%  {:>9.2}  {:>8.1}/{:<8.1}",
             r.model,
             r.batch,
             r.seq,
@@ -226,8 +261,25 @@ pub fn render(rows: &[LlmBenchRow], dtype: &str) -> String {
             pct(s.forward_s),
             pct(s.backward_s),
             pct(s.optimizer_s),
-            r.peak_rss_train_gib.unwrap_or(f64::NAN)
+            r.peak_rss_train_gib.unwrap_or(f64::NAN),
+            r.train_gflops,
+            r.infer_gflops
         );
+    }
+    for r in rows {
+        if let Some(g) = r.gemm_gflops {
+            let per_sample = forward_flop_per_sample(r);
+            let _ = writeln!(
+                out,
+                "{} b{}: f32 matmul here {g:.1} GF/s, so at most {:.2} train/s and {:.2} score/s for any f32 engine ({:.0}% and {:.0}% reached)",
+                r.model,
+                r.batch,
+                g * 1e9 / (2.0 * per_sample),
+                g * 1e9 / per_sample,
+                100.0 * r.train_gflops / g,
+                100.0 * r.infer_gflops / g
+            );
+        }
     }
     let _ = writeln!(out,
         "({} {}, {} threads; step shares: host prep, forward, backward, optimizer; peak RSS of the train steps)",

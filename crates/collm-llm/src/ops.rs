@@ -167,6 +167,55 @@ fn matmul(
     }
 }
 
+/// This machine's f32 matmul rate in GFLOP/s, measured with the kernel and thread pool that
+/// [`linear`] uses, on a projection's shapes: `x (m×k) · Wᵀ` with `W` stored (n, k), as the
+/// forward pass runs it, and `g (m×n) · W` as the backward pass does; the mean of both, best
+/// of `reps` runs each. It is the ceiling for an f32 engine on this CPU: the
+/// benchmark reports each path's FLOP rate next to it.
+pub fn gemm_gflops(m: usize, n: usize, k: usize, reps: usize) -> f64 {
+    let x: Vec<f32> = (0..m * k).map(|i| ((i % 7) as f32 - 3.0) * 0.01).collect();
+    let w: Vec<f32> = (0..n * k).map(|i| ((i % 5) as f32 - 2.0) * 0.01).collect();
+    let g: Vec<f32> = (0..m * n).map(|i| ((i % 3) as f32 - 1.0) * 0.01).collect();
+    let mut y = vec![0f32; m * n];
+    let mut dx = vec![0f32; m * k];
+    let flop = 2.0 * (m * n * k) as f64;
+    let mut best = [f64::INFINITY; 2];
+    for _ in 0..reps.max(1) + 1 {
+        let t = std::time::Instant::now();
+        matmul(
+            m,
+            n,
+            k,
+            &mut y,
+            n,
+            false,
+            &x,
+            (k, 1),
+            &w,
+            (1, k),
+            pool_parallelism(),
+        );
+        best[0] = best[0].min(t.elapsed().as_secs_f64());
+        let t = std::time::Instant::now();
+        matmul(
+            m,
+            k,
+            n,
+            &mut dx,
+            k,
+            false,
+            &g,
+            (n, 1),
+            &w,
+            (k, 1),
+            pool_parallelism(),
+        );
+        best[1] = best[1].min(t.elapsed().as_secs_f64());
+    }
+    std::hint::black_box((&y, &dx));
+    (flop / best[0] + flop / best[1]) / 2.0 / 1e9
+}
+
 // ---------------------------------------------------------------------------------------------
 // RMSNorm
 // ---------------------------------------------------------------------------------------------
