@@ -266,6 +266,19 @@ impl Ctx<'_> {
     }
 }
 
+impl Ctx<'_> {
+    /// The fused path's LoRA dropout mask for `n` inputs: the draws of [`Ctx::dropout`] (so
+    /// runs and checkpoints replay the same masks on either path); `None` when not training.
+    fn dropout_mask(&self, n: usize, p: f64) -> Result<Option<ops::DropMask>> {
+        match self.pass.train {
+            Some(train) if p > 0.0 => {
+                Ok(Some(ops::dropout_mask(n, p, &mut train.rng.borrow_mut())?))
+            }
+            _ => Ok(None),
+        }
+    }
+}
+
 fn rms_norm(fused: bool, grad: bool, x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
     Ok(if fused {
         ops::rms_norm(x, w, eps)?
@@ -307,14 +320,38 @@ impl Linear {
 
     /// `x` (B, T, in) → (B, T, out).
     fn forward(&self, x: &Tensor, ctx: &Ctx) -> Result<Tensor> {
+        let pass = ctx.pass;
+        let site = pass
+            .lora
+            .and_then(|l| Some((l, l.pair(self.layer, self.module)?)));
+        if ctx.fused {
+            // One op: the projection, its LoRA path and that path's dropout, on (B, T, in) as
+            // it comes (no reshape nodes: each costs a full-size gradient copy backwards).
+            let lora = match site {
+                Some((lora, (a, bm))) => {
+                    // Scoring builds no graph: the adapter's variables are read detached.
+                    let (a, bm) = if pass.needs_grad() {
+                        (a.clone(), bm.clone())
+                    } else {
+                        (a.detach(), bm.detach())
+                    };
+                    let dropout = ctx.dropout_mask(x.elem_count(), lora.config.dropout)?;
+                    Some((a, bm, lora.config.scaling(), dropout))
+                }
+                None => None,
+            };
+            let lora = lora.as_ref().map(|(a, b, scaling, dropout)| ops::LoraPath {
+                a,
+                b,
+                scaling: *scaling,
+                dropout: dropout.clone(),
+            });
+            return Ok(ops::linear(x, &self.w, self.b.as_ref(), lora)?);
+        }
         let (b, t, fan_in) = x.dims3()?;
         let flat = x.reshape((b * t, fan_in))?;
-        let pass = ctx.pass;
         // LoRA: scaling · dropout(x) Aᵀ Bᵀ, scaled while it is r wide.
-        let low = match pass
-            .lora
-            .and_then(|l| Some((l, l.pair(self.layer, self.module)?)))
-        {
+        let low = match site {
             Some((lora, (a, bm))) => {
                 // Scoring builds no graph: the adapter's variables are read detached.
                 let (a, bm) = if pass.needs_grad() {
@@ -328,27 +365,21 @@ impl Linear {
             }
             None => None,
         };
-        let y = if ctx.fused {
-            // The fused op multiplies by B itself (in f32): no full-width LoRA term is stored.
-            let lora = low.as_ref().map(|(l, b)| (l, b));
-            ops::linear(&flat, &self.w, self.b.as_ref(), lora)?
+        let input_has_grad = pass.needs_grad() && flat.track_op();
+        let mut y = if input_has_grad {
+            flat.detach().matmul(&self.w.t()?)?
         } else {
-            let input_has_grad = pass.needs_grad() && flat.track_op();
-            let mut y = if input_has_grad {
-                flat.detach().matmul(&self.w.t()?)?
-            } else {
-                flat.matmul(&self.w.t()?)?
-            };
-            if let Some(bias) = &self.b {
-                y = y.broadcast_add(bias)?;
-            }
-            if input_has_grad {
-                y = flat.apply_op2(&y, FrozenWeight { w: self.w.clone() })?;
-            }
-            match low {
-                Some((low, bm)) => (y + low.matmul(&bm.t()?)?.to_dtype(x.dtype())?)?,
-                None => y,
-            }
+            flat.matmul(&self.w.t()?)?
+        };
+        if let Some(bias) = &self.b {
+            y = y.broadcast_add(bias)?;
+        }
+        if input_has_grad {
+            y = flat.apply_op2(&y, FrozenWeight { w: self.w.clone() })?;
+        }
+        let y = match low {
+            Some((low, bm)) => (y + low.matmul(&bm.t()?)?.to_dtype(x.dtype())?)?,
+            None => y,
         };
         Ok(y.reshape((b, t, ()))?)
     }
@@ -394,18 +425,26 @@ impl Attention {
     ) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         let (nh, nkv, hd) = (self.heads, self.kv_heads, self.head_dim);
-        // (B, T, heads, hd) throughout: no transposes on the fused path.
-        let q = self.q.forward(x, ctx)?.reshape((b, t, nh, hd))?;
-        let k = self.k.forward(x, ctx)?.reshape((b, t, nkv, hd))?;
-        let v = self.v.forward(x, ctx)?.reshape((b, t, nkv, hd))?;
-        let out = match &ctx.attn {
-            // RoPE inside the kernel.
-            Attn::Fused { mask, rope } => {
-                if let Some(keep) = keep {
-                    keep.push((ops::rope(&k, rope)?, v.clone()));
-                }
-                ops::attention(&q, &k, &v, mask, Some(rope))?
+        let (q, k, v) = (
+            self.q.forward(x, ctx)?,
+            self.k.forward(x, ctx)?,
+            self.v.forward(x, ctx)?,
+        );
+        if let Attn::Fused { mask, rope } = &ctx.attn {
+            // Heads side by side, RoPE inside the kernel: no reshape or transpose nodes.
+            if let Some(keep) = keep {
+                let k = k.reshape((b, t, nkv, hd))?;
+                keep.push((ops::rope(&k, rope)?, v.reshape((b, t, nkv, hd))?));
             }
+            let out = ops::attention_flat(&q, &k, &v, (nh, nkv), mask, Some(rope))?;
+            return self.o.forward(&out, ctx);
+        }
+        // (B, T, heads, hd) from here.
+        let q = q.reshape((b, t, nh, hd))?;
+        let k = k.reshape((b, t, nkv, hd))?;
+        let v = v.reshape((b, t, nkv, hd))?;
+        let out = match &ctx.attn {
+            Attn::Fused { .. } => unreachable!("handled above"),
             Attn::Composed { bias, cos, sin } => {
                 let q = composed::rope(&q.contiguous()?, cos, sin)?;
                 let k = composed::rope(&k.contiguous()?, cos, sin)?;

@@ -501,10 +501,16 @@ struct Attention {
 }
 
 impl Attention {
+    /// Inputs are (B, T, heads, hd) or, heads side by side, (B, T, heads·hd).
     fn dims(&self, l: &Layout, heads: usize) -> Result<()> {
         let want = [self.mask.batch, self.mask.seq, heads, self.head_dim];
-        if l.shape().dims() != want {
-            bail!("attention: input {:?}, expected {want:?}", l.shape());
+        let flat = [self.mask.batch, self.mask.seq, heads * self.head_dim];
+        let dims = l.shape().dims();
+        if dims != want && dims != flat {
+            bail!(
+                "attention: input {:?}, expected {want:?} or {flat:?}",
+                l.shape()
+            );
         }
         Ok(())
     }
@@ -860,8 +866,30 @@ pub fn attention(
     mask: &KeyMask,
     rope: Option<&RopeTables>,
 ) -> Result<Tensor> {
-    let (_, _, heads, hd) = q.dims4()?;
-    let kv_heads = k.dim(2)?;
+    let (_, _, heads, _) = q.dims4()?;
+    attention_flat(q, k, v, (heads, k.dim(2)?), mask, rope)
+}
+
+/// [`attention`] for `q` (B, T, heads·hd) and `k`, `v` (B, T, kv_heads·hd), heads side by
+/// side, as the projections give them; returns (B, T, heads·hd), as the output projection
+/// takes it (4-d inputs work too and give a 4-d output). The decoder's path: no reshape nodes
+/// around the op, each of which would cost a full-size gradient copy in candle's backward pass.
+pub fn attention_flat(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    (heads, kv_heads): (usize, usize),
+    mask: &KeyMask,
+    rope: Option<&RopeTables>,
+) -> Result<Tensor> {
+    let width = q.dims().iter().skip(2).product::<usize>();
+    if heads == 0 || !width.is_multiple_of(heads) {
+        bail!(
+            "attention: {:?} does not split into {heads} heads",
+            q.shape()
+        );
+    }
+    let hd = width / heads;
     q.contiguous()?.apply_op3(
         &k.contiguous()?,
         &v.contiguous()?,
@@ -881,9 +909,7 @@ pub fn attention(
 // ---------------------------------------------------------------------------------------------
 
 struct Dropout {
-    /// Bit `i` set: element `i` is kept (and scaled).
-    keep: Arc<Vec<u64>>,
-    scale: f32,
+    mask: DropMask,
 }
 
 impl CustomOp1 for Dropout {
@@ -891,35 +917,20 @@ impl CustomOp1 for Dropout {
         "fused-dropout"
     }
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let dtype = s.dtype();
         let x = as_f32(s, l)?;
-        if x.len().div_ceil(64) != self.keep.len() {
+        if x.len().div_ceil(64) != self.mask.keep.len() {
             bail!(
                 "dropout: a mask of {} words for {} elements",
-                self.keep.len(),
+                self.mask.keep.len(),
                 x.len()
             );
         }
-        let mut y = vec![0f32; x.len()];
-        y.par_chunks_mut(64)
-            .zip(x.par_chunks(64))
-            .zip(self.keep.par_iter())
-            .for_each(|((y, x), &bits)| {
-                for (i, (y, x)) in y.iter_mut().zip(x).enumerate() {
-                    *y = if bits >> i & 1 == 1 {
-                        x * self.scale
-                    } else {
-                        0.0
-                    };
-                }
-            });
-        Ok((from_f32(y, dtype)?, l.shape().clone()))
+        Ok((from_f32(self.mask.apply(&x), s.dtype())?, l.shape().clone()))
     }
     fn bwd(&self, _x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         // Linear in x: the gradient goes through the same mask.
         let op = Dropout {
-            keep: self.keep.clone(),
-            scale: self.scale,
+            mask: self.mask.clone(),
         };
         Ok(Some(grad.contiguous()?.apply_op1(op)?))
     }
@@ -932,11 +943,52 @@ impl CustomOp1 for Dropout {
 /// position; `rng` ends where the sequential draws would leave it. The mask is kept as bits
 /// for the backward pass.
 pub fn dropout(x: &Tensor, p: f64, rng: &mut rand_chacha::ChaCha8Rng) -> Result<Tensor> {
+    let mask = dropout_mask(x.elem_count(), p, rng)?;
+    x.contiguous()?.apply_op1(Dropout { mask })
+}
+
+/// The keep mask of an inverted dropout of `n` elements with probability `p`, as bits, and
+/// its scale `1/(1-p)`: the draws of [`dropout`] (and of `collm_nn::layers::dropout`), for ops
+/// that apply the mask themselves ([`linear`]'s LoRA path).
+#[derive(Clone)]
+pub struct DropMask {
+    /// Bit `i` set: element `i` is kept (and scaled).
+    keep: Arc<Vec<u64>>,
+    scale: f32,
+}
+
+impl DropMask {
+    /// `x ⊙ mask · scale`, element-wise over a flat slice of the mask's length.
+    fn apply(&self, x: &[f32]) -> Vec<f32> {
+        let mut y = vec![0f32; x.len()];
+        self.apply_into(x, &mut y, false);
+        y
+    }
+
+    /// `y (+)= x ⊙ mask · scale`.
+    fn apply_into(&self, x: &[f32], y: &mut [f32], accumulate: bool) {
+        y.par_chunks_mut(1 << 14)
+            .zip(x.par_chunks(1 << 14))
+            .enumerate()
+            .for_each(|(c, (y, x))| {
+                let w0 = c * (1 << 14) / 64;
+                for (i, (y, x)) in y.iter_mut().zip(x).enumerate() {
+                    let keep = self.keep[w0 + i / 64] >> (i % 64) & 1 == 1;
+                    let v = if keep { x * self.scale } else { 0.0 };
+                    *y = if accumulate { *y + v } else { v };
+                }
+            });
+    }
+}
+
+/// Draws a [`DropMask`] for `n` elements: one `f64` per element from `rng`, in order, dropped
+/// when below `p`. ChaCha is counter-based, so chunks of the mask are drawn in parallel by
+/// seeking to their word position; `rng` ends where the sequential draws would leave it.
+pub fn dropout_mask(n: usize, p: f64, rng: &mut rand_chacha::ChaCha8Rng) -> Result<DropMask> {
     use rand::RngCore;
     if !(0.0..1.0).contains(&p) {
         bail!("dropout probability {p} outside [0, 1)");
     }
-    let n = x.elem_count();
     let base = rng.get_word_pos();
     let start = rng.clone();
     // Elements per parallel chunk: whole words of the bit mask.
@@ -958,7 +1010,7 @@ pub fn dropout(x: &Tensor, p: f64, rng: &mut rand_chacha::ChaCha8Rng) -> Result<
             }
         });
     rng.set_word_pos(base + 2 * n as u128);
-    x.contiguous()?.apply_op1(Dropout {
+    Ok(DropMask {
         keep: Arc::new(keep),
         scale: (1.0 / (1.0 - p)) as f32,
     })
@@ -1138,10 +1190,51 @@ struct FrozenLinear {
     /// (out, in), in the compute dtype; never receives a gradient.
     w: Tensor,
     b: Option<Tensor>,
+    /// The LoRA path's scaling and dropout mask, when the op has one (inputs x, A, B).
+    lora: Option<(f32, Option<DropMask>)>,
+}
+
+/// A LoRA path for [`linear`]: `scaling · dropout(x) Aᵀ Bᵀ`, with `A` (r, in) and `B` (out, r)
+/// and the dropout mask drawn beforehand ([`dropout_mask`]; `None` when not training).
+pub struct LoraPath<'a> {
+    pub a: &'a Tensor,
+    pub b: &'a Tensor,
+    pub scaling: f64,
+    pub dropout: Option<DropMask>,
+}
+
+/// `x` as f32 with a LoRA dropout mask applied (borrowed when there is none).
+fn dropped<'a>(x: &'a [f32], mask: &Option<DropMask>) -> Cow<'a, [f32]> {
+    match mask {
+        Some(m) => Cow::Owned(m.apply(x)),
+        None => Cow::Borrowed(x),
+    }
 }
 
 impl FrozenLinear {
-    /// `x Wᵀ (+ b) (+ low · Bᵀ)`; `lora` is the low-rank input (n×r) and B (out×r).
+    /// The LoRA path's low-rank activations `scaling · dropout(x) Aᵀ` (n×r) for `x` (n×in).
+    fn low(&self, xd: &[f32], a: &[f32], n: usize, r: usize, scaling: f32) -> Vec<f32> {
+        let fan_in = xd.len() / n.max(1);
+        let mut low = vec![0f32; n * r];
+        // low (n×r) = xd (n×in) · Aᵀ (in×r: element (i, k) at k·in + i)
+        matmul(
+            n,
+            r,
+            fan_in,
+            &mut low,
+            r,
+            false,
+            xd,
+            (fan_in, 1),
+            a,
+            (1, fan_in),
+            pool_parallelism(),
+        );
+        low.iter_mut().for_each(|v| *v *= scaling);
+        low
+    }
+
+    /// `x Wᵀ (+ b) (+ scaling · dropout(x) Aᵀ Bᵀ)`.
     fn run(
         &self,
         x: &CpuStorage,
@@ -1176,17 +1269,23 @@ impl FrozenLinear {
             (1, fan_in),
             pool_parallelism(),
         );
-        if let Some((ls, ll, bs, bl)) = lora {
-            let low = as_f32(ls, ll)?;
+        if let (Some((as_, al, bs, bl)), Some((scaling, mask))) = (lora, &self.lora) {
+            let a = as_f32(as_, al)?;
             let bm = as_f32(bs, bl)?;
             let r = bl.shape().dims().last().copied().unwrap_or(0);
-            if low.len() != n * r || bm.len() != fan_out * r {
+            if a.len() != r * fan_in || bm.len() != fan_out * r {
                 bail!(
-                    "linear: LoRA factors {:?} and {:?} for output ({n}, {fan_out})",
-                    ll.shape(),
+                    "linear: LoRA factors A {:?} and B {:?} for a weight of ({fan_out}, {fan_in})",
+                    al.shape(),
                     bl.shape()
                 );
             }
+            if let Some(m) = mask {
+                if m.keep.len() != xs.len().div_ceil(64) {
+                    bail!("linear: a dropout mask for another input size");
+                }
+            }
+            let low = self.low(&dropped(&xs, mask), &a, n, r, *scaling);
             // y += low (n×r) · Bᵀ (r×out: element (k, o) at o·r + k)
             matmul(
                 n,
@@ -1215,17 +1314,16 @@ impl FrozenLinear {
         Ok((from_f32(y, dtype)?, Shape::from(out)))
     }
 
-    /// `grad (…, out) · W` → (…, in), in the input's dtype; computed in f32 like the forward
-    /// pass (candle's CPU matmul has no fast bf16 kernel).
-    fn grad_x(&self, grad: &Tensor, x: &Tensor) -> Result<Tensor> {
+    /// `grad (…, out) · W` as f32 (n×in); computed in f32 like the forward pass (candle's CPU
+    /// matmul has no fast bf16 kernel).
+    fn grad_x(&self, g: &[f32], x: &Tensor) -> Result<Vec<f32>> {
         let (fan_out, fan_in) = self.w.dims2()?;
-        cpu_f32!(grad => g);
         cpu_f32!(self.w => w);
         let n = g.len() / fan_out;
         if n * fan_in != x.elem_count() {
             bail!(
-                "linear: gradient {:?} for input {:?}",
-                grad.shape(),
+                "linear: a gradient of {} for input {:?}",
+                g.len(),
                 x.shape()
             );
         }
@@ -1238,13 +1336,13 @@ impl FrozenLinear {
             &mut dx,
             fan_in,
             false,
-            &g,
+            g,
             (fan_out, 1),
             &w,
             (fan_in, 1),
             pool_parallelism(),
         );
-        tensor_from(dx, x)
+        Ok(dx)
     }
 }
 
@@ -1256,7 +1354,8 @@ impl CustomOp1 for FrozenLinear {
         self.run(s, l, None)
     }
     fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(self.grad_x(grad, x)?))
+        cpu_f32!(grad => g);
+        Ok(Some(tensor_from(self.grad_x(&g, x)?, x)?))
     }
 }
 
@@ -1268,67 +1367,176 @@ impl CustomOp3 for FrozenLinear {
         &self,
         s: &CpuStorage,
         l: &Layout,
-        low: &CpuStorage,
-        lowl: &Layout,
+        a: &CpuStorage,
+        al: &Layout,
         b: &CpuStorage,
         bl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        self.run(s, l, Some((low, lowl, b, bl)))
+        self.run(s, l, Some((a, al, b, bl)))
     }
+
+    /// With `gl = scaling · g B` (n×r) and `xd = dropout(x)`: `dx = g W + dropout(gl A)` (the
+    /// same mask), `dA = glᵀ xd`, `dB = gᵀ low` with `low = scaling · xd Aᵀ` recomputed (n×r:
+    /// cheaper than keeping it).
     fn bwd(
         &self,
         x: &Tensor,
-        low: &Tensor,
+        a: &Tensor,
         b: &Tensor,
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (fan_out, _) = self.w.dims2()?;
-        let g = grad.reshape(((), fan_out))?;
+        let Some((scaling, mask)) = &self.lora else {
+            bail!("linear: a LoRA op without its scaling");
+        };
+        let (fan_out, fan_in) = self.w.dims2()?;
+        let r = b.dim(1)?;
+        cpu_f32!(grad => g);
+        cpu_f32!(a => av);
+        cpu_f32!(b => bv);
+        let n = g.len() / fan_out;
+        // gl (n×r) = scaling · g (n×out) · B (out×r)
+        let mut gl = vec![0f32; n * r];
+        matmul(
+            n,
+            r,
+            fan_out,
+            &mut gl,
+            r,
+            false,
+            &g,
+            (fan_out, 1),
+            &bv,
+            (r, 1),
+            pool_parallelism(),
+        );
+        gl.iter_mut().for_each(|v| *v *= scaling);
         let gx = if x.track_op() {
-            Some(self.grad_x(grad, x)?)
+            let mut dx = self.grad_x(&g, x)?;
+            // t (n×in) = gl (n×r) · A (r×in), through the mask into dx.
+            match mask {
+                None => matmul(
+                    n,
+                    fan_in,
+                    r,
+                    &mut dx,
+                    fan_in,
+                    true,
+                    &gl,
+                    (r, 1),
+                    &av,
+                    (fan_in, 1),
+                    pool_parallelism(),
+                ),
+                Some(m) => {
+                    let mut t = vec![0f32; n * fan_in];
+                    matmul(
+                        n,
+                        fan_in,
+                        r,
+                        &mut t,
+                        fan_in,
+                        false,
+                        &gl,
+                        (r, 1),
+                        &av,
+                        (fan_in, 1),
+                        pool_parallelism(),
+                    );
+                    m.apply_into(&t, &mut dx, true);
+                }
+            }
+            Some(tensor_from(dx, x)?)
         } else {
             None
         };
-        let glow = if low.track_op() {
-            Some(g.to_dtype(b.dtype())?.matmul(b)?.to_dtype(low.dtype())?)
+        let (ga, gb) = if a.track_op() || b.track_op() {
+            cpu_f32!(x => xv);
+            let xd = dropped(&xv, mask);
+            let ga = if a.track_op() {
+                // dA (r×in) = glᵀ (r×n: element (k, i) at i·r + k) · xd (n×in)
+                let mut da = vec![0f32; r * fan_in];
+                matmul(
+                    r,
+                    fan_in,
+                    n,
+                    &mut da,
+                    fan_in,
+                    false,
+                    &gl,
+                    (1, r),
+                    &xd,
+                    (fan_in, 1),
+                    pool_parallelism(),
+                );
+                Some(tensor_from(da, a)?)
+            } else {
+                None
+            };
+            let gb = if b.track_op() {
+                let low = self.low(&xd, &av, n, r, *scaling);
+                // dB (out×r) = gᵀ (out×n: element (o, i) at i·out + o) · low (n×r)
+                let mut db = vec![0f32; fan_out * r];
+                matmul(
+                    fan_out,
+                    r,
+                    n,
+                    &mut db,
+                    r,
+                    false,
+                    &g,
+                    (1, fan_out),
+                    &low,
+                    (r, 1),
+                    pool_parallelism(),
+                );
+                Some(tensor_from(db, b)?)
+            } else {
+                None
+            };
+            (ga, gb)
         } else {
-            None
+            (None, None)
         };
-        let gb = if b.track_op() {
-            let low2 = low.reshape(((), b.dim(1)?))?;
-            Some(
-                g.t()?
-                    .to_dtype(low2.dtype())?
-                    .matmul(&low2)?
-                    .to_dtype(b.dtype())?,
-            )
-        } else {
-            None
-        };
-        Ok((gx, glow, gb))
+        Ok((gx, ga, gb))
     }
 }
 
-/// `x Wᵀ (+ b) (+ low Bᵀ)` for a frozen `w` (out, in) and bias `b`: `x` is (…, in); `lora`
-/// is a LoRA path's low-rank activations `low` (n, r) (dropout, A and the scaling already
-/// applied) and its `B` (out, r). The backward pass computes no weight gradient for `w`, and
-/// gradients for `x`, `low` and `B` where they are tracked. The full-width LoRA term is never
-/// materialised.
+/// `x Wᵀ (+ b) (+ scaling · dropout(x) Aᵀ Bᵀ)` for a frozen `w` (out, in) and bias `b`: `x`
+/// is (…, in) and the output (…, out), so no reshape enters the graph. The backward pass
+/// computes no gradient for `w`, and gradients for `x` and the LoRA path's `A` and `B` where
+/// they are tracked; neither the dropped-out input nor the full-width LoRA term is ever
+/// stored (the mask is kept as bits).
 pub fn linear(
     x: &Tensor,
     w: &Tensor,
     b: Option<&Tensor>,
-    lora: Option<(&Tensor, &Tensor)>,
+    lora: Option<LoraPath>,
 ) -> Result<Tensor> {
-    let op = FrozenLinear {
-        w: w.contiguous()?,
-        b: b.cloned(),
-    };
     let x = x.contiguous()?;
     match lora {
-        Some((low, bm)) => x.apply_op3(&low.contiguous()?, &bm.contiguous()?, op),
-        None => x.apply_op1(op),
+        Some(l) => {
+            let (r, fan_in) = l.a.dims2()?;
+            if l.b.dims2()?.1 != r || fan_in != w.dim(1)? {
+                bail!(
+                    "linear: LoRA A {:?} and B {:?} for a weight {:?}",
+                    l.a.shape(),
+                    l.b.shape(),
+                    w.shape()
+                );
+            }
+            let op = FrozenLinear {
+                w: w.contiguous()?,
+                b: b.cloned(),
+                lora: Some((l.scaling as f32, l.dropout)),
+            };
+            x.apply_op3(&l.a.contiguous()?, &l.b.contiguous()?, op)
+        }
+        None => x.apply_op1(FrozenLinear {
+            w: w.contiguous()?,
+            b: b.cloned(),
+            lora: None,
+        }),
     }
 }
 

@@ -200,6 +200,46 @@ fn attention_matches_composed_with_grouped_heads_and_padding() {
 }
 
 #[test]
+fn attention_on_heads_side_by_side_matches_the_4d_op() {
+    let (b, t, heads, kv_heads, hd) = (2, 9, 6, 2, 4);
+    let mask = Mask::left_padded(&[9, 5], t);
+    let km = mask.key_mask();
+    let real = real_rows(&mask, (b, t, 1));
+    let xs = [
+        randn(&[b, t, heads * hd], 1),
+        randn(&[b, t, kv_heads * hd], 2),
+        randn(&[b, t, kv_heads * hd], 3),
+    ];
+    compare(
+        &xs,
+        &|x| {
+            let out = ops::attention_flat(&x[0], &x[1], &x[2], (heads, kv_heads), &km, None);
+            let out = out.unwrap();
+            assert_eq!(out.dims(), &[b, t, heads * hd]);
+            out.broadcast_mul(&real).unwrap()
+        },
+        &|x| {
+            let four = |x: &Tensor, n: usize| x.reshape((b, t, n, hd)).unwrap();
+            ops::attention(
+                &four(&x[0], heads),
+                &four(&x[1], kv_heads),
+                &four(&x[2], kv_heads),
+                &km,
+                None,
+            )
+            .unwrap()
+            .reshape((b, t, heads * hd))
+            .unwrap()
+            .broadcast_mul(&real)
+            .unwrap()
+        },
+        1e-6,
+    );
+    // Widths that do not split into the heads are refused.
+    assert!(ops::attention_flat(&xs[0], &xs[1], &xs[2], (5, 2), &km, None).is_err());
+}
+
+#[test]
 fn attention_gives_padding_rows_zeros_and_no_nan() {
     let mask = Mask::left_padded(&[1], 4);
     let km = mask.key_mask();
@@ -250,31 +290,79 @@ fn attention_with_rope_inside_matches_rope_then_attention() {
 }
 
 #[test]
-fn linear_matches_matmul_and_gives_the_weight_no_gradient() {
+fn linear_with_lora_and_dropout_matches_the_composed_ops_and_gives_the_weight_no_gradient() {
+    use rand::SeedableRng;
     let x = randn(&[2, 3, 12], 1);
     let w = randn(&[5, 12], 2);
     let b = randn(&[5], 3);
-    let low = randn(&[6, 4], 4);
+    let a = randn(&[4, 12], 4);
     let bm = randn(&[5, 4], 5);
-    let fused = |t: &[Tensor]| ops::linear(&t[0], &w, Some(&b), Some((&t[1], &t[2]))).unwrap();
-    let reference = |t: &[Tensor]| {
-        (t[0]
-            .reshape((6, 12))
+    let scaling = 2.0;
+    // The same draws on both sides: the fused op applies the mask itself.
+    let rng = || rand_chacha::ChaCha8Rng::seed_from_u64(7);
+    for p in [0.0, 0.3] {
+        let fused = |t: &[Tensor]| {
+            let dropout = (p > 0.0).then(|| ops::dropout_mask(72, p, &mut rng()).unwrap());
+            let lora = ops::LoraPath {
+                a: &t[1],
+                b: &t[2],
+                scaling,
+                dropout,
+            };
+            ops::linear(&t[0], &w, Some(&b), Some(lora)).unwrap()
+        };
+        let reference = |t: &[Tensor]| {
+            let flat = t[0].reshape((6, 12)).unwrap();
+            let xd = if p > 0.0 {
+                ops::dropout(&flat, p, &mut rng()).unwrap()
+            } else {
+                flat.clone()
+            };
+            let low = (xd.matmul(&t[1].t().unwrap()).unwrap() * scaling).unwrap();
+            (flat
+                .matmul(&w.t().unwrap())
+                .unwrap()
+                .broadcast_add(&b)
+                .unwrap()
+                + low.matmul(&t[2].t().unwrap()).unwrap())
             .unwrap()
-            .matmul(&w.t().unwrap())
+            .reshape((2, 3, 5))
             .unwrap()
-            .broadcast_add(&b)
+        };
+        compare(
+            &[x.clone(), a.clone(), bm.clone()],
+            &fused,
+            &reference,
+            1e-5,
+        );
+    }
+    // The mask is really applied: some inputs drop out of the LoRA term.
+    let lora_term = |dropout| {
+        let lora = ops::LoraPath {
+            a: &a,
+            b: &bm,
+            scaling,
+            dropout,
+        };
+        (ops::linear(&x, &w, None, Some(lora)).unwrap() - ops::linear(&x, &w, None, None).unwrap())
             .unwrap()
-            + t[1].matmul(&t[2].t().unwrap()).unwrap())
-        .unwrap()
-        .reshape((2, 3, 5))
-        .unwrap()
     };
-    compare(&[x.clone(), low, bm], &fused, &reference, 1e-5);
+    let kept = lora_term(None);
+    let dropped = lora_term(Some(ops::dropout_mask(72, 0.5, &mut rng()).unwrap()));
+    assert!(max_diff(&kept, &dropped) > 1e-3);
+    // A mask for another input size is refused.
+    let wrong = ops::LoraPath {
+        a: &a,
+        b: &bm,
+        scaling,
+        dropout: Some(ops::dropout_mask(72 + 64, 0.5, &mut rng()).unwrap()),
+    };
+    assert!(ops::linear(&x, &w, None, Some(wrong)).is_err());
     // Without LoRA and bias too; a frozen weight gets nothing.
     let wv = Var::from_tensor(&w).unwrap();
     let xv = Var::from_tensor(&x).unwrap();
     let y = ops::linear(xv.as_tensor(), wv.as_tensor(), None, None).unwrap();
+    assert_eq!(y.dims(), &[2, 3, 5]);
     let want = x.reshape((6, 12)).unwrap().matmul(&w.t().unwrap()).unwrap();
     assert!(max_diff(&y.reshape((6, 5)).unwrap(), &want) < 1e-5);
     let g = y.sum_all().unwrap().backward().unwrap();
