@@ -41,7 +41,7 @@ if [ -n "${BASELINE_BIN:-}" ]; then
   for dt in $DTYPES; do
     echo "collm baseline ($BASELINE_BIN), $dt ..." >&2
     /usr/bin/time -f %M -o "$LOG/baseline-$dt.rss" env RAYON_NUM_THREADS=$THREADS \
-      "$BASELINE_BIN" bench llm --plan "$PLAN" --dtype "$dt" --steps "$STEPS" --warm "$WARM" \
+      "$BASELINE_BIN" bench llm --plan "$PLAN" --dtype "$dt" --steps "$STEPS" --warm "$WARM" --json \
       > "$LOG/baseline-$dt.jsonl" || echo "baseline $dt failed" >&2
   done
 fi

@@ -137,9 +137,9 @@ pub fn measure(b: &LlmBench, device: &Device) -> Result<LlmBenchRow> {
             train: Some(&ctx),
             grad: true,
         };
-        let h = dec.forward(&emb, &mask, &pass)?;
+        let h = dec.forward_at(&emb, &mask, &pass, &mask.last_positions())?;
         let yes = dec
-            .token_logits(&h, &mask.last_positions(), &[3], &pass)?
+            .token_logits(&h, &vec![0; batch], &[3], &pass)?
             .squeeze(1)?;
         let loss = collm_nn::layers::bce_with_logits(&yes, &labels)?;
         lap(1, &mut t)?;
@@ -170,8 +170,8 @@ pub fn measure(b: &LlmBench, device: &Device) -> Result<LlmBenchRow> {
             train: None,
             grad: false,
         };
-        let h = dec.forward(&emb, &mask, &pass)?;
-        dec.token_logits(&h, &last, &[4, 3], &pass)?
+        let h = dec.forward_at(&emb, &mask, &pass, &last)?;
+        dec.token_logits(&h, &vec![0; batch], &[4, 3], &pass)?
             .to_vec2::<f32>()?;
         Ok(())
     };

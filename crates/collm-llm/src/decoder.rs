@@ -22,7 +22,7 @@ use crate::lora::{Lora, Module};
 use crate::ops::{self, composed, KeyMask, RopeTables};
 use anyhow::{bail, Result};
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CudaStorage, CustomOp2, DType, Device, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CudaStorage, CustomOp2, DType, Device, Layout, Shape, Tensor, D};
 use collm_nn::TrainCtx;
 use rand::Rng;
 
@@ -188,6 +188,49 @@ impl Pass<'_> {
     }
 }
 
+/// One position per batch row of a (B, T, ·) activation, for the last block of
+/// [`Decoder::forward_at`]: row `r`'s position is `flat[r] - r·seq`.
+struct Rows {
+    seq: usize,
+    /// `r·seq + position`: the rows' indices in the (B·T, ·) activation.
+    flat: Vec<usize>,
+}
+
+impl Rows {
+    fn new(seq: usize, positions: &[usize]) -> Self {
+        Self {
+            seq,
+            flat: positions
+                .iter()
+                .enumerate()
+                .map(|(r, &p)| r * seq + p)
+                .collect(),
+        }
+    }
+
+    /// B·T: the rows of the whole activation.
+    fn all(&self) -> usize {
+        self.flat.len() * self.seq
+    }
+
+    fn index(&self, dev: &Device) -> Result<Tensor> {
+        let idx: Vec<u32> = self.flat.iter().map(|&i| i as u32).collect();
+        Ok(Tensor::from_vec(idx, self.flat.len(), dev)?)
+    }
+
+    /// The chosen rows of `x` (B, T, …) as (B, 1, …).
+    fn pick(&self, x: &Tensor) -> Result<Tensor> {
+        let dims = x.dims();
+        let mut flat = vec![self.all()];
+        flat.extend_from_slice(&dims[2..]);
+        let mut out = vec![self.flat.len(), 1];
+        out.extend_from_slice(&dims[2..]);
+        Ok(x.reshape(flat)?
+            .index_select(&self.index(x.device())?, 0)?
+            .reshape(out)?)
+    }
+}
+
 /// What every layer of one forward pass shares: the pass, the path, the mask and the RoPE
 /// tables in the form that path uses.
 struct Ctx<'a> {
@@ -320,6 +363,13 @@ impl Linear {
 
     /// `x` (B, T, in) → (B, T, out).
     fn forward(&self, x: &Tensor, ctx: &Ctx) -> Result<Tensor> {
+        self.forward_rows(x, ctx, None)
+    }
+
+    /// [`Linear::forward`]; with `rows`, `x` (B, 1, in) holds only those rows of a (B, T, in)
+    /// input, and LoRA dropout draws for all B·T positions and keeps those rows' draws (the
+    /// masks a whole pass would apply there).
+    fn forward_rows(&self, x: &Tensor, ctx: &Ctx, rows: Option<&Rows>) -> Result<Tensor> {
         let pass = ctx.pass;
         let site = pass
             .lora
@@ -335,7 +385,15 @@ impl Linear {
                     } else {
                         (a.detach(), bm.detach())
                     };
-                    let dropout = ctx.dropout_mask(x.elem_count(), lora.config.dropout)?;
+                    let p = lora.config.dropout;
+                    let dropout = match rows {
+                        None => ctx.dropout_mask(x.elem_count(), p)?,
+                        Some(r) => {
+                            let width = x.dim(D::Minus1)?;
+                            ctx.dropout_mask(r.all() * width, p)?
+                                .map(|m| m.rows(&r.flat, width))
+                        }
+                    };
                     Some((a, bm, lora.config.scaling(), dropout))
                 }
                 None => None,
@@ -359,7 +417,18 @@ impl Linear {
                 } else {
                     (a.detach(), bm.detach())
                 };
-                let xin = ctx.dropout(&flat, lora.config.dropout)?;
+                let p = lora.config.dropout;
+                let xin = match rows {
+                    Some(r) if pass.train.is_some() && p > 0.0 => {
+                        // The whole pass's mask, drawn over ones, at the chosen rows.
+                        let ones = Tensor::ones((r.all(), fan_in), flat.dtype(), flat.device())?;
+                        (&flat
+                            * ctx
+                                .dropout(&ones, p)?
+                                .index_select(&r.index(x.device())?, 0)?)?
+                    }
+                    _ => ctx.dropout(&flat, p)?,
+                };
                 let low = (xin.to_dtype(a.dtype())?.matmul(&a.t()?)? * lora.config.scaling())?;
                 Some((low, bm))
             }
@@ -498,6 +567,43 @@ impl Attention {
     }
 }
 
+impl Attention {
+    /// The attention output (B, 1, hidden) at `rows` only: `x` (B, T, hidden) is the normed
+    /// input at every position (keys and values need them all), `x_rows` the same at `rows`
+    /// (B, 1, hidden); `bias` (B, 1, 1, T) masks each row's keys (padding, and causally
+    /// after its position).
+    fn forward_at(
+        &self,
+        x: &Tensor,
+        x_rows: &Tensor,
+        ctx: &Ctx,
+        rows: &Rows,
+        bias: &Tensor,
+    ) -> Result<Tensor> {
+        let (b, t, _) = x.dims3()?;
+        let (nh, nkv, hd) = (self.heads, self.kv_heads, self.head_dim);
+        // q first: LoRA dropout draws in the order of a whole pass.
+        let q = self
+            .q
+            .forward_rows(x_rows, ctx, Some(rows))?
+            .reshape((b, 1, nh, hd))?;
+        let k = self.k.forward(x, ctx)?.reshape((b, t, nkv, hd))?;
+        let v = self.v.forward(x, ctx)?.reshape((b, t, nkv, hd))?;
+        let (q, k) = match &ctx.attn {
+            Attn::Fused { rope, .. } => {
+                (ops::rope(&q, &rope.rows(&rows.flat))?, ops::rope(&k, rope)?)
+            }
+            Attn::Composed { cos, sin, .. } => (
+                composed::rope(&q, &rows.pick(cos)?, &rows.pick(sin)?)?,
+                composed::rope(&k.contiguous()?, cos, sin)?,
+            ),
+            Attn::Cached { .. } => bail!("a suffix pass reads every position"),
+        };
+        let out = composed::attention_rows(&q, &k, &v, bias)?;
+        self.o.forward_rows(&out, ctx, Some(rows))
+    }
+}
+
 struct Mlp {
     gate: Linear,
     up: Linear,
@@ -516,15 +622,15 @@ impl Mlp {
         })
     }
 
-    fn forward(&self, x: &Tensor, ctx: &Ctx) -> Result<Tensor> {
-        let gate = self.gate.forward(x, ctx)?;
-        let up = self.up.forward(x, ctx)?;
+    fn forward(&self, x: &Tensor, ctx: &Ctx, rows: Option<&Rows>) -> Result<Tensor> {
+        let gate = self.gate.forward_rows(x, ctx, rows)?;
+        let up = self.up.forward_rows(x, ctx, rows)?;
         let act = if ctx.fused {
             ops::swiglu(&gate, &up)?
         } else {
             composed::swiglu(&gate, &up)?
         };
-        self.down.forward(&act, ctx)
+        self.down.forward_rows(&act, ctx, rows)
     }
 }
 
@@ -556,7 +662,23 @@ impl Block {
         let x = (x + self
             .attn
             .forward(&ctx.rms_norm(x, &self.input_norm)?, ctx, keep)?)?;
-        Ok((&x + self.mlp.forward(&ctx.rms_norm(&x, &self.post_norm)?, ctx)?)?)
+        Ok((&x
+            + self
+                .mlp
+                .forward(&ctx.rms_norm(&x, &self.post_norm)?, ctx, None)?)?)
+    }
+
+    /// The block's output (B, 1, hidden) at `rows` only (see [`Attention::forward_at`]).
+    fn forward_at(&self, x: &Tensor, ctx: &Ctx, rows: &Rows, bias: &Tensor) -> Result<Tensor> {
+        let normed = ctx.rms_norm(x, &self.input_norm)?;
+        let a = self
+            .attn
+            .forward_at(&normed, &rows.pick(&normed)?, ctx, rows, bias)?;
+        let x = (rows.pick(x)? + a)?;
+        let m = self
+            .mlp
+            .forward(&ctx.rms_norm(&x, &self.post_norm)?, ctx, Some(rows))?;
+        Ok((&x + m)?)
     }
 }
 
@@ -752,22 +874,61 @@ impl Decoder {
     /// unspecified (no real position reads them).
     pub fn forward(&self, embeds: &Tensor, mask: &Mask, pass: &Pass) -> Result<Tensor> {
         Self::check_mask(embeds, mask)?;
-        self.run_blocks(embeds, &self.ctx(mask, pass)?, None)
+        self.run_blocks(embeds, &self.ctx(mask, pass)?, None, &self.blocks)
     }
 
-    /// Every block over `embeds`; with `keep`, each layer's keys and values too.
+    /// The hidden states (B, 1, hidden) at one position per row, before the final norm:
+    /// those of [`Decoder::forward`] there, with the last block computing only those rows
+    /// (their queries, attention, projections and MLP; keys and values at every position).
+    /// LoRA dropout draws what a whole pass draws. This is how scores and train steps read
+    /// the last position: ~1/layers of the work saved.
+    pub fn forward_at(
+        &self,
+        embeds: &Tensor,
+        mask: &Mask,
+        pass: &Pass,
+        positions: &[usize],
+    ) -> Result<Tensor> {
+        Self::check_mask(embeds, mask)?;
+        let (b, t) = (mask.batch, mask.seq);
+        if positions.len() != b || positions.iter().any(|&p| p >= t) {
+            bail!("forward_at: positions {positions:?} for {b} rows of {t}");
+        }
+        let rows = Rows::new(t, positions);
+        let ctx = self.ctx(mask, pass)?;
+        let Some((last, rest)) = self.blocks.split_last() else {
+            return rows.pick(&self.run_blocks(embeds, &ctx, None, &[])?);
+        };
+        let x = self.run_blocks(embeds, &ctx, None, rest)?;
+        // Each row's real keys up to its position.
+        let bias: Vec<f32> = (0..b * t)
+            .map(|i| {
+                let ok = mask.data[i] == 1 && i % t <= positions[i / t];
+                if ok {
+                    0.0
+                } else {
+                    -1e9
+                }
+            })
+            .collect();
+        let bias = Tensor::from_vec(bias, (b, 1, 1, t), &self.device)?.to_dtype(self.dtype)?;
+        last.forward_at(&x, &ctx, &rows, &bias)
+    }
+
+    /// `blocks` over `embeds`; with `keep`, each layer's keys and values too.
     fn run_blocks(
         &self,
         embeds: &Tensor,
         ctx: &Ctx,
         mut keep: Option<&mut Vec<(Tensor, Tensor)>>,
+        blocks: &[Block],
     ) -> Result<Tensor> {
         let mut x = embeds.to_dtype(self.dtype)?;
         if !ctx.pass.needs_grad() {
             // Scoring never builds a backward graph, even over injected (trainable) inputs.
             x = x.detach();
         }
-        for block in &self.blocks {
+        for block in blocks {
             x = block.forward(&x, ctx, keep.as_deref_mut())?;
         }
         Ok(x)
@@ -782,7 +943,7 @@ impl Decoder {
         }
         Self::check_mask(embeds, mask)?;
         let mut kv = Vec::with_capacity(self.blocks.len());
-        self.run_blocks(embeds, &self.ctx(mask, pass)?, Some(&mut kv))?;
+        self.run_blocks(embeds, &self.ctx(mask, pass)?, Some(&mut kv), &self.blocks)?;
         // Per prefix: its real positions (wherever the padding is), as (kv_heads, hd, Tp)
         // keys and (kv_heads, Tp, hd) values, the layouts the suffix attention multiplies.
         let mut prefixes = Vec::with_capacity(mask.batch);
@@ -866,7 +1027,7 @@ impl Decoder {
                 groups,
             },
         };
-        self.run_blocks(embeds, &ctx, None)
+        self.run_blocks(embeds, &ctx, None, &self.blocks)
     }
 
     /// Final-normed hidden states at one position per row, (B, hidden).

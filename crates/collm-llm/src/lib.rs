@@ -71,8 +71,8 @@ impl Backbone {
         let dec = &self.decoder;
         let emb = dec.embed(&ids)?.unsqueeze(0)?;
         let mask = Mask::left_padded(&[ids.len()], ids.len());
-        let h = dec.forward(&emb, &mask, &Pass::inference())?;
-        let logits = dec.vocab_logits(&h, &[ids.len() - 1])?.to_vec2::<f32>()?;
+        let h = dec.forward_at(&emb, &mask, &Pass::inference(), &[ids.len() - 1])?;
+        let logits = dec.vocab_logits(&h, &[0])?.to_vec2::<f32>()?;
         let row = &logits[0];
         let mut order: Vec<usize> = (0..row.len()).collect();
         order.sort_by(|&x, &y| row[y].total_cmp(&row[x]));

@@ -341,6 +341,23 @@ impl RopeTables {
     }
 }
 
+impl RopeTables {
+    /// The tables of some rows: row `k` of the result is row `rows[k]` of these.
+    pub fn rows(&self, rows: &[usize]) -> Self {
+        let pick = |t: &[f32]| -> Vec<f32> {
+            rows.iter()
+                .flat_map(|&r| t[r * self.half..(r + 1) * self.half].iter().copied())
+                .collect()
+        };
+        Self {
+            cos: Arc::new(pick(&self.cos)),
+            sin: Arc::new(pick(&self.sin)),
+            half: self.half,
+            rows: rows.len(),
+        }
+    }
+}
+
 struct Rope {
     t: RopeTables,
     /// Rotate backwards (the backward pass of a forward rotation).
@@ -963,6 +980,24 @@ impl DropMask {
         let mut y = vec![0f32; x.len()];
         self.apply_into(x, &mut y, false);
         y
+    }
+
+    /// The mask of some rows of a (rows × `width`) input: row `k` of the result is row
+    /// `rows[k]` of this one.
+    pub fn rows(&self, rows: &[usize], width: usize) -> DropMask {
+        let mut keep = vec![0u64; (rows.len() * width).div_ceil(64)];
+        for (k, &r) in rows.iter().enumerate() {
+            for j in 0..width {
+                let (src, dst) = (r * width + j, k * width + j);
+                if self.keep[src / 64] >> (src % 64) & 1 == 1 {
+                    keep[dst / 64] |= 1 << (dst % 64);
+                }
+            }
+        }
+        DropMask {
+            keep: Arc::new(keep),
+            scale: self.scale,
+        }
     }
 
     /// `y (+)= x ⊙ mask · scale`.
@@ -1588,6 +1623,22 @@ pub mod composed {
     }
 
     /// `q` (B, T, heads, hd), `k`, `v` (B, T, kv_heads, hd) → (B, T, heads, hd).
+    /// Attention of one query per row, `q` (B, 1, heads, hd), over `k`, `v` (B, T, kv_heads,
+    /// hd) with an additive `bias` (B, 1, 1, T); returns (B, 1, heads·hd). What the last
+    /// block needs when only one position per row is read ([`crate::Decoder::forward_at`]):
+    /// B·heads·T scores, small enough for plain candle ops and their backward.
+    pub fn attention_rows(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor) -> Result<Tensor> {
+        let (b, _, nh, hd) = q.dims4()?;
+        let nkv = k.dim(2)?;
+        // Query head h = g·rep + i reads kv head g: (B, nkv, rep, hd) against (B, nkv, T, hd).
+        let q = q.reshape((b, nkv, nh / nkv, hd))?;
+        let k = k.transpose(1, 2)?.contiguous()?;
+        let v = v.transpose(1, 2)?.contiguous()?;
+        let scores = (q.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?.broadcast_add(bias)?;
+        let att = candle_nn::ops::softmax(&scores, D::Minus1)?;
+        att.matmul(&v)?.reshape((b, 1, nh * hd))
+    }
+
     pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor) -> Result<Tensor> {
         let (b, t, nh, hd) = q.dims4()?;
         let nkv = k.dim(2)?;

@@ -243,12 +243,12 @@ impl CoLlm {
         }
     }
 
-    /// The click score from the decoder's hidden states: the " Yes" logit at each row's last
-    /// position (or Yes − No), minus `score_offset`. Shape (B,).
-    fn score_hidden(&self, h: &Tensor, mask: &Mask, pass: &Pass) -> Result<Tensor> {
+    /// The click score from the decoder's hidden states: the " Yes" logit at each row's
+    /// `positions` (its last: see [`Decoder::forward_at`]) (or Yes − No), minus
+    /// `score_offset`. Shape (B,).
+    fn score_hidden(&self, h: &Tensor, positions: &[usize], pass: &Pass) -> Result<Tensor> {
         let dec = &self.backbone.decoder;
-        let logits =
-            dec.token_logits(h, &mask.last_positions(), &[self.yes_id, self.no_id], pass)?;
+        let logits = dec.token_logits(h, positions, &[self.yes_id, self.no_id], pass)?;
         let yes = logits.narrow(1, 0, 1)?.squeeze(1)?;
         let raw = if self.config.model.score == crate::experiment::Score::YesMinusNo {
             (yes - logits.narrow(1, 1, 1)?.squeeze(1)?)?
@@ -281,8 +281,12 @@ impl CoLlm {
             },
             grad,
         };
-        let h = self.backbone.decoder.forward(&emb, &mask, &pass)?;
-        self.score_hidden(&h, &mask, &pass)
+        let last = mask.last_positions();
+        let h = self
+            .backbone
+            .decoder
+            .forward_at(&emb, &mask, &pass, &last)?;
+        self.score_hidden(&h, &vec![0; last.len()], &pass)
     }
 
     /// Where a prompt is split for shared-prefix scoring: at the start of its target part, or
@@ -387,7 +391,7 @@ impl CoLlm {
                 let (se, sm) = self.embed_encoded(&suffix_enc, slots.as_ref())?;
                 let h = dec.forward_cached(&se, &sm, &cache, &runs, &pass)?;
                 let s = self
-                    .score_hidden(&h, &sm, &pass)?
+                    .score_hidden(&h, &sm.last_positions(), &pass)?
                     .to_dtype(DType::F32)?
                     .to_vec1::<f32>()?;
                 for (&(_, r), v) in chunk.iter().zip(s) {
