@@ -167,6 +167,56 @@ fn matmul(
     }
 }
 
+/// `lhs (m×k) · rhs (k×n)` into a new (m×n) row-major buffer that is never zeroed first (a
+/// zeroing pass costs as much as an element-wise op): the kernel, told not to read its
+/// destination, writes every element before `set_len` exposes them.
+#[allow(clippy::too_many_arguments)]
+fn matmul_new(
+    m: usize,
+    n: usize,
+    k: usize,
+    lhs: &[f32],
+    (lhs_rs, lhs_cs): (usize, usize),
+    rhs: &[f32],
+    (rhs_rs, rhs_cs): (usize, usize),
+    par: gemm::Parallelism,
+) -> Vec<f32> {
+    if m == 0 || n == 0 || k == 0 {
+        return vec![0f32; m * n];
+    }
+    assert!(lhs.len() > (m - 1) * lhs_rs + (k - 1) * lhs_cs);
+    assert!(rhs.len() > (k - 1) * rhs_rs + (n - 1) * rhs_cs);
+    let mut dst: Vec<f32> = Vec::with_capacity(m * n);
+    // SAFETY: the operands' bounds are checked above and `dst` has room for m×n elements;
+    // with `read_dst == false` gemm only writes `dst`, every element of it (k > 0), so all
+    // m×n are initialised when the length is set.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            false,
+            lhs.as_ptr(),
+            lhs_cs as isize,
+            lhs_rs as isize,
+            rhs.as_ptr(),
+            rhs_cs as isize,
+            rhs_rs as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            par,
+        );
+        dst.set_len(m * n);
+    }
+    dst
+}
+
 /// This machine's f32 matmul rate in GFLOP/s, measured with the kernel and thread pool that
 /// [`linear`] uses, on a projection's shapes: `x (m×k) · Wᵀ` with `W` stored (n, k), as the
 /// forward pass runs it, and `g (m×n) · W` as the backward pass does; the mean of both, best
@@ -977,9 +1027,11 @@ pub struct DropMask {
 impl DropMask {
     /// `x ⊙ mask · scale`, element-wise over a flat slice of the mask's length.
     fn apply(&self, x: &[f32]) -> Vec<f32> {
-        let mut y = vec![0f32; x.len()];
-        self.apply_into(x, &mut y, false);
-        y
+        // Branch-free, collected in place (an indexed iterator: no zeroing pass first).
+        x.par_iter()
+            .enumerate()
+            .map(|(i, x)| x * ((self.keep[i / 64] >> (i % 64) & 1) as f32 * self.scale))
+            .collect()
     }
 
     /// The mask of some rows of a (rows × `width`) input: row `k` of the result is row
@@ -1008,8 +1060,8 @@ impl DropMask {
             .for_each(|(c, (y, x))| {
                 let w0 = c * (1 << 14) / 64;
                 for (i, (y, x)) in y.iter_mut().zip(x).enumerate() {
-                    let keep = self.keep[w0 + i / 64] >> (i % 64) & 1 == 1;
-                    let v = if keep { x * self.scale } else { 0.0 };
+                    let keep = (self.keep[w0 + i / 64] >> (i % 64) & 1) as f32;
+                    let v = x * (keep * self.scale);
                     *y = if accumulate { *y + v } else { v };
                 }
             });
@@ -1284,20 +1336,16 @@ impl FrozenLinear {
             bail!("linear: input {dims:?} for a weight of ({fan_out}, {fan_in})");
         }
         let n = xs.len() / fan_in;
-        let mut y = vec![0f32; n * fan_out];
         let (ws, wl) = self.w.storage_and_layout();
         let Storage::Cpu(wc) = &*ws else {
             bail!("linear: CPU weight expected");
         };
         let w = as_f32(wc, wl)?;
         // y (n×out) = x (n×in) · Wᵀ (in×out: element (i, o) at o·in + i)
-        matmul(
+        let mut y = matmul_new(
             n,
             fan_out,
             fan_in,
-            &mut y,
-            fan_out,
-            false,
             &xs,
             (fan_in, 1),
             &w,
@@ -1362,22 +1410,17 @@ impl FrozenLinear {
                 x.shape()
             );
         }
-        let mut dx = vec![0f32; n * fan_in];
         // dx (n×in) = g (n×out) · W (out×in)
-        matmul(
+        Ok(matmul_new(
             n,
             fan_in,
             fan_out,
-            &mut dx,
-            fan_in,
-            false,
             g,
             (fan_out, 1),
             &w,
             (fan_in, 1),
             pool_parallelism(),
-        );
-        Ok(dx)
+        ))
     }
 }
 
