@@ -502,8 +502,15 @@ impl CustomOp2 for SwiGlu {
         y.par_chunks_mut(CHUNK)
             .zip(g.par_chunks(CHUNK).zip(u.par_chunks(CHUNK)))
             .for_each(|(y, (g, u))| {
-                for ((y, g), u) in y.iter_mut().zip(g).zip(u) {
-                    *y = round(g * sigmoid(*g), dtype) * u;
+                // The dtype test outside the loops, so that they vectorize.
+                if dtype == DType::BF16 {
+                    for ((y, g), u) in y.iter_mut().zip(g).zip(u) {
+                        *y = round(g * sigmoid(*g), dtype) * u;
+                    }
+                } else {
+                    for ((y, g), u) in y.iter_mut().zip(g).zip(u) {
+                        *y = g * sigmoid(*g) * u;
+                    }
                 }
             });
         Ok((from_f32(y, dtype)?, gl.shape().clone()))
@@ -542,6 +549,195 @@ impl CustomOp2 for SwiGlu {
 /// `silu(gate) * up`.
 pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     gate.contiguous()?.apply_op2(&up.contiguous()?, SwiGlu)
+}
+
+// ---------------------------------------------------------------------------------------------
+// MLP
+// ---------------------------------------------------------------------------------------------
+
+/// An MLP's gate and up projections from its forward pass, kept for the backward pass.
+type GateUp = Arc<(Vec<f32>, Vec<f32>)>;
+
+struct Mlp {
+    /// (inter, hidden), (inter, hidden) and (hidden, inter), in the compute dtype; frozen.
+    gate: Tensor,
+    up: Tensor,
+    down: Tensor,
+    /// Keep gate and up for the backward pass (a graph is being built).
+    keep: bool,
+    saved: std::sync::Mutex<Option<GateUp>>,
+}
+
+impl Mlp {
+    /// `x Wgᵀ` and `x Wuᵀ` for `x` (n×hidden), rounded to `dtype` as separate projections
+    /// would store them.
+    fn gate_up(&self, x: &[f32], n: usize, dtype: DType) -> Result<(Vec<f32>, Vec<f32>)> {
+        let (inter, h) = self.gate.dims2()?;
+        cpu_f32!(self.gate => wg);
+        cpu_f32!(self.up => wu);
+        let proj = |w: &[f32]| {
+            let mut y = matmul_new(n, inter, h, x, (h, 1), w, (1, h), pool_parallelism());
+            if dtype == DType::BF16 {
+                y.par_iter_mut().for_each(|v| *v = round(*v, dtype));
+            }
+            y
+        };
+        Ok((proj(&wg), proj(&wu)))
+    }
+}
+
+impl CustomOp1 for Mlp {
+    fn name(&self) -> &'static str {
+        "fused-mlp"
+    }
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let dtype = s.dtype();
+        let x = as_f32(s, l)?;
+        let (inter, h) = self.gate.dims2()?;
+        if l.shape().dims().last() != Some(&h)
+            || self.up.dims() != [inter, h]
+            || self.down.dims() != [h, inter]
+        {
+            bail!(
+                "mlp: input {:?} for gate {:?}, up {:?}, down {:?}",
+                l.shape(),
+                self.gate.shape(),
+                self.up.shape(),
+                self.down.shape()
+            );
+        }
+        let n = x.len() / h;
+        let (g, u) = self.gate_up(&x, n, dtype)?;
+        // As the separate SwiGLU op: silu(gate) rounded, times up, the product rounded.
+        let mut act = vec![0f32; g.len()];
+        const CHUNK: usize = 4096;
+        act.par_chunks_mut(CHUNK)
+            .zip(g.par_chunks(CHUNK).zip(u.par_chunks(CHUNK)))
+            .for_each(|(a, (g, u))| {
+                // The dtype test outside the loops, so that they vectorize.
+                if dtype == DType::BF16 {
+                    for ((a, g), u) in a.iter_mut().zip(g).zip(u) {
+                        *a = round(round(g * sigmoid(*g), dtype) * u, dtype);
+                    }
+                } else {
+                    for ((a, g), u) in a.iter_mut().zip(g).zip(u) {
+                        *a = g * sigmoid(*g) * u;
+                    }
+                }
+            });
+        cpu_f32!(self.down => wd);
+        let y = matmul_new(
+            n,
+            h,
+            inter,
+            &act,
+            (inter, 1),
+            &wd,
+            (1, inter),
+            pool_parallelism(),
+        );
+        if self.keep {
+            *self.saved.lock().expect("mlp state") = Some(Arc::new((g, u)));
+        }
+        Ok((from_f32(y, dtype)?, l.shape().clone()))
+    }
+
+    /// `da = g Wd`, through SwiGLU to `dgate` and `dup`, then `dx = dgate Wg + dup Wu`; each
+    /// intermediate rounded to the compute dtype as the separate ops' outputs would be.
+    fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let dtype = x.dtype();
+        let saved = self.saved.lock().expect("mlp state").clone();
+        let Some(saved) = saved else {
+            bail!("mlp: the forward pass kept nothing for a backward pass");
+        };
+        let (g, u) = (&saved.0, &saved.1);
+        let (inter, h) = self.gate.dims2()?;
+        cpu_f32!(grad => d);
+        let n = d.len() / h;
+        cpu_f32!(self.down => wd);
+        // da (n×inter) = d (n×hidden) · Wd (hidden×inter)
+        let da = matmul_new(
+            n,
+            inter,
+            h,
+            &d,
+            (h, 1),
+            &wd,
+            (inter, 1),
+            pool_parallelism(),
+        );
+        let mut dg = vec![0f32; da.len()];
+        let mut du = vec![0f32; da.len()];
+        const CHUNK: usize = 4096;
+        dg.par_chunks_mut(CHUNK)
+            .zip(du.par_chunks_mut(CHUNK))
+            .zip(
+                da.par_chunks(CHUNK)
+                    .zip(g.par_chunks(CHUNK))
+                    .zip(u.par_chunks(CHUNK)),
+            )
+            .for_each(|((dg, du), ((da, g), u))| {
+                if dtype == DType::BF16 {
+                    // As the separate ops: their input gradient and outputs in bf16.
+                    for i in 0..da.len() {
+                        let d = round(da[i], dtype);
+                        let s = sigmoid(g[i]);
+                        dg[i] = round(d * u[i] * s * (1.0 + g[i] * (1.0 - s)), dtype);
+                        du[i] = round(d * g[i] * s, dtype);
+                    }
+                } else {
+                    for i in 0..da.len() {
+                        let s = sigmoid(g[i]);
+                        dg[i] = da[i] * u[i] * s * (1.0 + g[i] * (1.0 - s));
+                        du[i] = da[i] * g[i] * s;
+                    }
+                }
+            });
+        cpu_f32!(self.gate => wg);
+        cpu_f32!(self.up => wu);
+        // dx (n×hidden) = dgate · Wg + dup · Wu, W (inter×hidden)
+        let mut dx = matmul_new(
+            n,
+            h,
+            inter,
+            &dg,
+            (inter, 1),
+            &wg,
+            (h, 1),
+            pool_parallelism(),
+        );
+        matmul(
+            n,
+            h,
+            inter,
+            &mut dx,
+            h,
+            true,
+            &du,
+            (inter, 1),
+            &wu,
+            (h, 1),
+            pool_parallelism(),
+        );
+        Ok(Some(tensor_from(dx, x)?))
+    }
+}
+
+/// A whole LLaMA MLP, `silu(x Wgᵀ) ⊙ (x Wuᵀ)` then `· Wdᵀ`, for frozen weights `gate`, `up`
+/// (inter, hidden) and `down` (hidden, inter), as one op: `x` (…, hidden) → (…, hidden). Its
+/// backward gives `x` its gradient and keeps only the gate and up activations (no separate
+/// SwiGLU output, and none of the intermediate gradients that separate ops would pass
+/// through candle's backward, each a full-size zeros-and-add there).
+pub fn mlp(x: &Tensor, gate: &Tensor, up: &Tensor, down: &Tensor) -> Result<Tensor> {
+    let x = x.contiguous()?;
+    let op = Mlp {
+        gate: gate.contiguous()?,
+        up: up.contiguous()?,
+        down: down.contiguous()?,
+        keep: x.track_op(),
+        saved: std::sync::Mutex::new(None),
+    };
+    x.apply_op1(op)
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -371,6 +371,52 @@ fn linear_with_lora_and_dropout_matches_the_composed_ops_and_gives_the_weight_no
 }
 
 #[test]
+fn mlp_matches_the_separate_ops_and_the_composed_ones() {
+    let x = randn(&[2, 3, 12], 1);
+    let (wg, wu, wd) = (
+        (randn(&[20, 12], 2) * 0.5).unwrap(),
+        (randn(&[20, 12], 3) * 0.5).unwrap(),
+        (randn(&[12, 20], 4) * 0.5).unwrap(),
+    );
+    let fused = |t: &[Tensor]| ops::mlp(&t[0], &wg, &wu, &wd).unwrap();
+    let composed = |t: &[Tensor]| {
+        let proj = |x: &Tensor, w: &Tensor| x.broadcast_matmul(&w.t().unwrap()).unwrap();
+        let act = composed::swiglu(&proj(&t[0], &wg), &proj(&t[0], &wu)).unwrap();
+        proj(&act, &wd)
+    };
+    compare(std::slice::from_ref(&x), &fused, &composed, 1e-5);
+    // The same as the separate fused ops, and bf16 follows f32.
+    let separate = |x: &Tensor, dtype: DType| {
+        let w = |w: &Tensor| w.to_dtype(dtype).unwrap();
+        let act = ops::swiglu(
+            &ops::linear(x, &w(&wg), None, None).unwrap(),
+            &ops::linear(x, &w(&wu), None, None).unwrap(),
+        )
+        .unwrap();
+        ops::linear(&act, &w(&wd), None, None).unwrap()
+    };
+    let sep = separate(&x, DType::F32);
+    assert!(max_diff(&fused(std::slice::from_ref(&x)), &sep) < 1e-6);
+    let grad_of = |dtype: DType| {
+        let xv = Var::from_tensor(&x.to_dtype(dtype).unwrap()).unwrap();
+        let w = |w: &Tensor| w.to_dtype(dtype).unwrap();
+        let y = ops::mlp(xv.as_tensor(), &w(&wg), &w(&wu), &w(&wd)).unwrap();
+        assert_eq!(y.dtype(), dtype);
+        let g = probe(&y.to_dtype(DType::F32).unwrap(), 5).backward().unwrap();
+        let gx = g.get(xv.as_tensor()).unwrap().to_dtype(DType::F32).unwrap();
+        (y.to_dtype(DType::F32).unwrap(), gx)
+    };
+    let (y32, g32) = grad_of(DType::F32);
+    let (y16, g16) = grad_of(DType::BF16);
+    let bf = separate(&x.to_dtype(DType::BF16).unwrap(), DType::BF16);
+    assert_eq!(max_diff(&y16, &bf.to_dtype(DType::F32).unwrap()), 0.0, "bf16 rounds as the separate ops");
+    assert!(max_diff(&y16, &y32) < 0.05, "{}", max_diff(&y16, &y32));
+    assert!(max_diff(&g16, &g32) < 0.05, "{}", max_diff(&g16, &g32));
+    // Weights that do not chain are refused.
+    assert!(ops::mlp(&x, &wg, &wu, &wg).is_err());
+}
+
+#[test]
 fn dropout_draws_what_the_composed_dropout_draws_and_reuses_its_mask_backwards() {
     // More elements than one parallel chunk, and not a multiple of 64.
     let x = Var::from_tensor(&(randn(&[41, 1000], 1) + 3.0).unwrap()).unwrap();
