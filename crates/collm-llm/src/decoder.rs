@@ -624,11 +624,10 @@ impl Mlp {
 
     fn forward(&self, x: &Tensor, ctx: &Ctx, rows: Option<&Rows>) -> Result<Tensor> {
         let parts = [&self.gate, &self.up, &self.down];
-        let adapted = ctx.pass.lora.is_some_and(|l| {
-            parts
-                .iter()
-                .any(|p| l.pair(p.layer, p.module).is_some())
-        });
+        let adapted = ctx
+            .pass
+            .lora
+            .is_some_and(|l| parts.iter().any(|p| l.pair(p.layer, p.module).is_some()));
         if ctx.fused && !adapted && parts.iter().all(|p| p.b.is_none()) {
             // One op for the three projections and SwiGLU (no LoRA here: no dropout draws).
             return Ok(ops::mlp(x, &self.gate.w, &self.up.w, &self.down.w)?);

@@ -656,16 +656,7 @@ impl CustomOp1 for Mlp {
         let n = d.len() / h;
         cpu_f32!(self.down => wd);
         // da (n×inter) = d (n×hidden) · Wd (hidden×inter)
-        let da = matmul_new(
-            n,
-            inter,
-            h,
-            &d,
-            (h, 1),
-            &wd,
-            (inter, 1),
-            pool_parallelism(),
-        );
+        let da = matmul_new(n, inter, h, &d, (h, 1), &wd, (inter, 1), pool_parallelism());
         let mut dg = vec![0f32; da.len()];
         let mut du = vec![0f32; da.len()];
         const CHUNK: usize = 4096;
@@ -821,6 +812,33 @@ impl Attention {
     fn softmax_rows(&self, b: usize, p: &mut [f32]) {
         let t = self.mask.seq;
         let m = &self.mask.data[b * t..(b + 1) * t];
+        // Left or right padding: the real keys are one run [start, end), and query i reads
+        // keys [start, min(i + 1, end)) with no test per key (so the exp loop vectorizes).
+        // The same values, summed in the same order, as the general loop below.
+        let start = m.iter().position(|&x| x == 1).unwrap_or(t);
+        let end = m.iter().rposition(|&x| x == 1).map_or(start, |e| e + 1);
+        if m[start..end].iter().all(|&x| x == 1) {
+            for i in 0..t {
+                let row = &mut p[i * t..(i + 1) * t];
+                let hi = (i + 1).min(end);
+                if hi <= start {
+                    row.fill(0.0);
+                    continue;
+                }
+                let keys = &mut row[start..hi];
+                let max = keys.iter().fold(f32::NEG_INFINITY, |a, &v| a.max(v));
+                for v in keys.iter_mut() {
+                    *v = exp(*v - max);
+                }
+                let inv = 1.0 / keys.iter().sum::<f32>();
+                for v in keys.iter_mut() {
+                    *v *= inv;
+                }
+                row[..start].fill(0.0);
+                row[hi..].fill(0.0);
+            }
+            return;
+        }
         for i in 0..t {
             let row = &mut p[i * t..(i + 1) * t];
             let mut max = f32::NEG_INFINITY;

@@ -240,6 +240,49 @@ fn attention_on_heads_side_by_side_matches_the_4d_op() {
 }
 
 #[test]
+fn attention_matches_composed_with_holes_in_the_mask() {
+    // Not left or right padding: masked keys between real ones (the kernel's general path).
+    let (b, t, heads, kv_heads, hd) = (2, 9, 4, 2, 8);
+    let data = vec![
+        0, 1, 1, 0, 1, 0, 0, 1, 1, //
+        1, 0, 1, 1, 1, 0, 1, 1, 0,
+    ];
+    let real = Tensor::from_vec(
+        data.iter().map(|&m| m as f32).collect::<Vec<_>>(),
+        (b, t, 1, 1),
+        &DEV,
+    )
+    .unwrap();
+    let km = ops::KeyMask {
+        data: std::sync::Arc::new(data),
+        batch: b,
+        seq: t,
+    };
+    let bias = composed::attention_bias(&km, DType::F32, &DEV).unwrap();
+    let xs = [
+        randn(&[b, t, heads, hd], 6),
+        randn(&[b, t, kv_heads, hd], 7),
+        randn(&[b, t, kv_heads, hd], 8),
+    ];
+    compare(
+        &xs,
+        &|x| {
+            ops::attention(&x[0], &x[1], &x[2], &km, None)
+                .unwrap()
+                .broadcast_mul(&real)
+                .unwrap()
+        },
+        &|x| {
+            composed::attention(&x[0], &x[1], &x[2], &bias)
+                .unwrap()
+                .broadcast_mul(&real)
+                .unwrap()
+        },
+        1e-5,
+    );
+}
+
+#[test]
 fn attention_gives_padding_rows_zeros_and_no_nan() {
     let mask = Mask::left_padded(&[1], 4);
     let km = mask.key_mask();
@@ -402,14 +445,20 @@ fn mlp_matches_the_separate_ops_and_the_composed_ones() {
         let w = |w: &Tensor| w.to_dtype(dtype).unwrap();
         let y = ops::mlp(xv.as_tensor(), &w(&wg), &w(&wu), &w(&wd)).unwrap();
         assert_eq!(y.dtype(), dtype);
-        let g = probe(&y.to_dtype(DType::F32).unwrap(), 5).backward().unwrap();
+        let g = probe(&y.to_dtype(DType::F32).unwrap(), 5)
+            .backward()
+            .unwrap();
         let gx = g.get(xv.as_tensor()).unwrap().to_dtype(DType::F32).unwrap();
         (y.to_dtype(DType::F32).unwrap(), gx)
     };
     let (y32, g32) = grad_of(DType::F32);
     let (y16, g16) = grad_of(DType::BF16);
     let bf = separate(&x.to_dtype(DType::BF16).unwrap(), DType::BF16);
-    assert_eq!(max_diff(&y16, &bf.to_dtype(DType::F32).unwrap()), 0.0, "bf16 rounds as the separate ops");
+    assert_eq!(
+        max_diff(&y16, &bf.to_dtype(DType::F32).unwrap()),
+        0.0,
+        "bf16 rounds as the separate ops"
+    );
     assert!(max_diff(&y16, &y32) < 0.05, "{}", max_diff(&y16, &y32));
     assert!(max_diff(&g16, &g32) < 0.05, "{}", max_diff(&g16, &g32));
     // Weights that do not chain are refused.
