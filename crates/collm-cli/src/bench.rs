@@ -12,9 +12,10 @@ pub enum BenchCommand {
     AmazonPrepare(AmazonBenchArgs),
     /// LLM scoring and LoRA train-step throughput (forward + backward + AdamW) with random
     /// weights, for the shapes of ../shared/bench/ref_lora_throughput.py: samples and tokens/s,
-    /// the train step split into host prep / forward / backward / optimizer, peak RSS. Run that
-    /// script on the same machine in the same run for the baseline (scripts/bench_llm.sh does
-    /// both and prints the ratios).
+    /// the train step split into host prep / forward / backward / optimizer, peak RSS, and the
+    /// FLOP rates next to this CPU's f32 matmul rate measured in the same run (the ceiling of
+    /// any f32 engine here). Run that script on the same machine in the same run for the
+    /// baseline (scripts/bench_llm.sh does both and prints the ratios).
     Llm(LlmBenchArgs),
     /// Collaborative-model training and scoring throughput on a dataset, one row per model:
     /// seconds per epoch, train and valid-scoring samples/s, and the epoch as a multiple of a

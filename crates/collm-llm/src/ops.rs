@@ -15,8 +15,16 @@
 //! - [`dropout`]: inverted dropout drawing the same ChaCha stream as the composed
 //!   `collm_nn::layers::dropout`, but in parallel (ChaCha is counter-based: each chunk seeks to
 //!   its position); the mask is kept as bits, not as a tensor;
-//! - [`linear`]: a frozen projection `x Wᵀ (+ b)` plus its LoRA path's last factor
-//!   (`+ low Bᵀ`), whose backward gives `x`, `low` and `B` gradients and the frozen weight none.
+//! - [`linear`]: a frozen projection `x Wᵀ (+ b)` with its whole LoRA path inside
+//!   (`+ scaling · dropout(x) Aᵀ Bᵀ`, the mask drawn by [`dropout_mask`] and kept as bits), whose
+//!   backward gives `x`, `A` and `B` gradients and the frozen weight none; on `(…, in)` as it
+//!   comes, so no reshape nodes enter the graph;
+//! - [`mlp`]: gate, up, SwiGLU and down in one op (where the MLP has no LoRA), keeping only gate
+//!   and up for its backward;
+//! - [`attention_flat`]: [`attention`] on heads side by side, `(B, T, heads·hd)`.
+//!
+//! Fewer, larger ops matter beyond their own loops: every tensor between two ops costs a
+//! full-size zeros-and-add in candle's backward pass (`GradStore::or_insert`), on one thread.
 //!
 //! Every op is checked against [`composed`] (forward and gradients) and by finite differences in
 //! `tests/fused_ops.rs`. Only the CPU has these kernels; on other devices the decoder takes the
