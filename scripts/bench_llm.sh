@@ -92,8 +92,10 @@ for key in keys:
         if "train_gflops" in d:
             gf = (d["train_gflops"], d["infer_gflops"])
             gemm = d.get("gemm_gflops") or gemm
-        else:
+        elif "train_tflops" in d:
             gf = (1e3 * d["train_tflops"], 1e3 * d["infer_tflops"])
+        else:  # an older collm (BASELINE_BIN) without FLOP rates
+            gf = (float("nan"), float("nan"))
         print(f"{n:<20} {t:>8.2f} {t / best_train:>5.2f}x {s:>8.2f} {s / best_score:>5.2f}x {m:>12.2f} {gf[0]:>8.1f}/{gf[1]:<8.1f}  {step}")
     if gemm and torch:
         # The reference's FLOP count per sample, from its own rate and throughput.
