@@ -279,6 +279,17 @@ enum CachedRope {
 }
 
 impl Ctx<'_> {
+    /// The fused path's LoRA dropout mask for `n` inputs: the draws of [`Ctx::dropout`] (so
+    /// runs and checkpoints replay the same masks on either path); `None` when not training.
+    fn dropout_mask(&self, n: usize, p: f64) -> Result<Option<ops::DropMask>> {
+        match self.pass.train {
+            Some(train) if p > 0.0 => {
+                Ok(Some(ops::dropout_mask(n, p, &mut train.rng.borrow_mut())?))
+            }
+            _ => Ok(None),
+        }
+    }
+
     fn rms_norm(&self, x: &Tensor, w: &Tensor) -> Result<Tensor> {
         rms_norm(self.fused, self.pass.needs_grad(), x, w, self.eps)
     }
@@ -306,19 +317,6 @@ impl Ctx<'_> {
                 (x * keep)?.affine(1.0 / (1.0 - p), 0.0)?
             }
         })
-    }
-}
-
-impl Ctx<'_> {
-    /// The fused path's LoRA dropout mask for `n` inputs: the draws of [`Ctx::dropout`] (so
-    /// runs and checkpoints replay the same masks on either path); `None` when not training.
-    fn dropout_mask(&self, n: usize, p: f64) -> Result<Option<ops::DropMask>> {
-        match self.pass.train {
-            Some(train) if p > 0.0 => {
-                Ok(Some(ops::dropout_mask(n, p, &mut train.rng.borrow_mut())?))
-            }
-            _ => Ok(None),
-        }
     }
 }
 
@@ -499,34 +497,30 @@ impl Attention {
             self.k.forward(x, ctx)?,
             self.v.forward(x, ctx)?,
         );
-        if let Attn::Fused { mask, rope } = &ctx.attn {
-            // Heads side by side, RoPE inside the kernel: no reshape or transpose nodes.
-            if let Some(keep) = keep {
-                let k = k.reshape((b, t, nkv, hd))?;
-                keep.push((ops::rope(&k, rope)?, v.reshape((b, t, nkv, hd))?));
-            }
-            let out = ops::attention_flat(&q, &k, &v, (nh, nkv), mask, Some(rope))?;
-            return self.o.forward(&out, ctx);
-        }
-        // (B, T, heads, hd) from here.
-        let q = q.reshape((b, t, nh, hd))?;
-        let k = k.reshape((b, t, nkv, hd))?;
-        let v = v.reshape((b, t, nkv, hd))?;
+        let four = |x: &Tensor, n: usize| x.reshape((b, t, n, hd));
         let out = match &ctx.attn {
-            Attn::Fused { .. } => unreachable!("handled above"),
+            Attn::Fused { mask, rope } => {
+                // Heads side by side, RoPE inside the kernel: no reshape or transpose nodes.
+                if let Some(keep) = keep {
+                    keep.push((ops::rope(&four(&k, nkv)?, rope)?, four(&v, nkv)?));
+                }
+                ops::attention_flat(&q, &k, &v, (nh, nkv), mask, Some(rope))?
+            }
             Attn::Composed { bias, cos, sin } => {
-                let q = composed::rope(&q.contiguous()?, cos, sin)?;
-                let k = composed::rope(&k.contiguous()?, cos, sin)?;
+                let v = four(&v, nkv)?;
+                let q = composed::rope(&four(&q, nh)?.contiguous()?, cos, sin)?;
+                let k = composed::rope(&four(&k, nkv)?.contiguous()?, cos, sin)?;
                 if let Some(keep) = keep {
                     keep.push((k.clone(), v.clone()));
                 }
-                composed::attention(&q, &k, &v, bias)?
+                composed::attention(&q, &k, &v, bias)?.reshape((b, t, nh * hd))?
             }
             Attn::Cached {
                 rope,
                 cache,
                 groups,
             } => {
+                let (q, k, v) = (four(&q, nh)?, four(&k, nkv)?, four(&v, nkv)?);
                 let (q, k) = match rope {
                     CachedRope::Fused { tables, .. } => {
                         (ops::rope(&q, tables)?, ops::rope(&k, tables)?)
@@ -560,14 +554,12 @@ impl Attention {
                     });
                     row += n;
                 }
-                Tensor::cat(&outs, 0)?
+                Tensor::cat(&outs, 0)?.reshape((b, t, nh * hd))?
             }
         };
-        self.o.forward(&out.reshape((b, t, nh * hd))?, ctx)
+        self.o.forward(&out, ctx)
     }
-}
 
-impl Attention {
     /// The attention output (B, 1, hidden) at `rows` only: `x` (B, T, hidden) is the normed
     /// input at every position (keys and values need them all), `x_rows` the same at `rows`
     /// (B, 1, hidden); `bias` (B, 1, 1, T) masks each row's keys (padding, and causally
