@@ -135,41 +135,25 @@ fn matmul(
     dst_rs: usize,
     accumulate: bool,
     lhs: &[f32],
-    (lhs_rs, lhs_cs): (usize, usize),
+    lhs_strides: (usize, usize),
     rhs: &[f32],
-    (rhs_rs, rhs_cs): (usize, usize),
+    rhs_strides: (usize, usize),
     par: gemm::Parallelism,
 ) {
     if m == 0 || n == 0 {
         return;
     }
-    // The last element each operand touches must be inside its slice.
     assert!(dst.len() > (m - 1) * dst_rs + (n - 1));
-    if k > 0 {
-        assert!(lhs.len() > (m - 1) * lhs_rs + (k - 1) * lhs_cs);
-        assert!(rhs.len() > (k - 1) * rhs_rs + (n - 1) * rhs_cs);
-    }
-    // SAFETY: the bounds are checked above; the three slices do not overlap (one is &mut).
+    // SAFETY: `dst` holds every element the product writes (checked above) and, being
+    // `&mut`, overlaps neither operand.
     unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
+        gemm_into(
+            (m, n, k),
             dst.as_mut_ptr(),
-            1,
-            dst_rs as isize,
+            dst_rs,
             accumulate,
-            lhs.as_ptr(),
-            lhs_cs as isize,
-            lhs_rs as isize,
-            rhs.as_ptr(),
-            rhs_cs as isize,
-            rhs_rs as isize,
-            1.0,
-            1.0,
-            false,
-            false,
-            false,
+            (lhs, lhs_strides),
+            (rhs, rhs_strides),
             par,
         )
     }
@@ -178,51 +162,69 @@ fn matmul(
 /// `lhs (m×k) · rhs (k×n)` into a new (m×n) row-major buffer that is never zeroed first (a
 /// zeroing pass costs as much as an element-wise op): the kernel, told not to read its
 /// destination, writes every element before `set_len` exposes them.
-#[allow(clippy::too_many_arguments)]
 fn matmul_new(
-    m: usize,
-    n: usize,
-    k: usize,
-    lhs: &[f32],
-    (lhs_rs, lhs_cs): (usize, usize),
-    rhs: &[f32],
-    (rhs_rs, rhs_cs): (usize, usize),
+    (m, n, k): (usize, usize, usize),
+    lhs: (&[f32], (usize, usize)),
+    rhs: (&[f32], (usize, usize)),
     par: gemm::Parallelism,
 ) -> Vec<f32> {
     if m == 0 || n == 0 || k == 0 {
         return vec![0f32; m * n];
     }
-    assert!(lhs.len() > (m - 1) * lhs_rs + (k - 1) * lhs_cs);
-    assert!(rhs.len() > (k - 1) * rhs_rs + (n - 1) * rhs_cs);
     let mut dst: Vec<f32> = Vec::with_capacity(m * n);
-    // SAFETY: the operands' bounds are checked above and `dst` has room for m×n elements;
-    // with `read_dst == false` gemm only writes `dst`, every element of it (k > 0), so all
-    // m×n are initialised when the length is set.
+    // SAFETY: `dst` has room for the m×n product and is a fresh allocation; with
+    // `accumulate == false` gemm only writes it, every element (k > 0), so all m×n are
+    // initialised when the length is set.
     unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            n as isize,
-            false,
-            lhs.as_ptr(),
-            lhs_cs as isize,
-            lhs_rs as isize,
-            rhs.as_ptr(),
-            rhs_cs as isize,
-            rhs_rs as isize,
-            1.0,
-            1.0,
-            false,
-            false,
-            false,
-            par,
-        );
+        gemm_into((m, n, k), dst.as_mut_ptr(), n, false, lhs, rhs, par);
         dst.set_len(m * n);
     }
     dst
+}
+
+/// The gemm call behind [`matmul`] and [`matmul_new`]; checks the operands' bounds.
+///
+/// # Safety
+/// `dst` must be valid for writes (and for reads when `accumulate`) of the m×n product at row
+/// stride `dst_rs`, and must not overlap `lhs` or `rhs`.
+unsafe fn gemm_into(
+    (m, n, k): (usize, usize, usize),
+    dst: *mut f32,
+    dst_rs: usize,
+    accumulate: bool,
+    (lhs, (lhs_rs, lhs_cs)): (&[f32], (usize, usize)),
+    (rhs, (rhs_rs, rhs_cs)): (&[f32], (usize, usize)),
+    par: gemm::Parallelism,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    // The last element each operand touches must be inside its slice.
+    if k > 0 {
+        assert!(lhs.len() > (m - 1) * lhs_rs + (k - 1) * lhs_cs);
+        assert!(rhs.len() > (k - 1) * rhs_rs + (n - 1) * rhs_cs);
+    }
+    gemm::gemm(
+        m,
+        n,
+        k,
+        dst,
+        1,
+        dst_rs as isize,
+        accumulate,
+        lhs.as_ptr(),
+        lhs_cs as isize,
+        lhs_rs as isize,
+        rhs.as_ptr(),
+        rhs_cs as isize,
+        rhs_rs as isize,
+        1.0,
+        1.0,
+        false,
+        false,
+        false,
+        par,
+    )
 }
 
 /// This machine's f32 matmul rate in GFLOP/s, measured with the kernel and thread pool that
@@ -584,7 +586,7 @@ impl Mlp {
         cpu_f32!(self.gate => wg);
         cpu_f32!(self.up => wu);
         let proj = |w: &[f32]| {
-            let mut y = matmul_new(n, inter, h, x, (h, 1), w, (1, h), pool_parallelism());
+            let mut y = matmul_new((n, inter, h), (x, (h, 1)), (w, (1, h)), pool_parallelism());
             if dtype == DType::BF16 {
                 y.par_iter_mut().for_each(|v| *v = round(*v, dtype));
             }
@@ -635,13 +637,9 @@ impl CustomOp1 for Mlp {
             });
         cpu_f32!(self.down => wd);
         let y = matmul_new(
-            n,
-            h,
-            inter,
-            &act,
-            (inter, 1),
-            &wd,
-            (1, inter),
+            (n, h, inter),
+            (&act, (inter, 1)),
+            (&wd, (1, inter)),
             pool_parallelism(),
         );
         if self.keep {
@@ -664,7 +662,12 @@ impl CustomOp1 for Mlp {
         let n = d.len() / h;
         cpu_f32!(self.down => wd);
         // da (n×inter) = d (n×hidden) · Wd (hidden×inter)
-        let da = matmul_new(n, inter, h, &d, (h, 1), &wd, (inter, 1), pool_parallelism());
+        let da = matmul_new(
+            (n, inter, h),
+            (&d, (h, 1)),
+            (&wd, (inter, 1)),
+            pool_parallelism(),
+        );
         let mut dg = vec![0f32; da.len()];
         let mut du = vec![0f32; da.len()];
         const CHUNK: usize = 4096;
@@ -696,13 +699,9 @@ impl CustomOp1 for Mlp {
         cpu_f32!(self.up => wu);
         // dx (n×hidden) = dgate · Wg + dup · Wu, W (inter×hidden)
         let mut dx = matmul_new(
-            n,
-            h,
-            inter,
-            &dg,
-            (inter, 1),
-            &wg,
-            (h, 1),
+            (n, h, inter),
+            (&dg, (inter, 1)),
+            (&wg, (h, 1)),
             pool_parallelism(),
         );
         matmul(
@@ -1565,13 +1564,9 @@ impl FrozenLinear {
         let w = as_f32(wc, wl)?;
         // y (n×out) = x (n×in) · Wᵀ (in×out: element (i, o) at o·in + i)
         let mut y = matmul_new(
-            n,
-            fan_out,
-            fan_in,
-            &xs,
-            (fan_in, 1),
-            &w,
-            (1, fan_in),
+            (n, fan_out, fan_in),
+            (&xs, (fan_in, 1)),
+            (&w, (1, fan_in)),
             pool_parallelism(),
         );
         if let (Some((as_, al, bs, bl)), Some((scaling, mask))) = (lora, &self.lora) {
@@ -1634,13 +1629,9 @@ impl FrozenLinear {
         }
         // dx (n×in) = g (n×out) · W (out×in)
         Ok(matmul_new(
-            n,
-            fan_in,
-            fan_out,
-            g,
-            (fan_out, 1),
-            &w,
-            (fan_in, 1),
+            (n, fan_in, fan_out),
+            (g, (fan_out, 1)),
+            (&w, (fan_in, 1)),
             pool_parallelism(),
         ))
     }
