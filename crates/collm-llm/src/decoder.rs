@@ -369,20 +369,20 @@ impl Linear {
     /// masks a whole pass would apply there).
     fn forward_rows(&self, x: &Tensor, ctx: &Ctx, rows: Option<&Rows>) -> Result<Tensor> {
         let pass = ctx.pass;
-        let site = pass
-            .lora
-            .and_then(|l| Some((l, l.pair(self.layer, self.module)?)));
+        let site = pass.lora.and_then(|l| {
+            let (a, bm) = l.pair(self.layer, self.module)?;
+            // Scoring builds no graph: the adapter's variables are read detached.
+            Some(if pass.needs_grad() {
+                (l, a.clone(), bm.clone())
+            } else {
+                (l, a.detach(), bm.detach())
+            })
+        });
         if ctx.fused {
             // One op: the projection, its LoRA path and that path's dropout, on (B, T, in) as
             // it comes (no reshape nodes: each costs a full-size gradient copy backwards).
             let lora = match site {
-                Some((lora, (a, bm))) => {
-                    // Scoring builds no graph: the adapter's variables are read detached.
-                    let (a, bm) = if pass.needs_grad() {
-                        (a.clone(), bm.clone())
-                    } else {
-                        (a.detach(), bm.detach())
-                    };
+                Some((lora, a, bm)) => {
                     let p = lora.config.dropout;
                     let dropout = match rows {
                         None => ctx.dropout_mask(x.elem_count(), p)?,
@@ -408,13 +408,7 @@ impl Linear {
         let flat = x.reshape((b * t, fan_in))?;
         // LoRA: scaling · dropout(x) Aᵀ Bᵀ, scaled while it is r wide.
         let low = match site {
-            Some((lora, (a, bm))) => {
-                // Scoring builds no graph: the adapter's variables are read detached.
-                let (a, bm) = if pass.needs_grad() {
-                    (a.clone(), bm.clone())
-                } else {
-                    (a.detach(), bm.detach())
-                };
+            Some((lora, a, bm)) => {
                 let p = lora.config.dropout;
                 let xin = match rows {
                     Some(r) if pass.train.is_some() && p > 0.0 => {

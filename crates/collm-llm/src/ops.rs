@@ -490,6 +490,55 @@ fn sigmoid(x: f32) -> f32 {
     1.0 / (1.0 + exp(-x))
 }
 
+/// `silu(g) · u` element-wise, rounded to `dtype` as the separate ops store it (silu, then
+/// the product). The dtype test sits outside the loops, so that they vectorize.
+fn swiglu_values(g: &[f32], u: &[f32], dtype: DType) -> Vec<f32> {
+    let mut y = vec![0f32; g.len()];
+    const CHUNK: usize = 4096;
+    y.par_chunks_mut(CHUNK)
+        .zip(g.par_chunks(CHUNK).zip(u.par_chunks(CHUNK)))
+        .for_each(|(y, (g, u))| {
+            if dtype == DType::BF16 {
+                for ((y, g), u) in y.iter_mut().zip(g).zip(u) {
+                    *y = round(round(g * sigmoid(*g), dtype) * u, dtype);
+                }
+            } else {
+                for ((y, g), u) in y.iter_mut().zip(g).zip(u) {
+                    *y = g * sigmoid(*g) * u;
+                }
+            }
+        });
+    y
+}
+
+/// The gradients of `silu(g) · u` for the output gradient `d`: (for g, for u), rounded to
+/// `dtype`.
+fn swiglu_grads(d: &[f32], g: &[f32], u: &[f32], dtype: DType) -> (Vec<f32>, Vec<f32>) {
+    let mut dg = vec![0f32; g.len()];
+    let mut du = vec![0f32; g.len()];
+    const CHUNK: usize = 4096;
+    dg.par_chunks_mut(CHUNK)
+        .zip(du.par_chunks_mut(CHUNK))
+        .zip(
+            d.par_chunks(CHUNK)
+                .zip(g.par_chunks(CHUNK))
+                .zip(u.par_chunks(CHUNK)),
+        )
+        .for_each(|((dg, du), ((d, g), u))| {
+            for i in 0..d.len() {
+                let s = sigmoid(g[i]);
+                dg[i] = d[i] * u[i] * s * (1.0 + g[i] * (1.0 - s));
+                du[i] = d[i] * g[i] * s;
+            }
+            if dtype == DType::BF16 {
+                dg.iter_mut()
+                    .chain(du.iter_mut())
+                    .for_each(|v| *v = round(*v, dtype));
+            }
+        });
+    (dg, du)
+}
+
 impl CustomOp2 for SwiGlu {
     fn name(&self) -> &'static str {
         "fused-swiglu"
@@ -507,22 +556,7 @@ impl CustomOp2 for SwiGlu {
         let dtype = gs.dtype();
         let g = as_f32(gs, gl)?;
         let u = as_f32(us, ul)?;
-        let mut y = vec![0f32; g.len()];
-        const CHUNK: usize = 4096;
-        y.par_chunks_mut(CHUNK)
-            .zip(g.par_chunks(CHUNK).zip(u.par_chunks(CHUNK)))
-            .for_each(|(y, (g, u))| {
-                // The dtype test outside the loops, so that they vectorize.
-                if dtype == DType::BF16 {
-                    for ((y, g), u) in y.iter_mut().zip(g).zip(u) {
-                        *y = round(g * sigmoid(*g), dtype) * u;
-                    }
-                } else {
-                    for ((y, g), u) in y.iter_mut().zip(g).zip(u) {
-                        *y = g * sigmoid(*g) * u;
-                    }
-                }
-            });
+        let y = swiglu_values(&g, &u, dtype);
         Ok((from_f32(y, dtype)?, gl.shape().clone()))
     }
     fn bwd(
@@ -535,23 +569,7 @@ impl CustomOp2 for SwiGlu {
         cpu_f32!(gate => g);
         cpu_f32!(up => u);
         cpu_f32!(grad => d);
-        let mut dg = vec![0f32; g.len()];
-        let mut du = vec![0f32; g.len()];
-        const CHUNK: usize = 4096;
-        dg.par_chunks_mut(CHUNK)
-            .zip(du.par_chunks_mut(CHUNK))
-            .zip(
-                g.par_chunks(CHUNK)
-                    .zip(u.par_chunks(CHUNK))
-                    .zip(d.par_chunks(CHUNK)),
-            )
-            .for_each(|((dg, du), ((g, u), d))| {
-                for i in 0..g.len() {
-                    let s = sigmoid(g[i]);
-                    du[i] = d[i] * g[i] * s;
-                    dg[i] = d[i] * u[i] * s * (1.0 + g[i] * (1.0 - s));
-                }
-            });
+        let (dg, du) = swiglu_grads(&d, &g, &u, DType::F32);
         Ok((Some(tensor_from(dg, gate)?), Some(tensor_from(du, up)?)))
     }
 }
@@ -618,23 +636,7 @@ impl CustomOp1 for Mlp {
         }
         let n = x.len() / h;
         let (g, u) = self.gate_up(&x, n, dtype)?;
-        // As the separate SwiGLU op: silu(gate) rounded, times up, the product rounded.
-        let mut act = vec![0f32; g.len()];
-        const CHUNK: usize = 4096;
-        act.par_chunks_mut(CHUNK)
-            .zip(g.par_chunks(CHUNK).zip(u.par_chunks(CHUNK)))
-            .for_each(|(a, (g, u))| {
-                // The dtype test outside the loops, so that they vectorize.
-                if dtype == DType::BF16 {
-                    for ((a, g), u) in a.iter_mut().zip(g).zip(u) {
-                        *a = round(round(g * sigmoid(*g), dtype) * u, dtype);
-                    }
-                } else {
-                    for ((a, g), u) in a.iter_mut().zip(g).zip(u) {
-                        *a = g * sigmoid(*g) * u;
-                    }
-                }
-            });
+        let act = swiglu_values(&g, &u, dtype);
         cpu_f32!(self.down => wd);
         let y = matmul_new(
             (n, h, inter),
@@ -668,33 +670,12 @@ impl CustomOp1 for Mlp {
             (&wd, (inter, 1)),
             pool_parallelism(),
         );
-        let mut dg = vec![0f32; da.len()];
-        let mut du = vec![0f32; da.len()];
-        const CHUNK: usize = 4096;
-        dg.par_chunks_mut(CHUNK)
-            .zip(du.par_chunks_mut(CHUNK))
-            .zip(
-                da.par_chunks(CHUNK)
-                    .zip(g.par_chunks(CHUNK))
-                    .zip(u.par_chunks(CHUNK)),
-            )
-            .for_each(|((dg, du), ((da, g), u))| {
-                if dtype == DType::BF16 {
-                    // As the separate ops: their input gradient and outputs in bf16.
-                    for i in 0..da.len() {
-                        let d = round(da[i], dtype);
-                        let s = sigmoid(g[i]);
-                        dg[i] = round(d * u[i] * s * (1.0 + g[i] * (1.0 - s)), dtype);
-                        du[i] = round(d * g[i] * s, dtype);
-                    }
-                } else {
-                    for i in 0..da.len() {
-                        let s = sigmoid(g[i]);
-                        dg[i] = da[i] * u[i] * s * (1.0 + g[i] * (1.0 - s));
-                        du[i] = da[i] * g[i] * s;
-                    }
-                }
-            });
+        let mut da = da;
+        if dtype == DType::BF16 {
+            // As the separate down projection would hand it on: in bf16.
+            da.par_iter_mut().for_each(|v| *v = round(*v, dtype));
+        }
+        let (dg, du) = swiglu_grads(&da, g, u, dtype);
         cpu_f32!(self.gate => wg);
         cpu_f32!(self.up => wu);
         // dx (n×hidden) = dgate · Wg + dup · Wu, W (inter×hidden)

@@ -7,7 +7,7 @@ mod common;
 
 use candle_core::{Device, Tensor, Var};
 use collm_llm::{Decoder, Lora, LoraConfig, Mask, Pass};
-use common::tiny;
+use common::{max_diff, tiny};
 use rand_chacha::ChaCha8Rng;
 
 const DEV: Device = Device::Cpu;
@@ -62,19 +62,6 @@ fn batch(dec: &Decoder, right: bool) -> (Tensor, Mask) {
         Mask::left_padded(&lens, seq)
     };
     (e, mask)
-}
-
-fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
 }
 
 /// Token logits at `positions` from a whole pass and from `forward_at`.

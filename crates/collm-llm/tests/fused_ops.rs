@@ -6,7 +6,7 @@ mod common;
 use candle_core::{DType, Device, Tensor, Var};
 use collm_llm::ops::{self, composed, RopeTables};
 use collm_llm::{Decoder, Lora, LoraConfig, Mask, Pass};
-use common::tiny;
+use common::{max_diff, tiny};
 
 const DEV: Device = Device::Cpu;
 
@@ -25,19 +25,6 @@ fn randn(shape: &[usize], seed: u64) -> Tensor {
         })
         .collect();
     Tensor::from_vec(v, shape, &DEV).unwrap()
-}
-
-fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
 }
 
 /// 1 at a mask's real positions, 0 at padding, shaped `shape` (for comparing real rows only:
@@ -158,6 +145,28 @@ fn swiglu_matches_composed() {
     );
 }
 
+/// The fused attention against the composed one on `xs` (q, k, v) under `km`, comparing the
+/// real query rows (`real`) only: a padding row's output is never read.
+fn compare_attention(xs: &[Tensor], km: &ops::KeyMask, real: &Tensor) {
+    let bias = composed::attention_bias(km, DType::F32, &DEV).unwrap();
+    compare(
+        xs,
+        &|x| {
+            ops::attention(&x[0], &x[1], &x[2], km, None)
+                .unwrap()
+                .broadcast_mul(real)
+                .unwrap()
+        },
+        &|x| {
+            composed::attention(&x[0], &x[1], &x[2], &bias)
+                .unwrap()
+                .broadcast_mul(real)
+                .unwrap()
+        },
+        1e-5,
+    );
+}
+
 #[test]
 fn attention_matches_composed_with_grouped_heads_and_padding() {
     // T = 7 fits one block of query rows; T = 70 spans three, with padding that starts and
@@ -171,30 +180,12 @@ fn attention_matches_composed_with_grouped_heads_and_padding() {
         (70, 3, 3, [33, 70, 64]),
     ] {
         for mask in [Mask::left_padded(&lens, t), Mask::right_padded(&lens, t)] {
-            let km = mask.key_mask();
-            let bias = composed::attention_bias(&km, DType::F32, &DEV).unwrap();
-            let real = real_rows(&mask, (b, t, 1, 1));
             let xs = [
                 randn(&[b, t, heads, hd], 6),
                 randn(&[b, t, kv_heads, hd], 7),
                 randn(&[b, t, kv_heads, hd], 8),
             ];
-            compare(
-                &xs,
-                &|x| {
-                    ops::attention(&x[0], &x[1], &x[2], &km, None)
-                        .unwrap()
-                        .broadcast_mul(&real)
-                        .unwrap()
-                },
-                &|x| {
-                    composed::attention(&x[0], &x[1], &x[2], &bias)
-                        .unwrap()
-                        .broadcast_mul(&real)
-                        .unwrap()
-                },
-                1e-5,
-            );
+            compare_attention(&xs, &mask.key_mask(), &real_rows(&mask, (b, t, 1, 1)));
         }
     }
 }
@@ -258,28 +249,12 @@ fn attention_matches_composed_with_holes_in_the_mask() {
         batch: b,
         seq: t,
     };
-    let bias = composed::attention_bias(&km, DType::F32, &DEV).unwrap();
     let xs = [
         randn(&[b, t, heads, hd], 6),
         randn(&[b, t, kv_heads, hd], 7),
         randn(&[b, t, kv_heads, hd], 8),
     ];
-    compare(
-        &xs,
-        &|x| {
-            ops::attention(&x[0], &x[1], &x[2], &km, None)
-                .unwrap()
-                .broadcast_mul(&real)
-                .unwrap()
-        },
-        &|x| {
-            composed::attention(&x[0], &x[1], &x[2], &bias)
-                .unwrap()
-                .broadcast_mul(&real)
-                .unwrap()
-        },
-        1e-5,
-    );
+    compare_attention(&xs, &km, &real);
 }
 
 #[test]
