@@ -1504,19 +1504,11 @@ impl FrozenLinear {
     /// The LoRA path's low-rank activations `scaling · dropout(x) Aᵀ` (n×r) for `x` (n×in).
     fn low(&self, xd: &[f32], a: &[f32], n: usize, r: usize, scaling: f32) -> Vec<f32> {
         let fan_in = xd.len() / n.max(1);
-        let mut low = vec![0f32; n * r];
         // low (n×r) = xd (n×in) · Aᵀ (in×r: element (i, k) at k·in + i)
-        matmul(
-            n,
-            r,
-            fan_in,
-            &mut low,
-            r,
-            false,
-            xd,
-            (fan_in, 1),
-            a,
-            (1, fan_in),
+        let mut low = matmul_new(
+            (n, r, fan_in),
+            (xd, (fan_in, 1)),
+            (a, (1, fan_in)),
             pool_parallelism(),
         );
         low.iter_mut().for_each(|v| *v *= scaling);
@@ -1668,18 +1660,10 @@ impl CustomOp3 for FrozenLinear {
         cpu_f32!(b => bv);
         let n = g.len() / fan_out;
         // gl (n×r) = scaling · g (n×out) · B (out×r)
-        let mut gl = vec![0f32; n * r];
-        matmul(
-            n,
-            r,
-            fan_out,
-            &mut gl,
-            r,
-            false,
-            &g,
-            (fan_out, 1),
-            &bv,
-            (r, 1),
+        let mut gl = matmul_new(
+            (n, r, fan_out),
+            (&g, (fan_out, 1)),
+            (&bv, (r, 1)),
             pool_parallelism(),
         );
         gl.iter_mut().for_each(|v| *v *= scaling);
@@ -1701,18 +1685,10 @@ impl CustomOp3 for FrozenLinear {
                     pool_parallelism(),
                 ),
                 Some(m) => {
-                    let mut t = vec![0f32; n * fan_in];
-                    matmul(
-                        n,
-                        fan_in,
-                        r,
-                        &mut t,
-                        fan_in,
-                        false,
-                        &gl,
-                        (r, 1),
-                        &av,
-                        (fan_in, 1),
+                    let t = matmul_new(
+                        (n, fan_in, r),
+                        (&gl, (r, 1)),
+                        (&av, (fan_in, 1)),
                         pool_parallelism(),
                     );
                     m.apply_into(&t, &mut dx, true);
@@ -1727,18 +1703,10 @@ impl CustomOp3 for FrozenLinear {
             let xd = dropped(&xv, mask);
             let ga = if a.track_op() {
                 // dA (r×in) = glᵀ (r×n: element (k, i) at i·r + k) · xd (n×in)
-                let mut da = vec![0f32; r * fan_in];
-                matmul(
-                    r,
-                    fan_in,
-                    n,
-                    &mut da,
-                    fan_in,
-                    false,
-                    &gl,
-                    (1, r),
-                    &xd,
-                    (fan_in, 1),
+                let da = matmul_new(
+                    (r, fan_in, n),
+                    (&gl, (1, r)),
+                    (&xd, (fan_in, 1)),
                     pool_parallelism(),
                 );
                 Some(tensor_from(da, a)?)
@@ -1748,18 +1716,10 @@ impl CustomOp3 for FrozenLinear {
             let gb = if b.track_op() {
                 let low = self.low(&xd, &av, n, r, *scaling);
                 // dB (out×r) = gᵀ (out×n: element (o, i) at i·out + o) · low (n×r)
-                let mut db = vec![0f32; fan_out * r];
-                matmul(
-                    fan_out,
-                    r,
-                    n,
-                    &mut db,
-                    r,
-                    false,
-                    &g,
-                    (1, fan_out),
-                    &low,
-                    (r, 1),
+                let db = matmul_new(
+                    (fan_out, r, n),
+                    (&g, (1, fan_out)),
+                    (&low, (r, 1)),
                     pool_parallelism(),
                 );
                 Some(tensor_from(db, b)?)
