@@ -253,7 +253,7 @@ enum Attn<'a> {
         /// Additive (B, 1, T, T).
         bias: Tensor,
     },
-    /// Suffixes attending to cached prefixes (see [`PrefixCache`]); inference only.
+    /// Suffixes attending to cached prefixes (see [`PrefixCache`]); the prefixes are constants.
     Cached {
         rope: CachedRope,
         cache: &'a PrefixCache,
@@ -525,30 +525,41 @@ impl Attention {
                     ),
                 };
                 let layer = self.q.layer;
-                let mut outs = Vec::with_capacity(groups.len());
-                let mut row = 0;
-                for &(p, n) in groups.iter() {
-                    let (pk, pv) = cache.layer(p, layer)?;
-                    let part = |x: &Tensor| x.narrow(0, row, n);
-                    let (q, k, v) = (part(&q)?, part(&k)?, part(&v)?);
-                    outs.push(match rope {
-                        CachedRope::Fused { mask, .. } => {
-                            let mask = KeyMask {
-                                data: std::sync::Arc::new(
-                                    mask.data[row * t..(row + n) * t].to_vec(),
-                                ),
-                                batch: n,
-                                seq: t,
-                            };
-                            ops::prefix_attention(&q, &k, &v, &mask, pk, pv)?
+                match rope {
+                    CachedRope::Fused { mask, .. } => {
+                        // One op over every run of rows: no narrow/cat nodes (each would cost
+                        // a full-size gradient copy in a training pass).
+                        let prefixes = groups
+                            .iter()
+                            .map(|&(p, n)| Ok((cache.layer(p, layer)?, n)))
+                            .collect::<Result<Vec<_>>>()?;
+                        let prefixes: Vec<(&Tensor, &Tensor, usize)> =
+                            prefixes.iter().map(|&((k, v), n)| (k, v, n)).collect();
+                        ops::prefix_attention(&q, &k, &v, mask, &prefixes)?.reshape((
+                            b,
+                            t,
+                            nh * hd,
+                        ))?
+                    }
+                    CachedRope::Composed { bias, .. } => {
+                        let mut outs = Vec::with_capacity(groups.len());
+                        let mut row = 0;
+                        for &(p, n) in groups.iter() {
+                            let (pk, pv) = cache.layer(p, layer)?;
+                            let part = |x: &Tensor| x.narrow(0, row, n);
+                            outs.push(composed::prefix_attention(
+                                &part(&q)?,
+                                &part(&k)?,
+                                &part(&v)?,
+                                &part(bias)?,
+                                pk,
+                                pv,
+                            )?);
+                            row += n;
                         }
-                        CachedRope::Composed { bias, .. } => {
-                            composed::prefix_attention(&q, &k, &v, &part(bias)?, pk, pv)?
-                        }
-                    });
-                    row += n;
+                        Tensor::cat(&outs, 0)?.reshape((b, t, nh * hd))?
+                    }
                 }
-                Tensor::cat(&outs, 0)?.reshape((b, t, nh * hd))?
             }
         };
         self.o.forward(&out, ctx)
@@ -931,10 +942,11 @@ impl Decoder {
 
     /// Runs prompt prefixes (P, Tp, hidden), padded as `mask` says, and keeps each one's keys
     /// and values per layer, padding dropped: the [`PrefixCache`] that
-    /// [`Decoder::forward_cached`] reads. Inference only.
+    /// [`Decoder::forward_cached`] reads. Inference only: the cache holds constants (no
+    /// gradient reaches a prefix).
     pub fn prefill(&self, embeds: &Tensor, mask: &Mask, pass: &Pass) -> Result<PrefixCache> {
         if pass.needs_grad() {
-            bail!("a prefix cache is for scoring; training runs whole prompts");
+            bail!("a prefix cache holds constants: run the prefix without gradients (a pass whose prefix trains runs whole prompts)");
         }
         Self::check_mask(embeds, mask)?;
         let mut kv = Vec::with_capacity(self.blocks.len());
@@ -972,7 +984,13 @@ impl Decoder {
     /// consecutive `groups` of (prefix index, row count); each row attends to all of its
     /// prefix and causally to its own real tokens, its positions continuing the prefix's.
     /// The hidden states equal those at the same positions of the whole prompts (within
-    /// rounding). Inference only.
+    /// rounding).
+    ///
+    /// With `pass.grad` the suffixes build a backward graph (into their embeddings, and so
+    /// into whatever made them) while the prefixes stay constants: the gradients equal the
+    /// whole prompts' wherever nothing trained acts on the prefix (step 2 of CoLLM: the frozen
+    /// LLM reading fixed text before the first ID slot). Such a pass draws no dropout
+    /// (`pass.train` must be None), since the prefix ran without it.
     pub fn forward_cached(
         &self,
         embeds: &Tensor,
@@ -981,8 +999,8 @@ impl Decoder {
         groups: &[(usize, usize)],
         pass: &Pass,
     ) -> Result<Tensor> {
-        if pass.needs_grad() {
-            bail!("a prefix cache is for scoring; training runs whole prompts");
+        if pass.train.is_some() {
+            bail!("a suffix over a cached prefix runs without dropout (the prefix ran without it): pass.train must be None");
         }
         Self::check_mask(embeds, mask)?;
         let covered: usize = groups.iter().map(|g| g.1).sum();

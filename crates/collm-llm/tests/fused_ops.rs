@@ -608,36 +608,62 @@ fn fused_decoder_trains_with_dropout_reproducibly() {
 }
 
 #[test]
-fn prefix_attention_matches_the_composed_one() {
-    // 3 suffix rows of 5 (left-padded: 5, 2, 4 real), 4 query heads over 2 kv heads, a
-    // 7-token prefix.
-    let (n, ts, nh, nkv, hd, tp) = (3, 5, 4, 2, 8, 7);
-    let q = randn(&[n, ts, nh, hd], 1);
-    let k = randn(&[n, ts, nkv, hd], 2);
-    let v = randn(&[n, ts, nkv, hd], 3);
-    let pk = randn(&[nkv, hd, tp], 4);
-    let pv = randn(&[nkv, tp, hd], 5);
-    let mask = Mask::left_padded(&[5, 2, 4], ts);
-    let bias = composed::attention_bias(&mask.key_mask(), DType::F32, &DEV).unwrap();
-    let want = composed::prefix_attention(&q, &k, &v, &bias, &pk, &pv).unwrap();
-    let got = ops::prefix_attention(&q, &k, &v, &mask.key_mask(), &pk, &pv).unwrap();
-    assert_eq!(got.dims(), want.dims());
-    // Padding query rows are unspecified; compare the real ones.
-    let real = Tensor::from_vec(
-        mask.data.iter().map(|&m| m as f32).collect::<Vec<f32>>(),
-        (n, ts, 1, 1),
-        &DEV,
+fn prefix_attention_matches_the_composed_one_forward_and_backward() {
+    // 4 suffix rows of 5 (left-padded: 5, 2, 4, 3 real) over two prefixes (7 and 3 tokens:
+    // rows 0-2 continue the first, row 3 the second), 4 query heads over 2 kv heads.
+    let (n, ts, nh, nkv, hd) = (4, 5, 4, 2, 8);
+    let prefixes = [
+        (randn(&[nkv, hd, 7], 4), randn(&[nkv, 7, hd], 5), 3usize),
+        (randn(&[nkv, hd, 3], 6), randn(&[nkv, 3, hd], 7), 1usize),
+    ];
+    let mask = Mask::left_padded(&[5, 2, 4, 3], ts);
+    let km = mask.key_mask();
+    let bias = composed::attention_bias(&km, DType::F32, &DEV).unwrap();
+    // Padding query rows are unspecified: compare (and probe) the real ones.
+    let real = real_rows(&mask, (n, ts, 1, 1));
+    let fused = |t: &[Tensor]| {
+        let groups: Vec<(&Tensor, &Tensor, usize)> =
+            prefixes.iter().map(|(k, v, c)| (k, v, *c)).collect();
+        ops::prefix_attention(&t[0], &t[1], &t[2], &km, &groups)
+            .unwrap()
+            .broadcast_mul(&real)
+            .unwrap()
+    };
+    let reference = |t: &[Tensor]| {
+        let mut outs = Vec::new();
+        let mut row = 0;
+        for (pk, pv, c) in &prefixes {
+            let part = |x: &Tensor| x.narrow(0, row, *c).unwrap();
+            outs.push(
+                composed::prefix_attention(
+                    &part(&t[0]),
+                    &part(&t[1]),
+                    &part(&t[2]),
+                    &part(&bias),
+                    pk,
+                    pv,
+                )
+                .unwrap(),
+            );
+            row += c;
+        }
+        Tensor::cat(&outs, 0).unwrap().broadcast_mul(&real).unwrap()
+    };
+    let xs = [
+        randn(&[n, ts, nh, hd], 1),
+        randn(&[n, ts, nkv, hd], 2),
+        randn(&[n, ts, nkv, hd], 3),
+    ];
+    compare(&xs, &fused, &reference, 1e-5);
+    // Shapes that do not fit are refused, naming the op.
+    let err = ops::prefix_attention(
+        &xs[0],
+        &xs[1],
+        &xs[2],
+        &km,
+        &[(&prefixes[0].0, &prefixes[0].1, 3)],
     )
+    .err()
     .unwrap();
-    let d = (got - want)
-        .unwrap()
-        .broadcast_mul(&real)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
-    assert!(d < 1e-5, "max diff {d}");
+    assert!(err.to_string().contains("prefix attention"), "{err}");
 }

@@ -1,11 +1,12 @@
 //! Shared-prefix scoring: prompt prefixes run once into a cache, then suffixes attend to it.
 //! The logits at every suffix position equal the whole prompts' (left and right padding,
 //! several prefixes in one batch, grouped-query heads, LoRA on every projection, fused and
-//! composed paths), and the cache refuses to build a backward graph.
+//! composed paths); in a training pass the suffixes' gradients equal the whole prompts' too,
+//! while the cache itself refuses to build a backward graph.
 
 mod common;
 
-use candle_core::{Device, Tensor};
+use candle_core::{Device, Tensor, Var};
 use collm_llm::{Decoder, Lora, LoraConfig, Mask, Pass};
 use common::tiny;
 
@@ -126,8 +127,118 @@ fn suffixes_over_a_cached_prefix_equal_whole_prompts() {
     }
 }
 
+/// The gradient of a fixed probe of the " 3, 4, 9" logits at each row's last position with
+/// respect to the input embeddings, as (row, position) vectors at each row's real positions.
+fn probe_grads(
+    dec: &Decoder,
+    e: &Tensor,
+    m: &Mask,
+    run: &dyn Fn(&Tensor) -> Tensor,
+) -> Vec<Vec<Vec<f32>>> {
+    let var = Var::from_tensor(e).unwrap();
+    let h = run(var.as_tensor());
+    let pass = Pass {
+        lora: None,
+        train: None,
+        grad: true,
+    };
+    let logits = dec
+        .token_logits(&h, &m.last_positions(), &[3, 4, 9], &pass)
+        .unwrap();
+    let n = logits.elem_count();
+    let r: Vec<f32> = (0..n).map(|k| ((k * 37 % 11) as f32 - 5.0) / 5.0).collect();
+    let r = Tensor::from_vec(r, logits.dims(), &Device::Cpu).unwrap();
+    let g = logits
+        .mul(&r)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    let g = g.get(var.as_tensor()).expect("a gradient").clone();
+    (0..m.batch)
+        .map(|b| {
+            (0..m.seq)
+                .filter(|&t| m.data[b * m.seq + t] == 1)
+                .map(|t| g.get(b).unwrap().get(t).unwrap().to_vec1::<f32>().unwrap())
+                .collect()
+        })
+        .collect()
+}
+
+/// Step 2 of CoLLM trains only what enters after the first ID slot, so a training pass may run
+/// the text before it as a cached prefix: the gradients reaching the suffixes' embeddings equal
+/// those of the whole prompts (LoRA frozen, fused and composed paths, left and right padding,
+/// several prefixes per batch, grouped-query heads). A suffix that leaked into its prefix (or
+/// a prefix that saw its suffix) would change them.
 #[test]
-fn the_cache_is_for_scoring_only() {
+fn suffix_gradients_over_a_cached_prefix_equal_whole_prompts() {
+    let prefixes = [vec![5u32, 6, 7, 8, 9, 10, 11], vec![12u32, 13, 14]];
+    let suffixes = [
+        (0, vec![20u32, 21, 22]),
+        (0, vec![23u32]),
+        (0, vec![24u32, 25, 26, 27, 28]),
+        (1, vec![29u32, 30]),
+        (1, vec![31u32, 32, 33, 34]),
+    ];
+    let groups = [(0usize, 3usize), (1, 2)];
+    for name in ["tiny-llama", "tiny-qwen2"] {
+        for fused in [true, false] {
+            for right in [false, true] {
+                let mut dec = tiny(name);
+                dec.set_fused(fused).unwrap();
+                let mut lora = lora(&dec);
+                lora.freeze();
+                let pass = Pass {
+                    lora: Some(&lora),
+                    train: None,
+                    grad: true,
+                };
+                let whole: Vec<Vec<u32>> = suffixes
+                    .iter()
+                    .map(|(p, s)| [prefixes[*p].clone(), s.clone()].concat())
+                    .collect();
+                let (e, m) = embed(&dec, &whole, right);
+                let full = probe_grads(&dec, &e, &m, &|x| dec.forward(x, &m, &pass).unwrap());
+                let (pe, pm) = embed(&dec, &prefixes, right);
+                let cache = dec
+                    .prefill(
+                        &pe,
+                        &pm,
+                        &Pass {
+                            grad: false,
+                            ..pass
+                        },
+                    )
+                    .unwrap();
+                let sfx: Vec<Vec<u32>> = suffixes.iter().map(|(_, s)| s.clone()).collect();
+                let (se, sm) = embed(&dec, &sfx, right);
+                let part = probe_grads(&dec, &se, &sm, &|x| {
+                    dec.forward_cached(x, &sm, &cache, &groups, &pass).unwrap()
+                });
+                let mut largest = 0f32;
+                for (r, (p, s)) in suffixes.iter().enumerate() {
+                    let want = &full[r][prefixes[*p].len()..];
+                    assert_eq!(part[r].len(), s.len());
+                    for (a, b) in want.iter().zip(&part[r]) {
+                        for (x, y) in a.iter().zip(b) {
+                            largest = largest.max(x.abs());
+                            let d = (x - y).abs();
+                            assert!(
+                                d < 1e-5,
+                                "{name} fused={fused} right={right} row {r}: gradient differs by {d}"
+                            );
+                        }
+                    }
+                }
+                assert!(largest > 1e-3, "{name}: the gradients are all zero");
+            }
+        }
+    }
+}
+
+#[test]
+fn the_cache_holds_constants_and_its_suffix_pass_draws_no_dropout() {
     let dec = tiny("tiny-llama");
     let (e, m) = dec.embed_left_padded(&[vec![5, 6, 7]], 0).unwrap();
     let pass = Pass {
@@ -136,8 +247,19 @@ fn the_cache_is_for_scoring_only() {
         grad: true,
     };
     let err = dec.prefill(&e, &m, &pass).err().unwrap();
-    assert!(format!("{err:#}").contains("training runs whole prompts"));
+    assert!(format!("{err:#}").contains("holds constants"), "{err:#}");
     let cache = dec.prefill(&e, &m, &Pass::inference()).unwrap();
+    let ctx = collm_nn::TrainCtx::new(1);
+    let train = Pass {
+        lora: None,
+        train: Some(&ctx),
+        grad: true,
+    };
+    let err = dec
+        .forward_cached(&e, &m, &cache, &[(0, 1)], &train)
+        .err()
+        .unwrap();
+    assert!(format!("{err:#}").contains("without dropout"), "{err:#}");
     let err = dec
         .forward_cached(&e, &m, &cache, &[(1, 1)], &Pass::inference())
         .err()
