@@ -31,6 +31,10 @@ pub struct CoLlm {
     cf_history: usize,
     /// Subtracted from every score (`calibrate`; see the config field). 0 until training sets it.
     pub score_offset: f64,
+    /// Training passes run each prompt's frozen prefix as inference where the mode allows
+    /// ([`CoLlm::frozen_prefix_ends`]); on by default, off only to measure the whole-prompt
+    /// path (`collm bench train`).
+    pub frozen_prefix: bool,
 }
 
 /// The best-weights directory of a finished run.
@@ -132,6 +136,7 @@ impl CoLlm {
             placeholder_id,
             cf_history,
             score_offset: 0.0,
+            frozen_prefix: true,
         })
     }
 
@@ -264,6 +269,11 @@ impl CoLlm {
 
     /// Click scores (logits) of a batch: the " Yes" logit at the last prompt position (or
     /// Yes − No with `score = "yes_minus_no"`), minus `score_offset`. Shape (B,).
+    ///
+    /// With `grad`, where nothing trained acts before the first ID slot (see
+    /// [`CoLlm::frozen_prefix_ends`]), the text before it runs as inference into a prefix
+    /// cache and only the rest builds a graph: the same scores and gradients, without the
+    /// backward pass over the frozen LLM reading fixed text.
     pub fn scores(
         &self,
         rows: &[&Interaction],
@@ -271,7 +281,14 @@ impl CoLlm {
         ctx: Option<&TrainCtx>,
         grad: bool,
     ) -> Result<Tensor> {
-        let (emb, mask) = self.embed_batch(rows, titles, ctx)?;
+        let enc = self.encode_prompts(rows, titles)?;
+        let slots = self.slot_values(rows, ctx)?;
+        if grad {
+            if let Some(ends) = self.frozen_prefix_ends(&enc) {
+                return self.scores_after_frozen_prefix(&enc, &ends, slots.as_ref());
+            }
+        }
+        let (emb, mask) = self.embed_encoded(&enc, slots.as_ref())?;
         let pass = Pass {
             lora: self.lora.as_ref(),
             train: if self.config.mode.trains_lora() {
@@ -289,6 +306,90 @@ impl CoLlm {
         self.score_hidden(&h, &vec![0; last.len()], &pass)
     }
 
+    /// Where each prompt's frozen prefix ends in a training pass: at its first ID slot, when
+    /// the mode trains nothing that acts before it (step-2 modes: `collm`, `t1`, `t2`,
+    /// `uitoken`, whose step-1 LoRA is frozen and draws no dropout, so the text before the
+    /// first slot is the frozen LLM reading fixed text). None where prompts run whole: the mode
+    /// trains the LoRA (`tallrec`, `t3`, `softprompt`), the template has no slot, a prompt
+    /// starts with its slot, or [`CoLlm::frozen_prefix`] is off.
+    pub fn frozen_prefix_ends(&self, enc: &[Encoded]) -> Option<Vec<usize>> {
+        if !self.frozen_prefix || self.config.mode.trains_lora() {
+            return None;
+        }
+        enc.iter()
+            .map(|e| {
+                let first = e.user_slots.iter().chain(&e.item_slots).min().copied()?;
+                (first > 0).then_some(first)
+            })
+            .collect()
+    }
+
+    /// [`CoLlm::scores`] with a graph for each prompt's part from `ends[r]` on only: the parts
+    /// before (rows with the same tokens there share one) run once into a prefix cache, then
+    /// the rest attends to it with gradients. `slots` are in input order; scores come back in
+    /// it.
+    fn scores_after_frozen_prefix(
+        &self,
+        enc: &[Encoded],
+        ends: &[usize],
+        slots: Option<&(Tensor, Tensor)>,
+    ) -> Result<Tensor> {
+        let dec = &self.backbone.decoder;
+        let mut groups: Vec<Vec<usize>> = Vec::new();
+        let mut seen: HashMap<&[u32], usize> = HashMap::new();
+        for (r, e) in enc.iter().enumerate() {
+            let g = *seen.entry(&e.ids[..ends[r]]).or_insert_with(|| {
+                groups.push(Vec::new());
+                groups.len() - 1
+            });
+            groups[g].push(r);
+        }
+        let order: Vec<usize> = groups.iter().flatten().copied().collect();
+        let prefixes: Vec<Encoded> = groups
+            .iter()
+            .map(|g| enc[g[0]].split_at(ends[g[0]]).0)
+            .collect();
+        let (pe, pm) = self.embed_encoded(&prefixes, None)?;
+        let cache = dec.prefill(&pe, &pm, &self.scoring_pass())?;
+        let suffixes: Vec<Encoded> = order.iter().map(|&r| enc[r].split_at(ends[r]).1).collect();
+        let identity = order.iter().enumerate().all(|(k, &r)| k == r);
+        let index = |ix: &[usize]| -> Result<Tensor> {
+            let ix: Vec<u32> = ix.iter().map(|&r| r as u32).collect();
+            Ok(Tensor::from_vec(ix, enc.len(), &dec.device)?)
+        };
+        let slots = match slots {
+            Some((u, i)) if !identity => {
+                let o = index(&order)?;
+                Some((
+                    u.contiguous()?.index_select(&o, 0)?,
+                    i.contiguous()?.index_select(&o, 0)?,
+                ))
+            }
+            other => other.cloned(),
+        };
+        let (se, sm) = self.embed_encoded(&suffixes, slots.as_ref())?;
+        let runs: Vec<(usize, usize)> = groups
+            .iter()
+            .enumerate()
+            .map(|(p, g)| (p, g.len()))
+            .collect();
+        let pass = Pass {
+            lora: self.lora.as_ref(),
+            train: None,
+            grad: true,
+        };
+        let h = dec.forward_cached(&se, &sm, &cache, &runs, &pass)?;
+        let s = self.score_hidden(&h, &sm.last_positions(), &pass)?;
+        if identity {
+            return Ok(s);
+        }
+        let mut back = vec![0usize; order.len()];
+        for (k, &r) in order.iter().enumerate() {
+            back[r] = k;
+        }
+        Ok(s.contiguous()?.index_select(&index(&back)?, 0)?)
+    }
+
     /// Where a prompt is split for shared-prefix scoring: at the start of its target part, or
     /// before its first user slot when the user vector depends on the item (DIN).
     pub fn split_point(&self, e: &Encoded) -> usize {
@@ -304,7 +405,8 @@ impl CoLlm {
     /// Scores of many rows, in input order, without gradients, sharing prompt prefixes: rows
     /// whose prompts begin with the same user part (same tokens, and for a user slot the same
     /// user and history) run that part once into a KV cache, and their suffixes (target title,
-    /// `<TargetItemID>`, answer cue) attend to it in batches of `eval_batch_size`. Equal to
+    /// `<TargetItemID>`, answer cue) attend to it in batches of `eval_batch_size`; rows whose
+    /// prefix no other row shares run whole ([`CoLlm::predict`]). Equal to
     /// [`CoLlm::predict`] within rounding; much faster when users have many candidates.
     pub fn predict_shared(
         &self,
@@ -335,15 +437,28 @@ impl CoLlm {
             });
             groups[g].push(r);
         }
-        // Within a group, suffixes of similar length pad little.
+        // Within a group, suffixes of similar length pad little; so do windows of prefixes
+        // of similar length.
         for g in &mut groups {
             g.sort_by_key(|&r| enc[r].ids.len() - splits[r]);
         }
+        groups.sort_by_key(|g| splits[g[0]]);
         let pb = collm_nn::scaffold::progress_bar(rows.len(), "rows", "score".into(), !progress);
+        let mut out = vec![0f64; rows.len()];
+        // A prefix no other row shares gains nothing from a cache: such rows run whole, in
+        // batches of similar length, with the last block at the read position only.
+        let (groups, single): (Vec<Vec<usize>>, Vec<Vec<usize>>) =
+            groups.into_iter().partition(|g| g.len() > 1);
+        if !single.is_empty() {
+            let alone: Vec<Interaction> = single.iter().map(|g| rows[g[0]].clone()).collect();
+            for (g, v) in single.iter().zip(self.predict(&alone, titles, false)?) {
+                out[g[0]] = v;
+            }
+            pb.inc(single.len() as u64);
+        }
         let batch = self.config.model.eval_batch_size.max(1);
         let pass = self.scoring_pass();
         let dec = &self.backbone.decoder;
-        let mut out = vec![0f64; rows.len()];
         // Windows of whole groups, about one batch of rows (or of prefixes) each, so that the
         // cache holds at most `batch` prefixes at a time.
         let mut start = 0;

@@ -232,7 +232,7 @@ fn load_groups(model: &CoLlm, dir: &Path) -> Result<()> {
     Ok(())
 }
 
-fn optimizer(model: &CoLlm, cfg: &ExperimentConfig) -> Result<Adam> {
+pub(crate) fn optimizer(model: &CoLlm, cfg: &ExperimentConfig) -> Result<Adam> {
     let mut params = Vec::new();
     for (group, store) in model.trainable_stores() {
         for (name, var) in store.trainable() {
@@ -275,7 +275,7 @@ fn train_rows(cfg: &ExperimentConfig, train: &[Interaction]) -> Vec<Interaction>
     }
 }
 
-fn epoch_order(seed: u64, epoch: usize, n: usize) -> Vec<usize> {
+pub(crate) fn epoch_order(seed: u64, epoch: usize, n: usize) -> Vec<usize> {
     let mut rng = ChaCha8Rng::seed_from_u64(epoch_seed(seed, epoch));
     let mut v: Vec<usize> = (0..n).collect();
     v.shuffle(&mut rng);
@@ -534,7 +534,7 @@ impl Trainer for CollmTrainer<'_> {
                 .take(64)
                 .map(|&k| self.train[k].clone())
                 .collect();
-            let raw = self.model.predict(&first, self.titles, false)?;
+            let raw = self.model.predict_shared(&first, self.titles, false)?;
             state.score_offset = raw.iter().sum::<f64>() / raw.len().max(1) as f64;
             tracing::info!(
                 "calibration: score offset {:.3} (mean raw score of {} train rows)",
@@ -555,7 +555,7 @@ impl Trainer for CollmTrainer<'_> {
                 break;
             }
         }
-        let scores = self.model.predict(&self.valid, self.titles, false)?;
+        let scores = self.model.predict_shared(&self.valid, self.titles, false)?;
         let report = Report::compute(&self.counts, &self.valid, &scores)?;
         state.train_seconds += self.last_eval.elapsed().as_secs_f64();
         self.last_eval = std::time::Instant::now();
@@ -673,7 +673,7 @@ pub fn load_run(run: &Path) -> Result<(RunFile, Dataset, CoLlm)> {
 pub fn evaluate(run: &Path, split: &str, progress: bool) -> Result<(Report, Vec<f64>)> {
     let (_, ds, model) = load_run(run)?;
     let rows = &ds.split(split)?.rows;
-    let scores = model.predict(rows, &ds.titles, progress)?;
+    let scores = model.predict_shared(rows, &ds.titles, progress)?;
     Ok((Report::for_split(&ds, split, &scores)?, scores))
 }
 
