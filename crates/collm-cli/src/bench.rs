@@ -21,6 +21,12 @@ pub enum BenchCommand {
     /// seconds per epoch, train and valid-scoring samples/s, and the epoch as a multiple of a
     /// gradient-free forward pass over the train split (the baseline, measured in the same run).
     Cf(CfBenchArgs),
+    /// A CoLLM training step and evaluation on a dataset's own prompts, each through the
+    /// whole-prompt path and the work-saving one in the same run: train samples/s with and
+    /// without the frozen prefix (step-2 modes run the text before the first ID slot as
+    /// inference), evaluation rows/s with whole prompts and with shared prefixes, their
+    /// max |diff|, and the predicted hours per 1,000 steps and per full valid pass.
+    Train(TrainBenchArgs),
     /// Shared-prefix scoring against whole prompts, same run, same rows: one user's
     /// candidates scored both ways; prints {"full_s","prefix_s","speedup","max_abs_diff"}.
     Rank(RankBenchArgs),
@@ -28,6 +34,35 @@ pub enum BenchCommand {
     /// C concurrent keep-alive connections; throughput, p50/p99 latency, count of each status.
     /// scripts/load_test.sh starts the server, runs this and checks the server afterwards.
     Serve(ServeBenchArgs),
+}
+
+#[derive(Args)]
+pub struct TrainBenchArgs {
+    /// A run config (e.g. configs/ml-1m/collm-mf.toml): data, backbone, CF run, step 1, batch.
+    #[arg(long)]
+    pub config: PathBuf,
+    /// Override the config's mode (e.g. t2, uitoken, tallrec).
+    #[arg(long)]
+    pub mode: Option<String>,
+    /// Override the config's dataset directory.
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    /// Override the config's batch size.
+    #[arg(long)]
+    pub batch: Option<usize>,
+    /// Timed optimizer steps per path.
+    #[arg(long, default_value_t = 3)]
+    pub steps: usize,
+    /// Untimed steps first, per path.
+    #[arg(long, default_value_t = 1)]
+    pub warm: usize,
+    /// Valid rows scored per evaluation path: the split's first rows (sorted by user and time,
+    /// as a full pass sees them).
+    #[arg(long, default_value_t = 600)]
+    pub eval_rows: usize,
+    /// One JSON object instead of the table.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Args)]
@@ -203,6 +238,31 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
     match cmd {
         BenchCommand::Llm(args) => bench_llm(&args),
         BenchCommand::Cf(args) => bench_cf(&args),
+        BenchCommand::Train(a) => {
+            let mut config = collm::ExperimentConfig::load(&a.config)?;
+            if let Some(m) = &a.mode {
+                config.mode = m.parse().map_err(|e| anyhow::anyhow!("--mode: {e}"))?;
+            }
+            if let Some(d) = &a.data {
+                config.data.path = d.clone();
+            }
+            if let Some(b) = a.batch {
+                config.training.batch_size = b;
+            }
+            config.validate()?;
+            let r = collm::bench::bench_train(&collm::bench::TrainBenchOptions {
+                config,
+                steps: a.steps,
+                warm: a.warm,
+                eval_rows: a.eval_rows,
+            })?;
+            if a.json {
+                println!("{}", serde_json::to_string(&r)?);
+            } else {
+                print!("{}", r.render());
+            }
+            Ok(())
+        }
         BenchCommand::Rank(a) => {
             let rec = collm::recommend::Recommender::open(&a.run, a.data.as_deref())?;
             let r = collm::recommend::bench_rank(&rec, a.user, a.candidates, a.seed)?;

@@ -35,7 +35,31 @@ pub enum Mode {
     Uitoken,
 }
 
+impl std::str::FromStr for Mode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Mode::ALL
+            .into_iter()
+            .find(|m| m.name() == s)
+            .ok_or_else(|| {
+                let names: Vec<&str> = Mode::ALL.iter().map(|m| m.name()).collect();
+                format!("unknown mode '{s}' (one of {})", names.join(", "))
+            })
+    }
+}
+
 impl Mode {
+    pub const ALL: [Mode; 8] = [
+        Mode::Icl,
+        Mode::Tallrec,
+        Mode::Collm,
+        Mode::T1,
+        Mode::T2,
+        Mode::T3,
+        Mode::Softprompt,
+        Mode::Uitoken,
+    ];
+
     pub fn name(self) -> &'static str {
         match self {
             Mode::Icl => "icl",
