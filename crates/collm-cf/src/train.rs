@@ -154,7 +154,7 @@ pub fn train(
             );
         }
     }
-    run_cfg.save(out)?;
+    run_cfg.save(run.path())?;
 
     let model = build_model(cfg, ds, &device)?;
     let opt = optimizer(model.as_ref(), cfg)?;
@@ -187,7 +187,7 @@ pub fn train(
     };
     let metrics = drive(&mut trainer, &mut run, fresh, METRICS_FILE, None)?;
     trainer.pb.finish_and_clear();
-    run.finish();
+    run.finish()?;
     Ok(metrics)
 }
 

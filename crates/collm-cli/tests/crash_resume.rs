@@ -10,7 +10,7 @@
 
 mod common;
 
-use common::metrics;
+use common::{metrics, s};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
@@ -220,4 +220,98 @@ eval_rows = 20\nbatch_size = 4\nwarmup_steps = 1\nlr = 0.01\ntrain_rows = 40\n",
     eprintln!("collm: {identical} of {points} kill points resumed identically");
     assert_eq!(points, identical);
     let _ = Duration::ZERO;
+}
+
+/// `--force` builds the replacement aside and swaps it in at its first checkpoint: killed at
+/// any crash point before that (or failing), it leaves the old run exactly as it was; killed
+/// after, the next command that opens the run finds the new one (the swap finished). (A
+/// replacement that fails with an error is covered in `collm_nn::run`'s tests.)
+#[test]
+fn a_killed_or_failed_force_keeps_the_run_it_was_replacing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = synthetic(tmp.path());
+    let args = |run: &Path, dim: &str| -> Vec<String> {
+        [
+            "train",
+            "cf",
+            "--model",
+            "mf",
+            "--data",
+            s(&data),
+            "--dim",
+            dim,
+            "--max-epochs",
+            "3",
+            "--patience",
+            "100",
+            "--quiet",
+            "--out",
+            s(run),
+        ]
+        .map(String::from)
+        .to_vec()
+    };
+    let strs = |a: &[String]| a.iter().map(String::to_string).collect::<Vec<_>>();
+    let old_run = tmp.path().join("old");
+    ok(&strs(&args(&old_run, "8"))
+        .iter()
+        .map(String::as_str)
+        .collect::<Vec<_>>());
+    let new_run = tmp.path().join("new");
+    ok(&strs(&args(&new_run, "4"))
+        .iter()
+        .map(String::as_str)
+        .collect::<Vec<_>>());
+    let (mut kept, mut replaced) = (0, 0);
+    for n in 1.. {
+        let run = tmp.path().join(format!("force-{n}"));
+        copy_dir(&old_run, &run);
+        let mut a = args(&run, "4");
+        a.push("--force".into());
+        let a: Vec<&str> = a.iter().map(String::as_str).collect();
+        let o = collm(&a, Some(n));
+        if o.status.success() {
+            same(&new_run, &run, "an uninterrupted --force");
+            break;
+        }
+        assert!(o.status.code().is_none(), "crash point {n}: {o:?}");
+        // The next writer recovers what the kill left: resume (the old run, or the new one
+        // once it had a checkpoint) to the end.
+        let mut again = args(&run, "4");
+        again.push("--resume".into());
+        let g: Vec<&str> = again.iter().map(String::as_str).collect();
+        let o = collm(&g, None);
+        if o.status.success() {
+            same(&new_run, &run, &format!("crash point {n}, then --resume"));
+            replaced += 1;
+        } else {
+            // Still the old run (dim 8): resuming it with dim 4 is refused, and it is intact.
+            assert!(
+                String::from_utf8_lossy(&o.stderr).contains("differs"),
+                "{o:?}"
+            );
+            same(&old_run, &run, &format!("crash point {n}"));
+            kept += 1;
+        }
+        let leftovers: Vec<_> = std::fs::read_dir(tmp.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|f| f.starts_with(&format!(".force-{n}.")) && !f.ends_with(".lock"))
+            .collect();
+        assert!(leftovers.is_empty(), "crash point {n}: left {leftovers:?}");
+    }
+    assert!(kept > 3 && replaced > 3, "kept {kept}, replaced {replaced}");
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let p = e.unwrap().path();
+        let dst = to.join(p.file_name().unwrap());
+        if p.is_dir() {
+            copy_dir(&p, &dst);
+        } else {
+            std::fs::copy(&p, &dst).unwrap();
+        }
+    }
 }

@@ -58,14 +58,74 @@ pub struct RunDir {
     /// A checkpoint exists (committed now or before).
     checkpointed: bool,
     finished: bool,
+    /// Where the run goes. `path` differs from it while a `--force` replacement is built
+    /// aside: the old run stays in place until the new one commits its first checkpoint (or
+    /// finishes), then the new one is swapped in; a replacement that fails or is killed before
+    /// then leaves the old run as it was.
+    target: PathBuf,
     _lock: OutputLock,
+}
+
+/// A hidden sibling of the run at `path`: `.NAME.SUFFIX`.
+fn aside(path: &Path, suffix: &str) -> Result<PathBuf> {
+    let name = path
+        .file_name()
+        .ok_or_else(|| anyhow::anyhow!("{}: not a valid run path", path.display()))?
+        .to_string_lossy()
+        .into_owned();
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    Ok(parent.join(format!(".{name}.{suffix}")))
+}
+
+/// Swaps the replacement `new` in for the run at `target`: the old run moves to `.NAME.old`,
+/// `new` takes its place, the old run is removed. [`recover`] finishes a swap a kill cut short.
+fn swap_in(new: &Path, target: &Path) -> Result<()> {
+    let old = aside(target, "old")?;
+    if target.exists() {
+        fs::rename(target, &old)
+            .with_context(|| format!("{}: cannot move the old run aside", target.display()))?;
+    }
+    crash_point();
+    fs::rename(new, target)
+        .with_context(|| format!("{}: cannot move the new run into place", target.display()))?;
+    crash_point();
+    fs::remove_dir_all(&old).ok();
+    Ok(())
+}
+
+/// What a `--force` killed mid-way leaves (we hold the lock): a replacement that reached its
+/// first checkpoint is swapped in, one that did not is removed, the old run is kept.
+fn recover(target: &Path) -> Result<()> {
+    let (new, old) = (aside(target, "new")?, aside(target, "old")?);
+    if new.exists() {
+        if current_checkpoint(&new)?.is_some() || new.join(".finished").exists() {
+            swap_in(&new, target)?;
+        } else {
+            fs::remove_dir_all(&new)
+                .with_context(|| format!("{}: cannot remove", new.display()))?;
+        }
+    }
+    if old.exists() {
+        if target.exists() {
+            fs::remove_dir_all(&old).ok();
+        } else {
+            fs::rename(&old, target)
+                .with_context(|| format!("{}: cannot restore", target.display()))?;
+        }
+    }
+    Ok(())
 }
 
 impl RunDir {
     /// Locks and opens `path`. `config_file` marks a directory that holds a run.
     pub fn open(path: &Path, mode: OpenMode, config_file: &str) -> Result<Self> {
         let lock = OutputLock::acquire(path)?;
+        recover(path)?;
         let holds_run = path.join(config_file).exists();
+        let mut work = path.to_path_buf();
         match mode {
             OpenMode::New if holds_run => bail!(
                 "{}: already holds a run (pass --resume to continue it, --force to replace it, or choose another --out)",
@@ -87,21 +147,23 @@ impl RunDir {
                         path.display()
                     );
                 }
-                fs::remove_dir_all(path)
-                    .with_context(|| format!("{}: cannot remove the old run", path.display()))?;
+                // Built aside; the old run stays until the new one has a checkpoint.
+                work = aside(path, "new")?;
             }
             _ => {}
         }
-        let fresh = !path.exists();
-        fs::create_dir_all(path.join(CHECKPOINT_DIR))
-            .with_context(|| format!("{}: cannot create", path.display()))?;
+        let fresh = !work.exists();
+        fs::create_dir_all(work.join(CHECKPOINT_DIR))
+            .with_context(|| format!("{}: cannot create", work.display()))?;
         let mut run = Self {
-            path: path.to_path_buf(),
+            path: work.clone(),
             fresh,
             checkpointed: false,
             finished: false,
+            target: path.to_path_buf(),
             _lock: lock,
         };
+        let path = &work;
         run.checkpointed = run.checkpoint()?.is_some();
         run.remove_stale()?;
         // Temporary files of atomic writes that a kill interrupted (we hold the lock: no other
@@ -116,8 +178,19 @@ impl RunDir {
         Ok(run)
     }
 
+    /// Where the run's files are written now: the run's directory, or while a `--force`
+    /// replacement has no checkpoint yet, the hidden directory it is built in.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// A replacement built aside takes the old run's place.
+    fn swap_in(&mut self) -> Result<()> {
+        if self.path != self.target {
+            swap_in(&self.path, &self.target)?;
+            self.path = self.target.clone();
+        }
+        Ok(())
     }
 
     pub fn join(&self, name: &str) -> PathBuf {
@@ -176,6 +249,7 @@ impl RunDir {
         write_file_atomic(&root.join(CURRENT), name.as_bytes())?;
         sync_dir(&root)?;
         self.checkpointed = true;
+        self.swap_in()?;
         self.remove_stale()
     }
 
@@ -213,14 +287,23 @@ impl RunDir {
     }
 
     /// The run ended without error: it is kept whatever happened.
-    pub fn finish(mut self) {
+    pub fn finish(mut self) -> Result<()> {
+        if self.path != self.target {
+            // A run with no checkpoint (ICL) is complete here: mark it, so that a kill during
+            // the swap still swaps it in.
+            fs::write(self.path.join(".finished"), b"")?;
+            self.swap_in()?;
+            fs::remove_file(self.path.join(".finished")).ok();
+        }
         self.finished = true;
+        Ok(())
     }
 }
 
 impl Drop for RunDir {
     /// A run this process created and that failed before its first checkpoint is removed:
-    /// there is nothing in it to resume, and a rerun should not find it in the way.
+    /// there is nothing in it to resume, and a rerun should not find it in the way. (A
+    /// `--force` replacement is removed from where it was built; the old run never moved.)
     fn drop(&mut self) {
         if self.fresh && !self.finished && !self.checkpointed {
             fs::remove_dir_all(&self.path).ok();
@@ -314,7 +397,7 @@ mod tests {
             .collect();
         names.sort();
         assert_eq!(names, ["00000003", "CURRENT"]);
-        run.finish();
+        run.finish().unwrap();
     }
 
     #[test]
@@ -343,6 +426,10 @@ mod tests {
         let run = RunDir::open(&p, OpenMode::Force, "config.toml").unwrap();
         assert!(run.checkpoint().unwrap().is_none(), "--force starts over");
         drop(run);
+        assert!(
+            p.join("config.toml").exists(),
+            "a failed --force keeps the old run"
+        );
         // A folder that merely holds a config.toml is not a run: --force leaves it alone.
         let other = tmp.path().join("configs");
         fs::create_dir_all(&other).unwrap();
@@ -351,6 +438,94 @@ mod tests {
         let e = RunDir::open(&other, OpenMode::Force, "config.toml").unwrap_err();
         assert!(e.to_string().contains("not a run directory"), "{e}");
         assert!(other.join("notes.txt").is_file());
+    }
+
+    /// A run with one checkpoint and a weights file, as a finished run looks.
+    fn old_run(p: &Path) {
+        let mut run = RunDir::open(p, OpenMode::New, "config.toml").unwrap();
+        fs::write(run.join("config.toml"), "old").unwrap();
+        fs::write(run.join("model.bin"), "old weights").unwrap();
+        run.commit_checkpoint(&1u32, |_| Ok(())).unwrap();
+        run.finish().unwrap();
+    }
+
+    fn siblings(p: &Path) -> Vec<String> {
+        fs::read_dir(p.parent().unwrap())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with('.') && !n.ends_with(".lock"))
+            .collect()
+    }
+
+    #[test]
+    fn force_builds_aside_and_swaps_in_at_the_first_checkpoint() {
+        let tmp = tempfile::tempdir().unwrap();
+        let p = tmp.path().join("run");
+        old_run(&p);
+        // Fails before its first checkpoint: the old run is untouched, nothing is left.
+        {
+            let run = RunDir::open(&p, OpenMode::Force, "config.toml").unwrap();
+            assert_ne!(run.path(), p.as_path(), "built aside");
+            fs::write(run.join("config.toml"), "new").unwrap();
+            assert_eq!(fs::read_to_string(p.join("config.toml")).unwrap(), "old");
+        }
+        assert_eq!(
+            fs::read_to_string(p.join("model.bin")).unwrap(),
+            "old weights"
+        );
+        assert!(siblings(&p).is_empty(), "{:?}", siblings(&p));
+        // Succeeds: the first checkpoint swaps the new run in, the old one is gone.
+        let mut run = RunDir::open(&p, OpenMode::Force, "config.toml").unwrap();
+        fs::write(run.join("config.toml"), "new").unwrap();
+        run.commit_checkpoint(&2u32, |_| Ok(())).unwrap();
+        assert_eq!(run.path(), p.as_path());
+        run.write_json("metrics.json", &2u32).unwrap();
+        run.finish().unwrap();
+        assert_eq!(fs::read_to_string(p.join("config.toml")).unwrap(), "new");
+        assert!(!p.join("model.bin").exists());
+        assert!(p.join("metrics.json").is_file());
+        assert!(siblings(&p).is_empty(), "{:?}", siblings(&p));
+        // A replacement that never checkpoints (ICL) swaps in when it finishes.
+        old_run(&tmp.path().join("icl"));
+        let icl = tmp.path().join("icl");
+        let run = RunDir::open(&icl, OpenMode::Force, "config.toml").unwrap();
+        fs::write(run.join("config.toml"), "new").unwrap();
+        run.finish().unwrap();
+        assert_eq!(fs::read_to_string(icl.join("config.toml")).unwrap(), "new");
+        assert!(siblings(&icl).is_empty());
+    }
+
+    #[test]
+    fn what_a_killed_force_left_is_recovered_by_the_next_writer() {
+        let tmp = tempfile::tempdir().unwrap();
+        let p = tmp.path().join("run");
+        // Killed before the replacement's first checkpoint: it is dropped.
+        old_run(&p);
+        let new = aside(&p, "new").unwrap();
+        fs::create_dir_all(new.join(CHECKPOINT_DIR)).unwrap();
+        fs::write(new.join("config.toml"), "new").unwrap();
+        drop(RunDir::open(&p, OpenMode::Resume, "config.toml").unwrap());
+        assert_eq!(fs::read_to_string(p.join("config.toml")).unwrap(), "old");
+        assert!(!new.exists());
+        // Killed between the swap's two renames: the new run (it has a checkpoint) goes in.
+        let mut run = RunDir::open(&p, OpenMode::Force, "config.toml").unwrap();
+        fs::write(run.join("config.toml"), "new").unwrap();
+        let built = run.path().to_path_buf();
+        // Commit by hand what commit_checkpoint writes, without its swap.
+        let root = built.join(CHECKPOINT_DIR);
+        fs::create_dir_all(root.join("00000001")).unwrap();
+        fs::write(root.join("00000001").join(STATE_FILE), "3").unwrap();
+        fs::write(root.join(CURRENT), "00000001").unwrap();
+        run.checkpointed = true; // as commit_checkpoint leaves it; the kill comes next
+        std::mem::forget(run); // killed: no destructor (its lock goes with the process)
+        let old = aside(&p, "old").unwrap();
+        fs::rename(&p, &old).unwrap();
+        let lock = tmp.path().join(".run.lock");
+        fs::remove_file(&lock).ok();
+        let _ = lock;
+        drop(RunDir::open(&p, OpenMode::Resume, "config.toml").unwrap());
+        assert_eq!(fs::read_to_string(p.join("config.toml")).unwrap(), "new");
+        assert!(!old.exists() && !built.exists());
     }
 
     #[test]

@@ -214,10 +214,89 @@ fn save_groups(model: &CoLlm, dir: &Path) -> Result<()> {
             _ => store.save(&group_file(dir, group))?,
         }
     }
+    write_weights_manifest(dir)
+}
+
+/// The SHA-256 of every file a weights directory holds (`best/`, a checkpoint), kept beside
+/// them and checked when they load: a swapped adapter or an edited `adapter_config.json` is
+/// refused, not silently used.
+pub const WEIGHTS_MANIFEST: &str = "weights.sha256.json";
+
+fn weight_files(dir: &Path) -> Result<std::collections::BTreeMap<String, String>> {
+    fn walk(
+        root: &Path,
+        dir: &Path,
+        out: &mut std::collections::BTreeMap<String, String>,
+    ) -> Result<()> {
+        for e in
+            std::fs::read_dir(dir).with_context(|| format!("{}: cannot read", dir.display()))?
+        {
+            let p = e?.path();
+            let name = p
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            if name == WEIGHTS_MANIFEST || name.starts_with('.') {
+                continue;
+            }
+            if p.is_dir() {
+                walk(root, &p, out)?;
+            } else {
+                let rel = p
+                    .strip_prefix(root)
+                    .unwrap_or(&p)
+                    .to_string_lossy()
+                    .into_owned();
+                out.insert(rel, collm_data::io::sha256_file(&p)?);
+            }
+        }
+        Ok(())
+    }
+    let mut out = std::collections::BTreeMap::new();
+    walk(dir, dir, &mut out)?;
+    Ok(out)
+}
+
+fn write_weights_manifest(dir: &Path) -> Result<()> {
+    let files = weight_files(dir)?;
+    write_file_atomic(
+        &dir.join(WEIGHTS_MANIFEST),
+        serde_json::to_string_pretty(&files)?.as_bytes(),
+    )
+}
+
+/// Checks a weights directory against its manifest (directories written before it was kept
+/// have none, and load as before).
+pub(crate) fn check_weights_manifest(dir: &Path) -> Result<()> {
+    let p = dir.join(WEIGHTS_MANIFEST);
+    if !p.is_file() {
+        return Ok(());
+    }
+    let want: std::collections::BTreeMap<String, String> = serde_json::from_str(
+        &std::fs::read_to_string(&p).with_context(|| format!("{}: cannot read", p.display()))?,
+    )
+    .with_context(|| format!("{}: invalid", p.display()))?;
+    let have = weight_files(dir)?;
+    for (file, sha) in &want {
+        match have.get(file) {
+            None => bail!(
+                "{}: missing (the run recorded it in {WEIGHTS_MANIFEST})",
+                dir.join(file).display()
+            ),
+            Some(h) if h != sha => bail!(
+                "{}: changed since the run wrote it (sha256 {}, recorded {}): the run's weights or adapter config were replaced or edited",
+                dir.join(file).display(),
+                &h[..12],
+                &sha[..12.min(sha.len())]
+            ),
+            _ => {}
+        }
+    }
     Ok(())
 }
 
 fn load_groups(model: &CoLlm, dir: &Path) -> Result<()> {
+    check_weights_manifest(dir)?;
     for (group, store) in model.trainable_stores() {
         let mut p = group_file(dir, group);
         // Runs written before the LoRA was kept once kept it as lora.safetensors too.
@@ -355,7 +434,7 @@ pub fn train(cfg: &ExperimentConfig, out: &Path, opts: &TrainOptions) -> Result<
         }
     }
     write_file_atomic(
-        &out.join(CONFIG_FILE),
+        &run.join(CONFIG_FILE),
         toml::to_string(&run_file)?.as_bytes(),
     )?;
     let model = CoLlm::build(cfg, &ds, &device)?;
@@ -363,7 +442,7 @@ pub fn train(cfg: &ExperimentConfig, out: &Path, opts: &TrainOptions) -> Result<
     if !cfg.mode.trains() {
         state.stopped = Some("no training (icl)".into());
         run.write_json(METRICS_FILE, &state)?;
-        run.finish();
+        run.finish()?;
         return Ok(state);
     }
     let opt = optimizer(&model, cfg)?;
@@ -407,7 +486,7 @@ pub fn train(cfg: &ExperimentConfig, out: &Path, opts: &TrainOptions) -> Result<
         opts.stop_after,
     )?;
     trainer.pb.finish_and_clear();
-    run.finish();
+    run.finish()?;
     Ok(state)
 }
 
@@ -635,6 +714,44 @@ pub fn load_run_file(run: &Path) -> Result<RunFile> {
     Ok(RunFile { experiment, refs })
 }
 
+/// The inputs a run recorded (backbone, CF run, step-1 adapter) are the ones it would load now.
+fn check_refs(run: &Path, rf: &RunFile, ds: &Dataset) -> Result<()> {
+    let now = refs(&rf.experiment, ds)?;
+    let m = &rf.experiment.model;
+    let short = |s: &Option<String>| {
+        s.as_deref()
+            .map_or("none".to_string(), |s| s[..12.min(s.len())].to_string())
+    };
+    if now.backbone_sha256 != rf.refs.backbone_sha256 {
+        bail!(
+            "run {}: its backbone {} is not the file it was trained with (sha256 {}, recorded {})",
+            run.display(),
+            m.backbone.display(),
+            &now.backbone_sha256[..12],
+            &rf.refs.backbone_sha256[..12.min(rf.refs.backbone_sha256.len())]
+        );
+    }
+    if now.cf_run_model_sha256 != rf.refs.cf_run_model_sha256 {
+        bail!(
+            "run {}: the CF run {} holds another model than it was trained with (model.safetensors sha256 {}, recorded {}): retrained or replaced",
+            run.display(),
+            m.cf_run.as_deref().map_or("-".into(), |p| p.display().to_string()),
+            short(&now.cf_run_model_sha256),
+            short(&rf.refs.cf_run_model_sha256)
+        );
+    }
+    if now.step1_lora_sha256 != rf.refs.step1_lora_sha256 {
+        bail!(
+            "run {}: the step-1 adapter of {} is not the one it was trained with (sha256 {}, recorded {}): retrained or replaced",
+            run.display(),
+            m.step1.as_deref().map_or("-".into(), |p| p.display().to_string()),
+            short(&now.step1_lora_sha256),
+            short(&rf.refs.step1_lora_sha256)
+        );
+    }
+    Ok(())
+}
+
 /// Loads a run's model with its best weights (ICL: the base model).
 pub fn load_run(run: &Path) -> Result<(RunFile, Dataset, CoLlm)> {
     let rf = load_run_file(run)?;
@@ -646,6 +763,7 @@ pub fn load_run(run: &Path) -> Result<(RunFile, Dataset, CoLlm)> {
             rf.experiment.data.path.display()
         );
     }
+    check_refs(run, &rf, &ds)?;
     let mut model = CoLlm::build(&rf.experiment, &ds, &device())?;
     if rf.experiment.mode.trains() {
         if rf.experiment.model.calibrate {
