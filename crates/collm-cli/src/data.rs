@@ -146,7 +146,11 @@ pub fn run(cmd: DataCommand) -> Result<()> {
                 | PrepareSource::CollmTsv { out, .. }
                 | PrepareSource::Synthetic { out, .. } => out.clone(),
             };
-            let dir = AtomicDir::create(&out_args.out, out_args.force)?;
+            let dir = AtomicDir::create(
+                &out_args.out,
+                out_args.force,
+                collm_data::dataset::MANIFEST_FILE,
+            )?;
             let (data, out): (PreparedData, OutArgs) = match src {
                 PrepareSource::Ml1m { raw, out } => (ml1m::prepare(&raw)?, out),
                 PrepareSource::AmazonBook {

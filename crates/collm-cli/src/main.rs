@@ -112,9 +112,51 @@ fn main() {
         .with_writer(std::io::stderr)
         .with_target(false)
         .init();
+    cap_threads();
     if let Err(e) = run(Cli::parse()) {
-        eprintln!("error: {e:#}");
+        eprintln!("error: {}", clip_lines(&format!("{e:#}"), 300));
         std::process::exit(1);
+    }
+}
+
+/// Each line of an error cut to its first `max` characters: messages quote the input they
+/// refuse (a TOML line, an id field), which may be megabytes long.
+fn clip_lines(msg: &str, max: usize) -> String {
+    msg.lines()
+        .map(|l| match l.char_indices().nth(max) {
+            Some((at, _)) => format!(
+                "{}… ({} more characters)",
+                &l[..at],
+                l[at..].chars().count()
+            ),
+            None => l.to_string(),
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// The compute pool has at most one thread per CPU this process may use: more only contend
+/// (`RAYON_NUM_THREADS=1000` made two rows take minutes instead of seconds). A larger request
+/// is capped, with a warning; a smaller one is kept.
+fn cap_threads() {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let asked = std::env::var("RAYON_NUM_THREADS")
+        .ok()
+        .and_then(|v| v.trim().parse::<usize>().ok())
+        .filter(|&n| n > 0);
+    let threads = match asked {
+        Some(n) if n > cpus => {
+            tracing::warn!("RAYON_NUM_THREADS={n} is more than the {cpus} CPUs here: using {cpus}");
+            cpus
+        }
+        Some(n) => n,
+        None => cpus,
+    };
+    if let Err(e) = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build_global()
+    {
+        tracing::debug!("thread pool: {e}");
     }
 }
 

@@ -47,7 +47,8 @@ pub struct RankArgs {
     /// Rank all items this user has not interacted with and print the best `k`.
     #[arg(long)]
     pub user: Option<u64>,
-    #[arg(long, default_value_t = 10)]
+    /// How many items to return (at least 1).
+    #[arg(long, default_value_t = 10, value_parser = positive)]
     pub k: usize,
     /// Seed of the negative sampling.
     #[arg(long, default_value_t = 0)]
@@ -77,20 +78,31 @@ pub struct ServeArgs {
     #[arg(long, default_value = "127.0.0.1:8080")]
     pub addr: String,
     /// Most scoring rows one model call takes from the queue (requests are batched together).
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, default_value_t = 256, value_parser = positive)]
     pub max_batch: usize,
     /// How long the worker waits for more requests before running a batch (milliseconds).
     #[arg(long, default_value_t = 2)]
     pub max_wait_ms: u64,
     /// Requests waiting for the model at most; more are answered 503 with Retry-After.
-    #[arg(long, default_value_t = 1024)]
+    #[arg(long, default_value_t = 1024, value_parser = positive)]
     pub queue: usize,
     /// Largest request body in bytes; larger ones are answered 413.
-    #[arg(long, default_value_t = 1 << 20)]
+    #[arg(long, default_value_t = 1 << 20, value_parser = positive)]
     pub max_body: usize,
 }
 
 pub fn score(a: ScoreArgs) -> Result<()> {
+    let same = |x: &std::path::Path, y: &std::path::Path| match (x.canonicalize(), y.canonicalize())
+    {
+        (Ok(x), Ok(y)) => x == y,
+        _ => x == y,
+    };
+    if same(&a.input, &a.out) {
+        bail!(
+            "--out {} is the --input file: write the scores elsewhere (the input would be replaced)",
+            a.out.display()
+        );
+    }
     let rec = Recommender::open(&a.run, a.data.as_deref())?;
     let n = score_file(&rec, &a.input, &a.out, !a.quiet)?;
     eprintln!("scored {n} rows -> {}", a.out.display());
@@ -152,4 +164,13 @@ pub fn serve(a: ServeArgs) -> Result<()> {
         queue: a.queue,
         max_body: a.max_body,
     })
+}
+
+/// A count that must be at least 1 (`--k`, `--max-batch`, `--queue`, `--max-body`).
+fn positive(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(0) => Err("must be at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(e.to_string()),
+    }
 }

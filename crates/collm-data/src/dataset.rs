@@ -450,7 +450,7 @@ pub struct PreparedData {
 
 /// Writes a dataset directory atomically and returns the dataset as written.
 pub fn write_dataset(data: PreparedData, out: &Path, overwrite: bool) -> Result<Dataset> {
-    write_dataset_into(data, AtomicDir::create(out, overwrite)?, out)
+    write_dataset_into(data, AtomicDir::create(out, overwrite, MANIFEST_FILE)?, out)
 }
 
 /// [`write_dataset`] into an output opened (and locked) before the data was prepared: a

@@ -210,8 +210,10 @@ pub struct AtomicDir {
 }
 
 impl AtomicDir {
-    /// Starts writing `target`. An existing non-empty `target` is an error unless `overwrite`.
-    pub fn create(target: &Path, overwrite: bool) -> Result<Self> {
+    /// Starts writing `target`. An existing non-empty `target` is an error unless `overwrite`,
+    /// and even then unless it holds `marker` (the file that makes it this kind of output, e.g.
+    /// a dataset's `dataset.json`): `--force` replaces outputs, never any other directory.
+    pub fn create(target: &Path, overwrite: bool, marker: &str) -> Result<Self> {
         let lock = OutputLock::acquire(target)?;
         if target.exists() {
             let empty = target.is_dir()
@@ -221,6 +223,12 @@ impl AtomicDir {
             if !empty && !overwrite {
                 bail!(
                     "{}: already exists (pass --force to replace it)",
+                    target.display()
+                );
+            }
+            if !empty && !target.join(marker).is_file() {
+                bail!(
+                    "{}: exists and holds no {marker}; --force replaces only what collm wrote there",
                     target.display()
                 );
             }
@@ -285,18 +293,62 @@ fn sibling(target: &Path, what: &str) -> Result<PathBuf> {
 }
 
 /// Writes a file atomically: a temporary sibling, flushed, then renamed over `path`.
+/// A directory where a file is to go is refused before anything is written (no temporary file
+/// is left beside it), and a failed write removes its temporary file.
 pub fn write_file_atomic(path: &Path, contents: &[u8]) -> Result<()> {
+    if path.is_dir() {
+        bail!("{}: is a directory (expected a file path)", path.display());
+    }
     let tmp = sibling(path, "tmp")?;
     crash_point();
-    let mut f = File::create(&tmp).with_context(|| format!("{}: cannot create", tmp.display()))?;
-    f.write_all(contents)
-        .and_then(|_| f.sync_all())
-        .with_context(|| format!("{}: write error", tmp.display()))?;
-    drop(f);
+    let written = (|| -> Result<()> {
+        let mut f =
+            File::create(&tmp).with_context(|| format!("{}: cannot create", tmp.display()))?;
+        f.write_all(contents)
+            .and_then(|_| f.sync_all())
+            .with_context(|| format!("{}: write error", tmp.display()))?;
+        drop(f);
+        crash_point();
+        fs::rename(&tmp, path)
+            .with_context(|| format!("{}: cannot rename into place", path.display()))
+    })();
+    if written.is_err() {
+        fs::remove_file(&tmp).ok();
+    }
+    written?;
     crash_point();
-    fs::rename(&tmp, path)
-        .with_context(|| format!("{}: cannot rename into place", path.display()))?;
-    crash_point();
+    Ok(())
+}
+
+/// The permissions a new file gets from this process's umask (`0o666 & !umask`), for files
+/// written through libraries that create them owner-only (the safetensors writer): a run
+/// others may read stays readable. Linux reads the umask from /proc/self/status; elsewhere 0o644.
+pub fn umask_file_mode() -> u32 {
+    use std::sync::OnceLock;
+    static MODE: OnceLock<u32> = OnceLock::new();
+    *MODE.get_or_init(|| {
+        let umask = fs::read_to_string("/proc/self/status")
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find_map(|l| l.strip_prefix("Umask:"))
+                    .and_then(|v| u32::from_str_radix(v.trim(), 8).ok())
+            })
+            .unwrap_or(0o022);
+        0o666 & !umask
+    })
+}
+
+/// Gives `path` the permissions of a file this process creates ([`umask_file_mode`]).
+pub fn set_umask_mode(path: &Path) -> Result<()> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        fs::set_permissions(path, fs::Permissions::from_mode(umask_file_mode()))
+            .with_context(|| format!("{}: cannot set permissions", path.display()))?;
+    }
+    #[cfg(not(unix))]
+    let _ = path;
     Ok(())
 }
 

@@ -742,6 +742,9 @@ pub struct Decoder {
 impl Decoder {
     pub fn new(config: &LlamaConfig, ws: &Weights, dtype: DType, device: &Device) -> Result<Self> {
         config.validate()?;
+        if device.is_cpu() && !matches!(dtype, DType::F32 | DType::BF16) {
+            bail!("the CPU engine computes in f32 or bf16, not {dtype:?} (f16 runs on CUDA only)");
+        }
         let c = config;
         let (h, v) = (c.hidden_size, c.vocab_size);
         let embed = ws.get("model.embed_tokens.weight", &[v, h])?;
@@ -863,7 +866,16 @@ impl Decoder {
         })
     }
 
-    fn check_mask(embeds: &Tensor, mask: &Mask) -> Result<()> {
+    /// Positions past the model's context are refused (RoPE would extrapolate silently).
+    fn check_context(&self, tokens: usize) -> Result<()> {
+        let max = self.config.max_position_embeddings;
+        if max > 0 && tokens > max {
+            bail!("a prompt of {tokens} tokens is longer than the model's context ({max} positions, max_position_embeddings)");
+        }
+        Ok(())
+    }
+
+    fn check_mask(&self, embeds: &Tensor, mask: &Mask) -> Result<()> {
         let (b, t, _) = embeds.dims3()?;
         if (mask.batch, mask.seq) != (b, t) {
             bail!(
@@ -872,14 +884,14 @@ impl Decoder {
                 mask.seq
             );
         }
-        Ok(())
+        self.check_context(t)
     }
 
     /// Runs the decoder over input embeddings (B, T, hidden) and returns the hidden states
     /// (B, T, hidden) *before* the final norm. Hidden states at padding positions are
     /// unspecified (no real position reads them).
     pub fn forward(&self, embeds: &Tensor, mask: &Mask, pass: &Pass) -> Result<Tensor> {
-        Self::check_mask(embeds, mask)?;
+        self.check_mask(embeds, mask)?;
         self.run_blocks(embeds, &self.ctx(mask, pass)?, None, &self.blocks)
     }
 
@@ -895,7 +907,7 @@ impl Decoder {
         pass: &Pass,
         positions: &[usize],
     ) -> Result<Tensor> {
-        Self::check_mask(embeds, mask)?;
+        self.check_mask(embeds, mask)?;
         let (b, t) = (mask.batch, mask.seq);
         if positions.len() != b || positions.iter().any(|&p| p >= t) {
             bail!("forward_at: positions {positions:?} for {b} rows of {t}");
@@ -948,7 +960,7 @@ impl Decoder {
         if pass.needs_grad() {
             bail!("a prefix cache holds constants: run the prefix without gradients (a pass whose prefix trains runs whole prompts)");
         }
-        Self::check_mask(embeds, mask)?;
+        self.check_mask(embeds, mask)?;
         let mut kv = Vec::with_capacity(self.blocks.len());
         self.run_blocks(embeds, &self.ctx(mask, pass)?, Some(&mut kv), &self.blocks)?;
         // Per prefix: its real positions (wherever the padding is), as (kv_heads, hd, Tp)
@@ -1002,7 +1014,7 @@ impl Decoder {
         if pass.train.is_some() {
             bail!("a suffix over a cached prefix runs without dropout (the prefix ran without it): pass.train must be None");
         }
-        Self::check_mask(embeds, mask)?;
+        self.check_mask(embeds, mask)?;
         let covered: usize = groups.iter().map(|g| g.1).sum();
         if covered != mask.batch {
             bail!(
@@ -1017,6 +1029,18 @@ impl Decoder {
                 .ok_or_else(|| anyhow::anyhow!("no cached prefix {p}"))?;
             offsets.extend(std::iter::repeat_n(len, n));
         }
+        let longest = offsets
+            .iter()
+            .enumerate()
+            .map(|(r, o)| {
+                o + mask.data[r * mask.seq..(r + 1) * mask.seq]
+                    .iter()
+                    .filter(|&&m| m == 1)
+                    .count()
+            })
+            .max()
+            .unwrap_or(0);
+        self.check_context(longest)?;
         let rope = if self.fused {
             CachedRope::Fused {
                 tables: RopeTables::new(&mask.position_ids_after(&offsets), &self.inv_freq),

@@ -125,15 +125,51 @@ pub fn dtype_name(d: DType) -> &'static str {
     }
 }
 
-/// The first CUDA GPU in a `cuda` build when one is present (unless COLLM_DEVICE=cpu), else
-/// the CPU.
+/// The compute device, as `COLLM_DEVICE` says: `cpu`; `cuda` or `cuda:N` (GPU N); unset or
+/// `auto`, the first CUDA GPU in a `cuda` build when one is present, else the CPU. A value it
+/// cannot honour (no GPU, a build without CUDA, an unknown name) is said once on stderr, and
+/// the CPU is used.
 pub fn device() -> candle_core::Device {
-    if std::env::var("COLLM_DEVICE").as_deref() != Ok("cpu")
-        && candle_core::utils::cuda_is_available()
-    {
-        if let Ok(g) = candle_core::Device::new_cuda(0) {
-            return g;
+    let want = std::env::var("COLLM_DEVICE").unwrap_or_default();
+    let warn = |msg: String| {
+        static SAID: std::sync::Once = std::sync::Once::new();
+        SAID.call_once(|| tracing::warn!("{msg}"));
+    };
+    let gpu = match want.trim() {
+        "cpu" => return candle_core::Device::Cpu,
+        "" | "auto" => {
+            if !candle_core::utils::cuda_is_available() {
+                return candle_core::Device::Cpu;
+            }
+            0
+        }
+        "cuda" => 0,
+        other => match other
+            .strip_prefix("cuda:")
+            .and_then(|n| n.parse::<usize>().ok())
+        {
+            Some(n) => n,
+            None => {
+                warn(format!(
+                    "COLLM_DEVICE={other}: expected cpu, cuda, cuda:N or auto; running on the CPU"
+                ));
+                return candle_core::Device::Cpu;
+            }
+        },
+    };
+    if !candle_core::utils::cuda_is_available() {
+        warn(format!(
+            "COLLM_DEVICE={want}: this build has no CUDA (build with --features collm-cli/cuda); running on the CPU"
+        ));
+        return candle_core::Device::Cpu;
+    }
+    match candle_core::Device::new_cuda(gpu) {
+        Ok(g) => g,
+        Err(e) => {
+            warn(format!(
+                "COLLM_DEVICE={want}: no usable GPU {gpu} ({e}); running on the CPU"
+            ));
+            candle_core::Device::Cpu
         }
     }
-    candle_core::Device::Cpu
 }

@@ -1,5 +1,6 @@
 //! Scores files: `uid iid score` (header line, tab-separated), one line per row of a split, in
-//! the split's order. Both `collm eval scores` and outside tools use this format.
+//! the split's order. Both `collm eval scores` and outside tools use this format; `collm
+//! score`'s output (`uid iid score prob`, the same with P(Yes) added) is read too.
 
 use anyhow::{bail, Result};
 use collm_data::io::LineReader;
@@ -8,33 +9,37 @@ use std::fmt::Write as _;
 use std::path::Path;
 
 pub const SCORES_HEADER: &str = "uid\tiid\tscore";
+/// `collm score`'s output header: the scores file's columns and P(Yes).
+pub const SCORES_PROB_HEADER: &str = "uid\tiid\tscore\tprob";
 
 /// Reads a scores file and checks it line by line against the split's rows.
 pub fn read_scores(path: &Path, rows: &[Interaction]) -> Result<Vec<f64>> {
     let mut r = LineReader::open(path)?;
     let mut buf = Vec::new();
-    match r.next_str(&mut buf)? {
+    let fields = match r.next_str(&mut buf)? {
         None => bail!(
             "{}: empty file: expected the header line 'uid<TAB>iid<TAB>score'",
             path.display()
         ),
-        Some(h) if h.trim_end() == SCORES_HEADER => {}
+        Some(h) if h.trim_end() == SCORES_HEADER => 3,
+        Some(h) if h.trim_end() == SCORES_PROB_HEADER => 4,
         Some(h) => {
             let h = h.to_string();
             return Err(r.error(format!(
-                "bad header '{h}': expected 'uid<TAB>iid<TAB>score'"
+                "bad header '{h}': expected 'uid<TAB>iid<TAB>score' (or collm score's 'uid<TAB>iid<TAB>score<TAB>prob')"
             )));
         }
-    }
+    };
     let mut scores = Vec::with_capacity(rows.len());
     while let Some(line) = r.next_str(&mut buf)? {
         if line.is_empty() {
             continue;
         }
         let f: Vec<&str> = line.split('\t').collect();
-        if f.len() != 3 {
+        if f.len() != fields {
             return Err(r.error(format!(
-                "expected 3 tab-separated fields (uid, iid, score), found {}",
+                "expected {fields} tab-separated fields (uid, iid, score{}), found {}",
+                if fields == 4 { ", prob" } else { "" },
                 f.len()
             )));
         }

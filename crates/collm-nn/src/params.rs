@@ -145,6 +145,7 @@ impl ParamStore {
         let tmp = path.with_extension("safetensors.tmp");
         candle_core::safetensors::save(&tensors.into_iter().collect(), &tmp)
             .with_context(|| format!("{}: cannot write", tmp.display()))?;
+        collm_data::io::set_umask_mode(&tmp)?;
         collm_data::io::crash_point();
         std::fs::rename(&tmp, path)
             .with_context(|| format!("{}: cannot rename into place", path.display()))?;
