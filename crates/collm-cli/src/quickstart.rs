@@ -4,8 +4,9 @@
 //! mapper over MF), and compares MF, TALLRec and CoLLM-MF on the test split, overall and
 //! warm/cold, and writes the report with its charts. Sized for 10 minutes on a 2-core CPU with
 //! AVX-512: a small dataset with short titles, 80 + 64 optimizer steps of batch 8, and a test
-//! split of 1,313 rows (557 s there; 1876 s on a 2-core AVX2-only EPYC with the fused engine:
-//! MF 0.758, TALLRec 0.642, CoLLM-MF 0.779 test AUC).
+//! split of 1,313 rows (587 s on a 2-core EPYC Zen 4 with the frozen-prefix step 2 and
+//! shared-prefix evaluation, 711 s before them; 1550 s on a 2-core AVX2-only EPYC before them:
+//! MF 0.758, TALLRec 0.642, CoLLM-MF 0.78 test AUC).
 //!
 //! Why all 30 layers: a truncated SmolLM2 (6 or 12 layers) trains ~3-5x faster per sample but
 //! learns the title signal far more slowly — on a prototype of the default data, valid AUC 0.57

@@ -1,0 +1,34 @@
+//! Every committed run config loads and validates: the ML-1M table's rows
+//! (`scripts/ml1m_table.sh`) start from these files, and a typo there would surface only hours
+//! into a session.
+
+use collm::experiment::{ExperimentConfig, Mode};
+use std::path::Path;
+
+#[test]
+fn every_ml1m_config_loads_and_names_the_runs_it_reads() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs/ml-1m");
+    let mut llm = 0;
+    for e in std::fs::read_dir(&dir).unwrap() {
+        let p = e.unwrap().path();
+        let name = p.file_stem().unwrap().to_string_lossy().into_owned();
+        if name.starts_with("cf-") {
+            collm_cf::CfConfig::load(&p).unwrap_or_else(|e| panic!("{}: {e:#}", p.display()));
+            continue;
+        }
+        let c = ExperimentConfig::load(&p).unwrap_or_else(|e| panic!("{}: {e:#}", p.display()));
+        llm += 1;
+        // The table's rows read shipped runs, never a user's runs/.
+        for r in [&c.model.cf_run, &c.model.step1].into_iter().flatten() {
+            assert!(r.starts_with("results/ml-1m"), "{name}: {}", r.display());
+        }
+        if c.mode.needs_step1() {
+            assert_eq!(c.model.step1.as_deref(), Some(Path::new("results/ml-1m/tallrec")), "{name}");
+        }
+        if c.mode != Mode::Icl {
+            let t = &c.training;
+            assert_eq!((t.max_steps, t.batch_size, t.eval_every), (600, 16, 200), "{name}: the table's budget");
+        }
+    }
+    assert!(llm >= 11, "{llm} LLM configs");
+}

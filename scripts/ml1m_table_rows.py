@@ -1,0 +1,47 @@
+#!/usr/bin/env python3
+"""README's ML-1M table rows from finished rows (called by scripts/ml1m_table.sh --table).
+
+Usage: ml1m_table_rows.py RUN_DIR CONFIG KIND ...  (triples, one per finished row)
+Each row: valid AUC / UAUC, warm / cold AUC (eval-valid.json), the budget spent (metrics.json
+and the config), the wall time (driver.log's "trained N s" lines, summed over sessions) and the
+machines it ran on."""
+import json
+import os
+import re
+import sys
+
+
+def fmt(x):
+    return "-" if x is None else "%.4f" % x
+
+
+def row(d, cfg, kind):
+    r = json.load(open(os.path.join(d, "eval-valid.json")))
+    sub = r.get("subsets", {})
+    text = open(cfg).read()
+
+    def get(k):
+        m = re.search(r"^%s\s*=\s*([^\s#]+)" % k, text, re.M)
+        return m.group(1).strip('"') if m else "?"
+
+    m = json.load(open(os.path.join(d, "metrics.json")))
+    if kind == "cf":
+        budget = "best epoch %s of %s (patience %s)" % (
+            m.get("best_epoch"), len(m.get("curve", [])), get("patience"))
+    elif get("mode") == "icl":
+        budget = "no training"
+    else:
+        budget = "%s of %s steps, batch %s" % (m.get("step"), get("max_steps"), get("batch_size"))
+    p = os.path.join(d, "driver.log")
+    log = open(p).read() if os.path.exists(p) else ""
+    secs = sum(int(x) for x in re.findall(r"trained (\d+) s", log))
+    machines = sorted(set(re.findall(r" on (.*?), \d+ cores", log)))
+    wall = "%.1f h" % (secs / 3600) if secs >= 360 else "%d s" % secs
+    return "| %s | %s | %s | %s | %s | %s | %s | %s |" % (
+        os.path.basename(d), fmt(r["auc"]), fmt(r["uauc"]), fmt(sub.get("warm", {}).get("auc")),
+        fmt(sub.get("cold", {}).get("auc")), budget, wall, "; ".join(machines) or "?")
+
+
+args = sys.argv[1:]
+for k in range(0, len(args), 3):
+    print(row(*args[k:k + 3]))
