@@ -130,6 +130,35 @@ pub fn train_epoch(
     Ok(loss_sum / batches.max(1) as f64)
 }
 
+/// Refuses a model whose embedding tables cannot fit in this machine's memory: the user and
+/// item tables in f32, four times over (weights, gradients, Adam's two moments), against
+/// MemAvailable. (`dim = 100000000` on ML-1M asks ~6 TB; it used to grow until stopped.)
+fn check_fits(cfg: &CfConfig, ds: &Dataset) -> Result<()> {
+    let rows = (ds.num_users() + ds.num_items()) as f64;
+    let need = rows * cfg.dim as f64 * 4.0 * 4.0;
+    let available = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find_map(|l| l.strip_prefix("MemAvailable:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        })
+        .map(|kb| kb * 1024.0);
+    if let Some(avail) = available {
+        if need > avail {
+            bail!(
+                "dim = {}: the embedding tables alone need about {:.1} GB ({} users and items x {} x 4 bytes x 4 for weights, gradients and Adam), this machine has {:.1} GB available: choose a smaller dim",
+                cfg.dim,
+                need / 1e9,
+                rows as u64,
+                cfg.dim,
+                avail / 1e9
+            );
+        }
+    }
+    Ok(())
+}
+
 /// Trains `cfg` on `ds` into the run directory `out`.
 pub fn train(
     cfg: &CfConfig,
@@ -138,6 +167,7 @@ pub fn train(
     opts: &TrainOptions,
 ) -> Result<TrainMetrics> {
     cfg.validate()?;
+    check_fits(cfg, ds)?;
     let device = Device::Cpu;
     let run_cfg = RunConfig {
         cf: cfg.clone(),

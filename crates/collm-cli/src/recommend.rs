@@ -89,6 +89,11 @@ pub struct ServeArgs {
     /// Largest request body in bytes; larger ones are answered 413.
     #[arg(long, default_value_t = 1 << 20, value_parser = positive)]
     pub max_body: usize,
+    /// Most items (or candidates) one request may score; larger requests are answered 413.
+    /// Default: 1000 for a CoLLM run (an LLM scores a few dozen rows a second on 2 cores),
+    /// 100000 for a collaborative-model run.
+    #[arg(long, value_parser = positive)]
+    pub max_items: Option<usize>,
 }
 
 pub fn score(a: ScoreArgs) -> Result<()> {
@@ -163,6 +168,8 @@ pub fn serve(a: ServeArgs) -> Result<()> {
         max_wait: std::time::Duration::from_millis(a.max_wait_ms),
         queue: a.queue,
         max_body: a.max_body,
+        max_items: a.max_items,
+        header_timeout: None,
     })
 }
 

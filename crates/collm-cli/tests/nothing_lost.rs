@@ -577,3 +577,26 @@ fn a_prompt_past_the_context_is_refused() {
         &["longer than the model's context"],
     );
 }
+
+#[test]
+fn a_model_that_cannot_fit_is_refused_before_it_grows() {
+    let r = runs();
+    let dir = tempfile::tempdir().unwrap();
+    fails(
+        &[
+            "train",
+            "cf",
+            "--model",
+            "mf",
+            "--data",
+            s(&r.data),
+            "--dim",
+            "100000000",
+            "--quiet",
+            "--out",
+            s(&dir.path().join("mf")),
+        ],
+        &["dim = 100000000", "GB", "smaller dim"],
+    );
+    assert!(!dir.path().join("mf").exists());
+}

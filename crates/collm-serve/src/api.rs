@@ -16,6 +16,8 @@ use utoipa::{OpenApi, ToSchema};
 pub const MAX_ITEMS: usize = 100_000;
 /// Largest `k`.
 pub const MAX_K: usize = 10_000;
+/// How long a request body may take to arrive (408 after it).
+pub const BODY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// An error answer.
 #[derive(Debug, Serialize, ToSchema)]
@@ -128,7 +130,7 @@ pub struct Health {
 #[openapi(
     info(
         title = "collm serve",
-        description = "Scores and top-K recommendations from a trained CoLLM (or collaborative-model) run. Errors are {\"error\": \"...\"}: 400 malformed JSON or fields, 404 unknown user or item id, 413 body too large, 503 queue full (Retry-After)."
+        description = "Scores and top-K recommendations from a trained CoLLM (or collaborative-model) run. Errors are {\"error\": \"...\"}: 400 malformed JSON or fields, 404 unknown user or item id, 405 wrong method, 408 body too slow, 413 body too large or too many ids (--max-items), 503 queue full (Retry-After)."
     ),
     paths(score, rank, health, metrics),
     components(schemas(
@@ -148,20 +150,43 @@ async fn read_json<T: serde::de::DeserializeOwned>(
     body: Body,
     limit: usize,
 ) -> Result<T, ApiError> {
-    let bytes = axum::body::to_bytes(body, limit).await.map_err(|e| {
-        let too_big = std::error::Error::source(&e)
-            .is_some_and(|s| s.is::<http_body_util::LengthLimitError>())
-            || e.to_string().contains("length limit");
-        if too_big {
-            ApiError {
-                status: StatusCode::PAYLOAD_TOO_LARGE,
-                message: format!("request body over the limit of {limit} bytes"),
+    let read = tokio::time::timeout(BODY_TIMEOUT, axum::body::to_bytes(body, limit));
+    let bytes = read
+        .await
+        .map_err(|_| ApiError {
+            status: StatusCode::REQUEST_TIMEOUT,
+            message: format!(
+                "the request body did not arrive within {} s",
+                BODY_TIMEOUT.as_secs()
+            ),
+        })?
+        .map_err(|e| {
+            let too_big = std::error::Error::source(&e)
+                .is_some_and(|s| s.is::<http_body_util::LengthLimitError>())
+                || e.to_string().contains("length limit");
+            if too_big {
+                ApiError {
+                    status: StatusCode::PAYLOAD_TOO_LARGE,
+                    message: format!("request body over the limit of {limit} bytes"),
+                }
+            } else {
+                ApiError::bad_request(format!("cannot read the request body: {e}"))
             }
-        } else {
-            ApiError::bad_request(format!("cannot read the request body: {e}"))
-        }
-    })?;
+        })?;
     serde_json::from_slice(&bytes).map_err(|e| ApiError::bad_request(format!("invalid JSON: {e}")))
+}
+
+/// More rows in one request than the server takes (`--max-items`): 413.
+fn too_many(field: &str, n: usize, max: usize) -> Result<(), ApiError> {
+    if n > max {
+        return Err(ApiError {
+            status: StatusCode::PAYLOAD_TOO_LARGE,
+            message: format!(
+                "'{field}' holds {n} item ids, this server scores at most {max} per request (collm serve --max-items)"
+            ),
+        });
+    }
+    Ok(())
 }
 
 fn who(user: Option<u64>, history: Option<Vec<u64>>) -> Result<Who, ApiError> {
@@ -216,12 +241,12 @@ pub async fn score(State(state): State<AppState>, body: Body) -> Response {
     let start = Instant::now();
     let r = async {
         let req: ScoreRequest = read_json(body, state.max_body).await?;
-        if req.items.is_empty() || req.items.len() > MAX_ITEMS {
-            return Err(ApiError::bad_request(format!(
-                "'items' must hold 1 to {MAX_ITEMS} item ids, it holds {}",
-                req.items.len()
-            )));
+        if req.items.is_empty() {
+            return Err(ApiError::bad_request(
+                "'items' must hold at least 1 item id",
+            ));
         }
+        too_many("items", req.items.len(), state.max_items)?;
         let who = who(req.user, req.history)?;
         match submit(&state, who, Task::Score { items: req.items }).await? {
             Answer::Scores(scores) => Ok(axum::Json(ScoreResponse { scores })),
@@ -246,12 +271,12 @@ pub async fn rank(State(state): State<AppState>, body: Body) -> Response {
             )));
         }
         if let Some(c) = &req.candidates {
-            if c.is_empty() || c.len() > MAX_ITEMS {
-                return Err(ApiError::bad_request(format!(
-                    "'candidates' must hold 1 to {MAX_ITEMS} item ids, it holds {}",
-                    c.len()
-                )));
+            if c.is_empty() {
+                return Err(ApiError::bad_request(
+                    "'candidates' must hold at least 1 item id",
+                ));
             }
+            too_many("candidates", c.len(), state.max_items)?;
         }
         let who = who(req.user, req.history)?;
         let task = Task::Rank {
@@ -299,6 +324,29 @@ pub async fn metrics(State(state): State<AppState>) -> Response {
 
 pub async fn openapi() -> Response {
     axum::Json(ApiDoc::openapi()).into_response()
+}
+
+/// A known route with another method: 405 with a JSON body naming the route's method, counted
+/// in `/metrics` like every answer.
+pub async fn method_not_allowed(
+    State(state): State<AppState>,
+    method: axum::http::Method,
+    uri: axum::http::Uri,
+) -> Response {
+    let start = Instant::now();
+    let allowed = match uri.path() {
+        "/v1/score" | "/v1/rank" => "POST",
+        _ => "GET",
+    };
+    let r = (
+        [(header::ALLOW, allowed)],
+        ApiError {
+            status: StatusCode::METHOD_NOT_ALLOWED,
+            message: format!("{method} {}: this route takes {allowed}", uri.path()),
+        },
+    )
+        .into_response();
+    timed(&state, "other", start, r)
 }
 
 pub async fn not_found(State(state): State<AppState>, uri: axum::http::Uri) -> Response {

@@ -36,13 +36,25 @@ pub struct ServeOptions {
     pub queue: usize,
     /// Largest request body, bytes.
     pub max_body: usize,
+    /// Most items (or candidates) one request may ask to score; None: 1,000 for a CoLLM run
+    /// (about a minute of an LLM on 2 cores), 100,000 for a collaborative-model run.
+    pub max_items: Option<usize>,
+    /// How long a connection may take to send a request's headers; None: [`HEADER_TIMEOUT`].
+    pub header_timeout: Option<Duration>,
 }
+
+/// How long a connection may take to send a request's headers, idle keep-alive connections
+/// included: a client that stops mid-request (or holds a socket open) is closed after it.
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// After SIGTERM, how long the server waits for requests in flight before it exits anyway.
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(60);
 
 #[derive(Clone)]
 pub struct AppState {
     queue: worker::Queue,
     metrics: Arc<Metrics>,
     max_body: usize,
+    max_items: usize,
     health: api::Health,
 }
 
@@ -55,6 +67,7 @@ pub fn router(state: AppState) -> Router {
         .route("/metrics", get(api::metrics))
         .route("/openapi.json", get(api::openapi))
         .fallback(api::not_found)
+        .method_not_allowed_fallback(api::method_not_allowed)
         // Bodies are read with the server's own limit (413 as JSON), not axum's default.
         .layer(axum::extract::DefaultBodyLimit::disable())
         .with_state(state)
@@ -117,10 +130,16 @@ pub fn start(o: &ServeOptions) -> Result<Server> {
         metrics.clone(),
     )?;
     let health = health_rx.recv().context("the model worker did not start")?;
+    let max_items = o.max_items.unwrap_or(if health.kind == "collm" {
+        1_000
+    } else {
+        api::MAX_ITEMS
+    });
     let state = AppState {
         queue,
         metrics,
         max_body: o.max_body,
+        max_items: max_items.min(api::MAX_ITEMS),
         health,
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -132,15 +151,15 @@ pub fn start(o: &ServeOptions) -> Result<Server> {
         .with_context(|| format!("cannot listen on {}", o.addr))?;
     let addr = listener.local_addr()?;
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let header_timeout = o.header_timeout;
     let thread = std::thread::Builder::new()
         .name("collm-http".into())
         .spawn(move || -> Result<()> {
-            rt.block_on(async move {
-                let app = router(state);
-                axum::serve(listener, app)
-                    .with_graceful_shutdown(shutdown_signal(stop_rx))
-                    .await
-            })?;
+            let header_timeout = header_timeout.unwrap_or(HEADER_TIMEOUT);
+            rt.block_on(serve(listener, router(state), header_timeout, stop_rx));
+            // Connections still open after the drain are cancelled with their tasks, and with
+            // them the last senders of the queue.
+            rt.shutdown_timeout(Duration::from_secs(1));
             // The router (and with it every sender of the queue) is gone: the worker finishes
             // what it holds and ends.
             worker
@@ -153,6 +172,53 @@ pub fn start(o: &ServeOptions) -> Result<Server> {
         stop: Some(stop_tx),
         thread: Some(thread),
     })
+}
+
+/// Accepts connections until the stop signal, each with a header timeout, then drains them
+/// for at most [`DRAIN_TIMEOUT`]. An accept error (out of file descriptors) is waited out, not
+/// fatal: idle connections time out and give theirs back.
+async fn serve(
+    listener: tokio::net::TcpListener,
+    app: Router,
+    header_timeout: Duration,
+    stop: tokio::sync::oneshot::Receiver<()>,
+) {
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut stop = std::pin::pin!(shutdown_signal(stop));
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let stream = match accepted {
+                    Ok((stream, _)) => stream,
+                    Err(e) => {
+                        tracing::warn!("accept: {e}");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                };
+                let service = hyper_util::service::TowerToHyperService::new(app.clone());
+                let conn = hyper::server::conn::http1::Builder::new()
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(header_timeout)
+                    .serve_connection(TokioIo::new(stream), service);
+                let conn = graceful.watch(conn);
+                tokio::spawn(async move {
+                    if let Err(e) = conn.await {
+                        tracing::debug!("connection: {e}");
+                    }
+                });
+            }
+            _ = &mut stop => break,
+        }
+    }
+    drop(listener);
+    tokio::select! {
+        _ = graceful.shutdown() => {}
+        _ = tokio::time::sleep(DRAIN_TIMEOUT) => {
+            tracing::warn!("requests still open after {} s: exiting", DRAIN_TIMEOUT.as_secs());
+        }
+    }
 }
 
 async fn shutdown_signal(stop: tokio::sync::oneshot::Receiver<()>) {

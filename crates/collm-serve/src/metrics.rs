@@ -1,6 +1,6 @@
 //! What `GET /metrics` reports, in Prometheus text format (the `prometheus-client` crate):
-//! requests and errors by route and status, request latency, rows per model batch, and the
-//! queue's depth.
+//! requests and errors by route and status, request latency, rows per model batch, the
+//! queue's depth, and requests dropped because their client had gone.
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -28,6 +28,8 @@ pub struct Metrics {
     pub batch_rows: Histogram,
     pub batch_requests: Histogram,
     pub queue_depth: Gauge,
+    /// Requests the worker dropped because their client had gone (before or while scoring).
+    pub abandoned: Counter,
 }
 
 impl Metrics {
@@ -41,6 +43,12 @@ impl Metrics {
         let batch_rows = Histogram::new(exponential_buckets(1.0, 2.0, 14));
         let batch_requests = Histogram::new(exponential_buckets(1.0, 2.0, 10));
         let queue_depth = Gauge::default();
+        let abandoned = Counter::default();
+        registry.register(
+            "abandoned_requests",
+            "Requests dropped by the model worker because their client disconnected",
+            abandoned.clone(),
+        );
         registry.register("http_requests", "HTTP requests answered", requests.clone());
         registry.register(
             "http_errors",
@@ -75,6 +83,7 @@ impl Metrics {
             batch_rows,
             batch_requests,
             queue_depth,
+            abandoned,
         }
     }
 

@@ -192,9 +192,17 @@ fn prepare(rec: &Recommender, job: &Job) -> Result<Ready, RequestError> {
     Ok(Ready { user, items, k })
 }
 
+/// Rows of a CoLLM run scored per model call within a batch: between two calls the worker
+/// checks that someone still waits for the rest (a client that disconnects stops its work).
+const LLM_CHUNK: usize = 64;
+
 fn run_batch(rec: &Recommender, jobs: Vec<Job>, metrics: &Metrics) {
     let mut ready = Vec::with_capacity(jobs.len());
     for job in jobs {
+        if job.reply.is_closed() {
+            metrics.abandoned.inc();
+            continue;
+        }
         match prepare(rec, &job) {
             Ok(r) => ready.push((job, r)),
             Err(e) => {
@@ -211,9 +219,36 @@ fn run_batch(rec: &Recommender, jobs: Vec<Job>, metrics: &Metrics) {
         .collect();
     metrics.batch_rows.observe(rows.len() as f64);
     metrics.batch_requests.observe(ready.len() as f64);
+    // Each job's rows end at ends[j].
+    let ends: Vec<usize> = ready
+        .iter()
+        .scan(0, |at, (_, r)| {
+            *at += r.items.len();
+            Some(*at)
+        })
+        .collect();
+    let chunk = if rec.kind == collm_metrics::RunKind::Collm {
+        LLM_CHUNK
+    } else {
+        rows.len().max(1)
+    };
     // A failure (or a panic) in the model answers this batch with 500; the worker goes on.
     let scored = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        rec.score_rows(&rows, false)
+        let mut scores = Vec::with_capacity(rows.len());
+        for start in (0..rows.len()).step_by(chunk) {
+            let wanted = ready
+                .iter()
+                .zip(&ends)
+                .any(|((job, _), &end)| end > start && !job.reply.is_closed());
+            if !wanted {
+                // Everyone still owed rows has gone: the rest is not scored (the jobs whose
+                // rows are all done are answered below).
+                break;
+            }
+            let end = (start + chunk).min(rows.len());
+            scores.extend(rec.score_rows(&rows[start..end], false)?);
+        }
+        anyhow::Ok(scores)
     }));
     let scores = match scored {
         Ok(Ok(s)) => s,
@@ -238,8 +273,14 @@ fn run_batch(rec: &Recommender, jobs: Vec<Job>, metrics: &Metrics) {
     };
     let mut at = 0;
     for (job, r) in ready {
-        let s = &scores[at..at + r.items.len()];
-        at += r.items.len();
+        let (from, to) = (at, at + r.items.len());
+        at = to;
+        if to > scores.len() {
+            // Its client has gone (see above): nobody to answer.
+            metrics.abandoned.inc();
+            continue;
+        }
+        let s = &scores[from..to];
         let answer = match r.k {
             None => Answer::Scores(s.to_vec()),
             Some(k) => Answer::Ranked(rec.top(&r.items, s, k)),

@@ -1,7 +1,8 @@
 //! `collm serve` against a tiny trained CoLLM-MF run (tiny random backbone, synthetic data):
 //! every route, every error status, cold users, batching across concurrent clients equal to
-//! sequential scoring, a full queue answered 503 with Retry-After, and a shutdown that lets a
-//! request in flight finish.
+//! sequential scoring, a full queue answered 503 with Retry-After, a shutdown that lets a
+//! request in flight finish; and shedding: requests over `--max-items`, stalled and idle
+//! connections closed after the header timeout, work whose client has gone dropped.
 
 use collm::experiment::{ExperimentConfig, Mode};
 use collm::recommend::Recommender;
@@ -72,6 +73,8 @@ fn options(run: &Path) -> ServeOptions {
         max_wait: Duration::from_millis(2),
         queue: 256,
         max_body: 4096,
+        max_items: None,
+        header_timeout: None,
     }
 }
 
@@ -380,5 +383,172 @@ fn a_full_queue_answers_503_with_retry_after_and_recovers() {
     // Healthy afterwards.
     let r = post(&rt, addr, "/v1/score", &body);
     assert_eq!(r.status, 200);
+    server.stop().unwrap();
+}
+
+/// GET /metrics's value of `name` (a counter's `_total` line), 0 when absent.
+fn metric(rt: &tokio::runtime::Runtime, addr: SocketAddr, name: &str) -> f64 {
+    get(rt, addr, "/metrics")
+        .body
+        .lines()
+        .find(|l| l.starts_with(name))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+#[test]
+fn a_wrong_method_is_a_json_405_counted_in_metrics() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tiny_run(tmp.path());
+    let rt = rt();
+    let server = start(&options(&run)).unwrap();
+    let addr = server.addr();
+    let r = get(&rt, addr, "/v1/score");
+    assert_error(&r, 405, "takes POST");
+    let counted = get(&rt, addr, "/metrics")
+        .body
+        .lines()
+        .any(|l| l.starts_with("collm_http_requests_total") && l.contains("status=\"405\""));
+    assert!(counted, "405 not in /metrics");
+    server.stop().unwrap();
+}
+
+#[test]
+fn an_llm_run_takes_at_most_max_items_per_request() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tiny_run(tmp.path());
+    let rt = rt();
+    let server = start(&ServeOptions {
+        max_body: 1 << 20,
+        ..options(&run)
+    })
+    .unwrap();
+    let addr = server.addr();
+    // 1,001 ids (repeats allowed): one over a CoLLM run's default.
+    let items: Vec<u32> = (0..1001).map(|k| 1 + k % 30).collect();
+    let r = post(
+        &rt,
+        addr,
+        "/v1/score",
+        &json!({"user": 2, "items": items}).to_string(),
+    );
+    assert_error(&r, 413, "--max-items");
+    let r = post(
+        &rt,
+        addr,
+        "/v1/rank",
+        &json!({"user": 2, "candidates": items}).to_string(),
+    );
+    assert_error(&r, 413, "--max-items");
+    let r = post(
+        &rt,
+        addr,
+        "/v1/score",
+        &json!({"user": 2, "items": &items[..1000]}).to_string(),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    server.stop().unwrap();
+}
+
+#[test]
+fn a_stalled_request_is_closed_and_holds_neither_health_nor_shutdown() {
+    use std::io::{Read, Write};
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tiny_run(tmp.path());
+    let rt = rt();
+    let server = start(&ServeOptions {
+        header_timeout: Some(Duration::from_secs(1)),
+        ..options(&run)
+    })
+    .unwrap();
+    let addr = server.addr();
+    // Headers without their final blank line: closed after the timeout.
+    let mut stalled = std::net::TcpStream::connect(addr).unwrap();
+    stalled
+        .write_all(b"POST /v1/score HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n")
+        .unwrap();
+    stalled
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let t = std::time::Instant::now();
+    let mut buf = [0u8; 256];
+    let n = stalled.read(&mut buf).unwrap_or(0);
+    assert!(t.elapsed() < Duration::from_secs(15), "not closed");
+    let _ = n; // hyper may say 408 before it closes
+               // 200 idle sockets: /health still answers, and they are closed in time too.
+    let idle: Vec<std::net::TcpStream> = (0..200)
+        .map(|_| std::net::TcpStream::connect(addr).unwrap())
+        .collect();
+    assert_eq!(get(&rt, addr, "/health").status, 200);
+    // A shutdown with a stalled connection open ends once it is closed, not when the client
+    // gives up.
+    let mut again = std::net::TcpStream::connect(addr).unwrap();
+    again.write_all(b"GET /health HTTP/1.1\r\n").unwrap();
+    let t = std::time::Instant::now();
+    server.stop().unwrap();
+    assert!(
+        t.elapsed() < Duration::from_secs(15),
+        "shutdown waited {:?}",
+        t.elapsed()
+    );
+    drop((idle, again));
+}
+
+#[test]
+fn work_whose_client_has_gone_is_dropped() {
+    use std::io::Write;
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tiny_run(tmp.path());
+    let rt = rt();
+    let server = start(&ServeOptions {
+        max_batch: 1,
+        max_body: 1 << 20,
+        ..options(&run)
+    })
+    .unwrap();
+    let addr = server.addr();
+    let items: Vec<u32> = (0..1000).map(|k| 1 + k % 30).collect();
+    let body = json!({"user": 2, "items": items}).to_string();
+    // A long request that keeps the worker busy, then clients that send theirs and leave.
+    let busy = {
+        let body = body.clone();
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(request(addr, "POST", "/v1/score", body.as_bytes()))
+                .unwrap()
+                .status
+        })
+    };
+    std::thread::sleep(Duration::from_millis(50));
+    for _ in 0..3 {
+        let mut s = std::net::TcpStream::connect(addr).unwrap();
+        write!(
+            s,
+            "POST /v1/score HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .unwrap();
+        s.flush().unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+        drop(s);
+    }
+    assert_eq!(busy.join().unwrap(), 200);
+    let t = std::time::Instant::now();
+    while metric(&rt, addr, "collm_abandoned_requests_total") < 1.0 {
+        assert!(t.elapsed() < Duration::from_secs(60), "nothing was dropped");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // The worker is free again: a small request is answered.
+    let r = post(
+        &rt,
+        addr,
+        "/v1/score",
+        &json!({"user": 2, "items": [1]}).to_string(),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
     server.stop().unwrap();
 }

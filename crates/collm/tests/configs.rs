@@ -23,11 +23,19 @@ fn every_ml1m_config_loads_and_names_the_runs_it_reads() {
             assert!(r.starts_with("results/ml-1m"), "{name}: {}", r.display());
         }
         if c.mode.needs_step1() {
-            assert_eq!(c.model.step1.as_deref(), Some(Path::new("results/ml-1m/tallrec")), "{name}");
+            assert_eq!(
+                c.model.step1.as_deref(),
+                Some(Path::new("results/ml-1m/tallrec")),
+                "{name}"
+            );
         }
         if c.mode != Mode::Icl {
             let t = &c.training;
-            assert_eq!((t.max_steps, t.batch_size, t.eval_every), (600, 16, 200), "{name}: the table's budget");
+            assert_eq!(
+                (t.max_steps, t.batch_size, t.eval_every),
+                (600, 16, 200),
+                "{name}: the table's budget"
+            );
         }
     }
     assert!(llm >= 11, "{llm} LLM configs");
