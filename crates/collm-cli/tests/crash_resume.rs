@@ -315,3 +315,72 @@ fn copy_dir(from: &Path, to: &Path) {
         }
     }
 }
+
+/// A disk that fills up under a `--force` replacement (a 3 MB tmpfs, mounted by the test as
+/// root; skipped with a message where mounting is not allowed): the replacement fails with a
+/// clear error and the old run is left as it was, then still evaluates.
+#[test]
+fn a_force_that_runs_out_of_disk_keeps_the_old_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = synthetic(tmp.path());
+    let disk = tmp.path().join("disk");
+    std::fs::create_dir_all(&disk).unwrap();
+    let mounted = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=3m", "tmpfs", s(&disk)])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !mounted {
+        eprintln!("skipped: cannot mount a tmpfs here (needs root)");
+        return;
+    }
+    struct Unmount<'a>(&'a Path);
+    impl Drop for Unmount<'_> {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg(self.0).status();
+        }
+    }
+    let _guard = Unmount(&disk);
+    let run = disk.join("mf");
+    let train = |dim: &str, force: bool| {
+        let mut a = vec![
+            "train",
+            "cf",
+            "--model",
+            "mf",
+            "--data",
+            s(&data),
+            "--dim",
+            dim,
+            "--max-epochs",
+            "2",
+            "--quiet",
+            "--out",
+            s(&run),
+        ];
+        if force {
+            a.push("--force");
+        }
+        common::collm(&a)
+    };
+    assert!(train("8", false).status.success());
+    let before = weights(&run);
+    let o = train("4096", true);
+    assert!(!o.status.success(), "a 4096-wide MF fitted in 3 MB?");
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        e.contains("No space left") || e.contains("write error") || e.contains("cannot"),
+        "{e}"
+    );
+    assert_eq!(weights(&run), before, "the old run changed");
+    let o = common::collm(&[
+        "eval",
+        "cf",
+        "--run",
+        s(&run),
+        "--data",
+        s(&data),
+        "--split",
+        "valid",
+    ]);
+    assert!(o.status.success(), "{o:?}");
+}
