@@ -21,7 +21,9 @@
 //!   comes, so no reshape nodes enter the graph;
 //! - [`mlp`]: gate, up, SwiGLU and down in one op (where the MLP has no LoRA), keeping only gate
 //!   and up for its backward;
-//! - [`attention_flat`]: [`attention`] on heads side by side, `(B, T, heads·hd)`.
+//! - [`attention_flat`]: [`attention`] on heads side by side, `(B, T, heads·hd)`;
+//! - [`prefix_attention`]: suffix rows over cached prompt prefixes (shared-prefix scoring, and
+//!   step 2's training passes over a frozen prefix), with a backward into the suffixes only.
 //!
 //! Fewer, larger ops matter beyond their own loops: every tensor between two ops costs a
 //! full-size zeros-and-add in candle's backward pass (`GradStore::or_insert`), on one thread.
