@@ -6,6 +6,7 @@
 #   scripts/ml1m_table.sh --next     # do one row's next piece of work, then stop
 #   scripts/ml1m_table.sh --report   # the table from what is done (collm report over results/ml-1m)
 #   scripts/ml1m_table.sh --table    # README's rows: AUC, UAUC, warm/cold, budget, wall time, machine
+#   ONLY=cf scripts/ml1m_table.sh    # the collaborative rows only (minutes each), ONLY=llm the LLM rows
 #
 # Each row is a run under results/ml-1m/ROW, trained from configs/ml-1m/ (the collaborative
 # rows with 3 seeds: ROW, ROW-s1, ROW-s2). For a row the driver does the next thing missing:
@@ -185,7 +186,8 @@ else:
   done
 }
 
-case ${1:-} in
+ARG1=${1:-}
+case $ARG1 in
   --status) status; exit 0 ;;
   --table) table; exit 0 ;;
   --report)
@@ -200,8 +202,13 @@ esac
 
 setup
 for r in "${ROWS[@]}"; do
+  # ONLY=cf (or llm) does the rows of that kind only: the cheap collaborative rows while the
+  # machine has no time for an LLM row's next checkpoint.
   # shellcheck disable=SC2086
-  if do_row $r && [ "${1:-}" = --next ]; then exit 0; fi
+  set -- $r
+  [ -n "${ONLY:-}" ] && [ "$2" != "$ONLY" ] && continue
+  # shellcheck disable=SC2086
+  if do_row $r && [ "${ARG1:-}" = --next ]; then exit 0; fi
 done
-say "every row is done"
+say "nothing left to do${ONLY:+ among the $ONLY rows}"
 status
