@@ -10,7 +10,7 @@
 
 mod common;
 
-use common::{metrics, s};
+use common::{copy_dir, metrics, s};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
@@ -301,19 +301,6 @@ fn a_killed_or_failed_force_keeps_the_run_it_was_replacing() {
         assert!(leftovers.is_empty(), "crash point {n}: left {leftovers:?}");
     }
     assert!(kept > 3 && replaced > 3, "kept {kept}, replaced {replaced}");
-}
-
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap() {
-        let p = e.unwrap().path();
-        let dst = to.join(p.file_name().unwrap());
-        if p.is_dir() {
-            copy_dir(&p, &dst);
-        } else {
-            std::fs::copy(&p, &dst).unwrap();
-        }
-    }
 }
 
 /// A disk that fills up under a `--force` replacement (a 3 MB tmpfs, mounted by the test as

@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{collm_env, fails, ok, s};
+use common::{collm_env, copy_dir, fails, ok, s};
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
@@ -91,20 +91,6 @@ fn config(root: &Path, mode: &str, extra: &str) -> String {
         s(&root.join("mf")),
         s(&root.join("step1"))
     )
-}
-
-/// A copy of directory `from` at `to`.
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap() {
-        let p = e.unwrap().path();
-        let dst = to.join(p.file_name().unwrap());
-        if p.is_dir() {
-            copy_dir(&p, &dst);
-        } else {
-            std::fs::copy(&p, &dst).unwrap();
-        }
-    }
 }
 
 fn eval_collm(run: &Path) -> std::process::Output {
