@@ -66,18 +66,24 @@ fn logits_per_position(dec: &Decoder, h: &Tensor, mask: &Mask, pass: &Pass) -> V
         .collect()
 }
 
-#[test]
-fn suffixes_over_a_cached_prefix_equal_whole_prompts() {
-    let prefixes = [vec![5u32, 6, 7, 8, 9, 10, 11], vec![12u32, 13, 14]];
-    // (prefix, suffix): grouped by prefix, lengths differ.
-    let suffixes = [
+/// Two prefixes (7 and 3 tokens) and five suffixes grouped by prefix, of different lengths:
+/// (prefixes, (prefix, suffix) pairs, (prefix, row count) groups).
+#[allow(clippy::type_complexity)]
+fn batch() -> (Vec<Vec<u32>>, Vec<(usize, Vec<u32>)>, Vec<(usize, usize)>) {
+    let prefixes = vec![vec![5u32, 6, 7, 8, 9, 10, 11], vec![12u32, 13, 14]];
+    let suffixes = vec![
         (0, vec![20u32, 21, 22]),
         (0, vec![23u32]),
         (0, vec![24u32, 25, 26, 27, 28]),
         (1, vec![29u32, 30]),
         (1, vec![31u32, 32, 33, 34]),
     ];
-    let groups = [(0usize, 3usize), (1, 2)];
+    (prefixes, suffixes, vec![(0, 3), (1, 2)])
+}
+
+#[test]
+fn suffixes_over_a_cached_prefix_equal_whole_prompts() {
+    let (prefixes, suffixes, groups) = batch();
     for name in ["tiny-llama", "tiny-qwen2"] {
         for fused in [true, false] {
             for right in [false, true] {
@@ -173,15 +179,7 @@ fn probe_grads(
 /// a prefix that saw its suffix) would change them.
 #[test]
 fn suffix_gradients_over_a_cached_prefix_equal_whole_prompts() {
-    let prefixes = [vec![5u32, 6, 7, 8, 9, 10, 11], vec![12u32, 13, 14]];
-    let suffixes = [
-        (0, vec![20u32, 21, 22]),
-        (0, vec![23u32]),
-        (0, vec![24u32, 25, 26, 27, 28]),
-        (1, vec![29u32, 30]),
-        (1, vec![31u32, 32, 33, 34]),
-    ];
-    let groups = [(0usize, 3usize), (1, 2)];
+    let (prefixes, suffixes, groups) = batch();
     for name in ["tiny-llama", "tiny-qwen2"] {
         for fused in [true, false] {
             for right in [false, true] {
