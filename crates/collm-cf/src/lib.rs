@@ -44,7 +44,7 @@ pub struct CfOutput {
 }
 
 /// A collaborative model: scores and representations for a batch.
-pub trait CollaborativeModel {
+pub trait CollaborativeModel: Send + Sync {
     fn kind(&self) -> ModelKind;
     /// d1: the size of `u` and `i`.
     fn dim(&self) -> usize;

@@ -10,12 +10,12 @@ use crate::run::{DataRef, RunConfig, CONFIG_FILE, METRICS_FILE, MODEL_FILE};
 use crate::{build_model, CfBatch, CfConfig, CollaborativeModel, TrainCtx};
 use anyhow::{bail, Result};
 use candle_core::Device;
+use collm_data::progress::Progress;
 use collm_data::subsets::TrainCounts;
 use collm_data::{Dataset, Interaction};
 use collm_metrics::{Report, RunKind};
 use collm_nn::run::{epoch_seed, OpenMode, RunDir};
 use collm_nn::scaffold::{drive, progress_bar, LoopState, Trainer, Validation};
-use indicatif::ProgressBar;
 use rand::prelude::*;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
@@ -75,6 +75,7 @@ pub fn predict(
 ) -> Result<Vec<f64>> {
     let mut out = Vec::with_capacity(rows.len());
     for chunk in rows.chunks(batch_size.max(1)) {
+        collm_data::progress::check()?;
         let refs: Vec<&Interaction> = chunk.iter().collect();
         let b = CfBatch::new(&refs, model.history_len(), device)?;
         let s = model.forward(&b, None)?.score.to_vec1::<f32>()?;
@@ -112,6 +113,7 @@ pub fn train_epoch(
     let ctx = TrainCtx::new(rng.gen());
     let (mut loss_sum, mut batches) = (0.0, 0usize);
     for chunk in order.chunks(cfg.batch_size) {
+        collm_data::progress::check()?;
         let rows: Vec<&Interaction> = chunk.iter().map(|&k| &train_rows[k]).collect();
         let b = CfBatch::new(&rows, model.history_len(), device)?;
         let out = model.forward(&b, Some(&ctx))?;
@@ -245,7 +247,7 @@ struct CfTrainer<'a> {
     valid_rows: &'a [Interaction],
     counts: TrainCounts,
     device: Device,
-    pb: ProgressBar,
+    pb: Progress,
     last_loss: f64,
     last_report: Option<Report>,
 }
@@ -314,6 +316,8 @@ impl Trainer for CfTrainer<'_> {
     }
 
     fn validated(&mut self, state: &TrainMetrics, v: &Validation) {
+        // The interrupt is seen by the next batch (train_epoch, predict).
+        let _ = self.pb.inc(1);
         self.pb.set_message(format!(
             "loss {:.4} valid auc {:.4} (best {:.4} @ {})",
             self.last_loss,
@@ -321,6 +325,5 @@ impl Trainer for CfTrainer<'_> {
             state.best_auc().unwrap_or(f64::NAN),
             state.best_epoch.unwrap_or(0)
         ));
-        self.pb.inc(1);
     }
 }

@@ -2,12 +2,9 @@
 
 use anyhow::Result;
 use clap::{Args, Subcommand};
-use collm_data::dataset::{write_dataset_into, PreparedData};
-use collm_data::io::AtomicDir;
-use collm_data::sources::{amazon, collm_tsv, ml1m, synthetic};
+use collm_data::sources::{amazon, prepare, synthetic, Source};
 use collm_data::{stats, Dataset};
 use std::path::PathBuf;
-use tracing::info;
 
 #[derive(Subcommand)]
 pub enum DataCommand {
@@ -139,20 +136,8 @@ pub struct StatsArgs {
 pub fn run(cmd: DataCommand) -> Result<()> {
     match cmd {
         DataCommand::Prepare(src) => {
-            // The output is locked and checked before the (long) read of the sources.
-            let out_args = match &src {
-                PrepareSource::Ml1m { out, .. }
-                | PrepareSource::AmazonBook { out, .. }
-                | PrepareSource::CollmTsv { out, .. }
-                | PrepareSource::Synthetic { out, .. } => out.clone(),
-            };
-            let dir = AtomicDir::create(
-                &out_args.out,
-                out_args.force,
-                collm_data::dataset::MANIFEST_FILE,
-            )?;
-            let (data, out): (PreparedData, OutArgs) = match src {
-                PrepareSource::Ml1m { raw, out } => (ml1m::prepare(&raw)?, out),
+            let (source, out) = match src {
+                PrepareSource::Ml1m { raw, out } => (Source::Ml1m { raw }, out),
                 PrepareSource::AmazonBook {
                     reviews,
                     meta,
@@ -160,11 +145,18 @@ pub fn run(cmd: DataCommand) -> Result<()> {
                     activity_threshold,
                     out,
                 } => {
-                    let opts = amazon::AmazonOptions {
+                    let options = amazon::AmazonOptions {
                         year,
                         activity_threshold,
                     };
-                    (amazon::prepare(&reviews, &meta, &opts)?, out)
+                    (
+                        Source::AmazonBook {
+                            reviews,
+                            meta,
+                            options,
+                        },
+                        out,
+                    )
                 }
                 PrepareSource::CollmTsv {
                     input,
@@ -172,27 +164,16 @@ pub fn run(cmd: DataCommand) -> Result<()> {
                     item_noun,
                     out,
                 } => (
-                    collm_tsv::prepare(&input, name.as_deref(), &item_noun)?,
+                    Source::CollmTsv {
+                        input,
+                        name,
+                        item_noun,
+                    },
                     out,
                 ),
-                PrepareSource::Synthetic { opts, out } => {
-                    (synthetic::prepare(&opts.options())?, out)
-                }
+                PrepareSource::Synthetic { opts, out } => (Source::Synthetic(opts.options()), out),
             };
-            let ds = write_dataset_into(data, dir, &out.out)?;
-            let m = &ds.manifest;
-            let counts: Vec<String> = m
-                .splits
-                .iter()
-                .map(|(k, v)| format!("{k} {}", v.rows))
-                .collect();
-            info!(
-                "wrote {} ({}; {} users, {} items incl. padding)",
-                out.out.display(),
-                counts.join(", "),
-                m.num_users,
-                m.num_items
-            );
+            prepare(&source, &out.out, out.force)?;
             Ok(())
         }
         DataCommand::Stats(args) => {

@@ -15,7 +15,7 @@
 //! `collm-tsv` source, so a prepared directory is itself a valid `collm-tsv` input.
 
 use crate::io::{sha256_file, write_file_atomic, AtomicDir, LineReader};
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
@@ -125,11 +125,12 @@ impl Dataset {
     pub fn split(&self, name: &str) -> Result<&Split> {
         self.splits.iter().find(|s| s.name == name).ok_or_else(|| {
             let have: Vec<_> = self.splits.iter().map(|s| s.name.as_str()).collect();
-            anyhow!(
+            crate::io::InputError(format!(
                 "dataset {}: no split named '{name}' (it has: {})",
                 self.display_name(),
                 have.join(", ")
-            )
+            ))
+            .into()
         })
     }
 

@@ -131,9 +131,15 @@ impl LineReader {
 
     /// An error that names this file and the current line.
     pub fn error(&self, msg: impl std::fmt::Display) -> anyhow::Error {
-        anyhow!("{}:{}: {msg}", self.path.display(), self.line_no)
+        InputError(format!("{}:{}: {msg}", self.path.display(), self.line_no)).into()
     }
 }
+
+/// Input that cannot be used as given (a file's line, a field, an id): the caller's to fix,
+/// not a failure of the program. The Python binding raises these as `ValueError`.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{0}")]
+pub struct InputError(pub String);
 
 fn read_up_to(r: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
     let mut n = 0;

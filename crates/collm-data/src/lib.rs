@@ -8,11 +8,13 @@
 //! - [`dataset`]: the on-disk layout, its manifest and the in-memory [`Dataset`].
 //! - [`subsets`]: warm/cold/seen row subsets used by the metrics.
 //! - [`stats`]: the paper's Table 1 and more.
+//! - [`io`]: line readers, atomic writes; [`progress`]: bars, progress sinks and interrupts.
 
 pub mod bench;
 pub mod dataset;
 pub mod history;
 pub mod io;
+pub mod progress;
 pub mod sources;
 pub mod stats;
 pub mod subsets;

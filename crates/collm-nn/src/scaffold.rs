@@ -6,6 +6,7 @@
 
 use crate::run::{improves, RunDir};
 use anyhow::Result;
+use collm_data::progress::Progress;
 use serde::{de::DeserializeOwned, Serialize};
 use std::path::Path;
 
@@ -97,20 +98,7 @@ pub fn drive<T: Trainer>(
 }
 
 /// The progress bar both trainers show: `len` units (epochs, steps) named `unit`, hidden when
-/// `quiet`.
-pub fn progress_bar(len: usize, unit: &str, prefix: String, quiet: bool) -> indicatif::ProgressBar {
-    let pb = if quiet {
-        indicatif::ProgressBar::hidden()
-    } else {
-        indicatif::ProgressBar::new(len as u64)
-    };
-    pb.set_style(
-        indicatif::ProgressStyle::with_template(&format!(
-            "{{prefix}} [{{bar:30}}] {unit} {{pos}}/{{len}} {{msg}} (eta {{eta}})"
-        ))
-        .expect("valid template")
-        .progress_chars("=> "),
-    );
-    pb.set_prefix(prefix);
-    pb
+/// `quiet` (see [`collm_data::progress`]).
+pub fn progress_bar(len: usize, unit: &str, prefix: String, quiet: bool) -> Progress {
+    Progress::new(len, unit, prefix, quiet)
 }

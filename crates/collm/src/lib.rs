@@ -8,6 +8,7 @@
 //! [`train`] the training loop, checkpoints and evaluation, [`pipeline`] the jobs the binary
 //! runs (evaluating any run, the quickstart). Tables and charts are in [`collm_report`].
 
+pub mod alloc;
 pub mod bench;
 pub mod cie;
 pub mod experiment;

@@ -459,7 +459,7 @@ impl CoLlm {
             for (g, v) in single.iter().zip(self.predict(&alone, titles, false)?) {
                 out[g[0]] = v;
             }
-            pb.inc(single.len() as u64);
+            pb.inc(single.len() as u64)?;
         }
         let batch = self.config.model.eval_batch_size.max(1);
         let pass = self.scoring_pass();
@@ -517,7 +517,7 @@ impl CoLlm {
                 for (&(_, r), v) in chunk.iter().zip(s) {
                     out[r] = f64::from(v);
                 }
-                pb.inc(chunk.len() as u64);
+                pb.inc(chunk.len() as u64)?;
             }
             start = end;
         }
@@ -557,7 +557,7 @@ impl CoLlm {
             for (&k, v) in chunk.iter().zip(s) {
                 out[k] = f64::from(v);
             }
-            pb.inc(chunk.len() as u64);
+            pb.inc(chunk.len() as u64)?;
         }
         pb.finish_and_clear();
         Ok(out)

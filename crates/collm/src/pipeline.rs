@@ -38,9 +38,8 @@ pub fn evaluate_run(
     // Through shared prefixes, as training validates: rows with the same user and history run
     // their prefix once (the same scores as whole prompts within 1e-4).
     let rec = Recommender::open(run, data)?;
-    let scores = rec.score_rows(&rec.dataset.split(split)?.rows, progress)?;
+    let (scores, report) = rec.evaluate(split, progress)?;
     let Recommender { kind, dataset, .. } = rec;
-    let report = Report::for_split(&dataset, split, &scores)?;
     Ok(Evaluation {
         kind,
         dataset,

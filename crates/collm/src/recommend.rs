@@ -16,7 +16,7 @@ use collm_cf::CollaborativeModel;
 use collm_data::io::LineReader;
 use collm_data::{Dataset, Interaction};
 use collm_metrics::ranking::{rank_of, RankingReport};
-use collm_metrics::RunKind;
+use collm_metrics::{Report, RunKind};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use std::collections::HashSet;
@@ -115,10 +115,11 @@ impl Recommender {
             }
             RunKind::Cf => {
                 let Some(d) = data else {
-                    bail!(
+                    return Err(collm_data::io::InputError(format!(
                         "{}: a collaborative-model run needs its dataset (--data)",
                         run.display()
-                    );
+                    ))
+                    .into());
                 };
                 let ds = Dataset::load(d)?;
                 let (cfg, model) = collm_cf::run::load_model(run, &ds, &candle_core::Device::Cpu)?;
@@ -208,6 +209,31 @@ impl Recommender {
             });
         }
         Ok(iid as u32)
+    }
+
+    /// The row that scores item `iid` for known user `uid` (their latest history).
+    pub fn row(&self, uid: u64, iid: u64) -> Result<Interaction, RequestError> {
+        if uid == 0 || uid > u64::from(self.max_user()) {
+            return Err(RequestError::UnknownUser {
+                id: uid,
+                max: self.max_user(),
+            });
+        }
+        Ok(Interaction {
+            uid: uid as u32,
+            iid: self.item(iid)?,
+            label: 0,
+            timestamp: 0,
+            history: self.users[uid as usize].0.clone(),
+        })
+    }
+
+    /// Scores (logits) of every row of a split, in its order, and their report: AUC and UAUC,
+    /// overall and on the warm/cold subsets (what `collm eval` prints).
+    pub fn evaluate(&self, split: &str, progress: bool) -> Result<(Vec<f64>, Report)> {
+        let scores = self.score_rows(&self.dataset.split(split)?.rows, progress)?;
+        let report = Report::for_split(&self.dataset, split, &scores)?;
+        Ok((scores, report))
     }
 
     /// Items the user has not interacted with, in id order.
@@ -368,8 +394,6 @@ pub fn read_pairs(path: &Path, rec: &Recommender) -> Result<Vec<Interaction>> {
     let mut reader = LineReader::open(path)?;
     let mut buf = Vec::new();
     let mut out = Vec::new();
-    let mut user_cache: Vec<Option<User>> = Vec::new();
-    user_cache.resize(rec.dataset.num_users(), None);
     while let Some(line) = reader.next_str(&mut buf)? {
         let line = line.trim();
         if line.is_empty() || line.starts_with('#') {
@@ -387,11 +411,7 @@ pub fn read_pairs(path: &Path, rec: &Recommender) -> Result<Vec<Interaction>> {
                 .map_err(|_| reader.error(format!("field '{name}' is not an id: {s:?}")))
         };
         let (u, i) = (id("uid", f[0])?, id("iid", f[1])?);
-        let user = rec.user(u).map_err(|e| reader.error(e))?;
-        let iid = rec.item(i).map_err(|e| reader.error(e))?;
-        let slot = &mut user_cache[user.uid as usize];
-        let user = slot.get_or_insert(user);
-        out.push(user.row(iid));
+        out.push(rec.row(u, i).map_err(|e| reader.error(e))?);
     }
     if out.is_empty() {
         bail!("{}: no `uid iid` pair found", path.display());

@@ -519,7 +519,7 @@ struct CollmTrainer<'a> {
     counts: TrainCounts,
     lens: Option<Vec<usize>>,
     per_epoch: usize,
-    pb: indicatif::ProgressBar,
+    pb: collm_data::progress::Progress,
     loss_sum: f64,
     loss_n: usize,
     t0: std::time::Instant,
@@ -591,7 +591,7 @@ impl CollmTrainer<'_> {
             }
         }
         state.step += 1;
-        self.pb.inc(1);
+        self.pb.inc(1)?;
         Ok(())
     }
 }

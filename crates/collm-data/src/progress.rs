@@ -1,0 +1,192 @@
+//! Progress of long calls (training, scoring), and stopping them on request.
+//!
+//! Every loop that shows a bar ticks a [`Progress`]: it draws the terminal bar, or, when the
+//! process has a [`Sink`] (the Python binding, which turns ticks into `logging` records and
+//! `progress=` callbacks), forwards each tick there instead; a quiet one does neither (an inner
+//! call of a call that shows its own progress). Each tick returns
+//! [`Interrupted`] once [`interrupt`] was called, so that a Ctrl-C in a notebook stops a
+//! training or scoring call at its next step (a training run then resumes from its last
+//! checkpoint, as after a kill).
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+
+/// One tick of a long call.
+#[derive(Debug, Clone)]
+pub struct Event<'a> {
+    /// What runs (the bar's prefix: `train collm`, `score`, `train mf`).
+    pub task: &'a str,
+    /// What is counted (`step`, `epoch`, `rows`).
+    pub unit: &'a str,
+    pub pos: u64,
+    pub len: u64,
+    /// The bar's message, when this tick set one (a validation's AUC).
+    pub message: Option<&'a str>,
+}
+
+/// Where ticks go besides the bar.
+pub trait Sink: Send + Sync {
+    fn event(&self, e: &Event<'_>);
+}
+
+static SINK: RwLock<Option<Arc<dyn Sink>>> = RwLock::new(None);
+static INTERRUPT: AtomicBool = AtomicBool::new(false);
+
+/// Sets (or with `None` removes) the process's sink.
+pub fn set_sink(sink: Option<Arc<dyn Sink>>) {
+    *SINK.write().unwrap_or_else(|e| e.into_inner()) = sink;
+}
+
+fn emit(e: &Event<'_>) {
+    if let Some(s) = SINK.read().unwrap_or_else(|e| e.into_inner()).as_ref() {
+        s.event(e);
+    }
+}
+
+/// The error a long call returns when it was stopped by [`interrupt`].
+#[derive(Debug, Clone, Copy, thiserror::Error)]
+#[error("interrupted")]
+pub struct Interrupted;
+
+/// Asks every running long call to stop at its next tick.
+pub fn interrupt() {
+    INTERRUPT.store(true, Ordering::SeqCst);
+}
+
+/// Withdraws the request (before the next call starts).
+pub fn clear_interrupt() {
+    INTERRUPT.store(false, Ordering::SeqCst);
+}
+
+/// `Err(Interrupted)` once [`interrupt`] was called.
+pub fn check() -> Result<(), Interrupted> {
+    if INTERRUPT.load(Ordering::SeqCst) {
+        Err(Interrupted)
+    } else {
+        Ok(())
+    }
+}
+
+/// A long call's progress: a terminal bar plus the sink's ticks.
+pub struct Progress {
+    bar: indicatif::ProgressBar,
+    quiet: bool,
+    task: String,
+    unit: String,
+    len: u64,
+    pos: AtomicU64,
+}
+
+impl Progress {
+    /// `len` units named `unit`: a bar on the terminal, or ticks to the sink when the process
+    /// has one; neither when `quiet`.
+    pub fn new(len: usize, unit: &str, task: String, quiet: bool) -> Self {
+        let has_sink = SINK.read().unwrap_or_else(|e| e.into_inner()).is_some();
+        let bar = if quiet || has_sink {
+            indicatif::ProgressBar::hidden()
+        } else {
+            indicatif::ProgressBar::new(len as u64)
+        };
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(&format!(
+                "{{prefix}} [{{bar:30}}] {unit} {{pos}}/{{len}} {{msg}} (eta {{eta}})"
+            ))
+            .expect("valid template")
+            .progress_chars("=> "),
+        );
+        bar.set_prefix(task.clone());
+        Self {
+            bar,
+            quiet,
+            task,
+            unit: unit.to_string(),
+            len: len as u64,
+            pos: AtomicU64::new(0),
+        }
+    }
+
+    fn tick(&self, message: Option<&str>) {
+        if self.quiet {
+            return;
+        }
+        emit(&Event {
+            task: &self.task,
+            unit: &self.unit,
+            pos: self.pos.load(Ordering::Relaxed),
+            len: self.len,
+            message,
+        });
+    }
+
+    /// Advances by `n`; `Err(Interrupted)` when the call was asked to stop.
+    pub fn inc(&self, n: u64) -> Result<(), Interrupted> {
+        self.bar.inc(n);
+        self.pos.fetch_add(n, Ordering::Relaxed);
+        self.tick(None);
+        check()
+    }
+
+    /// Where a resumed call starts.
+    pub fn set_position(&self, pos: u64) {
+        self.bar.set_position(pos);
+        self.pos.store(pos, Ordering::Relaxed);
+    }
+
+    /// A message beside the bar (and to the sink: a line worth logging).
+    pub fn set_message(&self, msg: String) {
+        self.tick(Some(&msg));
+        self.bar.set_message(msg);
+    }
+
+    pub fn finish_and_clear(&self) {
+        self.bar.finish_and_clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+
+    type Seen = (String, u64, u64, Option<String>);
+    struct Record(Mutex<Vec<Seen>>);
+    impl Sink for Record {
+        fn event(&self, e: &Event<'_>) {
+            self.0.lock().unwrap().push((
+                e.task.to_string(),
+                e.pos,
+                e.len,
+                e.message.map(str::to_string),
+            ));
+        }
+    }
+
+    // One test: the sink and the flag are process-wide.
+    #[test]
+    fn ticks_reach_the_sink_and_an_interrupt_stops_the_next_tick() {
+        let rec = Arc::new(Record(Mutex::new(Vec::new())));
+        set_sink(Some(rec.clone()));
+        let p = Progress::new(4, "step", "train x".into(), false);
+        let inner = Progress::new(9, "rows", "score".into(), true);
+        inner.inc(1).unwrap();
+        p.set_position(1);
+        p.inc(1).unwrap();
+        p.set_message("valid auc 0.7".into());
+        interrupt();
+        assert!(p.inc(1).is_err());
+        clear_interrupt();
+        p.inc(1).unwrap();
+        set_sink(None);
+        p.inc(1).unwrap();
+        let got = rec.0.lock().unwrap().clone();
+        assert_eq!(
+            got,
+            vec![
+                ("train x".into(), 2, 4, None),
+                ("train x".into(), 2, 4, Some("valid auc 0.7".into())),
+                ("train x".into(), 3, 4, None),
+                ("train x".into(), 4, 4, None),
+            ]
+        );
+    }
+}
