@@ -40,7 +40,9 @@ impl LineReader {
             .with_context(|| format!("{}: cannot read", path.display()))?;
         let is_gzip = n == 2 && magic == [0x1f, 0x8b];
         let head = std::io::Cursor::new(magic[..n].to_vec());
-        let progress = show_progress.then(|| progress_bar(len, path));
+        // No terminal bar where the process reports progress elsewhere (the Python binding).
+        let progress =
+            (show_progress && !crate::progress::has_sink()).then(|| progress_bar(len, path));
         let raw: Box<dyn Read> = match &progress {
             Some(pb) => Box::new(pb.wrap_read(head.chain(file))),
             None => Box::new(head.chain(file)),
@@ -97,6 +99,10 @@ impl LineReader {
             return Ok(None);
         }
         self.line_no += 1;
+        if self.line_no.is_multiple_of(1 << 16) {
+            // A stop request (Ctrl-C in the Python binding) reaches a long read too.
+            crate::progress::check()?;
+        }
         self.last_terminated = buf.last() == Some(&b'\n');
         while matches!(buf.last(), Some(b'\n' | b'\r')) {
             buf.pop();

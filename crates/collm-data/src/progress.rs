@@ -37,6 +37,11 @@ pub fn set_sink(sink: Option<Arc<dyn Sink>>) {
     *SINK.write().unwrap_or_else(|e| e.into_inner()) = sink;
 }
 
+/// Whether the process has a sink (then no bar is drawn on the terminal).
+pub fn has_sink() -> bool {
+    SINK.read().unwrap_or_else(|e| e.into_inner()).is_some()
+}
+
 fn emit(e: &Event<'_>) {
     if let Some(s) = SINK.read().unwrap_or_else(|e| e.into_inner()).as_ref() {
         s.event(e);
@@ -81,8 +86,7 @@ impl Progress {
     /// `len` units named `unit`: a bar on the terminal, or ticks to the sink when the process
     /// has one; neither when `quiet`.
     pub fn new(len: usize, unit: &str, task: String, quiet: bool) -> Self {
-        let has_sink = SINK.read().unwrap_or_else(|e| e.into_inner()).is_some();
-        let bar = if quiet || has_sink {
+        let bar = if quiet || has_sink() {
             indicatif::ProgressBar::hidden()
         } else {
             indicatif::ProgressBar::new(len as u64)
