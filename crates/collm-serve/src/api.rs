@@ -1,7 +1,7 @@
 //! The HTTP API: JSON in, JSON out, errors as `{"error": "..."}` with a 4xx status for
 //! anything the client can fix. Routes are documented in `GET /openapi.json` (utoipa).
 
-use crate::worker::{Answer, Job, Task, Who};
+use crate::worker::{Job, Reply, Task, Who, WorkerError};
 use crate::AppState;
 use axum::body::Body;
 use axum::extract::State;
@@ -42,6 +42,16 @@ impl ApiError {
         Self {
             status: StatusCode::INTERNAL_SERVER_ERROR,
             message: m,
+        }
+    }
+}
+
+/// 4xx for what the request got wrong, 500 for a model failure.
+impl From<WorkerError> for ApiError {
+    fn from(e: WorkerError) -> Self {
+        match e {
+            WorkerError::Request(r) => r.into(),
+            WorkerError::Scoring(_) => Self::internal(e.to_string()),
         }
     }
 }
@@ -210,12 +220,16 @@ fn who(user: Option<u64>, history: Option<Vec<u64>>) -> Result<Who, ApiError> {
     }
 }
 
-async fn submit(state: &AppState, who: Who, task: Task) -> Result<Answer, ApiError> {
+/// Queues a job (its task made with the reply channel) and awaits its typed answer.
+async fn submit<T>(
+    state: &AppState,
+    who: Who,
+    task: impl FnOnce(Reply<T>) -> Task,
+) -> Result<T, ApiError> {
     let (tx, rx) = tokio::sync::oneshot::channel();
     let job = Job {
         who,
-        task,
-        reply: tx,
+        task: task(tx),
     };
     if state.queue.offer(job).is_err() {
         return Err(ApiError {
@@ -225,6 +239,7 @@ async fn submit(state: &AppState, who: Who, task: Task) -> Result<Answer, ApiErr
     }
     rx.await
         .map_err(|_| ApiError::internal("the model worker stopped".into()))?
+        .map_err(ApiError::from)
 }
 
 fn timed(state: &AppState, route: &str, start: Instant, r: Response) -> Response {
@@ -248,10 +263,9 @@ pub async fn score(State(state): State<AppState>, body: Body) -> Response {
         }
         too_many("items", req.items.len(), state.max_items)?;
         let who = who(req.user, req.history)?;
-        match submit(&state, who, Task::Score { items: req.items }).await? {
-            Answer::Scores(scores) => Ok(axum::Json(ScoreResponse { scores })),
-            Answer::Ranked(_) => Err(ApiError::internal("wrong answer kind".into())),
-        }
+        let items = req.items;
+        let scores = submit(&state, who, |reply| Task::Score { items, reply }).await?;
+        Ok(axum::Json(ScoreResponse { scores }))
     }
     .await;
     timed(&state, "/v1/score", start, r.into_response())
@@ -279,23 +293,23 @@ pub async fn rank(State(state): State<AppState>, body: Body) -> Response {
             too_many("candidates", c.len(), state.max_items)?;
         }
         let who = who(req.user, req.history)?;
-        let task = Task::Rank {
+        let candidates = req.candidates;
+        let items = submit(&state, who, |reply| Task::Rank {
             k,
-            candidates: req.candidates,
-        };
-        match submit(&state, who, task).await? {
-            Answer::Ranked(items) => Ok(axum::Json(RankResponse {
-                items: items
-                    .into_iter()
-                    .map(|r| RankedItem {
-                        item: r.item,
-                        score: r.score,
-                        title: r.title,
-                    })
-                    .collect(),
-            })),
-            Answer::Scores(_) => Err(ApiError::internal("wrong answer kind".into())),
-        }
+            candidates,
+            reply,
+        })
+        .await?;
+        Ok(axum::Json(RankResponse {
+            items: items
+                .into_iter()
+                .map(|r| RankedItem {
+                    item: r.item,
+                    score: r.score,
+                    title: r.title,
+                })
+                .collect(),
+        }))
     }
     .await;
     timed(&state, "/v1/rank", start, r.into_response())
@@ -360,4 +374,29 @@ pub async fn not_found(State(state): State<AppState>, uri: axum::http::Uri) -> R
     }
     .into_response();
     timed(&state, "other", start, r)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn worker_errors_map_to_4xx_for_the_request_and_500_for_the_model() {
+        let status = |e: WorkerError| ApiError::from(e).status;
+        assert_eq!(
+            status(RequestError::UnknownUser { id: 9, max: 3 }.into()),
+            StatusCode::NOT_FOUND
+        );
+        assert_eq!(
+            status(RequestError::UnknownItem { id: 9, max: 3 }.into()),
+            StatusCode::NOT_FOUND
+        );
+        assert_eq!(
+            status(RequestError::Invalid("no".into()).into()),
+            StatusCode::BAD_REQUEST
+        );
+        let e = ApiError::from(WorkerError::Scoring("out of memory".into()));
+        assert_eq!(e.status, StatusCode::INTERNAL_SERVER_ERROR);
+        assert_eq!(e.message, "scoring failed: out of memory");
+    }
 }

@@ -2,9 +2,10 @@
 //! jobs on a bounded queue (`try_send`: a full queue is answered 503 at once, never waited
 //! on); the worker takes the first job, then more for up to `max_wait` or until `max_batch`
 //! rows, checks each job's ids, scores all their rows in one shared-prefix call (rows of one
-//! user share their prefix across requests too) and answers each job on its own channel.
+//! user share their prefix across requests too) and answers each job on its own channel, typed
+//! by its task (scores for a score job, a ranked list for a rank job). The worker knows nothing
+//! of HTTP: its errors say what went wrong, and the API maps them to statuses.
 
-use crate::api::ApiError;
 use crate::metrics::Metrics;
 use collm::recommend::{Ranked, Recommender, RequestError, User};
 use collm_data::Interaction;
@@ -22,25 +23,36 @@ pub enum Who {
     History(Vec<u64>),
 }
 
+/// Why the worker could not answer a job.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    /// The request names an id the run does not know, or asks for nothing sensible.
+    #[error(transparent)]
+    Request(#[from] RequestError),
+    /// The model failed (or panicked) on the batch the job was in.
+    #[error("scoring failed: {0}")]
+    Scoring(String),
+}
+
+/// Where a job's answer goes.
+pub type Reply<T> = oneshot::Sender<Result<T, WorkerError>>;
+
+/// What a job asks for, with the channel its answer (of that kind) goes to.
 pub enum Task {
     Score {
         items: Vec<u64>,
+        reply: Reply<Vec<f64>>,
     },
     Rank {
         k: usize,
         candidates: Option<Vec<u64>>,
+        reply: Reply<Vec<Ranked>>,
     },
-}
-
-pub enum Answer {
-    Scores(Vec<f64>),
-    Ranked(Vec<Ranked>),
 }
 
 pub struct Job {
     pub who: Who,
     pub task: Task,
-    pub reply: oneshot::Sender<Result<Answer, ApiError>>,
 }
 
 /// What the handlers hold: the queue's sending end and its depth.
@@ -143,7 +155,7 @@ fn serve_jobs(
 impl Task {
     fn rows_hint(&self) -> usize {
         match self {
-            Task::Score { items } => items.len(),
+            Task::Score { items, .. } => items.len(),
             Task::Rank {
                 candidates: Some(c),
                 ..
@@ -153,13 +165,27 @@ impl Task {
             } => usize::MAX / 4,
         }
     }
+
+    /// Whether the client has gone (nobody waits for the answer).
+    fn is_closed(&self) -> bool {
+        match self {
+            Task::Score { reply, .. } => reply.is_closed(),
+            Task::Rank { reply, .. } => reply.is_closed(),
+        }
+    }
+
+    fn fail(self, e: WorkerError) {
+        match self {
+            Task::Score { reply, .. } => drop(reply.send(Err(e))),
+            Task::Rank { reply, .. } => drop(reply.send(Err(e))),
+        }
+    }
 }
 
 /// A job whose ids are checked: its user and the items to score.
 struct Ready {
     user: User,
     items: Vec<u32>,
-    k: Option<usize>,
 }
 
 fn prepare(rec: &Recommender, job: &Job) -> Result<Ready, RequestError> {
@@ -167,29 +193,20 @@ fn prepare(rec: &Recommender, job: &Job) -> Result<Ready, RequestError> {
         Who::User(u) => rec.user(*u)?,
         Who::History(h) => rec.cold_user(h)?,
     };
-    let (items, k) = match &job.task {
-        Task::Score { items } => (
-            items
-                .iter()
-                .map(|&i| rec.item(i))
-                .collect::<Result<Vec<_>, _>>()?,
-            None,
-        ),
+    let items = match &job.task {
+        Task::Score { items: ids, .. }
+        | Task::Rank {
+            candidates: Some(ids),
+            ..
+        } => ids
+            .iter()
+            .map(|&i| rec.item(i))
+            .collect::<Result<Vec<_>, _>>()?,
         Task::Rank {
-            k,
-            candidates: Some(c),
-        } => (
-            c.iter()
-                .map(|&i| rec.item(i))
-                .collect::<Result<Vec<_>, _>>()?,
-            Some(*k),
-        ),
-        Task::Rank {
-            k,
-            candidates: None,
-        } => (rec.unseen(&user), Some(*k)),
+            candidates: None, ..
+        } => rec.unseen(&user),
     };
-    Ok(Ready { user, items, k })
+    Ok(Ready { user, items })
 }
 
 /// Rows of a CoLLM run scored per model call within a batch: between two calls the worker
@@ -199,15 +216,13 @@ const LLM_CHUNK: usize = 64;
 fn run_batch(rec: &Recommender, jobs: Vec<Job>, metrics: &Metrics) {
     let mut ready = Vec::with_capacity(jobs.len());
     for job in jobs {
-        if job.reply.is_closed() {
+        if job.task.is_closed() {
             metrics.abandoned.inc();
             continue;
         }
         match prepare(rec, &job) {
             Ok(r) => ready.push((job, r)),
-            Err(e) => {
-                let _ = job.reply.send(Err(ApiError::from(e)));
-            }
+            Err(e) => job.task.fail(e.into()),
         }
     }
     if ready.is_empty() {
@@ -239,7 +254,7 @@ fn run_batch(rec: &Recommender, jobs: Vec<Job>, metrics: &Metrics) {
             let wanted = ready
                 .iter()
                 .zip(&ends)
-                .any(|((job, _), &end)| end > start && !job.reply.is_closed());
+                .any(|((job, _), &end)| end > start && !job.task.is_closed());
             if !wanted {
                 // Everyone still owed rows has gone: the rest is not scored (the jobs whose
                 // rows are all done are answered below).
@@ -255,18 +270,15 @@ fn run_batch(rec: &Recommender, jobs: Vec<Job>, metrics: &Metrics) {
         Ok(Err(e)) => {
             tracing::error!("scoring failed: {e:#}");
             for (job, _) in ready {
-                let _ = job
-                    .reply
-                    .send(Err(ApiError::internal(format!("scoring failed: {e:#}"))));
+                job.task.fail(WorkerError::Scoring(format!("{e:#}")));
             }
             return;
         }
         Err(_) => {
             tracing::error!("scoring panicked");
             for (job, _) in ready {
-                let _ = job
-                    .reply
-                    .send(Err(ApiError::internal("scoring failed".to_string())));
+                job.task
+                    .fail(WorkerError::Scoring("the model panicked".into()));
             }
             return;
         }
@@ -281,10 +293,9 @@ fn run_batch(rec: &Recommender, jobs: Vec<Job>, metrics: &Metrics) {
             continue;
         }
         let s = &scores[from..to];
-        let answer = match r.k {
-            None => Answer::Scores(s.to_vec()),
-            Some(k) => Answer::Ranked(rec.top(&r.items, s, k)),
-        };
-        let _ = job.reply.send(Ok(answer));
+        match job.task {
+            Task::Score { reply, .. } => drop(reply.send(Ok(s.to_vec()))),
+            Task::Rank { k, reply, .. } => drop(reply.send(Ok(rec.top(&r.items, s, k)))),
+        }
     }
 }
