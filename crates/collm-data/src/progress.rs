@@ -43,7 +43,9 @@ pub fn has_sink() -> bool {
 }
 
 fn emit(e: &Event<'_>) {
-    if let Some(s) = SINK.read().unwrap_or_else(|e| e.into_inner()).as_ref() {
+    // Not under the lock: a sink may run code that starts another long call.
+    let sink = SINK.read().unwrap_or_else(|e| e.into_inner()).clone();
+    if let Some(s) = sink {
         s.event(e);
     }
 }
