@@ -5,7 +5,8 @@
 //! metrics ([`collm_metrics`]).
 //!
 //! [`experiment`] holds the run config and modes (CoLLM's steps and variants, the baselines),
-//! [`train`] the training loop, checkpoints and evaluation, [`pipeline`] the jobs the binary
+//! [`run`] the run directory (its files, references, weights; loading and evaluating a run),
+//! [`train`] the training loop, [`pipeline`] the jobs the binary
 //! runs (evaluating any run, the quickstart). Tables and charts are in [`collm_report`].
 
 pub mod alloc;
@@ -16,6 +17,7 @@ pub mod model;
 pub mod pipeline;
 pub mod prompt;
 pub mod recommend;
+pub mod run;
 pub mod train;
 
 pub use experiment::{ExperimentConfig, Mode};

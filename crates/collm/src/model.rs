@@ -73,7 +73,7 @@ impl CoLlm {
             Some(Lora::new(&cfg.model.lora, &dec.config, cfg.seed, device)?)
         } else if cfg.mode.needs_step1() {
             let step1 = cfg.model.step1.as_ref().expect("validated");
-            crate::train::check_weights_manifest(&step1.join(BEST_DIR))
+            crate::run::check_weights_manifest(&step1.join(BEST_DIR))
                 .with_context(|| format!("step-1 LoRA of {}", step1.display()))?;
             let dir = step1.join(BEST_DIR).join("lora");
             let mut l = Lora::load_peft(&dir, &dec.config, device)

@@ -99,7 +99,7 @@ impl Recommender {
         let kind = collm_report::run_kind(run)?;
         let (dataset, scorer) = match kind {
             RunKind::Collm => {
-                let (_, ds, model) = crate::train::load_run(run)?;
+                let (_, ds, model) = crate::run::load_run(run)?;
                 if let Some(d) = data {
                     let given = Dataset::load(d)?;
                     if given.manifest.content_sha256 != ds.manifest.content_sha256 {

@@ -5,7 +5,8 @@
 use candle_core::{Device, Tensor};
 use collm::experiment::{ExperimentConfig, Mode};
 use collm::model::CoLlm;
-use collm::train::{evaluate, train, TrainOptions};
+use collm::run::evaluate;
+use collm::train::{train, TrainOptions};
 use collm_cf::train::{train as train_cf, TrainOptions as CfOptions};
 use collm_cf::{CfConfig, ModelKind};
 use collm_data::dataset::write_dataset;
@@ -291,8 +292,8 @@ fn resume_gives_the_same_weights_as_an_uninterrupted_run() {
     assert_eq!(st.step, 6);
     for g in ["lora", "mapper"] {
         let ck = |run: &Path| collm_nn::run::current_checkpoint(run).unwrap().unwrap();
-        let a = weights(&collm::train::group_file(&ck(&straight), g));
-        let b = weights(&collm::train::group_file(&ck(&resumed), g));
+        let a = weights(&collm::run::group_file(&ck(&straight), g));
+        let b = weights(&collm::run::group_file(&ck(&resumed), g));
         assert_eq!(a, b, "{g}");
     }
     // A different config cannot resume this run.
@@ -337,7 +338,7 @@ fn calibration_shifts_every_score_by_the_initial_mean() {
     let run = s.root.join("run-calibrated");
     let st = train(&cfg, &run, &quiet()).unwrap();
     assert!(st.score_offset != 0.0 && (lo..=hi).contains(&st.score_offset));
-    let (_, _, mut model) = collm::train::load_run(&run).unwrap();
+    let (_, _, mut model) = collm::run::load_run(&run).unwrap();
     assert_eq!(model.score_offset, st.score_offset);
     let (_, scores) = evaluate(&run, "test", false).unwrap();
     model.score_offset = 0.0;

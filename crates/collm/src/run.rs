@@ -1,0 +1,412 @@
+//! A CoLLM run on disk: what training writes and what inference loads (the recommender, the
+//! server, `collm eval` and `collm report` import this module only, never the trainer).
+//!
+//! ```text
+//! RUN/
+//!   config.toml      the experiment config + hashed references (data, backbone, CF run, step 1)
+//!   best/            the best weights: one safetensors per trained group (mapper, cf,
+//!                    soft_prompt, ui_token); the LoRA once, as a PEFT adapter in best/lora/
+//!                    (adapter_config.json, adapter_model.safetensors, collm.json: the backbone)
+//!   checkpoint/      the last validation's weights, optimizer state and loop state (resume)
+//!   metrics.json     the curve and the best validation
+//! ```
+//! Only what was trained is saved. Here: the run file's schema and its references with their
+//! hashes (and the step-1 checks), the weight layout with its hash manifest, `metrics.json`'s
+//! schema (also the trainer's loop state), and loading a run (`load_run`, `evaluate`).
+
+use crate::experiment::ExperimentConfig;
+use crate::model::{CoLlm, BEST_DIR};
+use anyhow::{bail, Context, Result};
+use collm_data::io::write_file_atomic;
+use collm_data::Dataset;
+use collm_llm::device;
+use collm_metrics::{Report, RunKind};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use std::path::{Path, PathBuf};
+
+pub const CONFIG_FILE: &str = "config.toml";
+pub const METRICS_FILE: &str = "metrics.json";
+
+/// Hashed references to everything a run depends on.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Refs {
+    pub data_content_sha256: String,
+    pub backbone_sha256: String,
+    pub cf_run_model_sha256: Option<String>,
+    pub step1_lora_sha256: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct RunFile {
+    pub experiment: ExperimentConfig,
+    pub refs: Refs,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct EvalPoint {
+    pub step: usize,
+    pub train_loss: f64,
+    pub valid_auc: Option<f64>,
+    pub valid_uauc: Option<f64>,
+    pub lr: f64,
+    pub seconds: f64,
+}
+
+/// `metrics.json`, also the loop state kept in the checkpoint.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct RunState {
+    /// Always `collm` (absent in files written before it was recorded).
+    #[serde(default = "collm_kind")]
+    pub kind: RunKind,
+    pub step: usize,
+    /// The score offset measured when training started (`calibrate`), used by every later
+    /// score of the run.
+    #[serde(default)]
+    pub score_offset: f64,
+    pub curve: Vec<EvalPoint>,
+    pub best_step: Option<usize>,
+    pub best_valid: Option<Report>,
+    pub evals_without_improvement: usize,
+    pub skipped_steps: usize,
+    pub stopped: Option<String>,
+    pub train_seconds: f64,
+}
+
+fn collm_kind() -> RunKind {
+    RunKind::Collm
+}
+
+impl Default for RunState {
+    fn default() -> Self {
+        Self {
+            kind: RunKind::Collm,
+            step: 0,
+            score_offset: 0.0,
+            curve: Vec::new(),
+            best_step: None,
+            best_valid: None,
+            evals_without_improvement: 0,
+            skipped_steps: 0,
+            stopped: None,
+            train_seconds: 0.0,
+        }
+    }
+}
+
+fn sha256_path(p: &Path) -> Result<String> {
+    if p.is_file() {
+        return collm_data::io::sha256_file(p);
+    }
+    // A model directory: its config and weight files, by name, size and content of config.
+    let mut h = Sha256::new();
+    let mut names: Vec<_> = std::fs::read_dir(p)
+        .with_context(|| format!("{}: cannot read", p.display()))?
+        .filter_map(|e| e.ok())
+        .collect();
+    names.sort_by_key(|e| e.file_name());
+    for e in names {
+        let name = e.file_name().to_string_lossy().into_owned();
+        h.update(name.as_bytes());
+        h.update(e.metadata()?.len().to_le_bytes());
+        if name.ends_with(".json") {
+            h.update(std::fs::read(e.path())?);
+        }
+    }
+    Ok(hex::encode(h.finalize()))
+}
+
+pub fn refs(cfg: &ExperimentConfig, ds: &Dataset) -> Result<Refs> {
+    if let (Some(step1), true) = (&cfg.model.step1, cfg.mode.needs_step1()) {
+        check_step1(step1, cfg, ds)?;
+    }
+    Ok(Refs {
+        data_content_sha256: ds.manifest.content_sha256.clone(),
+        backbone_sha256: sha256_path(&cfg.model.backbone)?,
+        cf_run_model_sha256: match &cfg.model.cf_run {
+            Some(r) if cfg.mode.uses_cf() => Some(sha256_path(&r.join("model.safetensors"))?),
+            _ => None,
+        },
+        step1_lora_sha256: match &cfg.model.step1 {
+            Some(r) if cfg.mode.needs_step1() => {
+                // The file step 2 loads.
+                Some(sha256_path(&group_file(&r.join(BEST_DIR), "lora"))?)
+            }
+            _ => None,
+        },
+    })
+}
+
+/// A step-2 run's `step1` must be a LoRA-training run on the same data and backbone.
+fn check_step1(step1: &Path, cfg: &ExperimentConfig, ds: &Dataset) -> Result<()> {
+    let rf = load_run_file(step1).with_context(|| format!("'step1' = {}", step1.display()))?;
+    if !rf.experiment.mode.trains_lora() {
+        bail!(
+            "'step1' = {}: a '{}' run, which trains no LoRA (expected a 'tallrec' run)",
+            step1.display(),
+            rf.experiment.mode.name()
+        );
+    }
+    if rf.refs.data_content_sha256 != ds.manifest.content_sha256 {
+        bail!(
+            "'step1' = {}: trained on other data (content sha256 {}) than {} (content sha256 {}): train step 1 on this dataset",
+            step1.display(),
+            &rf.refs.data_content_sha256[..12.min(rf.refs.data_content_sha256.len())],
+            cfg.data.path.display(),
+            &ds.manifest.content_sha256[..12]
+        );
+    }
+    let backbone = sha256_path(&cfg.model.backbone)?;
+    if rf.refs.backbone_sha256 != backbone {
+        bail!(
+            "'step1' = {}: trained on another backbone ({}) than {}",
+            step1.display(),
+            rf.experiment.model.backbone.display(),
+            cfg.model.backbone.display()
+        );
+    }
+    Ok(())
+}
+
+/// The LoRA of a weights directory (`best/` or a checkpoint), a PEFT adapter directory.
+pub const LORA_DIR: &str = "lora";
+/// collm's own notes next to the PEFT adapter (the backbone file it was trained on).
+pub const LORA_META: &str = "collm.json";
+
+/// Where a trained group's weights live in a weights directory: the LoRA once, as a PEFT
+/// adapter (`lora/adapter_model.safetensors`, PEFT's key names), every other group as
+/// `GROUP.safetensors`.
+pub fn group_file(dir: &Path, group: &str) -> PathBuf {
+    if group == "lora" {
+        dir.join(LORA_DIR).join("adapter_model.safetensors")
+    } else {
+        dir.join(format!("{group}.safetensors"))
+    }
+}
+
+pub(crate) fn save_groups(model: &CoLlm, dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(dir)?;
+    for (group, store) in model.trainable_stores() {
+        match (group, &model.lora) {
+            ("lora", Some(l)) => {
+                let backbone = &model.config.model.backbone;
+                let adapter = dir.join(LORA_DIR);
+                l.save_peft(&adapter, &collm_llm::lora::peft_base_name(backbone))?;
+                let meta = serde_json::json!({
+                    "backbone": backbone.display().to_string(),
+                    "backbone_sha256": sha256_path(backbone)?,
+                });
+                write_file_atomic(
+                    &adapter.join(LORA_META),
+                    serde_json::to_string_pretty(&meta)?.as_bytes(),
+                )?;
+            }
+            _ => store.save(&group_file(dir, group))?,
+        }
+    }
+    write_weights_manifest(dir)
+}
+
+/// The SHA-256 of every file a weights directory holds (`best/`, a checkpoint), kept beside
+/// them and checked when they load: a swapped adapter or an edited `adapter_config.json` is
+/// refused, not silently used.
+pub const WEIGHTS_MANIFEST: &str = "weights.sha256.json";
+
+fn weight_files(dir: &Path) -> Result<std::collections::BTreeMap<String, String>> {
+    fn walk(
+        root: &Path,
+        dir: &Path,
+        out: &mut std::collections::BTreeMap<String, String>,
+    ) -> Result<()> {
+        for e in
+            std::fs::read_dir(dir).with_context(|| format!("{}: cannot read", dir.display()))?
+        {
+            let p = e?.path();
+            let name = p
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            if name == WEIGHTS_MANIFEST || name.starts_with('.') {
+                continue;
+            }
+            if p.is_dir() {
+                walk(root, &p, out)?;
+            } else {
+                let rel = p
+                    .strip_prefix(root)
+                    .unwrap_or(&p)
+                    .to_string_lossy()
+                    .into_owned();
+                out.insert(rel, collm_data::io::sha256_file(&p)?);
+            }
+        }
+        Ok(())
+    }
+    let mut out = std::collections::BTreeMap::new();
+    walk(dir, dir, &mut out)?;
+    Ok(out)
+}
+
+fn write_weights_manifest(dir: &Path) -> Result<()> {
+    let files = weight_files(dir)?;
+    write_file_atomic(
+        &dir.join(WEIGHTS_MANIFEST),
+        serde_json::to_string_pretty(&files)?.as_bytes(),
+    )
+}
+
+/// Checks a weights directory against its manifest (directories written before it was kept
+/// have none, and load as before).
+pub(crate) fn check_weights_manifest(dir: &Path) -> Result<()> {
+    let p = dir.join(WEIGHTS_MANIFEST);
+    if !p.is_file() {
+        return Ok(());
+    }
+    let want: std::collections::BTreeMap<String, String> = serde_json::from_str(
+        &std::fs::read_to_string(&p).with_context(|| format!("{}: cannot read", p.display()))?,
+    )
+    .with_context(|| format!("{}: invalid", p.display()))?;
+    let have = weight_files(dir)?;
+    for (file, sha) in &want {
+        match have.get(file) {
+            None => bail!(
+                "{}: missing (the run recorded it in {WEIGHTS_MANIFEST})",
+                dir.join(file).display()
+            ),
+            Some(h) if h != sha => bail!(
+                "{}: changed since the run wrote it (sha256 {}, recorded {}): the run's weights or adapter config were replaced or edited",
+                dir.join(file).display(),
+                &h[..12],
+                &sha[..12.min(sha.len())]
+            ),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+pub(crate) fn load_groups(model: &CoLlm, dir: &Path) -> Result<()> {
+    check_weights_manifest(dir)?;
+    for (group, store) in model.trainable_stores() {
+        let mut p = group_file(dir, group);
+        // Runs written before the LoRA was kept once kept it as lora.safetensors too.
+        let legacy = dir.join(format!("{group}.safetensors"));
+        if !p.is_file() && legacy.is_file() {
+            p = legacy;
+        }
+        store
+            .load(&p)
+            .with_context(|| format!("loading the trained '{group}' weights"))?;
+    }
+    Ok(())
+}
+
+pub fn load_run_file(run: &Path) -> Result<RunFile> {
+    let p = run.join(CONFIG_FILE);
+    let text = std::fs::read_to_string(&p).with_context(|| {
+        format!(
+            "{}: cannot read (is {} a run directory made by `collm train collm`?)",
+            p.display(),
+            run.display()
+        )
+    })?;
+    let origin = p.display().to_string();
+    let mut t: toml::Table =
+        toml::from_str(&text).with_context(|| format!("{origin}: invalid run config"))?;
+    // Runs written before the nested layout hold a flat [experiment]: read through the same
+    // migration as config files.
+    let experiment = match t.remove("experiment") {
+        Some(toml::Value::Table(e)) => ExperimentConfig::from_table(e, &origin)?,
+        _ => bail!("{origin}: no [experiment] table (is this a CoLLM run?)"),
+    };
+    let refs: Refs = t
+        .remove("refs")
+        .ok_or_else(|| anyhow::anyhow!("{origin}: no [refs] table"))?
+        .try_into()
+        .with_context(|| format!("{origin}: invalid [refs]"))?;
+    if let Some(k) = t.keys().next() {
+        bail!("{origin}: unknown table '{k}'");
+    }
+    Ok(RunFile { experiment, refs })
+}
+
+/// The inputs a run recorded (backbone, CF run, step-1 adapter) are the ones it would load now.
+fn check_refs(run: &Path, rf: &RunFile, ds: &Dataset) -> Result<()> {
+    let now = refs(&rf.experiment, ds)?;
+    let m = &rf.experiment.model;
+    let short = |s: &Option<String>| {
+        s.as_deref()
+            .map_or("none".to_string(), |s| s[..12.min(s.len())].to_string())
+    };
+    if now.backbone_sha256 != rf.refs.backbone_sha256 {
+        bail!(
+            "run {}: its backbone {} is not the file it was trained with (sha256 {}, recorded {})",
+            run.display(),
+            m.backbone.display(),
+            &now.backbone_sha256[..12],
+            &rf.refs.backbone_sha256[..12.min(rf.refs.backbone_sha256.len())]
+        );
+    }
+    if now.cf_run_model_sha256 != rf.refs.cf_run_model_sha256 {
+        bail!(
+            "run {}: the CF run {} holds another model than it was trained with (model.safetensors sha256 {}, recorded {}): retrained or replaced",
+            run.display(),
+            m.cf_run.as_deref().map_or("-".into(), |p| p.display().to_string()),
+            short(&now.cf_run_model_sha256),
+            short(&rf.refs.cf_run_model_sha256)
+        );
+    }
+    if now.step1_lora_sha256 != rf.refs.step1_lora_sha256 {
+        bail!(
+            "run {}: the step-1 adapter of {} is not the one it was trained with (sha256 {}, recorded {}): retrained or replaced",
+            run.display(),
+            m.step1.as_deref().map_or("-".into(), |p| p.display().to_string()),
+            short(&now.step1_lora_sha256),
+            short(&rf.refs.step1_lora_sha256)
+        );
+    }
+    Ok(())
+}
+
+/// Loads a run's model with its best weights (ICL: the base model).
+pub fn load_run(run: &Path) -> Result<(RunFile, Dataset, CoLlm)> {
+    let rf = load_run_file(run)?;
+    let ds = Dataset::load(&rf.experiment.data.path)?;
+    if ds.manifest.content_sha256 != rf.refs.data_content_sha256 {
+        bail!(
+            "run {} was trained on other data than {} now holds (content sha256 differs)",
+            run.display(),
+            rf.experiment.data.path.display()
+        );
+    }
+    check_refs(run, &rf, &ds)?;
+    let mut model = CoLlm::build(&rf.experiment, &ds, &device())?;
+    if rf.experiment.mode.trains() {
+        if rf.experiment.model.calibrate {
+            let metrics = run.join(METRICS_FILE);
+            let state: RunState = serde_json::from_str(
+                &std::fs::read_to_string(&metrics)
+                    .with_context(|| format!("{}: cannot read", metrics.display()))?,
+            )
+            .with_context(|| format!("{}: invalid", metrics.display()))?;
+            model.score_offset = state.score_offset;
+        }
+        let best = run.join(BEST_DIR);
+        if !best.is_dir() {
+            bail!(
+                "{}: not found (the run has not finished a validation yet)",
+                best.display()
+            );
+        }
+        load_groups(&model, &best)?;
+    }
+    Ok((rf, ds, model))
+}
+
+/// Evaluates a run on a split: the metrics module's report, and the scores.
+pub fn evaluate(run: &Path, split: &str, progress: bool) -> Result<(Report, Vec<f64>)> {
+    let (_, ds, model) = load_run(run)?;
+    let rows = &ds.split(split)?.rows;
+    let scores = model.predict_shared(rows, &ds.titles, progress)?;
+    Ok((Report::for_split(&ds, split, &scores)?, scores))
+}
