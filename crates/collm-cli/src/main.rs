@@ -3,6 +3,7 @@
 //! subcommand group lives in its own file.
 
 mod bench;
+mod compact;
 mod data;
 mod eval;
 mod llm;
@@ -64,6 +65,9 @@ enum Command {
     /// (Prometheus), GET /openapi.json. Requests are batched by one model worker; SIGTERM or
     /// ctrl-c drains requests in flight and exits 0.
     Serve(recommend::ServeArgs),
+    /// Store finished runs' best weights in half precision (f16 or bf16): half the bytes, each
+    /// weight rounded once; evaluate them again afterwards.
+    Compact(compact::CompactArgs),
     /// The main job: on a synthetic dataset, train MF, step 1 (TALLRec) and step 2 (CoLLM-MF) on
     /// SmolLM2-135M and compare them on the test split, overall and warm/cold (~10 min, 2 cores).
     Quickstart(quickstart::QuickstartArgs),
@@ -156,6 +160,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Bench(cmd) => bench::run(cmd),
         Command::Llm(cmd) => llm::run(cmd),
         Command::Report(args) => report::run(args),
+        Command::Compact(args) => compact::run(args),
         Command::Score(args) => recommend::score(args),
         Command::Rank(args) => recommend::rank(args),
         Command::Serve(args) => recommend::serve(args),

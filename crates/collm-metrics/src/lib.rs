@@ -36,6 +36,30 @@ impl RunKind {
             RunKind::Collm => "step",
         }
     }
+
+    /// The kind of the run directory `run`, from its `config.toml` (`[cf]` or `[experiment]`):
+    /// the one place that tells the two run layouts apart.
+    pub fn of_run(run: &std::path::Path) -> Result<RunKind> {
+        use anyhow::Context;
+        let p = run.join("config.toml");
+        let text = std::fs::read_to_string(&p).with_context(|| {
+            format!(
+                "{}: cannot read (is {} a run directory?)",
+                p.display(),
+                run.display()
+            )
+        })?;
+        let t: toml::Table =
+            toml::from_str(&text).with_context(|| format!("{}: not valid TOML", p.display()))?;
+        match (t.contains_key("cf"), t.contains_key("experiment")) {
+            (true, false) => Ok(RunKind::Cf),
+            (false, true) => Ok(RunKind::Collm),
+            _ => bail!(
+                "{}: neither a collaborative-model run ([cf]) nor a CoLLM run ([experiment])",
+                p.display()
+            ),
+        }
+    }
 }
 
 /// Area under the ROC curve, identical to scikit-learn's `roc_auc_score`: the probability that

@@ -181,3 +181,65 @@ impl ParamStore {
         Ok(())
     }
 }
+
+/// What [`compact_file`] did to one weights file.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Compacted {
+    pub bytes_before: u64,
+    pub bytes_after: u64,
+    /// The largest relative change of any weight, `|x - q(x)| / max|x|` over each tensor.
+    pub max_rel_change: f64,
+}
+
+/// Writes the safetensors file `path` to `dst` with its f32 tensors stored in `dtype` (`F16`
+/// or `BF16`); other tensors (integers, already half) are kept as they are. Loading converts
+/// back to f32 ([`ParamStore::load`]), so a compacted file loads where the f32 one did, with
+/// each weight rounded once. Refused, with nothing written, when a value would not survive
+/// the rounding (out of f16's range: it would become infinite). `dst == path` replaces the
+/// file atomically.
+pub fn compact_file(path: &Path, dtype: DType, dst: &Path) -> Result<Compacted> {
+    if !matches!(dtype, DType::F16 | DType::BF16) {
+        bail!("compact: dtype must be f16 or bf16, not {dtype:?}");
+    }
+    let bytes_before = std::fs::metadata(path)
+        .with_context(|| format!("{}: cannot read", path.display()))?
+        .len();
+    let tensors = candle_core::safetensors::load(path, &Device::Cpu)
+        .with_context(|| format!("{}: cannot read weights", path.display()))?;
+    let mut out = std::collections::HashMap::new();
+    let mut max_rel_change = 0f64;
+    for (name, t) in tensors {
+        if t.dtype() != DType::F32 {
+            out.insert(name, t);
+            continue;
+        }
+        let q = t.to_dtype(dtype)?;
+        crate::ensure_finite(&q, path, &name).with_context(|| {
+            format!(
+                "{}: tensor '{name}' does not fit in {dtype:?} (kept the file as it was)",
+                path.display()
+            )
+        })?;
+        let scale = t.abs()?.max_all()?.to_scalar::<f32>()? as f64;
+        if scale > 0.0 {
+            let err = (q.to_dtype(DType::F32)? - &t)?
+                .abs()?
+                .max_all()?
+                .to_scalar::<f32>()? as f64;
+            max_rel_change = max_rel_change.max(err / scale);
+        }
+        out.insert(name, q);
+    }
+    let tmp = dst.with_extension("safetensors.tmp");
+    candle_core::safetensors::save(&out, &tmp)
+        .with_context(|| format!("{}: cannot write", tmp.display()))?;
+    collm_data::io::set_umask_mode(&tmp)?;
+    collm_data::io::crash_point();
+    std::fs::rename(&tmp, dst)
+        .with_context(|| format!("{}: cannot rename into place", dst.display()))?;
+    Ok(Compacted {
+        bytes_before,
+        bytes_after: std::fs::metadata(dst)?.len(),
+        max_rel_change,
+    })
+}

@@ -5,7 +5,7 @@
 
 pub mod plot;
 
-use anyhow::{bail, Context};
+use anyhow::Context;
 use collm_metrics::Report;
 use serde::Deserialize;
 use std::fmt::Write as _;
@@ -75,28 +75,6 @@ pub fn table(rows: &[Row], subsets: &[&str]) -> String {
 
 pub use collm_metrics::RunKind;
 
-/// The kind of the run in `run`, from its `config.toml` (`[cf]` or `[experiment]`).
-pub fn run_kind(run: &Path) -> anyhow::Result<RunKind> {
-    let p = run.join("config.toml");
-    let text = std::fs::read_to_string(&p).with_context(|| {
-        format!(
-            "{}: cannot read (is {} a run directory?)",
-            p.display(),
-            run.display()
-        )
-    })?;
-    let t: toml::Table =
-        toml::from_str(&text).with_context(|| format!("{}: not valid TOML", p.display()))?;
-    match (t.contains_key("cf"), t.contains_key("experiment")) {
-        (true, false) => Ok(RunKind::Cf),
-        (false, true) => Ok(RunKind::Collm),
-        _ => bail!(
-            "{}: neither a collaborative-model run ([cf]) nor a CoLLM run ([experiment])",
-            p.display()
-        ),
-    }
-}
-
 /// One point of a validation curve as either trainer writes it in `metrics.json`.
 #[derive(Debug, Clone, Deserialize)]
 struct CurvePoint {
@@ -136,7 +114,7 @@ pub fn run_curve(run: &Path, name: &str) -> anyhow::Result<Option<Curve>> {
     // Files written before "kind" was recorded: the config says.
     let kind = match m.kind {
         Some(k) => k,
-        None => run_kind(run)?,
+        None => RunKind::of_run(run)?,
     };
     let points: Vec<(f64, f64)> = m
         .curve

@@ -96,7 +96,7 @@ impl Recommender {
     /// Opens a run directory: a CoLLM run knows its dataset (`data`, when given, must hold
     /// the same content); a collaborative-model run needs `data`.
     pub fn open(run: &Path, data: Option<&Path>) -> Result<Self> {
-        let kind = collm_report::run_kind(run)?;
+        let kind = RunKind::of_run(run)?;
         let (dataset, scorer) = match kind {
             RunKind::Collm => {
                 let (_, ds, model) = crate::run::load_run(run)?;

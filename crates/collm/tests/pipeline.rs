@@ -71,3 +71,92 @@ fn the_quickstart_runs_end_to_end_and_its_runs_evaluate() {
     let again = quickstart(&options(&out, &backbone)).unwrap();
     assert_eq!(again.collm_mf.auc, r.collm_mf.auc);
 }
+
+#[test]
+fn compacted_runs_load_with_half_the_bytes_and_nearly_the_same_scores() {
+    let tmp = tempfile::tempdir().unwrap();
+    let backbone = tmp.path().join("backbone");
+    collm_llm::testing::write_tiny_backbone(&backbone, 1).unwrap();
+    let out = tmp.path().join("qs");
+    quickstart(&options(&out, &backbone)).unwrap();
+    let data = out.join("data");
+    let before_c = evaluate_run(&out.join("collm-mf"), None, "test", false).unwrap();
+    let before_mf = evaluate_run(&out.join("mf"), Some(&data), "test", false).unwrap();
+
+    // The CoLLM run: every best/ file halves, the manifest follows, the run still loads.
+    let files = collm::run::compact(&out.join("collm-mf"), candle_core::DType::F16).unwrap();
+    assert!(!files.is_empty());
+    for f in &files {
+        assert!(f.stats.bytes_after < f.stats.bytes_before * 6 / 10, "{f:?}");
+        assert!(
+            f.stats.max_rel_change > 0.0 && f.stats.max_rel_change < 1e-3,
+            "{f:?}"
+        );
+    }
+    let after_c = evaluate_run(&out.join("collm-mf"), None, "test", false).unwrap();
+    assert_eq!(after_c.scores.len(), before_c.scores.len());
+    let moved = before_c
+        .scores
+        .iter()
+        .zip(&after_c.scores)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f64, f64::max);
+    assert!(moved > 0.0 && moved < 1e-2, "scores moved by {moved}");
+    // Nothing half-written is left beside the weights.
+    let leftovers: Vec<_> = walk(&out.join("collm-mf").join("best"))
+        .into_iter()
+        .filter(|p| {
+            !p.ends_with("weights.sha256.json")
+                && p.extension()
+                    .is_none_or(|e| e != "safetensors" && e != "json")
+        })
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+    // Again: already half, nothing changes.
+    let again = collm::run::compact(&out.join("collm-mf"), candle_core::DType::F16).unwrap();
+    for f in &again {
+        assert_eq!(f.stats.bytes_after, f.stats.bytes_before);
+        assert_eq!(f.stats.max_rel_change, 0.0);
+    }
+
+    // The collaborative run in bf16: it loads and scores nearly as before; the CoLLM run over
+    // it now refuses to load, naming the CF run (the hash it recorded changed).
+    let files = collm::run::compact(&out.join("mf"), candle_core::DType::BF16).unwrap();
+    assert_eq!(files.len(), 1);
+    let after_mf = evaluate_run(&out.join("mf"), Some(&data), "test", false).unwrap();
+    let d = (after_mf.report.auc.unwrap() - before_mf.report.auc.unwrap()).abs();
+    assert!(d < 0.02, "MF AUC moved by {d}");
+    let err = evaluate_run(&out.join("collm-mf"), None, "test", false)
+        .err()
+        .expect("the CF run under it changed");
+    assert!(format!("{err:#}").contains("CF run"), "{err:#}");
+}
+
+#[test]
+fn a_weight_out_of_f16_range_is_refused_and_the_file_kept() {
+    let tmp = tempfile::tempdir().unwrap();
+    let p = tmp.path().join("w.safetensors");
+    let t = candle_core::Tensor::new(&[1.0f32, 1e6, -3.0], &candle_core::Device::Cpu).unwrap();
+    candle_core::safetensors::save(&[("w".to_string(), t)].into_iter().collect(), &p).unwrap();
+    let bytes = std::fs::read(&p).unwrap();
+    let err = collm_nn::params::compact_file(&p, candle_core::DType::F16, &p).unwrap_err();
+    assert!(format!("{err:#}").contains("does not fit"), "{err:#}");
+    assert_eq!(std::fs::read(&p).unwrap(), bytes);
+    assert_eq!(std::fs::read_dir(tmp.path()).unwrap().count(), 1);
+    // bf16 has f32's range: the same file compacts.
+    let c = collm_nn::params::compact_file(&p, candle_core::DType::BF16, &p).unwrap();
+    assert!(c.bytes_after < c.bytes_before);
+}
+
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}

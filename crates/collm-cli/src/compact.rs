@@ -1,0 +1,40 @@
+//! `collm compact RUN…`: a finished run's best weights stored in half precision (half the
+//! bytes), for runs that are shipped or kept in git.
+
+use anyhow::Result;
+use clap::Args;
+use std::path::PathBuf;
+
+#[derive(Args)]
+pub struct CompactArgs {
+    /// Run directories (CoLLM or collaborative-model runs). Compact only runs that no other run
+    /// references: a CF run or a step-1 run that a CoLLM run was trained over changes the hash
+    /// that run recorded, and that run then refuses to load.
+    #[arg(required = true)]
+    pub runs: Vec<PathBuf>,
+    /// The precision to store the weights in: f16 (11 significant bits, range ±65504, refused
+    /// for a weight outside it; values below 6e-5 lose bits and below 6e-8 become 0) or bf16
+    /// (8 bits, f32's range). Mappers, LoRA and soft prompts keep their AUC to ~1e-4 in f16; a
+    /// collaborative model's embeddings of items it never trained decay far below f16's range,
+    /// and rounding them to 0 ties those items (MF on ML-1M: cold AUC moved by 0.004).
+    #[arg(long, default_value = "f16", value_parser = ["f16", "bf16"])]
+    pub dtype: String,
+}
+
+pub fn run(a: CompactArgs) -> Result<()> {
+    let dtype = collm_llm::parse_dtype(&a.dtype)?;
+    for run in &a.runs {
+        for f in collm::run::compact(run, dtype)? {
+            println!(
+                "{}: {} -> {} bytes ({}), largest change {:.2e} of a tensor's max |w|",
+                f.path.display(),
+                f.stats.bytes_before,
+                f.stats.bytes_after,
+                a.dtype,
+                f.stats.max_rel_change
+            );
+        }
+    }
+    eprintln!("evaluate the compacted runs again: their scores moved by the rounding");
+    Ok(())
+}
