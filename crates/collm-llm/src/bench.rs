@@ -65,7 +65,7 @@ pub struct LlmBenchRow {
     pub train_gflops: f64,
     pub infer_gflops: f64,
     /// CPU: this machine's f32 matmul rate on the shape of an MLP projection of this batch
-    /// ([`crate::ops::gemm_gflops`]), measured in the same run: the ceiling of any f32 engine
+    /// ([`crate::ops::cpu::gemm_gflops`]), measured in the same run: the ceiling of any f32 engine
     /// here. `None` on other devices.
     pub gemm_gflops: Option<f64>,
 }
@@ -187,9 +187,9 @@ pub fn measure(b: &LlmBench, device: &Device) -> Result<LlmBenchRow> {
     let infer_s = t.elapsed().as_secs_f64() / b.steps as f64;
     let n = b.steps as f64;
     let flop = forward_flop(&cfg, batch * seq);
-    let gemm = device
-        .is_cpu()
-        .then(|| crate::ops::gemm_gflops(batch * seq, cfg.intermediate_size, cfg.hidden_size, 3));
+    let gemm = device.is_cpu().then(|| {
+        crate::ops::cpu::gemm_gflops(batch * seq, cfg.intermediate_size, cfg.hidden_size, 3)
+    });
     Ok(LlmBenchRow {
         model: b.model.clone(),
         batch,

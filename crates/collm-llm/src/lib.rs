@@ -5,8 +5,9 @@
 //! - [`config`]: one config for LLaMA/Vicuna, LLaMA-2/3, SmolLM2, Qwen2 (HF or GGUF).
 //! - [`load`]: Hugging Face directories (safetensors, sharded) and GGUF files.
 //! - [`tokenizer`]: tokenizer.json, or a byte-level BPE rebuilt from GGUF metadata.
-//! - [`decoder`]: the model; [`lora`]: adapters in PEFT's format; [`ops`]: the fused CPU
-//!   kernels the decoder runs on (each with its backward pass and a composed reference).
+//! - [`decoder`]: the model; [`lora`]: adapters in PEFT's format; [`ops`]: the operations the
+//!   decoder calls, each choosing its implementation (the CPU kernels with their backward
+//!   passes, or the composed reference ops on other devices).
 
 pub mod bench;
 pub mod config;

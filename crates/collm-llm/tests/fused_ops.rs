@@ -4,7 +4,8 @@
 mod common;
 
 use candle_core::{DType, Device, Tensor, Var};
-use collm_llm::ops::{self, composed, RopeTables};
+use collm_llm::ops::cpu::{self as ops, RopeTables};
+use collm_llm::ops::reference as composed;
 use collm_llm::{Decoder, Lora, LoraConfig, Mask, Pass};
 use common::{max_diff, tiny};
 
@@ -147,7 +148,7 @@ fn swiglu_matches_composed() {
 
 /// The fused attention against the composed one on `xs` (q, k, v) under `km`, comparing the
 /// real query rows (`real`) only: a padding row's output is never read.
-fn compare_attention(xs: &[Tensor], km: &ops::KeyMask, real: &Tensor) {
+fn compare_attention(xs: &[Tensor], km: &Mask, real: &Tensor) {
     let bias = composed::attention_bias(km, DType::F32, &DEV).unwrap();
     compare(
         xs,
@@ -185,7 +186,7 @@ fn attention_matches_composed_with_grouped_heads_and_padding() {
                 randn(&[b, t, kv_heads, hd], 7),
                 randn(&[b, t, kv_heads, hd], 8),
             ];
-            compare_attention(&xs, &mask.key_mask(), &real_rows(&mask, (b, t, 1, 1)));
+            compare_attention(&xs, &mask, &real_rows(&mask, (b, t, 1, 1)));
         }
     }
 }
@@ -194,7 +195,7 @@ fn attention_matches_composed_with_grouped_heads_and_padding() {
 fn attention_on_heads_side_by_side_matches_the_4d_op() {
     let (b, t, heads, kv_heads, hd) = (2, 9, 6, 2, 4);
     let mask = Mask::left_padded(&[9, 5], t);
-    let km = mask.key_mask();
+    let km = mask.clone();
     let real = real_rows(&mask, (b, t, 1));
     let xs = [
         randn(&[b, t, heads * hd], 1),
@@ -244,7 +245,7 @@ fn attention_matches_composed_with_holes_in_the_mask() {
         &DEV,
     )
     .unwrap();
-    let km = ops::KeyMask {
+    let km = Mask {
         data: std::sync::Arc::new(data),
         batch: b,
         seq: t,
@@ -260,7 +261,7 @@ fn attention_matches_composed_with_holes_in_the_mask() {
 #[test]
 fn attention_gives_padding_rows_zeros_and_no_nan() {
     let mask = Mask::left_padded(&[1], 4);
-    let km = mask.key_mask();
+    let km = mask.clone();
     let q = randn(&[1, 4, 2, 4], 1);
     let kv = randn(&[1, 4, 1, 4], 2);
     let out = ops::attention(&q, &kv, &kv, &km, None).unwrap();
@@ -280,7 +281,7 @@ fn attention_with_rope_inside_matches_rope_then_attention() {
         .collect();
     let mask = Mask::left_padded(&[5, 3], t);
     let tables = RopeTables::new(&mask.position_ids(), &inv);
-    let km = mask.key_mask();
+    let km = mask.clone();
     let real = real_rows(&mask, (b, t, 1, 1));
     let xs = [
         randn(&[b, t, heads, hd], 1),
@@ -617,7 +618,7 @@ fn prefix_attention_matches_the_composed_one_forward_and_backward() {
         (randn(&[nkv, hd, 3], 6), randn(&[nkv, 3, hd], 7), 1usize),
     ];
     let mask = Mask::left_padded(&[5, 2, 4, 3], ts);
-    let km = mask.key_mask();
+    let km = mask.clone();
     let bias = composed::attention_bias(&km, DType::F32, &DEV).unwrap();
     // Padding query rows are unspecified: compare (and probe) the real ones.
     let real = real_rows(&mask, (n, ts, 1, 1));

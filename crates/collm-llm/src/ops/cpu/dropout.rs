@@ -1,0 +1,129 @@
+//! Inverted dropout drawing the composed op's ChaCha stream in parallel; masks kept as bits.
+
+use super::*;
+
+struct Dropout {
+    mask: DropMask,
+}
+
+impl CustomOp1 for Dropout {
+    fn name(&self) -> &'static str {
+        "fused-dropout"
+    }
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = as_f32(s, l)?;
+        if x.len().div_ceil(64) != self.mask.keep.len() {
+            bail!(
+                "dropout: a mask of {} words for {} elements",
+                self.mask.keep.len(),
+                x.len()
+            );
+        }
+        Ok((from_f32(self.mask.apply(&x), s.dtype())?, l.shape().clone()))
+    }
+    fn bwd(&self, _x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        // Linear in x: the gradient goes through the same mask.
+        let op = Dropout {
+            mask: self.mask.clone(),
+        };
+        Ok(Some(grad.contiguous()?.apply_op1(op)?))
+    }
+}
+
+/// Inverted dropout with probability `p`, drawing exactly what `collm_nn::layers::dropout`
+/// draws from `rng`: one `f64` per element in row-major order, dropped when below `p` (so runs
+/// and checkpoints from before the fused kernels replay the same masks). ChaCha is
+/// counter-based, so chunks of the mask are drawn in parallel by seeking to their word
+/// position; `rng` ends where the sequential draws would leave it. The mask is kept as bits
+/// for the backward pass.
+pub fn dropout(x: &Tensor, p: f64, rng: &mut rand_chacha::ChaCha8Rng) -> Result<Tensor> {
+    let mask = dropout_mask(x.elem_count(), p, rng)?;
+    x.contiguous()?.apply_op1(Dropout { mask })
+}
+
+/// The keep mask of an inverted dropout of `n` elements with probability `p`, as bits, and
+/// its scale `1/(1-p)`: the draws of [`dropout`] (and of `collm_nn::layers::dropout`), for ops
+/// that apply the mask themselves ([`linear`]'s LoRA path).
+#[derive(Clone)]
+pub struct DropMask {
+    /// Bit `i` set: element `i` is kept (and scaled).
+    pub(super) keep: Arc<Vec<u64>>,
+    pub(super) scale: f32,
+}
+
+impl DropMask {
+    /// `x ⊙ mask · scale`, element-wise over a flat slice of the mask's length.
+    pub(super) fn apply(&self, x: &[f32]) -> Vec<f32> {
+        // Branch-free, collected in place (an indexed iterator: no zeroing pass first).
+        x.par_iter()
+            .enumerate()
+            .map(|(i, x)| x * ((self.keep[i / 64] >> (i % 64) & 1) as f32 * self.scale))
+            .collect()
+    }
+
+    /// The mask of some rows of a (rows × `width`) input: row `k` of the result is row
+    /// `rows[k]` of this one.
+    pub fn rows(&self, rows: &[usize], width: usize) -> DropMask {
+        let mut keep = vec![0u64; (rows.len() * width).div_ceil(64)];
+        for (k, &r) in rows.iter().enumerate() {
+            for j in 0..width {
+                let (src, dst) = (r * width + j, k * width + j);
+                if self.keep[src / 64] >> (src % 64) & 1 == 1 {
+                    keep[dst / 64] |= 1 << (dst % 64);
+                }
+            }
+        }
+        DropMask {
+            keep: Arc::new(keep),
+            scale: self.scale,
+        }
+    }
+
+    /// `y (+)= x ⊙ mask · scale`.
+    pub(super) fn apply_into(&self, x: &[f32], y: &mut [f32], accumulate: bool) {
+        y.par_chunks_mut(MASK_CHUNK)
+            .zip(x.par_chunks(MASK_CHUNK))
+            .enumerate()
+            .for_each(|(c, (y, x))| {
+                let w0 = c * MASK_CHUNK / 64;
+                for (i, (y, x)) in y.iter_mut().zip(x).enumerate() {
+                    let keep = (self.keep[w0 + i / 64] >> (i % 64) & 1) as f32;
+                    let v = x * (keep * self.scale);
+                    *y = if accumulate { *y + v } else { v };
+                }
+            });
+    }
+}
+
+/// Draws a [`DropMask`] for `n` elements: one `f64` per element from `rng`, in order, dropped
+/// when below `p`. ChaCha is counter-based, so chunks of the mask are drawn in parallel by
+/// seeking to their word position; `rng` ends where the sequential draws would leave it.
+pub fn dropout_mask(n: usize, p: f64, rng: &mut rand_chacha::ChaCha8Rng) -> Result<DropMask> {
+    use rand::RngCore;
+    if !(0.0..1.0).contains(&p) {
+        bail!("dropout probability {p} outside [0, 1)");
+    }
+    let base = rng.get_word_pos();
+    let start = rng.clone();
+    let mut keep = vec![0u64; n.div_ceil(64)];
+    keep.par_chunks_mut(MASK_CHUNK / 64)
+        .enumerate()
+        .for_each(|(c, words)| {
+            let mut r = start.clone();
+            let e0 = c * MASK_CHUNK;
+            // Each f64 draw is one next_u64: two 32-bit words.
+            r.set_word_pos(base + 2 * e0 as u128);
+            for e in e0..(e0 + MASK_CHUNK).min(n) {
+                // rand's Standard f64: the top 53 bits, scaled to [0, 1).
+                let u = (r.next_u64() >> 11) as f64 * (1.0 / (1u64 << 53) as f64);
+                if u >= p {
+                    words[(e - e0) / 64] |= 1 << ((e - e0) % 64);
+                }
+            }
+        });
+    rng.set_word_pos(base + 2 * n as u128);
+    Ok(DropMask {
+        keep: Arc::new(keep),
+        scale: (1.0 / (1.0 - p)) as f32,
+    })
+}

@@ -1,0 +1,76 @@
+//! Pieces the attention kernels share: one head of a (B, T, n, hd) activation as a contiguous
+//! (T × hd) block and back, and the masked softmax of a row of scores.
+
+use super::*;
+
+/// The shape of a (B, T, n, hd) activation: heads side by side in each position's row.
+#[derive(Clone, Copy)]
+pub(super) struct Heads {
+    pub batch: usize,
+    pub seq: usize,
+    pub n: usize,
+    pub hd: usize,
+}
+
+impl Heads {
+    /// Appends head `h` of batch row `b` of `x` to `out` as a contiguous (T × hd) block.
+    pub fn gather_into(&self, x: &[f32], b: usize, h: usize, out: &mut Vec<f32>) {
+        let (t, n, hd) = (self.seq, self.n, self.hd);
+        for i in 0..t {
+            let r = ((b * t + i) * n + h) * hd;
+            out.extend_from_slice(&x[r..r + hd]);
+        }
+    }
+
+    /// Head `h` of batch row `b` of `x` as a contiguous (T × hd) block.
+    pub fn gather(&self, x: &[f32], b: usize, h: usize) -> Vec<f32> {
+        let mut out = Vec::with_capacity(self.seq * self.hd);
+        self.gather_into(x, b, h, &mut out);
+        out
+    }
+
+    /// The (B, T, n, hd) activation whose head `h` of batch row `b` is the (T × hd) block
+    /// `block(b, h)`.
+    pub fn scatter<'a>(&self, block: impl Fn(usize, usize) -> &'a [f32] + Sync) -> Vec<f32> {
+        let (bsz, t, n, hd) = (self.batch, self.seq, self.n, self.hd);
+        let mut out = vec![0f32; bsz * t * n * hd];
+        out.par_chunks_mut(n * hd)
+            .enumerate()
+            .for_each(|(bt, row)| {
+                let (b, i) = (bt / t, bt % t);
+                for h in 0..n {
+                    row[h * hd..(h + 1) * hd].copy_from_slice(&block(b, h)[i * hd..(i + 1) * hd]);
+                }
+            });
+        out
+    }
+}
+
+/// Softmax of the scores in `row` over the keys `real(j)` admits, in place: every other entry
+/// becomes 0, and a row with no real key becomes all zeros. Sums in key order.
+#[inline]
+pub(super) fn masked_softmax(row: &mut [f32], real: impl Fn(usize) -> bool) {
+    let mut max = f32::NEG_INFINITY;
+    for (j, &x) in row.iter().enumerate() {
+        if real(j) {
+            max = max.max(x);
+        }
+    }
+    if max == f32::NEG_INFINITY {
+        row.fill(0.0);
+        return;
+    }
+    let mut sum = 0f32;
+    for (j, x) in row.iter_mut().enumerate() {
+        if real(j) {
+            *x = exp(*x - max);
+            sum += *x;
+        } else {
+            *x = 0.0;
+        }
+    }
+    let inv = 1.0 / sum;
+    for x in row.iter_mut() {
+        *x *= inv;
+    }
+}

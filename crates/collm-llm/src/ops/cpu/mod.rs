@@ -1,0 +1,152 @@
+//! Fused decoder operations for the CPU, each a candle custom op with its own backward pass.
+//!
+//! candle's fused `rms_norm`, `rope` and `softmax_last_dim` record no backward pass, and their
+//! composed replacements (the reference versions in [`composed`]) allocate and keep one tensor
+//! per elementary op. Each op here reads its inputs once, writes one output, keeps only its
+//! inputs for the backward pass (which recomputes everything else), and runs on rayon's pool:
+//!
+//! - [`rms_norm`]: RMSNorm, normalised in f32 and scaled in the compute dtype (as transformers);
+//! - [`rope`]: rotary embeddings from per-row position tables (left or right padding);
+//! - [`swiglu`]: `silu(gate) * up`;
+//! - [`attention`]: causal attention with a per-row key mask (no T×T mask tensor), RoPE applied
+//!   to q and k inside (the rotated copies are never stored), grouped-query heads read in place
+//!   (no K/V copies), output already in `(B, T, heads·hd)` order; the backward recomputes the
+//!   probabilities flash-style, so memory grows with T, not T²;
+//! - [`dropout`]: inverted dropout drawing the same ChaCha stream as the composed
+//!   `collm_nn::layers::dropout`, but in parallel (ChaCha is counter-based: each chunk seeks to
+//!   its position); the mask is kept as bits, not as a tensor;
+//! - [`linear`]: a frozen projection `x Wᵀ (+ b)` with its whole LoRA path inside
+//!   (`+ scaling · dropout(x) Aᵀ Bᵀ`, the mask drawn by [`dropout_mask`] and kept as bits), whose
+//!   backward gives `x`, `A` and `B` gradients and the frozen weight none; on `(…, in)` as it
+//!   comes, so no reshape nodes enter the graph;
+//! - [`mlp`]: gate, up, SwiGLU and down in one op (where the MLP has no LoRA), keeping only gate
+//!   and up for its backward;
+//! - [`attention_flat`]: [`attention`] on heads side by side, `(B, T, heads·hd)`;
+//! - [`prefix_attention`]: suffix rows over cached prompt prefixes (shared-prefix scoring, and
+//!   step 2's training passes over a frozen prefix), with a backward into the suffixes only.
+//!
+//! Fewer, larger ops matter beyond their own loops: every tensor between two ops costs a
+//! full-size zeros-and-add in candle's backward pass (`GradStore::or_insert`), on one thread.
+//!
+//! Every op is checked against [`composed`] (forward and gradients) and by finite differences in
+//! `tests/fused_ops.rs`. Only the CPU has these kernels; on other devices the decoder takes the
+//! composed path (`Decoder::set_fused`). Tensors are f32 or bf16; bf16 is computed in f32.
+
+use candle_core::backend::BackendStorage;
+use candle_core::{
+    bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Storage,
+    Tensor,
+};
+use half::bf16;
+use rayon::prelude::*;
+use std::borrow::Cow;
+use std::sync::Arc;
+
+use super::Mask;
+
+/// The contiguous elements of a CPU storage as f32 (borrowed when already f32).
+fn as_f32<'a>(s: &'a CpuStorage, l: &Layout) -> Result<Cow<'a, [f32]>> {
+    let Some((a, b)) = l.contiguous_offsets() else {
+        bail!("fused op: input must be contiguous");
+    };
+    match s {
+        CpuStorage::F32(v) => Ok(Cow::Borrowed(&v[a..b])),
+        CpuStorage::BF16(v) => Ok(Cow::Owned(v[a..b].iter().map(|x| x.to_f32()).collect())),
+        _ => bail!("fused op: f32 or bf16 expected, got {:?}", s.dtype()),
+    }
+}
+
+/// A storage of `dtype` from f32 values.
+fn from_f32(v: Vec<f32>, dtype: DType) -> Result<CpuStorage> {
+    match dtype {
+        DType::F32 => Ok(CpuStorage::F32(v)),
+        DType::BF16 => Ok(CpuStorage::BF16(
+            v.into_par_iter().map(bf16::from_f32).collect(),
+        )),
+        d => bail!("fused op: f32 or bf16 expected, got {d:?}"),
+    }
+}
+
+/// Rounds through `dtype` (identity for f32), as a composed op in that dtype would.
+#[inline]
+fn round(x: f32, dtype: DType) -> f32 {
+    if dtype == DType::BF16 {
+        bf16::from_f32(x).to_f32()
+    } else {
+        x
+    }
+}
+
+/// Binds `$v` to the elements of the CPU tensor `$t` as f32 for the rest of the block:
+/// borrowed from its storage when it is a contiguous f32 tensor (no copy), converted otherwise.
+macro_rules! cpu_f32 {
+    ($t:expr => $v:ident) => {
+        let contiguous = $t.contiguous()?;
+        let guard = contiguous.storage_and_layout();
+        let $v: Cow<[f32]> = match &*guard.0 {
+            Storage::Cpu(c) => as_f32(c, guard.1)?,
+            _ => bail!("fused op: CPU tensor expected"),
+        };
+    };
+}
+
+/// `eˣ` in f32 without branches or library calls, so that loops over it vectorize: Cephes'
+/// `expf` (reduction by ln 2 in two parts, degree-5 polynomial, relative error ~1e-7). Inputs
+/// are clamped to [−87, 88] (results from 1.6e-38 to 1.7e38).
+#[inline(always)]
+fn exp(x: f32) -> f32 {
+    let x = x.clamp(-87.0, 88.0);
+    // Round to nearest with the 1.5·2²³ trick (no `round` call).
+    let n = (x * std::f32::consts::LOG2_E + 12_582_912.0) - 12_582_912.0;
+    let r = x - n * 0.693_359_4 + n * 2.121_944_4e-4;
+    let p = ((((1.987_569_1e-4 * r + 1.398_2e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r
+        + 0.166_666_65)
+        * r
+        + 0.5;
+    let y = p * r * r + r + 1.0;
+    y * f32::from_bits(((n as i32 + 127) << 23) as u32)
+}
+
+/// A tensor shaped and typed like `like` from f32 values (converted in parallel for bf16).
+fn tensor_from(v: Vec<f32>, like: &Tensor) -> Result<Tensor> {
+    match like.dtype() {
+        DType::BF16 => {
+            let h: Vec<bf16> = v.into_par_iter().map(bf16::from_f32).collect();
+            Tensor::from_vec(h, like.shape(), like.device())
+        }
+        _ => Tensor::from_vec(v, like.shape(), like.device())?.to_dtype(like.dtype()),
+    }
+}
+
+fn pool_parallelism() -> ::gemm::Parallelism {
+    match rayon::current_num_threads() {
+        1 => ::gemm::Parallelism::None,
+        n => ::gemm::Parallelism::Rayon(n),
+    }
+}
+
+mod attention;
+mod dropout;
+mod gemm;
+mod heads;
+mod linear;
+mod mlp;
+mod norm;
+mod prefix;
+mod rope;
+
+pub use attention::{attention, attention_flat};
+pub use dropout::{dropout, dropout_mask, DropMask};
+pub use gemm::gemm_gflops;
+use gemm::{matmul, matmul_new};
+use heads::{masked_softmax, Heads};
+pub use linear::{linear, LoraPath};
+pub use mlp::{mlp, swiglu};
+pub use norm::rms_norm;
+pub use prefix::prefix_attention;
+pub use rope::{rope, RopeTables};
+
+/// Elements per parallel task of the element-wise loops.
+const CHUNK: usize = 4096;
+/// Elements per parallel task of the dropout masks (whole 64-bit words of the bit mask).
+const MASK_CHUNK: usize = 1 << 14;
