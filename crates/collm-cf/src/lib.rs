@@ -16,6 +16,7 @@
 //! [`build_model`]; the other models are not touched.
 
 pub mod batch;
+#[cfg(feature = "bench")]
 pub mod bench;
 pub mod config;
 pub mod din;

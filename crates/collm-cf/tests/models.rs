@@ -309,6 +309,8 @@ fn bad_runs_fail_clearly() {
     let _ = Tensor::zeros(1, candle_core::DType::F32, &dev);
 }
 
+// The benchmark is behind the `bench` feature (on in workspace builds: collm-cli enables it).
+#[cfg(feature = "bench")]
 #[test]
 fn bench_times_real_training_against_a_forward_pass() {
     let tmp = tempfile::tempdir().unwrap();

@@ -265,7 +265,7 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
         }
         BenchCommand::Rank(a) => {
             let rec = collm::recommend::Recommender::open(&a.run, a.data.as_deref())?;
-            let r = collm::recommend::bench_rank(&rec, a.user, a.candidates, a.seed)?;
+            let r = collm::bench::bench_rank(&rec, a.user, a.candidates, a.seed)?;
             if a.json {
                 println!("{}", serde_json::to_string(&r)?);
             } else {

@@ -10,6 +10,7 @@
 //! - [`stats`]: the paper's Table 1 and more.
 //! - [`io`]: line readers, atomic writes; [`progress`]: bars, progress sinks and interrupts.
 
+#[cfg(feature = "bench")]
 pub mod bench;
 pub mod dataset;
 pub mod history;

@@ -9,6 +9,7 @@
 //!   decoder calls, each choosing its implementation (the CPU kernels with their backward
 //!   passes, or the composed reference ops on other devices).
 
+#[cfg(feature = "bench")]
 pub mod bench;
 pub mod config;
 pub mod decoder;

@@ -1,17 +1,22 @@
 //! `collm bench train`: what a CoLLM run costs on a dataset's own prompts. A training step
 //! (forward, backward, AdamW) and evaluation, each through the whole-prompt path and the
 //! work-saving one (the frozen prefix in step-2 modes; shared prefixes in evaluation), on the
-//! same rows in the same run, with the predicted cost of a run at a given budget.
+//! same rows in the same run, with the predicted cost of a run at a given budget; and
+//! `collm bench rank`: one user's candidates through whole prompts and the shared prefix.
+//! Behind the `bench` feature: these serve the binary's `collm bench`, not the library's API.
 
 use crate::experiment::ExperimentConfig;
 use crate::model::CoLlm;
+use crate::recommend::{Recommender, User};
 use crate::train::optimizer;
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use candle_core::Tensor;
 use collm_data::{Dataset, Interaction};
 use collm_nn::layers::bce_with_logits;
 use collm_nn::optim::clip_grad_norm;
 use collm_nn::TrainCtx;
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
 use serde::Serialize;
 use std::collections::HashSet;
 use std::time::Instant;
@@ -260,4 +265,76 @@ impl TrainBench {
         ));
         s
     }
+}
+
+/// What `collm bench rank` measured: one user's candidates scored through whole prompts and
+/// through the shared prefix, same run, same rows.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RankBench {
+    pub user: u32,
+    pub candidates: usize,
+    pub full_s: f64,
+    pub prefix_s: f64,
+    pub speedup: f64,
+    pub max_abs_diff: f64,
+}
+
+/// Liked items that fill a prompt's history (the default `history`).
+const FULL_HISTORY: usize = 10;
+
+/// Scores `candidates` items (sampled, seeded, from those the user never interacted with) for
+/// one user (`user`, or else the first with enough unseen items and a full prompt history of
+/// 10 liked items, else the first with enough unseen items) both ways and compares.
+pub fn bench_rank(
+    rec: &Recommender,
+    user: Option<u64>,
+    candidates: usize,
+    seed: u64,
+) -> Result<RankBench> {
+    let user = match user {
+        Some(u) => rec.user(u)?,
+        None => {
+            let eligible: Vec<User> = (1..=u64::from(rec.max_user()))
+                .filter_map(|u| rec.user(u).ok())
+                .filter(|u| rec.unseen(u).len() >= candidates)
+                .collect();
+            // A user with a full prompt history (10 titles, the default) is the usual case.
+            let full = eligible
+                .iter()
+                .position(|u| u.history.len() >= FULL_HISTORY);
+            match full {
+                Some(k) => eligible[k].clone(),
+                None => eligible
+                    .into_iter()
+                    .next()
+                    .with_context(|| format!("no user has {candidates} unseen items"))?,
+            }
+        }
+    };
+    let mut items = rec.unseen(&user);
+    items.shuffle(&mut rand_chacha::ChaCha8Rng::seed_from_u64(seed));
+    items.truncate(candidates);
+    let rows: Vec<Interaction> = items.iter().map(|&i| user.row(i)).collect();
+    // One untimed pass of each first: lazy initialisation and allocator warm-up.
+    rec.score_rows(&rows[..rows.len().min(4)], false)?;
+    rec.score_rows_full(&rows[..rows.len().min(4)], false)?;
+    let t = std::time::Instant::now();
+    let full = rec.score_rows_full(&rows, false)?;
+    let full_s = t.elapsed().as_secs_f64();
+    let t = std::time::Instant::now();
+    let shared = rec.score_rows(&rows, false)?;
+    let prefix_s = t.elapsed().as_secs_f64();
+    let max_abs_diff = full
+        .iter()
+        .zip(&shared)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f64, f64::max);
+    Ok(RankBench {
+        user: user.uid,
+        candidates: rows.len(),
+        full_s,
+        prefix_s,
+        speedup: full_s / prefix_s,
+        max_abs_diff,
+    })
 }

@@ -10,6 +10,7 @@
 //! runs (evaluating any run, the quickstart). Tables and charts are in [`collm_report`].
 
 pub mod alloc;
+#[cfg(feature = "bench")]
 pub mod bench;
 pub mod cie;
 pub mod experiment;
