@@ -10,9 +10,12 @@
 
 mod common;
 
+use collm::testing::{Family, Spec};
+use collm_data::sources::synthetic::SyntheticOptions;
 use common::{copy_dir, metrics, s};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 fn collm(args: &[&str], crash_at: Option<usize>) -> Output {
@@ -132,28 +135,30 @@ fn kill_everywhere(
     (points, identical)
 }
 
-fn synthetic(root: &Path) -> PathBuf {
-    let data = root.join("data");
-    ok(&[
-        "data",
-        "prepare",
-        "synthetic",
-        "--users",
-        "40",
-        "--items",
-        "30",
-        "--rows-per-user",
-        "8",
-        "--out",
-        data.to_str().unwrap(),
-    ]);
-    data
+/// The dataset (40 users, 30 items) and backbone every run here trains on, made once.
+fn family() -> &'static Family {
+    static F: OnceLock<Family> = OnceLock::new();
+    F.get_or_init(|| {
+        Family::build(Spec {
+            data: SyntheticOptions {
+                users: 40,
+                items: 30,
+                rows_per_user: 8.0,
+                ..Default::default()
+            },
+            cf: vec![],
+            step1: false,
+            step2: vec![],
+            ..Spec::default()
+        })
+        .unwrap()
+    })
 }
 
 #[test]
 fn a_killed_cf_run_resumes_to_the_same_result() {
     let tmp = tempfile::tempdir().unwrap();
-    let data = synthetic(tmp.path());
+    let data = family().data();
     let args = |run: &Path| -> Vec<String> {
         [
             "train",
@@ -186,9 +191,8 @@ fn a_killed_cf_run_resumes_to_the_same_result() {
 #[test]
 fn a_killed_collm_run_resumes_to_the_same_result() {
     let tmp = tempfile::tempdir().unwrap();
-    let data = synthetic(tmp.path());
-    let backbone = tmp.path().join("backbone");
-    collm_llm::testing::write_tiny_backbone(&backbone, 1).unwrap();
+    let data = family().data();
+    let backbone = family().backbone();
     let config = tmp.path().join("tallrec.toml");
     std::fs::write(
         &config,
@@ -229,7 +233,7 @@ eval_rows = 20\nbatch_size = 4\nwarmup_steps = 1\nlr = 0.01\ntrain_rows = 40\n",
 #[test]
 fn a_killed_or_failed_force_keeps_the_run_it_was_replacing() {
     let tmp = tempfile::tempdir().unwrap();
-    let data = synthetic(tmp.path());
+    let data = family().data();
     let args = |run: &Path, dim: &str| -> Vec<String> {
         [
             "train",
@@ -309,7 +313,7 @@ fn a_killed_or_failed_force_keeps_the_run_it_was_replacing() {
 #[test]
 fn a_force_that_runs_out_of_disk_keeps_the_old_run() {
     let tmp = tempfile::tempdir().unwrap();
-    let data = synthetic(tmp.path());
+    let data = family().data();
     let disk = tmp.path().join("disk");
     std::fs::create_dir_all(&disk).unwrap();
     let mounted = Command::new("mount")

@@ -5,90 +5,72 @@
 
 mod common;
 
+use collm::experiment::Mode;
 use collm::recommend::Recommender;
+use collm::testing::{Family, Spec};
+use collm_cf::ModelKind;
+use collm_data::sources::synthetic::SyntheticOptions;
 use common::{fails, ok, s};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::OnceLock;
 
 /// Runs a command that prints one JSON value.
 fn json(args: &[&str]) -> serde_json::Value {
     serde_json::from_str(&ok(args)).unwrap()
 }
 
-/// Dataset, MF run, step 1 and a CoLLM-MF run, all through the binary.
-fn runs(root: &Path) -> (PathBuf, PathBuf, PathBuf) {
-    let data = root.join("data");
-    ok(&[
-        "data",
-        "prepare",
-        "synthetic",
-        "--users",
-        "24",
-        "--items",
-        "30",
-        "--rows-per-user",
-        "6",
-        "--seed",
-        "4",
-        "--out",
-        s(&data),
-    ]);
-    let mf = root.join("mf");
-    ok(&[
-        "train",
-        "cf",
-        "--model",
-        "mf",
-        "--data",
-        s(&data),
-        "--dim",
-        "8",
-        "--max-epochs",
-        "2",
-        "--quiet",
-        "--out",
-        s(&mf),
-    ]);
-    let backbone = root.join("backbone");
-    collm_llm::testing::write_tiny_backbone(&backbone, 1).unwrap();
-    let common = format!(
-        "[data]\npath = {:?}\n[model]\nbackbone = {:?}\ncf_run = {:?}\nstep1 = {:?}\nmapper_mult = 2\neval_batch_size = 4\n\
-[training]\nmax_steps = 2\neval_every = 2\neval_rows = 8\nbatch_size = 4\nwarmup_steps = 1\n",
-        s(&data),
-        s(&backbone),
-        s(&mf),
-        s(&root.join("step1"))
-    );
-    for (mode, out) in [("tallrec", "step1"), ("collm", "collm")] {
-        let cfg = root.join(format!("{out}.toml"));
-        std::fs::write(&cfg, format!("mode = \"{mode}\"\n{common}")).unwrap();
-        ok(&[
-            "train",
-            "collm",
-            "--config",
-            s(&cfg),
-            "--out",
-            s(&root.join(out)),
-            "--quiet",
-        ]);
-    }
-    (data, mf, root.join("collm"))
+/// The runs every test reads: a dataset (24 users), an MF run, step 1 and CoLLM-MF, trained once.
+struct Runs {
+    data: PathBuf,
+    mf: PathBuf,
+    run: PathBuf,
 }
 
-#[test]
-fn score_rank_and_serve_from_the_command_line() {
-    let tmp = tempfile::tempdir().unwrap();
-    let root = tmp.path();
-    let (data, mf, run) = runs(root);
+fn runs() -> Runs {
+    static F: OnceLock<Family> = OnceLock::new();
+    let f = F.get_or_init(|| {
+        Family::build(Spec {
+            data: SyntheticOptions {
+                users: 24,
+                items: 30,
+                rows_per_user: 6.0,
+                seed: 4,
+                ..Default::default()
+            },
+            cf_epochs: 2,
+            warmup_steps: Some(1),
+            eval_batch_size: Some(4),
+            ..Spec::default()
+        })
+        .unwrap()
+    });
+    Runs {
+        data: f.data(),
+        mf: f.cf_run(ModelKind::Mf),
+        run: f.run(Mode::Collm),
+    }
+}
 
-    // --- collm score: input order, any users; equal to whole-prompt scoring.
+/// The pairs file the score tests read (a header, both separators, a comment, a blank line,
+/// a repeated pair).
+fn pairs(root: &Path) -> PathBuf {
     let pairs = root.join("pairs.tsv");
     std::fs::write(
         &pairs,
         "uid\tiid\n3\t5\n1 2\n3 7\n# a comment\n\n2\t5\n3 5\n",
     )
     .unwrap();
+    pairs
+}
+
+#[test]
+fn score_keeps_input_order_and_equals_whole_prompt_scoring() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let Runs { run, .. } = runs();
+    let pairs = pairs(root);
     let out = root.join("scores.tsv");
     ok(&[
         "score",
@@ -128,7 +110,14 @@ fn score_rank_and_serve_from_the_command_line() {
         assert!((g.3 - 1.0 / (1.0 + (-g.2).exp())).abs() < 1e-9);
     }
     assert!((got[0].2 - got[4].2).abs() < 1e-6);
-    // A collaborative-model run scores the same file (with its dataset).
+}
+
+#[test]
+fn a_collaborative_run_scores_with_its_dataset() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let Runs { data, mf, .. } = runs();
+    let pairs = pairs(root);
     let cf_out = root.join("cf.tsv");
     ok(&[
         "score",
@@ -154,8 +143,13 @@ fn score_rank_and_serve_from_the_command_line() {
         ],
         &["needs its dataset (--data)"],
     );
+}
 
-    // Bad pair files: named by file and line, nothing written.
+#[test]
+fn bad_pair_files_are_refused_by_file_and_line_and_nothing_is_written() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let Runs { run, .. } = runs();
     let bad = root.join("bad.tsv");
     let gone = root.join("none.tsv");
     for (body, expect) in [
@@ -186,8 +180,13 @@ fn score_rank_and_serve_from_the_command_line() {
         );
         assert!(!gone.exists());
     }
+}
 
-    // --- collm rank --split: metrics in range, lists of every case.
+#[test]
+fn rank_split_gives_metrics_in_range_lists_and_repeats_with_its_seed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let Runs { data, mf, run } = runs();
     let lists = root.join("lists.tsv");
     let j = json(&[
         "rank",
@@ -249,8 +248,12 @@ fn score_rank_and_serve_from_the_command_line() {
         "--quiet",
     ]);
     assert_eq!(cf["cases"], j["cases"]);
+}
 
-    // --- collm rank --user: the best k unseen items, titled.
+#[test]
+fn rank_user_lists_the_best_unseen_items() {
+    let Runs { run, .. } = runs();
+    let rec = Recommender::open(&run, None).unwrap();
     let top = ok(&[
         "rank",
         "--run",
@@ -274,8 +277,13 @@ fn score_rank_and_serve_from_the_command_line() {
         &["unknown user 999"],
     );
     fails(&["rank", "--run", s(&run)], &["give --split NAME"]);
+}
 
-    // --- collm serve: answers, then SIGTERM drains and exits 0.
+#[test]
+fn serve_answers_then_exits_0_on_sigterm() {
+    let Runs { run, .. } = runs();
+    let rec = Recommender::open(&run, None).unwrap();
+    let want = rec.score(&rec.user(3).unwrap(), &[5, 7]).unwrap();
     let mut child = Command::new(env!("CARGO_BIN_EXE_collm"))
         .args(["serve", "--run", s(&run), "--addr", "127.0.0.1:0"])
         .env("COLLM_LOG", "error")
@@ -303,7 +311,7 @@ fn score_rank_and_serve_from_the_command_line() {
     assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
     let json: serde_json::Value =
         serde_json::from_str(reply.split("\r\n\r\n").nth(1).unwrap()).unwrap();
-    assert!((json["scores"][0].as_f64().unwrap() - got[0].2).abs() < 1e-4);
+    assert!((json["scores"][0].as_f64().unwrap() - want[0]).abs() < 1e-4);
     let killed = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status()

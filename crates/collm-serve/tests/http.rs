@@ -4,64 +4,22 @@
 //! request in flight finish; and shedding: requests over `--max-items`, stalled and idle
 //! connections closed after the header timeout, work whose client has gone dropped.
 
-use collm::experiment::{ExperimentConfig, Mode};
+use collm::experiment::Mode;
 use collm::recommend::Recommender;
-use collm::train::{train, TrainOptions};
-use collm_cf::train::{train as train_cf, TrainOptions as CfOptions};
-use collm_cf::{CfConfig, ModelKind};
-use collm_data::dataset::write_dataset;
-use collm_data::sources::synthetic::{prepare, SyntheticOptions};
-use collm_data::Dataset;
+use collm::testing::{Family, Spec};
 use collm_serve::client::{request, Reply};
 use collm_serve::{start, ServeOptions};
 use serde_json::json;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 use std::time::Duration;
 
-/// A tiny CoLLM-MF run: dataset, MF, step 1, step 2.
-fn tiny_run(root: &Path) -> PathBuf {
-    collm_llm::testing::write_tiny_backbone(&root.join("backbone"), 1).unwrap();
-    let data = prepare(&SyntheticOptions {
-        users: 20,
-        items: 40,
-        rows_per_user: 6.0,
-        seed: 3,
-        ..Default::default()
-    })
-    .unwrap();
-    write_dataset(data, &root.join("data"), false).unwrap();
-    let ds = Dataset::load(&root.join("data")).unwrap();
-    let cf = CfConfig {
-        dim: 8,
-        max_epochs: 1,
-        ..CfConfig::defaults(ModelKind::Mf)
-    };
-    let q = CfOptions {
-        resume: false,
-        force: false,
-        quiet: true,
-    };
-    train_cf(&cf, &ds, &root.join("mf"), &q).unwrap();
-    let quiet = TrainOptions {
-        resume: false,
-        force: false,
-        quiet: true,
-        stop_after: None,
-    };
-    let config = |mode| {
-        let mut c = ExperimentConfig::new(mode, &root.join("data"), &root.join("backbone"));
-        c.model.cf_run = Some(root.join("mf"));
-        c.model.step1 = Some(root.join("step1"));
-        c.model.mapper_mult = 2;
-        c.model.eval_batch_size = 8;
-        let t = &mut c.training;
-        (t.max_steps, t.eval_every, t.eval_rows, t.batch_size) = (2, 2, 8, 4);
-        c
-    };
-    train(&config(Mode::Tallrec), &root.join("step1"), &quiet).unwrap();
-    train(&config(Mode::Collm), &root.join("collm"), &quiet).unwrap();
-    root.join("collm")
+/// A tiny CoLLM-MF run (dataset, MF, step 1, step 2), trained once for every test here.
+fn run() -> PathBuf {
+    static F: OnceLock<Family> = OnceLock::new();
+    F.get_or_init(|| Family::build(Spec::default()).unwrap())
+        .run(Mode::Collm)
 }
 
 fn options(run: &Path) -> ServeOptions {
@@ -102,16 +60,17 @@ fn assert_error(r: &Reply, status: u16, needle: &str) {
     assert!(msg.contains(needle), "{status}: {msg:?} lacks {needle:?}");
 }
 
-#[test]
-fn routes_errors_batching_backpressure_and_shutdown() {
-    let tmp = tempfile::tempdir().unwrap();
-    let run = tiny_run(tmp.path());
+/// A server over the shared run, the library's recommender over the same run, a runtime.
+fn serve() -> (collm_serve::Server, Recommender, tokio::runtime::Runtime) {
+    let run = run();
     let rec = Recommender::open(&run, None).unwrap();
-    let rt = rt();
-    let server = start(&options(&run)).unwrap();
-    let addr = server.addr();
+    (start(&options(&run)).unwrap(), rec, rt())
+}
 
-    // --- Every route.
+#[test]
+fn every_route_answers_as_the_library_scores() {
+    let (server, rec, rt) = serve();
+    let addr = server.addr();
     let h = get(&rt, addr, "/health");
     assert_eq!(h.status, 200);
     let health = h.json();
@@ -200,8 +159,14 @@ fn routes_errors_batching_backpressure_and_shutdown() {
     for p in ["/v1/score", "/v1/rank", "/health", "/metrics"] {
         assert!(paths.get(p).is_some(), "openapi lacks {p}");
     }
+    server.stop().unwrap();
+}
 
-    // --- Every error, as JSON.
+#[test]
+fn every_bad_request_is_a_json_error_with_its_status() {
+    let (server, rec, rt) = serve();
+    let addr = server.addr();
+    let (max_user, max_item) = (rec.max_user(), rec.max_item());
     let score = |body: &str| post(&rt, addr, "/v1/score", body);
     assert_error(&score("{\"user\": 3, \"items\": [1,"), 400, "invalid JSON");
     assert_error(&score("not json"), 400, "invalid JSON");
@@ -267,8 +232,21 @@ fn routes_errors_batching_backpressure_and_shutdown() {
     assert_error(&score(&big), 413, "over the limit of 4096 bytes");
     assert_error(&get(&rt, addr, "/v2/nothing"), 404, "no route /v2/nothing");
     assert_eq!(get(&rt, addr, "/v1/score").status, 405);
+    let m = get(&rt, addr, "/metrics");
+    let needle = "collm_http_errors_total{route=\"/v1/score\",status=\"404\"}";
+    assert!(
+        m.body.contains(needle),
+        "/metrics lacks {needle}:\n{}",
+        m.body
+    );
+    server.stop().unwrap();
+}
 
-    // --- Concurrent clients, batched together, equal sequential scoring.
+#[test]
+fn concurrent_clients_are_batched_and_equal_sequential_scoring() {
+    let (server, rec, rt) = serve();
+    let addr = server.addr();
+    let (max_user, max_item) = (rec.max_user(), rec.max_item());
     let jobs: Vec<(u64, Vec<u32>)> = (0..48)
         .map(|n| {
             let u = 1 + (n * 7) % u64::from(max_user);
@@ -306,7 +284,6 @@ fn routes_errors_batching_backpressure_and_shutdown() {
     assert_eq!(m.status, 200);
     for needle in [
         "collm_http_requests_total{route=\"/v1/score\",status=\"200\"}",
-        "collm_http_errors_total{route=\"/v1/score\",status=\"404\"}",
         "collm_http_request_duration_seconds_bucket",
         "collm_batch_rows_bucket",
         "collm_queue_depth",
@@ -325,13 +302,18 @@ fn routes_errors_batching_backpressure_and_shutdown() {
         .and_then(|l| l.split_whitespace().last())
         .and_then(|x| x.parse::<f64>().ok())
         .unwrap();
-    let requests_scored = 48.0 + 8.0;
+    let requests_scored = 48.0;
     assert!(
         batched < requests_scored,
         "{batched} model calls for {requests_scored} requests"
     );
+    server.stop().unwrap();
+}
 
-    // --- Shutdown lets a request in flight finish.
+#[test]
+fn shutdown_lets_a_request_in_flight_finish() {
+    let (server, _, rt) = serve();
+    let addr = server.addr();
     let slow = json!({"user": 5, "k": 5}).to_string();
     let inflight =
         rt.spawn(async move { request(addr, "POST", "/v1/rank", slow.as_bytes()).await });
@@ -347,8 +329,7 @@ fn routes_errors_batching_backpressure_and_shutdown() {
 
 #[test]
 fn a_full_queue_answers_503_with_retry_after_and_recovers() {
-    let tmp = tempfile::tempdir().unwrap();
-    let run = tiny_run(tmp.path());
+    let run = run();
     let rt = rt();
     let server = start(&ServeOptions {
         queue: 1,
@@ -399,8 +380,7 @@ fn metric(rt: &tokio::runtime::Runtime, addr: SocketAddr, name: &str) -> f64 {
 
 #[test]
 fn a_wrong_method_is_a_json_405_counted_in_metrics() {
-    let tmp = tempfile::tempdir().unwrap();
-    let run = tiny_run(tmp.path());
+    let run = run();
     let rt = rt();
     let server = start(&options(&run)).unwrap();
     let addr = server.addr();
@@ -416,8 +396,7 @@ fn a_wrong_method_is_a_json_405_counted_in_metrics() {
 
 #[test]
 fn an_llm_run_takes_at_most_max_items_per_request() {
-    let tmp = tempfile::tempdir().unwrap();
-    let run = tiny_run(tmp.path());
+    let run = run();
     let rt = rt();
     let server = start(&ServeOptions {
         max_body: 1 << 20,
@@ -454,8 +433,7 @@ fn an_llm_run_takes_at_most_max_items_per_request() {
 #[test]
 fn a_stalled_request_is_closed_and_holds_neither_health_nor_shutdown() {
     use std::io::{Read, Write};
-    let tmp = tempfile::tempdir().unwrap();
-    let run = tiny_run(tmp.path());
+    let run = run();
     let rt = rt();
     let server = start(&ServeOptions {
         header_timeout: Some(Duration::from_secs(1)),
@@ -498,8 +476,7 @@ fn a_stalled_request_is_closed_and_holds_neither_health_nor_shutdown() {
 #[test]
 fn work_whose_client_has_gone_is_dropped() {
     use std::io::Write;
-    let tmp = tempfile::tempdir().unwrap();
-    let run = tiny_run(tmp.path());
+    let run = run();
     let rt = rt();
     let server = start(&ServeOptions {
         max_batch: 1,

@@ -19,6 +19,8 @@ pub mod pipeline;
 pub mod prompt;
 pub mod recommend;
 pub mod run;
+#[cfg(feature = "testing")]
+pub mod testing;
 pub mod train;
 
 pub use experiment::{ExperimentConfig, Mode};

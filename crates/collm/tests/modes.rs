@@ -6,66 +6,44 @@ use candle_core::{Device, Tensor};
 use collm::experiment::{ExperimentConfig, Mode};
 use collm::model::CoLlm;
 use collm::run::evaluate;
+use collm::testing::{Family, Spec};
 use collm::train::{train, TrainOptions};
-use collm_cf::train::{train as train_cf, TrainOptions as CfOptions};
-use collm_cf::{CfConfig, ModelKind};
-use collm_data::dataset::write_dataset;
-use collm_data::sources::synthetic::{prepare, SyntheticOptions};
+use collm_cf::ModelKind;
+use collm_data::sources::synthetic::SyntheticOptions;
 use collm_data::{Dataset, Interaction};
 use collm_nn::TrainCtx;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-struct Setup {
-    _tmp: tempfile::TempDir,
-    root: PathBuf,
-}
-
-fn setup() -> Setup {
-    let tmp = tempfile::tempdir().unwrap();
-    let root = tmp.path().to_path_buf();
-    collm_llm::testing::write_tiny_backbone(&root.join("backbone"), 1).unwrap();
-    let data = prepare(&SyntheticOptions {
-        users: 24,
-        items: 20,
-        rows_per_user: 8.0,
-        seed: 9,
-        ..Default::default()
+/// A fresh family per test (each trains into it): MF and DIN runs over synthetic data and a
+/// 1-layer random backbone.
+fn setup() -> Family {
+    Family::build(Spec {
+        data: SyntheticOptions {
+            users: 24,
+            items: 20,
+            rows_per_user: 8.0,
+            seed: 9,
+            ..Default::default()
+        },
+        cf: vec![ModelKind::Mf, ModelKind::Din],
+        cf_epochs: 2,
+        step1: false,
+        step2: vec![],
+        steps: 4,
+        eval_every: 2,
+        eval_rows: 20,
+        warmup_steps: Some(1),
+        lr: Some(0.01),
+        eval_batch_size: None,
+        ..Spec::default()
     })
-    .unwrap();
-    write_dataset(data, &root.join("data"), false).unwrap();
-    let ds = Dataset::load(&root.join("data")).unwrap();
-    for model in [ModelKind::Mf, ModelKind::Din] {
-        let cfg = CfConfig {
-            dim: 8,
-            hidden: vec![8],
-            max_len: 4,
-            max_epochs: 2,
-            ..CfConfig::defaults(model)
-        };
-        train_cf(
-            &cfg,
-            &ds,
-            &root.join(format!("cf-{model}")),
-            &CfOptions {
-                resume: false,
-                force: false,
-                quiet: true,
-            },
-        )
-        .unwrap();
-    }
-    Setup { _tmp: tmp, root }
+    .unwrap()
 }
 
-fn config(s: &Setup, mode: Mode) -> ExperimentConfig {
-    let mut c = ExperimentConfig::new(mode, &s.root.join("data"), &s.root.join("backbone"));
-    c.name = mode.name().into();
-    c.model.cf_run = Some(s.root.join("cf-mf"));
+/// The family's config, over the step-1 run a test trains into `run-tallrec`.
+fn config(s: &Family, mode: Mode) -> ExperimentConfig {
+    let mut c = s.config(mode);
     c.model.step1 = Some(s.root.join("run-tallrec"));
-    c.model.mapper_mult = 2;
-    let t = &mut c.training;
-    (t.max_steps, t.eval_every, t.eval_rows) = (4, 2, 20);
-    (t.batch_size, t.warmup_steps, t.lr) = (4, 1, 0.01);
     c.validate().unwrap();
     c
 }

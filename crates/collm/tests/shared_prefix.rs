@@ -7,91 +7,45 @@
 use candle_core::Device;
 use collm::experiment::{ExperimentConfig, Mode};
 use collm::model::CoLlm;
-use collm::train::{train, TrainOptions};
-use collm_cf::train::{train as train_cf, TrainOptions as CfOptions};
-use collm_cf::{CfConfig, ModelKind};
-use collm_data::dataset::write_dataset;
-use collm_data::sources::synthetic::{prepare, SyntheticOptions};
-use collm_data::{Dataset, Interaction};
-use std::path::Path;
+use collm::testing::{Family, Spec};
+use collm_cf::ModelKind;
+use collm_data::sources::synthetic::SyntheticOptions;
+use collm_data::Interaction;
 use std::sync::OnceLock;
 
-fn config(root: &Path, mode: Mode) -> ExperimentConfig {
-    let mut c = ExperimentConfig::new(mode, &root.join("data"), &root.join("backbone"));
-    c.model.cf_run = Some(root.join("cf-mf"));
-    c.model.step1 = Some(root.join("step1"));
-    c.model.mapper_mult = 2;
-    c.model.eval_batch_size = 4;
-    let t = &mut c.training;
-    (t.max_steps, t.eval_every, t.eval_rows, t.batch_size) = (2, 2, 8, 4);
-    c.training.lr = 0.05;
-    c
-}
-
-struct Family {
-    _tmp: tempfile::TempDir,
-    root: std::path::PathBuf,
-    ds: Dataset,
-}
-
-/// The tiny run family both tests read: a 2-layer random backbone, a synthetic dataset, MF,
+/// The tiny run family both tests read: a random backbone (seed 2), a synthetic dataset, MF,
 /// DIN, SASRec and LightGCN runs, and a step-1 LoRA; made once.
 fn family() -> &'static Family {
     static F: OnceLock<Family> = OnceLock::new();
     F.get_or_init(|| {
-        let tmp = tempfile::tempdir().unwrap();
-        let root = tmp.path().to_path_buf();
-        collm_llm::testing::write_tiny_backbone(&root.join("backbone"), 2).unwrap();
-        let data = prepare(&SyntheticOptions {
-            users: 16,
-            items: 12,
-            rows_per_user: 8.0,
-            seed: 5,
-            ..Default::default()
+        Family::build(Spec {
+            backbone_seed: 2,
+            data: SyntheticOptions {
+                users: 16,
+                items: 12,
+                rows_per_user: 8.0,
+                seed: 5,
+                ..Default::default()
+            },
+            cf: vec![
+                ModelKind::Mf,
+                ModelKind::Din,
+                ModelKind::SasRec,
+                ModelKind::LightGcn,
+            ],
+            step2: vec![],
+            lr: Some(0.05),
+            eval_batch_size: Some(4),
+            ..Spec::default()
         })
-        .unwrap();
-        write_dataset(data, &root.join("data"), false).unwrap();
-        let ds = Dataset::load(&root.join("data")).unwrap();
-        for model in [
-            ModelKind::Mf,
-            ModelKind::Din,
-            ModelKind::SasRec,
-            ModelKind::LightGcn,
-        ] {
-            let cfg = CfConfig {
-                dim: 8,
-                hidden: vec![8],
-                max_len: 4,
-                max_epochs: 1,
-                ..CfConfig::defaults(model)
-            };
-            let opts = CfOptions {
-                resume: false,
-                force: false,
-                quiet: true,
-            };
-            train_cf(&cfg, &ds, &root.join(format!("cf-{model}")), &opts).unwrap();
-        }
-        // Step 1 trains a LoRA (B leaves zero), which every step-2 mode reads.
-        let quiet = TrainOptions {
-            resume: false,
-            force: false,
-            quiet: true,
-            stop_after: None,
-        };
-        train(&config(&root, Mode::Tallrec), &root.join("step1"), &quiet).unwrap();
-        Family {
-            _tmp: tmp,
-            root,
-            ds,
-        }
+        .unwrap()
     })
 }
 
 #[test]
 fn shared_prefix_scores_equal_whole_prompt_scores_in_every_mode() {
     let Family { root, ds, .. } = family();
-    let config = |mode: Mode| config(root, mode);
+    let config = |mode: Mode| family().config(mode);
     // Three users with nine candidates each (their test rows' histories), then the whole
     // test split (each row with its own history).
     let test = &ds.split("test").unwrap().rows;
@@ -215,12 +169,12 @@ fn frozen_prefix_training_passes_give_the_whole_prompt_gradients() {
     );
     let refs: Vec<&Interaction> = rows.iter().collect();
     let mut cases: Vec<(&str, ExperimentConfig)> = vec![
-        ("collm-mf", config(root, Mode::Collm)),
-        ("t1", config(root, Mode::T1)),
-        ("t2", config(root, Mode::T2)),
-        ("uitoken", config(root, Mode::Uitoken)),
+        ("collm-mf", family().config(Mode::Collm)),
+        ("t1", family().config(Mode::T1)),
+        ("t2", family().config(Mode::T2)),
+        ("uitoken", family().config(Mode::Uitoken)),
     ];
-    let mut din = config(root, Mode::Collm);
+    let mut din = family().config(Mode::Collm);
     din.model.cf_run = Some(root.join("cf-din"));
     cases.push(("collm-din", din));
     for (name, cfg) in cases {
@@ -252,7 +206,7 @@ fn frozen_prefix_training_passes_give_the_whole_prompt_gradients() {
     }
     // Modes that train the LoRA (which acts on the prefix too) run whole prompts.
     for mode in [Mode::Tallrec, Mode::T3, Mode::Softprompt] {
-        let mut cfg = config(root, mode);
+        let mut cfg = family().config(mode);
         if mode == Mode::Tallrec {
             cfg.model.step1 = None;
         }
