@@ -14,6 +14,7 @@
 use crate::{build_model, CfConfig, CollaborativeModel};
 use anyhow::{bail, Context, Result};
 use candle_core::Device;
+use collm_data::dataset::TrainedOn;
 use collm_data::Dataset;
 use serde::{Deserialize, Serialize};
 use std::path::Path;
@@ -30,6 +31,10 @@ pub struct DataRef {
     pub content_sha256: String,
     pub num_users: usize,
     pub num_items: usize,
+    /// The SHA-256 of items.tsv and of each split (absent in runs written before it was
+    /// recorded): the run evaluates on the same data with splits added.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub files_sha256: Option<std::collections::BTreeMap<String, String>>,
 }
 
 impl DataRef {
@@ -40,23 +45,21 @@ impl DataRef {
             content_sha256: ds.manifest.content_sha256.clone(),
             num_users: ds.num_users(),
             num_items: ds.num_items(),
+            files_sha256: ds.manifest.trained_file_hashes(),
         }
     }
 
-    /// Errors unless `ds` is the dataset this reference names.
+    /// Errors unless `ds` holds the data this reference names: the same content, or the same
+    /// items and train split with splits added (see [`Dataset::check_trained_on`]).
     pub fn check(&self, ds: &Dataset, what: &str) -> Result<()> {
-        if self.content_sha256 != ds.manifest.content_sha256 {
-            bail!(
-                "{what} was trained on dataset '{}' ({}, content sha256 {}), but {} is dataset '{}' (content sha256 {}): evaluate it on the data it was trained on",
-                self.name,
-                self.path,
-                &self.content_sha256[..12.min(self.content_sha256.len())],
-                ds.display_name(),
-                ds.manifest.name,
-                &ds.manifest.content_sha256[..12.min(ds.manifest.content_sha256.len())]
-            );
-        }
-        Ok(())
+        ds.check_trained_on(
+            &TrainedOn {
+                content_sha256: &self.content_sha256,
+                files: self.files_sha256.as_ref(),
+                sizes: Some((self.num_users, self.num_items)),
+            },
+            &format!("{what} (trained on dataset '{}', {})", self.name, self.path),
+        )
     }
 }
 

@@ -19,7 +19,8 @@ pub enum EvalCommand {
     /// Evaluate a collaborative-model run (from `collm train cf`) on a split of the dataset it
     /// was trained on.
     Cf(CfEvalArgs),
-    /// Evaluate a CoLLM run (from `collm train collm`) on a split of its dataset.
+    /// Evaluate a CoLLM run (from `collm train collm`) on a split of its dataset (or of --data:
+    /// the same data with a test split added).
     Collm(CollmEvalArgs),
 }
 
@@ -28,6 +29,11 @@ pub struct CollmEvalArgs {
     /// Run directory.
     #[arg(long)]
     pub run: PathBuf,
+    /// Evaluate on this dataset instead of the one the run recorded: it must hold the run's
+    /// items, train and valid splits (a test split may be added or differ); the split that
+    /// differs otherwise is named.
+    #[arg(long)]
+    pub data: Option<PathBuf>,
     /// Split name (train, valid, test).
     #[arg(long)]
     pub split: String,
@@ -44,7 +50,8 @@ pub struct CfEvalArgs {
     /// Run directory.
     #[arg(long)]
     pub run: PathBuf,
-    /// Dataset directory (must be the one the run was trained on).
+    /// Dataset directory: the one the run was trained on, or the same items, train and valid
+    /// splits with a test split added or replaced (the split that differs otherwise is named).
     #[arg(long)]
     pub data: PathBuf,
     /// Split name (train, valid, test).
@@ -92,7 +99,7 @@ pub fn run(cmd: EvalCommand) -> Result<()> {
             return print_report(&Report::for_split(&ds, &a.split, &scores)?, a.json);
         }
         EvalCommand::Collm(a) => (
-            evaluate_run(&a.run, None, &a.split, !a.json)?,
+            evaluate_run(&a.run, a.data.as_deref(), &a.split, !a.json)?,
             a.scores_out,
             a.json,
         ),

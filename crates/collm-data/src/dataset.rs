@@ -110,6 +110,52 @@ pub struct Manifest {
     pub items_sha256: Option<String>,
 }
 
+impl Manifest {
+    /// The SHA-256 of each file the content hash covers: `items` (items.tsv) and each split by
+    /// name. What a run records of its data, so that it can later be evaluated on the same data
+    /// with splits added. `None` for manifests written before items.tsv's hash was recorded.
+    pub fn file_hashes(&self) -> Option<BTreeMap<String, String>> {
+        let mut out = BTreeMap::new();
+        out.insert("items".to_string(), self.items_sha256.clone()?);
+        for (name, info) in &self.splits {
+            out.insert(name.clone(), info.sha256.clone());
+        }
+        Some(out)
+    }
+
+    /// [`Manifest::file_hashes`] of the files training reads: items.tsv, train and valid (the
+    /// test split, when there is one, may be replaced or added later).
+    pub fn trained_file_hashes(&self) -> Option<BTreeMap<String, String>> {
+        let mut h = self.file_hashes()?;
+        h.retain(|k, _| matches!(k.as_str(), "items" | "train" | "valid"));
+        Some(h)
+    }
+}
+
+/// The content hash over items.tsv's hash and the given splits' hashes (in
+/// [`SPLIT_NAMES`] order), as [`write_dataset`] computes it for all of a dataset's splits.
+fn content_hash<'a>(items_sha: &str, splits: impl Fn(&str) -> Option<&'a str>) -> String {
+    let mut content = Sha256::new();
+    content.update(items_sha.as_bytes());
+    for name in SPLIT_NAMES {
+        if let Some(sha) = splits(name) {
+            content.update(name.as_bytes());
+            content.update(sha.as_bytes());
+        }
+    }
+    hex::encode(content.finalize())
+}
+
+/// What a run recorded of the dataset it was trained on.
+#[derive(Debug, Clone, Copy)]
+pub struct TrainedOn<'a> {
+    pub content_sha256: &'a str,
+    /// Per file ([`Manifest::file_hashes`]); `None` in runs written before it was recorded.
+    pub files: Option<&'a BTreeMap<String, String>>,
+    /// (num_users, num_items) the models were built with, where recorded.
+    pub sizes: Option<(usize, usize)>,
+}
+
 /// A dataset in memory.
 #[derive(Debug, Clone)]
 pub struct Dataset {
@@ -160,6 +206,97 @@ impl Dataset {
             .unwrap_or("")
     }
 
+    /// Errors unless this dataset holds the data a run was trained on (`what` names the run):
+    /// the same content, or the same items and train split with splits added or replaced
+    /// (say, the held-out test split added after training). A split the run recorded that
+    /// differs here, or one it trained on that is missing, is named. Runs that recorded no
+    /// per-file hashes match the same content, or this dataset without some of its splits.
+    /// The ids must stay within the sizes the run's models were built with.
+    pub fn check_trained_on(&self, run: &TrainedOn, what: &str) -> Result<()> {
+        let short = |s: &str| s[..12.min(s.len())].to_string();
+        let mine = &self.manifest;
+        let sizes_ok = |(u, i): (usize, usize)| -> Result<()> {
+            if mine.num_users > u || mine.num_items > i {
+                bail!(
+                    "{what} was trained on {u} user ids and {i} item ids (padding included), but {} holds {} and {}: its added splits bring ids the run's models have no embedding for",
+                    self.display_name(),
+                    mine.num_users,
+                    mine.num_items
+                );
+            }
+            Ok(())
+        };
+        if mine.content_sha256 == run.content_sha256 {
+            return Ok(());
+        }
+        let differs = || {
+            anyhow::anyhow!(
+                "{what} was trained on other data (content sha256 {}) than {} holds (content sha256 {}): evaluate it on the data it was trained on",
+                short(run.content_sha256),
+                self.display_name(),
+                short(&mine.content_sha256)
+            )
+        };
+        let have = mine.file_hashes();
+        match (run.files, &have) {
+            (Some(want), Some(have)) => {
+                for (file, sha) in want {
+                    match have.get(file) {
+                        Some(h) if h == sha => {}
+                        Some(h) => bail!(
+                            "{what} was trained on other data: {} of {} differs (sha256 {}, recorded {}){}",
+                            if file == "items" {
+                                "items.tsv".to_string()
+                            } else {
+                                format!("the '{file}' split")
+                            },
+                            self.display_name(),
+                            short(h),
+                            short(sha),
+                            if file == "items" || file == "train" {
+                                ""
+                            } else {
+                                "; only splits the run never read may differ or be added"
+                            }
+                        ),
+                        None => bail!(
+                            "{what} was trained on other data: {} has no '{file}' split, which the run read",
+                            self.display_name()
+                        ),
+                    }
+                }
+            }
+            (None, Some(have)) => {
+                // An older run: the same content as some of this dataset's splits (train among
+                // them), items included.
+                let names: Vec<&str> = SPLIT_NAMES
+                    .iter()
+                    .copied()
+                    .filter(|n| have.contains_key(*n))
+                    .collect();
+                let found = (0u32..1 << names.len()).any(|keep| {
+                    let kept = |n: &str| {
+                        names
+                            .iter()
+                            .position(|x| *x == n)
+                            .filter(|&k| keep >> k & 1 == 1)
+                            .and_then(|_| have.get(n).map(String::as_str))
+                    };
+                    kept("train").is_some()
+                        && content_hash(&have["items"], kept) == run.content_sha256
+                });
+                if !found {
+                    return Err(differs());
+                }
+            }
+            _ => return Err(differs()),
+        }
+        match run.sizes {
+            Some(s) => sizes_ok(s),
+            None => Ok(()),
+        }
+    }
+
     /// Reads a dataset directory written by [`write_dataset`], checking the files against the
     /// manifest's hashes so that edited or swapped files are caught.
     pub fn load(dir: &Path) -> Result<Self> {
@@ -192,15 +329,9 @@ impl Dataset {
             }
         }
         // Every file is covered: the content hash is rebuilt from the files' own hashes.
-        let mut content = Sha256::new();
-        content.update(items_sha.as_bytes());
-        for name in SPLIT_NAMES {
-            if let Some(info) = manifest.splits.get(name) {
-                content.update(name.as_bytes());
-                content.update(info.sha256.as_bytes());
-            }
-        }
-        let content = hex::encode(content.finalize());
+        let content = content_hash(&items_sha, |n| {
+            manifest.splits.get(n).map(|i| i.sha256.as_str())
+        });
         if content != manifest.content_sha256 {
             bail!(
                 "{}: content sha256 {} does not match the files (items.tsv or a split's recorded hash changed since the dataset was prepared; prepare it again)",

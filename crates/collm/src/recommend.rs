@@ -93,24 +93,15 @@ pub struct Recommender {
 }
 
 impl Recommender {
-    /// Opens a run directory: a CoLLM run knows its dataset (`data`, when given, must hold
-    /// the same content); a collaborative-model run needs `data`.
+    /// Opens a run directory: a CoLLM run knows its dataset (`data`, when given, is read
+    /// instead and must hold the run's data, a test split possibly added); a
+    /// collaborative-model run needs `data` (the same condition).
     pub fn open(run: &Path, data: Option<&Path>) -> Result<Self> {
         let kind = RunKind::of_run(run)?;
         let (dataset, scorer) = match kind {
             RunKind::Collm => {
-                let (_, ds, model) = crate::run::load_run(run)?;
-                if let Some(d) = data {
-                    let given = Dataset::load(d)?;
-                    if given.manifest.content_sha256 != ds.manifest.content_sha256 {
-                        bail!(
-                            "run {} was trained on {}, not on {}",
-                            run.display(),
-                            ds.display_name(),
-                            d.display()
-                        );
-                    }
-                }
+                // `data`, when given, must hold the run's data (a test split may be added).
+                let (_, ds, model) = crate::run::load_run_on(run, data)?;
                 (ds, Scorer::Collm(Box::new(model)))
             }
             RunKind::Cf => {

@@ -17,6 +17,7 @@
 use crate::experiment::ExperimentConfig;
 use crate::model::{CoLlm, BEST_DIR};
 use anyhow::{bail, Context, Result};
+use collm_data::dataset::TrainedOn;
 use collm_data::io::write_file_atomic;
 use collm_data::Dataset;
 use collm_llm::device;
@@ -35,6 +36,24 @@ pub struct Refs {
     pub backbone_sha256: String,
     pub cf_run_model_sha256: Option<String>,
     pub step1_lora_sha256: Option<String>,
+    /// The SHA-256 of items.tsv and of the train and valid splits, and (num_users, num_items):
+    /// the run evaluates on the same data with a test split added. Absent in runs written
+    /// before they were recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data_files_sha256: Option<std::collections::BTreeMap<String, String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data_sizes: Option<(usize, usize)>,
+}
+
+impl Refs {
+    /// What the run recorded of its data, for [`Dataset::check_trained_on`].
+    pub fn trained_on(&self) -> TrainedOn<'_> {
+        TrainedOn {
+            content_sha256: &self.data_content_sha256,
+            files: self.data_files_sha256.as_ref(),
+            sizes: self.data_sizes,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -134,6 +153,8 @@ pub fn refs(cfg: &ExperimentConfig, ds: &Dataset) -> Result<Refs> {
             }
             _ => None,
         },
+        data_files_sha256: ds.manifest.trained_file_hashes(),
+        data_sizes: Some((ds.num_users(), ds.num_items())),
     })
 }
 
@@ -147,15 +168,11 @@ fn check_step1(step1: &Path, cfg: &ExperimentConfig, ds: &Dataset) -> Result<()>
             rf.experiment.mode.name()
         );
     }
-    if rf.refs.data_content_sha256 != ds.manifest.content_sha256 {
-        bail!(
-            "'step1' = {}: trained on other data (content sha256 {}) than {} (content sha256 {}): train step 1 on this dataset",
-            step1.display(),
-            &rf.refs.data_content_sha256[..12.min(rf.refs.data_content_sha256.len())],
-            cfg.data.path.display(),
-            &ds.manifest.content_sha256[..12]
-        );
-    }
+    ds.check_trained_on(
+        &rf.refs.trained_on(),
+        &format!("'step1' = {} (a step-1 run)", step1.display()),
+    )
+    .context("train step 1 on this dataset")?;
     let backbone = sha256_path(&cfg.model.backbone)?;
     if rf.refs.backbone_sha256 != backbone {
         bail!(
@@ -368,16 +385,22 @@ fn check_refs(run: &Path, rf: &RunFile, ds: &Dataset) -> Result<()> {
     Ok(())
 }
 
-/// Loads a run's model with its best weights (ICL: the base model).
+/// Loads a run's model with its best weights (ICL: the base model), on the data it recorded.
 pub fn load_run(run: &Path) -> Result<(RunFile, Dataset, CoLlm)> {
+    load_run_on(run, None)
+}
+
+/// [`load_run`] on the dataset in `data` instead of the one the run recorded: the same data,
+/// or the same items, train and valid splits with a test split added or replaced (the split
+/// that differs otherwise is named).
+pub fn load_run_on(run: &Path, data: Option<&Path>) -> Result<(RunFile, Dataset, CoLlm)> {
     let rf = load_run_file(run)?;
-    let ds = Dataset::load(&rf.experiment.data.path)?;
-    if ds.manifest.content_sha256 != rf.refs.data_content_sha256 {
-        bail!(
-            "run {} was trained on other data than {} now holds (content sha256 differs)",
-            run.display(),
-            rf.experiment.data.path.display()
-        );
+    let ds = Dataset::load(data.unwrap_or(&rf.experiment.data.path))?;
+    ds.check_trained_on(&rf.refs.trained_on(), &format!("run {}", run.display()))?;
+    // The model reads its data from where it is given.
+    let mut rf = rf;
+    if let Some(d) = data {
+        rf.experiment.data.path = d.to_path_buf();
     }
     check_refs(run, &rf, &ds)?;
     let mut model = CoLlm::build(&rf.experiment, &ds, &device())?;

@@ -31,6 +31,9 @@ pub struct Spec {
     /// The random backbone's seed ([`collm_llm::testing::write_tiny_backbone`]).
     pub backbone_seed: u64,
     pub data: SyntheticOptions,
+    /// Write `data/` without its test split (as the shipped ML-1M split), for tests that add
+    /// it later ([`Family::full_data`] writes the data with it).
+    pub without_test: bool,
     /// The collaborative models to train, each from [`Spec::cf_config`].
     pub cf: Vec<ModelKind>,
     pub cf_dim: usize,
@@ -64,6 +67,7 @@ impl Default for Spec {
                 seed: 3,
                 ..Default::default()
             },
+            without_test: false,
             cf: vec![ModelKind::Mf],
             cf_dim: 8,
             cf_hidden: vec![8],
@@ -118,7 +122,11 @@ impl Family {
         let tmp = tempfile::tempdir()?;
         let root = tmp.path().to_path_buf();
         collm_llm::testing::write_tiny_backbone(&root.join("backbone"), spec.backbone_seed)?;
-        write_dataset(prepare(&spec.data)?, &root.join("data"), false)?;
+        let mut data = prepare(&spec.data)?;
+        if spec.without_test {
+            data.splits.retain(|s| s.name != "test");
+        }
+        write_dataset(data, &root.join("data"), false)?;
         let ds = Dataset::load(&root.join("data"))?;
         let f = Family {
             _tmp: tmp,
@@ -145,6 +153,26 @@ impl Family {
 
     pub fn data(&self) -> PathBuf {
         self.root.join("data")
+    }
+
+    /// Writes the family's data with its test split added to `dir`: the rows of users that the
+    /// train and valid splits hold (a user first seen in test would have no embedding in
+    /// models trained without it, and is refused).
+    pub fn full_data(&self, dir: &Path) -> Result<Dataset> {
+        let mut data = prepare(&self.spec.data)?;
+        let known = data
+            .splits
+            .iter()
+            .filter(|s| s.name != "test")
+            .flat_map(|s| s.rows.iter().map(|r| r.uid))
+            .max()
+            .unwrap_or(0);
+        for s in &mut data.splits {
+            if s.name == "test" {
+                s.rows.retain(|r| r.uid <= known);
+            }
+        }
+        write_dataset(data, dir, false)
     }
 
     pub fn backbone(&self) -> PathBuf {

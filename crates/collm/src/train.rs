@@ -142,7 +142,13 @@ pub fn train(cfg: &ExperimentConfig, out: &Path, opts: &TrainOptions) -> Result<
     };
     let mut run = RunDir::open(out, opts.mode()?, CONFIG_FILE)?;
     if opts.resume {
-        let old = load_run_file(out)?;
+        let mut old = load_run_file(out)?;
+        // Runs written before the data's per-file hashes were recorded resume as before (and
+        // record them from now on).
+        if old.refs.data_files_sha256.is_none() && old.refs.data_sizes.is_none() {
+            old.refs.data_files_sha256 = run_file.refs.data_files_sha256.clone();
+            old.refs.data_sizes = run_file.refs.data_sizes;
+        }
         if old != run_file {
             bail!(
                 "{}: the config or its inputs (data, backbone, CF run, step 1) differ from the run's; resume with the same ones",
