@@ -58,8 +58,14 @@ impl DataRef {
                 files: self.files_sha256.as_ref(),
                 sizes: Some((self.num_users, self.num_items)),
             },
-            &format!("{what} (trained on dataset '{}', {})", self.name, self.path),
+            "the run",
         )
+        .with_context(|| {
+            format!(
+                "{what} was trained on dataset '{}' ({})",
+                self.name, self.path
+            )
+        })
     }
 }
 
