@@ -182,3 +182,41 @@ fn copy_dir(from: &Path, to: &Path) {
         }
     }
 }
+
+/// A run written before the per-file hashes resumes (and records them from then on).
+#[test]
+fn a_run_without_per_file_hashes_resumes() {
+    use collm::train::{train, TrainOptions};
+    let f = family();
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path().join("tallrec");
+    let mut cfg = f.config(Mode::Tallrec);
+    (cfg.training.max_steps, cfg.training.eval_every) = (4, 2);
+    let opts = |resume, stop_after| TrainOptions {
+        resume,
+        force: false,
+        quiet: true,
+        stop_after,
+    };
+    // Interrupted after its first validation (step 2 of 4).
+    assert_eq!(train(&cfg, &run, &opts(false, Some(1))).unwrap().step, 2);
+    let path = run.join("config.toml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let old = drop_tables(
+        &text
+            .lines()
+            .filter(|l| !l.starts_with("data_sizes"))
+            .map(|l| format!("{l}\n"))
+            .collect::<String>(),
+        &["refs.data_files_sha256"],
+    );
+    assert!(!old.contains("data_files_sha256") && !old.contains("data_sizes"));
+    std::fs::write(&path, old).unwrap();
+    let st = train(&cfg, &run, &opts(true, None)).unwrap();
+    assert_eq!(st.step, 4);
+    let now = std::fs::read_to_string(&path).unwrap();
+    assert!(
+        now.contains("data_files_sha256") && now.contains("data_sizes"),
+        "{now}"
+    );
+}
