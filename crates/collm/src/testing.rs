@@ -107,12 +107,11 @@ pub struct Family {
     pub ds: Dataset,
 }
 
-fn quiet() -> TrainOptions {
+/// Options of a fresh, quiet training run (the tests' default).
+pub fn quiet() -> TrainOptions {
     TrainOptions {
-        resume: false,
-        force: false,
         quiet: true,
-        stop_after: None,
+        ..TrainOptions::default()
     }
 }
 

@@ -6,7 +6,7 @@ use candle_core::{Device, Tensor};
 use collm::experiment::{ExperimentConfig, Mode};
 use collm::model::CoLlm;
 use collm::run::evaluate;
-use collm::testing::{Family, Spec};
+use collm::testing::{quiet, Family, Spec};
 use collm::train::{train, TrainOptions};
 use collm_cf::ModelKind;
 use collm_data::sources::synthetic::SyntheticOptions;
@@ -46,15 +46,6 @@ fn config(s: &Family, mode: Mode) -> ExperimentConfig {
     c.model.step1 = Some(s.root.join("run-tallrec"));
     c.validate().unwrap();
     c
-}
-
-fn quiet() -> TrainOptions {
-    TrainOptions {
-        resume: false,
-        force: false,
-        quiet: true,
-        stop_after: None,
-    }
 }
 
 fn rows(ds: &Dataset, n: usize) -> Vec<&Interaction> {
