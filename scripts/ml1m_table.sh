@@ -1,67 +1,73 @@
 #!/usr/bin/env bash
-# The paper's ML-1M table, one row at a time, resumable across sessions.
+# The paper's ML-1M table, one row at a time, resumable across sessions, committing its own
+# progress.
 #
-#   scripts/ml1m_table.sh            # do what is missing, row after row, until every row is done
-#   scripts/ml1m_table.sh --status   # one line per row: done / in progress (step) / to do
+#   scripts/ml1m_table.sh --commit   # do what is missing, row after row, committing as it goes
+#   scripts/ml1m_table.sh            # the same (committing is on by default in a git checkout)
+#   scripts/ml1m_table.sh --no-commit  # the same, leaving git alone
 #   scripts/ml1m_table.sh --next     # do one row's next piece of work, then stop
+#   scripts/ml1m_table.sh --status   # one line per row: done / in progress (step) / to do
 #   scripts/ml1m_table.sh --report   # the table from what is done (collm report over results/ml-1m)
 #   scripts/ml1m_table.sh --table    # README's rows: AUC, UAUC, warm/cold, budget, wall time, machine
+#   scripts/ml1m_table.sh --pause    # pause a running driver and its training (SIGSTOP), for a benchmark
+#   scripts/ml1m_table.sh --continue # let it go on (SIGCONT)
 #   ONLY=cf scripts/ml1m_table.sh    # the collaborative rows only (minutes each), ONLY=llm the LLM rows
 #
-# Each row is a run under results/ml-1m/ROW, trained from configs/ml-1m/ (the collaborative
-# rows with 3 seeds: ROW, ROW-s1, ROW-s2). For a row the driver does the next thing missing:
-# resume the run in progress (`--resume`), or start it; then evaluate it on the full valid split
-# (ROW/eval-valid.json, written atomically) and drop its checkpoint (a finished row keeps what
-# evaluation needs: config, best weights, metrics). An LLM row that no other row is trained over
-# (the CoLLM rows, T1-T3, UI-token, Soft-Prompt) has its best weights stored in f16 first
-# (`collm compact`: half the bytes, so that the table fits in git) and is evaluated on exactly
-# the weights it ships. Rows that others reference keep f32 (their hashes are recorded there),
-# and so do the collaborative rows: weight decay leaves the embeddings of items never trained
-# below f16's range, and rounding them to 0 moved MF's cold AUC by 0.004 (tried on cf-mf-s1). Idempotent and safe to kill at any moment:
-# the runs are crash-safe, so killing it and starting it again loses at most the work since the
-# run's last checkpoint. ROW/driver.log records each start and resume with this CPU and the
-# date (committed: a row's wall time and machine across sessions).
+# While the ML-1M table issue is open, the first command on a machine is
+#   nohup nice -n 19 scripts/ml1m_table.sh --commit > /tmp/ml1m_table.log 2>&1 &
+# and nobody waits for it. Killing it (SIGTERM) stops its training, commits the last complete
+# checkpoint and exits; starting it again resumes (it is idempotent).
 #
-# Start it in the background at the start of a session and commit results/ml-1m before stopping:
-#   nohup nice -n 19 scripts/ml1m_table.sh > /tmp/ml1m_table.log 2>&1 &
+# Rows: configs/ml-1m/rows (ROW KIND CONFIG [SEED]). Each row is a run under results/ml-1m/ROW
+# trained from configs/ml-1m/CONFIG.toml. For a row the driver does the next thing missing:
+# resume the run in progress (`--resume`) or start it; once its training has finished (its
+# metrics.json says why it stopped), evaluate it on the full valid split (ROW/eval-valid.json,
+# checked and moved into place) and drop its checkpoint (a finished row keeps what evaluation
+# needs: config, best weights, metrics). Any failure (a training killed or out of memory, an
+# evaluation that fails) stops the driver there, with the row's checkpoint kept and nothing
+# marked done. An LLM row that no other row is trained over (the CoLLM rows, T1-T3, UI-token,
+# Soft-Prompt) has its best weights stored in f16 first (`collm compact`: half the bytes, so that
+# the table fits in git) and is evaluated on exactly the weights it ships. Rows that others
+# reference keep f32 (their hashes are recorded there), and so do the collaborative rows: weight
+# decay leaves the embeddings of items never trained below f16's range, and rounding them to 0
+# moved MF's cold AUC by 0.004 (tried on cf-mf-s1). ROW/driver.log records each start and resume
+# with this CPU and the date (a row's wall time and machine across sessions).
+#
+# Commits (`--commit`, on by default inside a git checkout): the moment a row finishes, its
+# paths (results/ml-1m/ROW, ROW.driver.log) and only those (HEAD's tree with those paths
+# replaced; whatever else the work tree or the index holds stays out); while a row
+# trains, its last complete checkpoint at most every ML1M_COMMIT_EVERY seconds (3600): the
+# trainer is paused (SIGSTOP) while the checkpoint is checked (CURRENT names a checkpoint whose
+# state.json is metrics.json, nothing written since, no temporary file) and staged, so a commit
+# never holds a half-written one. A checkpoint commit replaces (`--amend`) the previous
+# checkpoint commit of the same row made by this driver process while that is still the last
+# commit, and so does the row's final commit: commits that existed when the driver started are
+# never rewritten. A git command holding the index is waited for (up to 10 minutes; a commit
+# that cannot be made is reported and tried again at the next occasion, training goes on).
+#
 # Needs ../shared/data/ml-1m-collm (the shared split) and the SmolLM2 GGUF (fetched here).
+# ML1M_DATA (the prepared dataset), ML1M_COMMIT_EVERY and ML1M_POLL (seconds) are for tests.
 set -euo pipefail
+shopt -s inherit_errexit
 cd "$(dirname "$0")/.."
 
 OUT=results/ml-1m
-DATA=data/ml-1m-collm
+DATA=${ML1M_DATA:-data/ml-1m-collm}
 SHARED=../shared/data/ml-1m-collm
 BIN=${COLLM_BIN:-target/release/collm}
+ROWS_FILE=configs/ml-1m/rows
+COMMIT_EVERY=${ML1M_COMMIT_EVERY:-3600}
+POLL=${ML1M_POLL:-30}
+PIDFILE=$OUT/.driver.pid
 
-# Rows in the table's order: prerequisites of the CoLLM rows come first (a CoLLM row reads the
-# CF run of its seed-0 row and the TALLRec run). Format: ROW KIND CONFIG [SEED].
-ROWS=(
-  "cf-mf cf cf-mf"
-  "cf-din cf cf-din"
-  "tallrec llm tallrec"
-  "collm-mf llm collm-mf"
-  "collm-din llm collm-din"
-  "cf-mf-s1 cf cf-mf 1"
-  "cf-mf-s2 cf cf-mf 2"
-  "cf-din-s1 cf cf-din 1"
-  "cf-din-s2 cf cf-din 2"
-  "icl llm icl"
-  "cf-sasrec cf cf-sasrec"
-  "cf-lightgcn cf cf-lightgcn"
-  "collm-sasrec llm collm-sasrec"
-  "collm-lightgcn llm collm-lightgcn"
-  "cf-sasrec-s1 cf cf-sasrec 1"
-  "cf-sasrec-s2 cf cf-sasrec 2"
-  "cf-lightgcn-s1 cf cf-lightgcn 1"
-  "cf-lightgcn-s2 cf cf-lightgcn 2"
-  "t2 llm t2"
-  "uitoken llm uitoken"
-  "t1 llm t1"
-  "t3 llm t3"
-  "softprompt llm softprompt"
-)
+ROWS=()
+while read -r line; do
+  line=${line%%#*}
+  [ -n "${line// /}" ] && ROWS+=("$line")
+done < "$ROWS_FILE"
 
 say() { printf '[ml1m_table %s] %s\n' "$(date -u +%H:%M:%S)" "$*"; }
+fail() { say "FAILED: $*" >&2; exit 1; }
 
 cpu() {
   local m f mo
@@ -69,7 +75,7 @@ cpu() {
   f=$(grep -m1 '^cpu family' /proc/cpuinfo | cut -d: -f2 | tr -d ' ')
   mo=$(grep -m1 '^model[[:space:]]*:' /proc/cpuinfo | cut -d: -f2 | tr -d ' ')
   local simd=avx2
-  grep -qw avx512f /proc/cpuinfo && simd="avx512"
+  if grep -qw avx512f /proc/cpuinfo; then simd="avx512"; fi
   echo "$m (family $f model $mo, $simd), $(nproc) cores"
 }
 
@@ -78,20 +84,30 @@ setup() {
     say "building $BIN"
     cargo build --release --bin collm
   fi
-  scripts/fetch_smollm2.sh >/dev/null
+  # The GGUF backbone, where a config names it.
+  if grep -qs 'models/SmolLM2' configs/ml-1m/*.toml; then scripts/fetch_smollm2.sh >/dev/null; fi
   if [ ! -f "$DATA/dataset.json" ]; then
-    [ -d "$SHARED" ] || { echo "ml1m_table: $SHARED not found (the shared ML-1M split)" >&2; exit 1; }
+    [ -d "$SHARED" ] || fail "$SHARED not found (the shared ML-1M split)"
     "$BIN" data prepare collm-tsv --input "$SHARED" --out "$DATA"
   fi
   mkdir -p "$OUT"
 }
 
+# Is $1 an evaluation report (a JSON object with a numeric "auc")?
+is_report() {
+  python3 - "$1" <<'PY' 2>/dev/null
+import json, sys
+r = json.load(open(sys.argv[1]))
+sys.exit(0 if isinstance(r, dict) and isinstance(r.get("auc"), (int, float)) else 1)
+PY
+}
+
 # A run's state: done (evaluated), partial (a checkpoint to resume), started (a run directory
 # with nothing to resume: it died before its first checkpoint, or it has finished training),
-# none.
+# none. An eval-valid.json that is not a report (an older driver's failed evaluation) is not done.
 state() {
   local dir=$OUT/$1
-  if [ -f "$dir/eval-valid.json" ]; then echo done
+  if [ -f "$dir/eval-valid.json" ] && is_report "$dir/eval-valid.json"; then echo done
   elif [ -f "$dir/checkpoint/CURRENT" ]; then echo partial
   elif [ -d "$dir" ]; then echo started
   else echo none
@@ -100,24 +116,199 @@ state() {
 
 # Has the run in $1 finished training? (metrics.json says why it stopped.)
 finished() {
-  [ -f "$1/metrics.json" ] && python3 - "$1/metrics.json" <<'PY'
+  [ -f "$1/metrics.json" ] || return 1
+  python3 - "$1/metrics.json" <<'PY'
 import json, sys
 m = json.load(open(sys.argv[1]))
 sys.exit(0 if m.get("stopped") else 1)
 PY
 }
 
+# --- git -------------------------------------------------------------------------------------
+
+COMMIT=auto
+START_HEAD=""       # HEAD when the driver started: never amended
+LAST_CKPT=""        # the last checkpoint commit of this process, and its row
+LAST_CKPT_ROW=""
+LAST_COMMIT_AT=$SECONDS
+COMMITTED_CKPT=""   # ROW:CURRENT of the last checkpoint committed
+
+# Runs a git command, retrying while another git command holds the index (10 minutes at most).
+# A lock older than 10 minutes was left by a git command that was killed: it is removed.
+git_retry() {
+  local out i lock="$GIT_DIR_ABS/index.lock"
+  for ((i = 0; i < 120; i++)); do
+    if out=$(git "$@" 2>&1); then return 0; fi
+    case $out in
+      *index.lock*|*"Unable to create"*|*"cannot lock ref"*)
+        if [ -n "$(find "$lock" -mmin +10 2>/dev/null)" ]; then
+          say "removing $lock, left 10+ minutes ago by a git command that was killed" >&2
+          rm -f "$lock"
+        fi
+        sleep 5 ;;
+      *) printf '%s\n' "$out" >&2; return 1 ;;
+    esac
+  done
+  printf 'git %s: another git command held the index for 10 minutes\n' "$1" >&2
+  return 1
+}
+
+# The paths of row $1: its directory and, while it is in progress, its driver log beside it.
+row_paths() { printf '%s\n' "$OUT/$1" "$OUT/$1.driver.log"; }
+
+GIT_DIR_ABS=""
+SNAP=""   # a snapshot of one row's paths: an index of their own, blobs in git
+
+# Records row $1's paths as they are now (done while its trainer, if any, is paused): the files
+# git would add (hidden temporaries are ignored) into a snapshot index of their own.
+stage_row() {
+  local paths=() p
+  for p in $(row_paths "$1"); do if [ -e "$p" ]; then paths+=("$p"); fi; done
+  SNAP="$GIT_DIR_ABS/ml1m_table.$$.snap"
+  rm -f "$SNAP"
+  GIT_INDEX_FILE=$SNAP git read-tree --empty || return 1
+  if [ ${#paths[@]} -gt 0 ]; then GIT_INDEX_FILE=$SNAP git add -A -- "${paths[@]}" || return 1; fi
+}
+
+# Commits the snapshot of row $1 (stage_row) on top of HEAD with message $3; $2: checkpoint or
+# final. The commit's tree is HEAD's with the row's paths replaced by the snapshot, so nothing
+# else of the work tree or the index goes in; it is made with git's plumbing (a temporary index,
+# commit-tree, update-ref against the HEAD it was built on: if another commit lands meanwhile,
+# it is built again on that one), and the index's entries for the row's paths are then brought
+# up to date. A failed commit is reported, not fatal.
+commit_staged() {
+  local row=$1 what=$2 msg=$3 paths tmp head base amend tree commit i
+  mapfile -t paths < <(row_paths "$row")
+  tmp="$GIT_DIR_ABS/ml1m_table.$$.index"
+  for ((i = 0; i < 120; i++)); do
+    head=$(git rev-parse HEAD)
+    amend=0
+    base=$head
+    if [ -n "$LAST_CKPT" ] && [ "$head" = "$LAST_CKPT" ] && [ "$LAST_CKPT_ROW" = "$row" ] &&
+       [ "$head" != "$START_HEAD" ]; then
+      amend=1
+      base=$(git rev-parse "$head^")
+    fi
+    rm -f "$tmp"
+    GIT_INDEX_FILE=$tmp git read-tree "$head"
+    GIT_INDEX_FILE=$tmp git rm -r -q --cached --ignore-unmatch -- "${paths[@]}" >/dev/null
+    GIT_INDEX_FILE=$SNAP git ls-files -s -z | GIT_INDEX_FILE=$tmp git update-index -z --index-info
+    tree=$(GIT_INDEX_FILE=$tmp git write-tree)
+    rm -f "$tmp"
+    if [ "$tree" = "$(git rev-parse "$head^{tree}")" ]; then rm -f "$SNAP"; return 0; fi
+    commit=$(git commit-tree "$tree" -p "$base" -m "$msg")
+    if git update-ref -m "ml1m_table: $msg" HEAD "$commit" "$head" 2>/dev/null; then
+      rm -f "$SNAP"
+      git_retry reset -q -- "${paths[@]}" ||
+        say "warning: git's index still holds the old $row; run: git reset -q -- ${paths[*]}" >&2
+      LAST_COMMIT_AT=$SECONDS
+      if [ "$what" = checkpoint ]; then
+        LAST_CKPT=$commit; LAST_CKPT_ROW=$row
+      else
+        LAST_CKPT=""; LAST_CKPT_ROW=""
+      fi
+      local how=""
+      if [ $amend = 1 ]; then how=" (replacing this driver's last checkpoint commit)"; fi
+      say "$row: committed $(git rev-parse --short "$commit")$how: $msg"
+      return 0
+    fi
+    sleep 5   # HEAD moved or its ref is locked: build again on the new HEAD
+  done
+  rm -f "$SNAP"
+  say "$row: could not commit (will try again): $msg" >&2
+}
+
+# The run in $1 is a complete, resumable state right now (its writer paused or gone): CURRENT
+# names a checkpoint whose state is metrics.json, no file was written after metrics.json (a new
+# best is written before its checkpoint), and no temporary file is there.
+consistent() {
+  local d=$1 cur
+  cur=$(cat "$d/checkpoint/CURRENT" 2>/dev/null) || return 1
+  [ -f "$d/checkpoint/$cur/state.json" ] && [ -f "$d/metrics.json" ] || return 1
+  cmp -s "$d/metrics.json" "$d/checkpoint/$cur/state.json" || return 1
+  [ -z "$(find "$d" -type f -newer "$d/metrics.json" -print -quit)" ] || return 1
+  [ -z "$(find "$d" -mindepth 1 -name '.*' -print -quit)" ] || return 1
+  [ "$(ls -A "$d/checkpoint" | sort | tr '\n' ' ')" = "$(printf '%s\n' "$cur" CURRENT | sort | tr '\n' ' ')" ]
+}
+
+# Commits row $1's checkpoint if it is new and (unless $2 = now) the last commit is old enough.
+# $3: the trainer's pid (paused while the checkpoint is checked and staged).
+commit_progress() {
+  local row=$1 when=${2:-} pid=${3:-} dir=$OUT/$1 cur
+  [ "$COMMIT" = on ] || return 0
+  [ -f "$dir/checkpoint/CURRENT" ] || return 0
+  if [ "$when" != now ] && [ $((SECONDS - LAST_COMMIT_AT)) -lt "$COMMIT_EVERY" ]; then return 0; fi
+  cur=$(cat "$dir/checkpoint/CURRENT" 2>/dev/null) || return 0
+  [ "$row:$cur" != "$COMMITTED_CKPT" ] || return 0
+  local ok=0
+  if [ -n "$pid" ]; then kill -STOP "$pid" 2>/dev/null || return 0; fi
+  if consistent "$dir" && stage_row "$row"; then ok=1; fi
+  if [ -n "$pid" ]; then kill -CONT "$pid" 2>/dev/null || true; fi
+  if [ $ok = 1 ]; then
+    local what
+    what=$(python3 -c 'import json,sys; m=json.load(open(sys.argv[1])); print("step %s" % m["step"] if "step" in m else "epoch %s" % len(m.get("curve", [])))' "$dir/metrics.json")
+    commit_staged "$row" checkpoint "results/ml-1m: $row in progress (checkpoint at $what)"
+    COMMITTED_CKPT=$row:$cur
+  fi
+  return 0
+}
+
+# --- the work --------------------------------------------------------------------------------
+
+CHILD=""     # the collm process running now
+ROW_NOW=""   # the row it works on
+TRAIN_T0=""  # when the row's training started (while it trains)
+
+# Runs "$@" (a collm command) in the background and waits for it, committing the row's
+# checkpoints on the way; returns its exit status. (In the background so that a signal to the
+# driver reaches it at once.)
+run_child() {
+  local rc=0
+  "$@" 9>&- &   # (the driver's lock, fd 9, stays with the driver)
+  CHILD=$!
+  while kill -0 "$CHILD" 2>/dev/null; do
+    sleep "$POLL" 9>&- & wait $! || true
+    commit_progress "$ROW_NOW" "" "$CHILD"
+  done
+  wait "$CHILD" || rc=$?
+  CHILD=""
+  return $rc
+}
+
+on_signal() {
+  trap - TERM INT HUP
+  if [ -n "$CHILD" ]; then
+    kill -CONT "$CHILD" 2>/dev/null || true
+    kill -TERM "$CHILD" 2>/dev/null || true
+    wait "$CHILD" 2>/dev/null || true
+    CHILD=""
+    if [ -n "$TRAIN_T0" ]; then log_row "$ROW_NOW" "trained $((SECONDS - TRAIN_T0)) s (stopped by a signal)"; fi
+    say "stopped; committing the last complete checkpoint"
+    if [ -n "$ROW_NOW" ]; then commit_progress "$ROW_NOW" now; fi
+  fi
+  exit 143
+}
+
+cleanup() {
+  rm -f "$OUT"/.eval-*."$$" 2>/dev/null || true
+  if [ -n "$GIT_DIR_ABS" ]; then rm -f "$GIT_DIR_ABS/ml1m_table.$$.snap" "$GIT_DIR_ABS/ml1m_table.$$.index"; fi
+  if [ -f "$PIDFILE" ] && [ "$(cat "$PIDFILE" 2>/dev/null)" = "$$" ]; then rm -f "$PIDFILE"; fi
+}
+
+log_row() { echo "$(date -u +%FT%TZ) $2" >> "$OUT/$1.driver.log"; }
+
 train_row() {
   local row=$1 kind=$2 cfg=$3 seed=${4:-} dir=$OUT/$1 mode=()
   case $(state "$row") in
-    partial) finished "$dir" && return 0; mode=(--resume) ;;
-    started) finished "$dir" && return 0; mode=(--force) ;;
+    partial) if finished "$dir"; then return 0; fi; mode=(--resume) ;;
+    started) if finished "$dir"; then return 0; fi; mode=(--force) ;;
     none) ;;
     done) return 0 ;;
   esac
-  echo "$(date -u +%FT%TZ) ${mode[*]:-start} on $(cpu)" >> "$dir.driver.log"
+  log_row "$row" "${mode[*]:-start} on $(cpu)"
   say "$row: ${mode[*]:-start}"
-  local t0=$SECONDS
+  local t0=$SECONDS rc=0 cmd
+  TRAIN_T0=$t0
   if [ "$kind" = cf ]; then
     local s=()
     if [ -n "$seed" ]; then
@@ -126,11 +317,19 @@ train_row() {
       base=$(sed -n 's/^seed *= *\([0-9]*\).*/\1/p' "configs/ml-1m/$cfg.toml")
       s=(--seed $((${base:-0} + seed)))
     fi
-    "$BIN" train cf --config "configs/ml-1m/$cfg.toml" --data "$DATA" --out "$dir" --quiet "${s[@]}" "${mode[@]}"
+    cmd=("$BIN" train cf --config "configs/ml-1m/$cfg.toml" --data "$DATA" --out "$dir" --quiet "${s[@]}" "${mode[@]}")
   else
-    "$BIN" train collm --config "configs/ml-1m/$cfg.toml" --out "$dir" --quiet "${mode[@]}"
+    cmd=("$BIN" train collm --config "configs/ml-1m/$cfg.toml" --out "$dir" --quiet "${mode[@]}")
   fi
-  echo "$(date -u +%FT%TZ) trained $((SECONDS - t0)) s" >> "$dir.driver.log"
+  run_child "${cmd[@]}" || rc=$?
+  TRAIN_T0=""
+  if [ $rc != 0 ]; then
+    log_row "$row" "training failed (exit $rc) after $((SECONDS - t0)) s"
+    commit_progress "$row" now
+    fail "$row: training failed (exit $rc); its checkpoint is kept, run the driver again to resume"
+  fi
+  finished "$dir" || fail "$row: training ended without finishing (metrics.json has no 'stopped')"
+  log_row "$row" "trained $((SECONDS - t0)) s"
 }
 
 # Is row $1 (of kind $2) shipped in f16? An LLM row with weights (not ICL) that no other row's
@@ -157,58 +356,76 @@ PY
 }
 
 eval_row() {
-  local row=$1 kind=$2 dir=$OUT/$1 tmp
-  tmp="$OUT/.eval-$row.$$"   # created with the umask (mktemp's files are owner-only)
+  local row=$1 kind=$2 dir=$OUT/$1 tmp rc=0
+  finished "$dir" || fail "$row: its training has not finished (metrics.json has no 'stopped'); not evaluating it"
+  tmp="$OUT/.eval-$row.$$"   # hidden (ignored by git), removed on exit
   if ships_half "$row" "$kind" && ! compacted "$dir"; then
     say "$row: storing its best weights in f16 (collm compact)"
-    "$BIN" compact "$dir" --dtype f16
-    echo "$(date -u +%FT%TZ) compacted to f16" >> "$dir.driver.log"
+    run_child "$BIN" compact "$dir" --dtype f16 || fail "$row: collm compact failed"
+    log_row "$row" "compacted to f16"
   fi
   say "$row: evaluating on the full valid split"
   if [ "$kind" = cf ]; then
-    "$BIN" eval cf --run "$dir" --data "$DATA" --split valid --json > "$tmp"
+    run_child sh -c '"$1" eval cf --run "$2" --data "$3" --split valid --json > "$4"' sh "$BIN" "$dir" "$DATA" "$tmp" || rc=$?
   else
-    "$BIN" eval collm --run "$dir" --split valid --json > "$tmp"
+    run_child sh -c '"$1" eval collm --run "$2" --split valid --json > "$3"' sh "$BIN" "$dir" "$tmp" || rc=$?
+  fi
+  if [ $rc != 0 ] || ! is_report "$tmp"; then
+    rm -f "$tmp"
+    log_row "$row" "evaluation failed (exit $rc)"
+    fail "$row: evaluation failed (exit $rc); nothing marked done"
   fi
   mv "$tmp" "$dir/eval-valid.json"
   # A finished row keeps what evaluation needs.
   rm -rf "$dir/checkpoint"
-  if [ -f "$dir.driver.log" ]; then
-    cat "$dir.driver.log" >> "$dir/driver.log"
-    rm "$dir.driver.log"
+  if [ -f "$OUT/$row.driver.log" ]; then
+    cat "$OUT/$row.driver.log" >> "$dir/driver.log"
+    rm "$OUT/$row.driver.log"
   fi
-  say "$row: done ($(python3 -c 'import json,sys; r=json.load(open(sys.argv[1])); print("valid AUC %.4f UAUC %.4f" % (r["auc"], r["uauc"] or float("nan")))' "$dir/eval-valid.json"))"
+  local res
+  res=$(python3 -c 'import json,sys; r=json.load(open(sys.argv[1])); print("valid AUC %.4f UAUC %s" % (r["auc"], "%.4f" % r["uauc"] if r["uauc"] is not None else "-"))' "$dir/eval-valid.json")
+  say "$row: done ($res)"
+  if [ "$COMMIT" = on ]; then
+    if stage_row "$row"; then
+      commit_staged "$row" final "results/ml-1m: $row done ($res)"
+    else
+      say "$row: could not record its files in git; commit $OUT/$row yourself" >&2
+    fi
+  fi
 }
 
+DID=0   # did the last do_row do anything?
 do_row() {
   local row=$1 kind=$2
+  DID=0
+  ROW_NOW=$row
   if [ "$(state "$row")" = done ]; then
     # Rows finished before the driver compacted: compact now and evaluate again (what a
     # finished row reports is measured on the weights it ships).
     if ships_half "$row" "$kind" && ! compacted "$OUT/$row"; then
       eval_row "$row" "$kind"
-      return 0
+      DID=1
     fi
-    return 1
+    return 0
   fi
   train_row "$@"
   eval_row "$row" "$kind"
-  return 0
+  DID=1
 }
 
 # README's table rows from the finished rows (scripts/ml1m_table_rows.py).
 table() {
-  local args=()
+  local args=() r
   for r in "${ROWS[@]}"; do
     # shellcheck disable=SC2086
     set -- $r
-    [ "$(state "$1")" = done ] && args+=("$OUT/$1" "configs/ml-1m/$3.toml" "$2")
+    if [ "$(state "$1")" = done ]; then args+=("$OUT/$1" "configs/ml-1m/$3.toml" "$2"); fi
   done
-  [ ${#args[@]} -gt 0 ] && python3 scripts/ml1m_table_rows.py "${args[@]}"
-  return 0
+  if [ ${#args[@]} -gt 0 ]; then python3 scripts/ml1m_table_rows.py "${args[@]}"; fi
 }
 
 status() {
+  local r
   for r in "${ROWS[@]}"; do
     # shellcheck disable=SC2086
     set -- $r
@@ -218,11 +435,9 @@ status() {
       done) extra=$(python3 -c 'import json,sys; r=json.load(open(sys.argv[1])); print("valid AUC %.4f UAUC %s" % (r["auc"], "%.4f" % r["uauc"] if r["uauc"] is not None else "-"))' "$dir/eval-valid.json") ;;
       partial|started) extra=$(python3 -c '
 import json, os, sys
-d = sys.argv[1]
-for p in [os.path.join(d, "metrics.json")]:
-    if os.path.exists(p):
-        m = json.load(open(p)); print("step %s, stopped: %s" % (m.get("step", len(m.get("curve", []))), m.get("stopped")))
-        break
+p = os.path.join(sys.argv[1], "metrics.json")
+if os.path.exists(p):
+    m = json.load(open(p)); print("step %s, stopped: %s" % (m.get("step", len(m.get("curve", []))), m.get("stopped")))
 else:
     print("no metrics yet")' "$dir") ;;
     esac
@@ -230,29 +445,74 @@ else:
   done
 }
 
-ARG1=${1:-}
-case $ARG1 in
-  --status) status; exit 0 ;;
-  --table) table; exit 0 ;;
-  --report)
+# Sends signal $1 to the running driver and the collm process under it.
+signal_driver() {
+  local pid
+  pid=$(cat "$PIDFILE" 2>/dev/null) || { echo "ml1m_table: no driver running ($PIDFILE not found)" >&2; exit 1; }
+  kill -0 "$pid" 2>/dev/null || { echo "ml1m_table: no driver running (pid $pid is gone)" >&2; exit 1; }
+  kill "-$1" "$pid"
+  pkill "-$1" -P "$pid" || true
+  # The collm process under a `sh -c` of an evaluation.
+  local c
+  for c in $(pgrep -P "$pid" || true); do pkill "-$1" -P "$c" || true; done
+  echo "ml1m_table: sent $1 to the driver ($pid) and its children"
+}
+
+ACTION=run
+for a in "$@"; do
+  case $a in
+    --status|--table|--report|--next|--pause|--continue) ACTION=${a#--} ;;
+    --commit) COMMIT=on ;;
+    --no-commit) COMMIT=off ;;
+    *) echo "usage: scripts/ml1m_table.sh [--commit|--no-commit] [--next|--status|--table|--report|--pause|--continue]" >&2; exit 2 ;;
+  esac
+done
+
+case $ACTION in
+  status) status; exit 0 ;;
+  table) table; exit 0 ;;
+  pause) signal_driver STOP; exit 0 ;;
+  continue) signal_driver CONT; exit 0 ;;
+  report)
     setup
     runs=()
-    for r in "${ROWS[@]}"; do set -- $r; [ "$(state "$1")" = done ] && runs+=("$OUT/$1"); done
+    for r in "${ROWS[@]}"; do
+      # shellcheck disable=SC2086
+      set -- $r
+      if [ "$(state "$1")" = done ]; then runs+=("$OUT/$1"); fi
+    done
     "$BIN" report "${runs[@]}" --data "$DATA" --split valid --out "$OUT/report"
     exit 0 ;;
-  --next|"") ;;
-  *) echo "usage: scripts/ml1m_table.sh [--status|--next|--report|--table]" >&2; exit 2 ;;
 esac
 
+if [ "$COMMIT" = auto ]; then
+  if git rev-parse --is-inside-work-tree >/dev/null 2>&1; then COMMIT=on; else COMMIT=off; fi
+fi
+mkdir -p "$OUT"
+# One driver at a time.
+exec 9>"$OUT/.driver.lock"
+flock -n 9 || fail "another driver is running (lock $OUT/.driver.lock held)"
+echo $$ > "$PIDFILE"
+trap cleanup EXIT
+trap on_signal TERM INT HUP
+# Temporary files of a driver that was killed (we hold the lock: none is in use).
+rm -f "$OUT"/.eval-* 2>/dev/null || true
+if [ "$COMMIT" = on ]; then
+  START_HEAD=$(git rev-parse HEAD)
+  GIT_DIR_ABS=$(git rev-parse --absolute-git-dir)
+  rm -f "$GIT_DIR_ABS"/ml1m_table.*.snap "$GIT_DIR_ABS"/ml1m_table.*.index
+  say "committing each finished row, and the row in progress at most every $COMMIT_EVERY s"
+fi
 setup
 for r in "${ROWS[@]}"; do
   # ONLY=cf (or llm) does the rows of that kind only: the cheap collaborative rows while the
   # machine has no time for an LLM row's next checkpoint.
   # shellcheck disable=SC2086
   set -- $r
-  [ -n "${ONLY:-}" ] && [ "$2" != "$ONLY" ] && continue
+  if [ -n "${ONLY:-}" ] && [ "$2" != "$ONLY" ]; then continue; fi
   # shellcheck disable=SC2086
-  if do_row $r && [ "${ARG1:-}" = --next ]; then exit 0; fi
+  do_row $r
+  if [ $DID = 1 ] && [ "$ACTION" = next ]; then exit 0; fi
 done
 say "nothing left to do${ONLY:+ among the $ONLY rows}"
 status

@@ -15,7 +15,7 @@ use collm_data::subsets::TrainCounts;
 use collm_data::{Dataset, Interaction};
 use collm_metrics::{Report, RunKind};
 use collm_nn::run::{epoch_seed, OpenMode, RunDir};
-use collm_nn::scaffold::{drive, progress_bar, LoopState, Trainer, Validation};
+use collm_nn::scaffold::{drive, progress_bar, Between, LoopState, Trainer, Validation};
 use rand::prelude::*;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
@@ -217,7 +217,7 @@ pub fn train(
         last_loss: f64::NAN,
         last_report: None,
     };
-    let metrics = drive(&mut trainer, &mut run, fresh, METRICS_FILE, None)?;
+    let metrics = drive(&mut trainer, &mut run, fresh, METRICS_FILE, None, None)?;
     trainer.pb.finish_and_clear();
     run.finish()?;
     Ok(metrics)
@@ -265,7 +265,8 @@ impl Trainer for CfTrainer<'_> {
         Ok(())
     }
 
-    fn interval(&mut self, state: &mut TrainMetrics) -> Result<Validation> {
+    /// An epoch (seconds to a few minutes on ML-1M): checkpoints come at its end only.
+    fn interval(&mut self, state: &mut TrainMetrics, _: &mut Between) -> Result<Validation> {
         let epoch = state.curve.len();
         let t = Instant::now();
         let (model, cfg) = (self.model.as_ref(), self.cfg);

@@ -16,7 +16,7 @@ use common::{copy_dir, metrics, s};
 use std::path::Path;
 use std::process::{Command, Output};
 use std::sync::OnceLock;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 fn collm(args: &[&str], crash_at: Option<usize>) -> Output {
     let env: Vec<(&str, String)> = crash_at
@@ -188,42 +188,88 @@ fn a_killed_cf_run_resumes_to_the_same_result() {
     assert_eq!(points, identical);
 }
 
-#[test]
-fn a_killed_collm_run_resumes_to_the_same_result() {
-    let tmp = tempfile::tempdir().unwrap();
-    let data = family().data();
-    let backbone = family().backbone();
-    let config = tmp.path().join("tallrec.toml");
+/// A tiny TALLRec run's config: 6 steps, validation every `eval_every`, and with
+/// `checkpoint_minutes` (0: at validations only).
+fn tallrec_config(dir: &Path, eval_every: usize, checkpoint_minutes: f64) -> std::path::PathBuf {
+    let config = dir.join("tallrec.toml");
     std::fs::write(
         &config,
         format!(
-            "mode = \"tallrec\"\ndata = {:?}\nbackbone = {:?}\nmax_steps = 6\neval_every = 2\n\
-eval_rows = 20\nbatch_size = 4\nwarmup_steps = 1\nlr = 0.01\ntrain_rows = 40\n",
-            data.display().to_string(),
-            backbone.display().to_string()
+            "mode = \"tallrec\"\ndata = {:?}\nbackbone = {:?}\nmax_steps = 6\neval_every = {eval_every}\n\
+eval_rows = 20\nbatch_size = 4\nwarmup_steps = 1\nlr = 0.01\ntrain_rows = 40\n\
+checkpoint_minutes = {checkpoint_minutes:e}\n",
+            family().data().display().to_string(),
+            family().backbone().display().to_string()
         ),
     )
     .unwrap();
-    let args = |run: &Path| -> Vec<String> {
-        [
-            "train",
-            "collm",
-            "--config",
-            config.to_str().unwrap(),
-            "--quiet",
-            "--out",
-            run.to_str().unwrap(),
-        ]
-        .map(String::from)
-        .to_vec()
-    };
+    config
+}
+
+fn train_collm_args(config: &Path, run: &Path) -> Vec<String> {
+    [
+        "train",
+        "collm",
+        "--config",
+        config.to_str().unwrap(),
+        "--quiet",
+        "--out",
+        run.to_str().unwrap(),
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
+#[test]
+fn a_killed_collm_run_resumes_to_the_same_result() {
+    let tmp = tempfile::tempdir().unwrap();
+    let config = tallrec_config(tmp.path(), 2, 0.0);
+    let args = |run: &Path| train_collm_args(&config, run);
     let reference = tmp.path().join("reference");
     let a = args(&reference);
     ok(&a.iter().map(String::as_str).collect::<Vec<_>>());
     let (points, identical) = kill_everywhere(&args, tmp.path(), &reference, 3);
     eprintln!("collm: {identical} of {points} kill points resumed identically");
     assert_eq!(points, identical);
-    let _ = Duration::ZERO;
+}
+
+/// With `checkpoint_minutes`, checkpoints come between validations too (here after every
+/// step): a run killed anywhere resumes from one to the same result, train losses included.
+#[test]
+fn a_collm_run_killed_between_validations_resumes_from_its_latest_step() {
+    let tmp = tempfile::tempdir().unwrap();
+    let config = tallrec_config(tmp.path(), 3, 1e-9);
+    let args = |run: &Path| train_collm_args(&config, run);
+    let reference = tmp.path().join("reference");
+    let a = args(&reference);
+    ok(&a.iter().map(String::as_str).collect::<Vec<_>>());
+    // Killed at a crash point of its second step: its checkpoint is at step 1, between the
+    // validations at 0 and 3.
+    let mut steps_seen = std::collections::BTreeSet::new();
+    for n in 1.. {
+        let run = tmp.path().join(format!("probe-{n}"));
+        let a = args(&run);
+        let a: Vec<&str> = a.iter().map(String::as_str).collect();
+        if collm(&a, Some(n)).status.success() {
+            break;
+        }
+        if let Ok(m) = std::fs::read_to_string(run.join("metrics.json")) {
+            let m: serde_json::Value = serde_json::from_str(&m).unwrap();
+            steps_seen.insert(m["step"].as_u64().unwrap());
+        }
+        std::fs::remove_dir_all(&run).ok();
+    }
+    for step in [1, 2, 4, 5] {
+        assert!(
+            steps_seen.contains(&step),
+            "no checkpoint at step {step}: {steps_seen:?}"
+        );
+    }
+    let (points, identical) = kill_everywhere(&args, tmp.path(), &reference, 3);
+    eprintln!(
+        "collm, checkpoints every step: {identical} of {points} kill points resumed identically"
+    );
+    assert_eq!(points, identical);
 }
 
 /// `--force` builds the replacement aside and swaps it in at its first checkpoint: killed at

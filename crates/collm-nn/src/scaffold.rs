@@ -1,14 +1,16 @@
 //! The training scaffold both trainers share (a collaborative model's, a CoLLM run's): resume
 //! from the run directory's checkpoint, validation intervals, early stopping on validation AUC
 //! with patience, the best weights kept, a checkpoint committed and `metrics.json` rewritten
-//! after every validation. A trainer supplies its interval (train up to the next validation,
-//! then validate), its checkpoint contents and its best-weights file; see [`Trainer`].
+//! after every validation, and between validations by time ([`Between`]). A trainer supplies
+//! its interval (train up to the next validation, then validate), its checkpoint contents and
+//! its best-weights file; see [`Trainer`].
 
 use crate::run::{improves, RunDir};
 use anyhow::Result;
 use collm_data::progress::Progress;
 use serde::{de::DeserializeOwned, Serialize};
 use std::path::Path;
+use std::time::{Duration, Instant};
 
 /// The early-stopping part of a trainer's loop state (which is also its `metrics.json`).
 pub trait LoopState: Serialize + DeserializeOwned {
@@ -36,8 +38,10 @@ pub trait Trainer {
         Ok(())
     }
     /// Trains up to the next validation (an epoch; `eval_every` optimizer steps), validates,
-    /// and adds the curve point to `state`.
-    fn interval(&mut self, state: &mut Self::State) -> Result<Validation>;
+    /// and adds the curve point to `state`. A trainer whose interval is long calls
+    /// [`Between::tick`] after each unit of work it can resume from (an optimizer step), with
+    /// `state` holding everything a resume needs.
+    fn interval(&mut self, state: &mut Self::State, between: &mut Between) -> Result<Validation>;
     /// A new best: records it in `state` and writes its weights into the run.
     fn keep_best(&mut self, state: &mut Self::State, run: &Path) -> Result<()>;
     /// The reason to stop once the budget (epochs, steps) is spent.
@@ -50,15 +54,46 @@ pub trait Trainer {
     fn validated(&mut self, _state: &Self::State, _v: &Validation) {}
 }
 
+/// Checkpoints between validations: once `every` has passed since the last checkpoint, the
+/// next [`Between::tick`] commits one (and rewrites `metrics.json`), so that a run killed at
+/// any moment loses at most that much work. `None`: only at validations.
+pub struct Between<'a> {
+    run: &'a mut RunDir,
+    metrics_file: &'a str,
+    every: Option<Duration>,
+    last: Instant,
+}
+
+impl Between<'_> {
+    /// Commits a checkpoint of `trainer` in `state` if the time has come.
+    pub fn tick<T: Trainer>(&mut self, trainer: &T, state: &T::State) -> Result<()> {
+        match self.every {
+            Some(every) if self.last.elapsed() >= every => self.commit(trainer, state),
+            _ => Ok(()),
+        }
+    }
+
+    fn commit<T: Trainer>(&mut self, trainer: &T, state: &T::State) -> Result<()> {
+        self.run
+            .commit_checkpoint(state, |dir| trainer.checkpoint(dir))?;
+        self.run.write_json(self.metrics_file, state)?;
+        self.last = Instant::now();
+        Ok(())
+    }
+}
+
 /// Runs `trainer` in `run` until early stopping or the end of its budget, from the run's
 /// checkpoint if it has one (else from `fresh`); `stop_after` ends this invocation after that
-/// many validations (tests of resume). Writes `metrics_file` after every checkpoint.
+/// many validations (tests of resume). Writes `metrics_file` after every checkpoint; commits a
+/// checkpoint between validations too once `checkpoint_every` has passed since the last one
+/// (`None`: only at validations).
 pub fn drive<T: Trainer>(
     trainer: &mut T,
     run: &mut RunDir,
     fresh: T::State,
     metrics_file: &str,
     stop_after: Option<usize>,
+    checkpoint_every: Option<Duration>,
 ) -> Result<T::State> {
     let mut state = match run.load_state::<T::State>()? {
         Some((state, dir)) => {
@@ -73,9 +108,16 @@ pub fn drive<T: Trainer>(
         return Ok(state);
     }
     trainer.start(&mut state)?;
+    let mut between = Between {
+        run,
+        metrics_file,
+        every: checkpoint_every,
+        last: Instant::now(),
+    };
     let mut done = 0;
     loop {
-        let v = trainer.interval(&mut state)?;
+        let v = trainer.interval(&mut state, &mut between)?;
+        let run = &mut *between.run;
         if improves(state.best_auc(), v.auc) {
             trainer.keep_best(&mut state, run.path())?;
             *state.without_improvement() = 0;
@@ -87,8 +129,7 @@ pub fn drive<T: Trainer>(
         } else if let Some(why) = trainer.budget_spent(&state) {
             state.set_stopped(why);
         }
-        run.commit_checkpoint(&state, |dir| trainer.checkpoint(dir))?;
-        run.write_json(metrics_file, &state)?;
+        between.commit(trainer, &state)?;
         trainer.validated(&state, &v);
         done += 1;
         if state.stopped().is_some() || stop_after == Some(done) {

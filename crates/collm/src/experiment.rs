@@ -263,6 +263,12 @@ pub struct TrainingConfig {
     /// shuffled batches, as the reference). Scoring always groups by length.
     #[serde(default)]
     pub length_buckets: usize,
+    /// Also commit a checkpoint between validations once this many minutes have passed since
+    /// the last one (0 = at validations only), so that a run killed at any moment loses at most
+    /// that much work. How often a run checkpoints is not what it is: a run resumes with
+    /// another value.
+    #[serde(default = "defaults::checkpoint_minutes")]
+    pub checkpoint_minutes: f64,
 }
 
 impl Default for TrainingConfig {
@@ -274,7 +280,7 @@ impl Default for TrainingConfig {
 }
 
 /// Where each field of the flat layout (before `[data]` / `[model]` / `[training]`) lives now.
-const FLAT_FIELDS: [(&str, &str, &str); 29] = [
+const FLAT_FIELDS: [(&str, &str, &str); 30] = [
     ("data", "data", "path"),
     ("train_rows", "data", "train_rows"),
     ("backbone", "model", "backbone"),
@@ -304,6 +310,7 @@ const FLAT_FIELDS: [(&str, &str, &str); 29] = [
     ("eval_rows", "training", "eval_rows"),
     ("patience", "training", "patience"),
     ("length_buckets", "training", "length_buckets"),
+    ("checkpoint_minutes", "training", "checkpoint_minutes"),
 ];
 
 mod defaults {
@@ -339,6 +346,9 @@ mod defaults {
     }
     pub fn eval_every() -> usize {
         50
+    }
+    pub fn checkpoint_minutes() -> f64 {
+        15.0
     }
     pub fn eval_rows() -> usize {
         1000
@@ -476,6 +486,10 @@ impl ExperimentConfig {
         }
         if !(self.training.weight_decay.is_finite() && self.training.weight_decay >= 0.0) {
             bail!("'weight_decay' must be >= 0");
+        }
+        let m = self.training.checkpoint_minutes;
+        if !(m.is_finite() && m >= 0.0) {
+            bail!("'checkpoint_minutes' must be a number >= 0 (0: checkpoints at validations only), got {m}");
         }
         if self.k() == 0 {
             bail!("'tokens_per_slot' must be at least 1");

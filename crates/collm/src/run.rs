@@ -90,6 +90,21 @@ pub struct RunState {
     pub skipped_steps: usize,
     pub stopped: Option<String>,
     pub train_seconds: f64,
+    /// The loss summed over the optimizer steps since the last validation, and their number
+    /// (in the state so that a checkpoint between validations resumes to the same curve; absent
+    /// when zero).
+    #[serde(default, skip_serializing_if = "is_zero_f64")]
+    pub interval_loss_sum: f64,
+    #[serde(default, skip_serializing_if = "is_zero_usize")]
+    pub interval_steps: usize,
+}
+
+fn is_zero_f64(x: &f64) -> bool {
+    *x == 0.0
+}
+
+fn is_zero_usize(x: &usize) -> bool {
+    *x == 0
 }
 
 fn collm_kind() -> RunKind {
@@ -109,6 +124,8 @@ impl Default for RunState {
             skipped_steps: 0,
             stopped: None,
             train_seconds: 0.0,
+            interval_loss_sum: 0.0,
+            interval_steps: 0,
         }
     }
 }

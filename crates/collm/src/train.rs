@@ -22,7 +22,7 @@ use collm_metrics::Report;
 use collm_nn::layers::bce_with_logits;
 use collm_nn::optim::{clip_grad_norm, Adam, Decay};
 use collm_nn::run::{epoch_seed, OpenMode, RunDir};
-use collm_nn::scaffold::{drive, progress_bar, LoopState, Trainer, Validation};
+use collm_nn::scaffold::{drive, progress_bar, Between, LoopState, Trainer, Validation};
 use collm_nn::TrainCtx;
 use rand::prelude::*;
 use rand_chacha::ChaCha8Rng;
@@ -149,6 +149,9 @@ pub fn train(cfg: &ExperimentConfig, out: &Path, opts: &TrainOptions) -> Result<
             old.refs.data_files_sha256 = run_file.refs.data_files_sha256.clone();
             old.refs.data_sizes = run_file.refs.data_sizes;
         }
+        // How often it checkpoints is not what the run is: another value resumes.
+        old.experiment.training.checkpoint_minutes =
+            run_file.experiment.training.checkpoint_minutes;
         if old != run_file {
             bail!(
                 "{}: the config or its inputs (data, backbone, CF run, step 1) differ from the run's; resume with the same ones",
@@ -195,18 +198,18 @@ pub fn train(cfg: &ExperimentConfig, out: &Path, opts: &TrainOptions) -> Result<
         opt,
         vars,
         pb,
-        loss_sum: 0.0,
-        loss_n: 0,
         t0: std::time::Instant::now(),
         last_eval: std::time::Instant::now(),
         last_report: None,
     };
+    let minutes = cfg.training.checkpoint_minutes;
     let state = drive(
         &mut trainer,
         &mut run,
         RunState::default(),
         METRICS_FILE,
         opts.stop_after,
+        (minutes > 0.0).then(|| std::time::Duration::from_secs_f64(minutes * 60.0)),
     )?;
     trainer.pb.finish_and_clear();
     run.finish()?;
@@ -243,8 +246,6 @@ struct CollmTrainer<'a> {
     lens: Option<Vec<usize>>,
     per_epoch: usize,
     pb: collm_data::progress::Progress,
-    loss_sum: f64,
-    loss_n: usize,
     t0: std::time::Instant,
     last_eval: std::time::Instant,
     last_report: Option<Report>,
@@ -298,8 +299,8 @@ impl CollmTrainer<'_> {
         if finite && norm.is_finite() {
             self.opt.lr = cfg.lr_at(state.step);
             self.opt.step_with(&acc)?;
-            self.loss_sum += step_loss;
-            self.loss_n += 1;
+            state.interval_loss_sum += step_loss;
+            state.interval_steps += 1;
         } else {
             state.skipped_steps += 1;
             tracing::warn!(
@@ -349,13 +350,14 @@ impl Trainer for CollmTrainer<'_> {
         Ok(())
     }
 
-    fn interval(&mut self, state: &mut RunState) -> Result<Validation> {
+    fn interval(&mut self, state: &mut RunState, between: &mut Between) -> Result<Validation> {
         let t = &self.cfg.training;
         loop {
             self.step(state)?;
             if state.step.is_multiple_of(t.eval_every) || state.step == t.max_steps {
                 break;
             }
+            between.tick(self, state)?;
         }
         let scores = self.model.predict_shared(&self.valid, self.titles, false)?;
         let report = Report::compute(&self.counts, &self.valid, &scores)?;
@@ -363,14 +365,14 @@ impl Trainer for CollmTrainer<'_> {
         self.last_eval = std::time::Instant::now();
         state.curve.push(EvalPoint {
             step: state.step,
-            train_loss: self.loss_sum / self.loss_n.max(1) as f64,
+            train_loss: state.interval_loss_sum / state.interval_steps.max(1) as f64,
             valid_auc: report.auc,
             valid_uauc: report.uauc,
             lr: self.opt.lr,
             seconds: self.t0.elapsed().as_secs_f64(),
         });
-        self.loss_sum = 0.0;
-        self.loss_n = 0;
+        state.interval_loss_sum = 0.0;
+        state.interval_steps = 0;
         let auc = report.auc;
         self.last_report = Some(report);
         Ok(Validation { auc })

@@ -1,0 +1,372 @@
+//! The ML-1M table's driver (`scripts/ml1m_table.sh`) on a tiny table: a copy of the script in a
+//! temporary git repository with three tiny rows (MF, TALLRec, CoLLM-MF over both) on the tiny
+//! family's data and backbone. It stops at its first failure without marking anything done or
+//! losing a checkpoint, leaves nothing behind that `git add` would pick up, commits each row's
+//! paths and only those, and a fresh clone of whatever it last committed, killed at any moment,
+//! resumes to the uninterrupted table's results.
+
+mod common;
+
+use collm::testing::{Family, Spec};
+use collm_data::sources::synthetic::SyntheticOptions;
+use common::{metrics, s};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::Instant;
+
+const ROWS: [&str; 3] = ["cf-mf", "tallrec", "collm-mf"];
+
+fn family() -> &'static Family {
+    static F: OnceLock<Family> = OnceLock::new();
+    F.get_or_init(|| {
+        Family::build(Spec {
+            data: SyntheticOptions {
+                users: 30,
+                items: 24,
+                rows_per_user: 6.0,
+                ..Default::default()
+            },
+            cf: vec![],
+            step1: false,
+            step2: vec![],
+            ..Spec::default()
+        })
+        .unwrap()
+    })
+}
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn git(repo: &Path, args: &[&str]) -> String {
+    let o = Command::new("git")
+        .args(args)
+        .current_dir(repo)
+        .envs(git_env())
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "git {args:?}: {o:?}");
+    String::from_utf8(o.stdout).unwrap()
+}
+
+fn git_env() -> Vec<(&'static str, &'static str)> {
+    vec![
+        ("GIT_AUTHOR_NAME", "driver test"),
+        ("GIT_AUTHOR_EMAIL", "driver@test"),
+        ("GIT_COMMITTER_NAME", "driver test"),
+        ("GIT_COMMITTER_EMAIL", "driver@test"),
+        ("GIT_CONFIG_GLOBAL", "/dev/null"),
+    ]
+}
+
+/// A git repository holding the driver, its row-table script and a tiny table's configs (the
+/// CoLLM row reads the other two by their paths under results/ml-1m, as the real ones do).
+fn make_repo(dir: &Path) -> PathBuf {
+    let f = family();
+    let repo = dir.to_path_buf();
+    std::fs::create_dir_all(repo.join("scripts")).unwrap();
+    std::fs::create_dir_all(repo.join("configs/ml-1m")).unwrap();
+    for p in [
+        "scripts/ml1m_table.sh",
+        "scripts/ml1m_table_rows.py",
+        ".gitignore",
+    ] {
+        std::fs::copy(root().join(p), repo.join(p)).unwrap();
+    }
+    std::fs::write(
+        repo.join("configs/ml-1m/rows"),
+        "# a tiny table\ncf-mf cf cf-mf\ntallrec llm tallrec\ncollm-mf llm collm-mf\n",
+    )
+    .unwrap();
+    std::fs::write(
+        repo.join("configs/ml-1m/cf-mf.toml"),
+        "model = \"mf\"\ndim = 8\nmax_epochs = 6\npatience = 100\nseed = 7\n",
+    )
+    .unwrap();
+    let llm = |mode: &str, refs: &str| {
+        format!(
+            "mode = \"{mode}\"\nseed = 3\n\n[data]\npath = {:?}\n\n[model]\nbackbone = {:?}\n{refs}\
+             mapper_mult = 2\neval_batch_size = 8\n\n[training]\nmax_steps = 6\neval_every = 3\n\
+             eval_rows = 16\nbatch_size = 4\nwarmup_steps = 1\nlr = 0.01\npatience = 5\n\
+             checkpoint_minutes = 1e-9\n",
+            s(&f.data()),
+            s(&f.backbone())
+        )
+    };
+    std::fs::write(repo.join("configs/ml-1m/tallrec.toml"), llm("tallrec", "")).unwrap();
+    std::fs::write(
+        repo.join("configs/ml-1m/collm-mf.toml"),
+        llm(
+            "collm",
+            "cf_run = \"results/ml-1m/cf-mf\"\nstep1 = \"results/ml-1m/tallrec\"\n",
+        ),
+    )
+    .unwrap();
+    git(&repo, &["init", "-q", "-b", "main"]);
+    git(&repo, &["add", "-A"]);
+    git(&repo, &["commit", "-q", "-m", "a tiny table"]);
+    repo
+}
+
+/// The driver in `repo` (`scripts/ml1m_table.sh ARGS`), in its own process group, with the
+/// collm binary `bin` and `env`.
+fn driver(repo: &Path, args: &[&str], bin: &Path, env: &[(&str, &str)]) -> Command {
+    let mut c = Command::new("bash");
+    c.arg("scripts/ml1m_table.sh")
+        .args(args)
+        .current_dir(repo)
+        .env("COLLM_BIN", bin)
+        .env("COLLM_LOG", "error")
+        .env("ML1M_DATA", family().data())
+        .env("ML1M_POLL", "0.1")
+        .env("ML1M_COMMIT_EVERY", "0")
+        .envs(git_env())
+        .envs(env.iter().copied())
+        .process_group(0);
+    c
+}
+
+fn bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_collm"))
+}
+
+fn run_driver(repo: &Path, args: &[&str], env: &[(&str, &str)]) -> Output {
+    driver(repo, args, &bin(), env).output().unwrap()
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+fn status(repo: &Path) -> String {
+    let o = run_driver(repo, &["--status"], &[]);
+    assert!(o.status.success(), "--status: {}", text(&o));
+    String::from_utf8(o.stdout).unwrap()
+}
+
+fn row_state(repo: &Path, row: &str) -> String {
+    status(repo)
+        .lines()
+        .find(|l| l.split_whitespace().next() == Some(row))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .unwrap_or("?")
+        .to_string()
+}
+
+/// An evaluation report without wall-clock fields.
+fn report(run: &Path) -> serde_json::Value {
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("eval-valid.json")).unwrap())
+            .unwrap();
+    if let Some(m) = v.as_object_mut() {
+        m.retain(|k, _| !k.contains("second"));
+    }
+    v
+}
+
+/// The uninterrupted table's results (metrics, evaluation), made once.
+fn reference() -> &'static Vec<(serde_json::Value, serde_json::Value)> {
+    static R: OnceLock<(
+        tempfile::TempDir,
+        Vec<(serde_json::Value, serde_json::Value)>,
+    )> = OnceLock::new();
+    &R.get_or_init(|| {
+        let tmp = tempfile::tempdir().unwrap();
+        let repo = make_repo(&tmp.path().join("repo"));
+        let o = run_driver(&repo, &["--no-commit"], &[]);
+        assert!(o.status.success(), "{}", text(&o));
+        let r = results(&repo);
+        (tmp, r)
+    })
+    .1
+}
+
+fn results(repo: &Path) -> Vec<(serde_json::Value, serde_json::Value)> {
+    ROWS.iter()
+        .map(|r| {
+            let d = repo.join("results/ml-1m").join(r);
+            (metrics(&d), report(&d))
+        })
+        .collect()
+}
+
+/// Hidden files (temporaries, locks) that git tracks or would add (untracked, not ignored).
+fn hidden_paths_git_sees(repo: &Path) -> Vec<String> {
+    let status = git(repo, &["status", "--porcelain", "--untracked-files=all"]);
+    let tracked = git(repo, &["ls-files"]);
+    status
+        .lines()
+        .map(|l| &l[3..])
+        .chain(tracked.lines())
+        .filter(|p| {
+            p.split('/')
+                .any(|c| c.starts_with('.') && c != ".gitignore")
+        })
+        .map(String::from)
+        .collect()
+}
+
+#[test]
+fn a_killed_training_stops_the_driver_and_keeps_its_checkpoint() {
+    let tmp = tempfile::tempdir().unwrap();
+    let repo = make_repo(&tmp.path().join("repo"));
+    // The first collm process the driver runs is cf-mf's training: abort it at a crash point
+    // after its first checkpoint (an out-of-memory kill would look the same).
+    let o = run_driver(&repo, &["--no-commit"], &[("COLLM_CRASH_AT", "14")]);
+    assert!(!o.status.success(), "the driver went on: {}", text(&o));
+    assert!(text(&o).contains("cf-mf: training failed"), "{}", text(&o));
+    let run = repo.join("results/ml-1m/cf-mf");
+    assert!(!run.join("eval-valid.json").exists(), "marked done");
+    assert!(run.join("checkpoint/CURRENT").exists(), "checkpoint lost");
+    assert_eq!(row_state(&repo, "cf-mf"), "partial");
+    assert!(
+        !repo.join("results/ml-1m/tallrec").exists(),
+        "went on to the next row"
+    );
+    // Run again: it resumes and ends where an uninterrupted driver does.
+    let o = run_driver(&repo, &["--no-commit"], &[]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(&results(&repo), reference());
+}
+
+#[test]
+fn a_failed_evaluation_marks_nothing_done_and_status_still_works() {
+    let tmp = tempfile::tempdir().unwrap();
+    let repo = make_repo(&tmp.path().join("repo"));
+    // A collm whose evaluation prints half a report and fails.
+    let wrapper = tmp.path().join("collm-eval-fails");
+    std::fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\nif [ \"$1\" = eval ]; then printf '{{\"auc\": 0.'; exit 3; fi\nexec {:?} \"$@\"\n",
+            s(&bin())
+        ),
+    )
+    .unwrap();
+    Command::new("chmod")
+        .arg("+x")
+        .arg(&wrapper)
+        .status()
+        .unwrap();
+    let o = driver(&repo, &["--no-commit"], &wrapper, &[])
+        .output()
+        .unwrap();
+    assert!(!o.status.success(), "{}", text(&o));
+    assert!(
+        text(&o).contains("cf-mf: evaluation failed"),
+        "{}",
+        text(&o)
+    );
+    let run = repo.join("results/ml-1m/cf-mf");
+    assert!(!run.join("eval-valid.json").exists());
+    assert!(
+        run.join("checkpoint/CURRENT").exists(),
+        "checkpoint dropped"
+    );
+    assert_eq!(row_state(&repo, "cf-mf"), "partial");
+    // An empty report left by an older driver is not "done" either, and breaks nothing.
+    std::fs::write(run.join("eval-valid.json"), "").unwrap();
+    assert_eq!(row_state(&repo, "cf-mf"), "partial");
+    let t = run_driver(&repo, &["--table"], &[]);
+    assert!(t.status.success(), "--table: {}", text(&t));
+    // No temporary report is left behind.
+    assert!(hidden_paths_git_sees(&repo).is_empty());
+    let leftovers: Vec<_> = std::fs::read_dir(repo.join("results/ml-1m"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(".eval-"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+    let o = run_driver(&repo, &["--no-commit"], &[]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(&results(&repo), reference());
+}
+
+/// What each commit after the first touches: only the paths of one row.
+fn commits_touch_one_row_each(repo: &Path) -> usize {
+    let log = git(repo, &["log", "--format=%H", "--skip=0"]);
+    let commits: Vec<&str> = log.lines().collect();
+    for c in &commits[..commits.len() - 1] {
+        let files = git(repo, &["show", "--name-only", "--format=", c]);
+        let rows: std::collections::BTreeSet<&str> = files
+            .lines()
+            .map(|f| {
+                let rest = f
+                    .strip_prefix("results/ml-1m/")
+                    .unwrap_or_else(|| panic!("commit {c} touches {f}"));
+                let name = rest.split('/').next().unwrap();
+                name.strip_suffix(".driver.log").unwrap_or(name)
+            })
+            .collect();
+        assert_eq!(rows.len(), 1, "commit {c} touches {rows:?}");
+    }
+    commits.len() - 1
+}
+
+#[test]
+fn the_driver_commits_rows_and_a_clone_of_any_moment_resumes_to_the_same_table() {
+    let tmp = tempfile::tempdir().unwrap();
+    // Uninterrupted, committing: each row lands in a final commit of its own paths, the
+    // checkpoint commits before it replaced.
+    let whole = make_repo(&tmp.path().join("whole"));
+    let t = Instant::now();
+    let o = run_driver(&whole, &["--commit"], &[]);
+    let total = t.elapsed();
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(&results(&whole), reference());
+    assert_eq!(commits_touch_one_row_each(&whole), 3, "{}", text(&o));
+    assert!(text(&o).contains("replacing this driver's last checkpoint commit"));
+    let left = git(&whole, &["status", "--porcelain"]);
+    assert!(left.trim().is_empty(), "left uncommitted: {left}");
+
+    // Killed (kill -9, the whole process group) at spread-out moments; after each kill a fresh
+    // clone of the last commit resumes to the same table, and so does the killed repository.
+    let repo = make_repo(&tmp.path().join("killed"));
+    let kills = 5;
+    let mut seen = String::new(); // the clones' --status before they resumed
+    for k in 0..kills {
+        let mut child = driver(&repo, &["--commit"], &bin(), &[])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(total.mul_f64((k as f64 + 0.7) / (kills as f64 + 1.0)));
+        let _ = Command::new("kill")
+            .args(["-9", "--", &format!("-{}", child.id())])
+            .status();
+        child.wait().unwrap();
+        // A git command killed mid-way leaves its lock; a new machine would not have it.
+        std::fs::remove_file(repo.join(".git/index.lock")).ok();
+        assert!(
+            hidden_paths_git_sees(&repo).is_empty(),
+            "kill {k}: {:?}",
+            hidden_paths_git_sees(&repo)
+        );
+        let clone = tmp.path().join(format!("clone-{k}"));
+        let o = Command::new("git")
+            .args(["clone", "-q", s(&repo), s(&clone)])
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{o:?}");
+        seen.push_str(&status(&clone));
+        let o = run_driver(&clone, &["--commit"], &[]);
+        assert!(o.status.success(), "clone after kill {k}: {}", text(&o));
+        assert_eq!(&results(&clone), reference(), "clone after kill {k}");
+        commits_touch_one_row_each(&clone);
+    }
+    // The clones resumed from committed checkpoints and finished rows, not from scratch.
+    assert!(seen.contains(" partial "), "{seen}");
+    assert!(seen.contains(" done "), "{seen}");
+    let o = run_driver(&repo, &["--commit"], &[]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(&results(&repo), reference());
+    commits_touch_one_row_each(&repo);
+    assert!(hidden_paths_git_sees(&repo).is_empty());
+}
