@@ -5,13 +5,14 @@ use super::Ctx;
 use crate::config::LlamaConfig;
 use crate::load::Weights;
 use crate::lora::Module;
-use crate::ops::{self, LoraSite, Rows};
+use crate::ops::{self, KernelChoice, LoraSite, Rows, Weight};
 use anyhow::{bail, Result};
 use candle_core::Tensor;
 
 /// A frozen projection `y = x Wᵀ (+ b)`, adapted by the pass's LoRA pair for its site.
-struct Linear {
-    w: Tensor,
+pub(super) struct Linear {
+    /// Packed for the process's bf16 kernel where it multiplies this shape.
+    w: Weight,
     b: Option<Tensor>,
     layer: usize,
     module: Module,
@@ -23,10 +24,13 @@ impl Linear {
         name: &str,
         (fan_in, fan_out): (usize, usize),
         bias: bool,
-        (layer, module): (usize, Module),
+        (layer, module, kernel): (usize, Module, KernelChoice),
     ) -> Result<Self> {
         Ok(Self {
-            w: ws.get(&format!("{name}.weight"), &[fan_out, fan_in])?,
+            w: Weight::new(
+                &ws.get(&format!("{name}.weight"), &[fan_out, fan_in])?,
+                kernel,
+            )?,
             b: if bias {
                 Some(ws.get(&format!("{name}.bias"), &[fan_out])?)
             } else {
@@ -84,13 +88,18 @@ struct Attention {
 }
 
 impl Attention {
-    fn load(ws: &Weights, p: &str, c: &LlamaConfig, layer: usize) -> Result<Self> {
+    fn load(
+        ws: &Weights,
+        p: &str,
+        c: &LlamaConfig,
+        (layer, kernel): (usize, KernelChoice),
+    ) -> Result<Self> {
         let h = c.hidden_size;
         let q_out = c.num_attention_heads * c.head_dim;
         let kv_out = c.num_key_value_heads * c.head_dim;
         let bias = c.attention_bias;
         let lin = |name: &str, io, bias, m| {
-            Linear::load(ws, &format!("{p}.{name}"), io, bias, (layer, m))
+            Linear::load(ws, &format!("{p}.{name}"), io, bias, (layer, m, kernel))
         };
         Ok(Self {
             q: lin("q_proj", (h, q_out), bias, Module::Q)?,
@@ -169,10 +178,16 @@ struct Mlp {
 }
 
 impl Mlp {
-    fn load(ws: &Weights, p: &str, c: &LlamaConfig, layer: usize) -> Result<Self> {
+    fn load(
+        ws: &Weights,
+        p: &str,
+        c: &LlamaConfig,
+        (layer, kernel): (usize, KernelChoice),
+    ) -> Result<Self> {
         let (h, i) = (c.hidden_size, c.intermediate_size);
-        let lin =
-            |name: &str, io, m| Linear::load(ws, &format!("{p}.{name}"), io, false, (layer, m));
+        let lin = |name: &str, io, m| {
+            Linear::load(ws, &format!("{p}.{name}"), io, false, (layer, m, kernel))
+        };
         Ok(Self {
             gate: lin("gate_proj", (h, i), Module::Gate)?,
             up: lin("up_proj", (h, i), Module::Up)?,
@@ -210,15 +225,28 @@ pub(super) struct Block {
 }
 
 impl Block {
-    pub(super) fn load(ws: &Weights, c: &LlamaConfig, layer: usize) -> Result<Self> {
+    pub(super) fn load(
+        ws: &Weights,
+        c: &LlamaConfig,
+        layer: usize,
+        kernel: KernelChoice,
+    ) -> Result<Self> {
         let p = format!("model.layers.{layer}");
         let h = c.hidden_size;
         Ok(Self {
             input_norm: ws.get(&format!("{p}.input_layernorm.weight"), &[h])?,
-            attn: Attention::load(ws, &format!("{p}.self_attn"), c, layer)?,
+            attn: Attention::load(ws, &format!("{p}.self_attn"), c, (layer, kernel))?,
             post_norm: ws.get(&format!("{p}.post_attention_layernorm.weight"), &[h])?,
-            mlp: Mlp::load(ws, &format!("{p}.mlp"), c, layer)?,
+            mlp: Mlp::load(ws, &format!("{p}.mlp"), c, (layer, kernel))?,
         })
+    }
+
+    /// Its projections' weights.
+    pub(super) fn weights(&self) -> [&Weight; 7] {
+        let (a, m) = (&self.attn, &self.mlp);
+        [
+            &a.q.w, &a.k.w, &a.v.w, &a.o.w, &m.gate.w, &m.up.w, &m.down.w,
+        ]
     }
 
     pub(super) fn forward(

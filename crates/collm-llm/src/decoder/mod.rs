@@ -23,7 +23,7 @@ pub use prefix::PrefixCache;
 use crate::config::LlamaConfig;
 use crate::load::Weights;
 use crate::lora::Lora;
-use crate::ops::{self, Backend, PassInfo, Positions, Rows};
+use crate::ops::{self, Backend, Kernel, KernelChoice, PassInfo, Positions, Rows};
 use anyhow::{bail, Result};
 use candle_core::{DType, Device, Tensor};
 use collm_nn::TrainCtx;
@@ -98,7 +98,26 @@ pub struct Decoder {
 }
 
 impl Decoder {
+    /// The decoder with the process's kernel for its projections ([`ops::kernel_choice`]:
+    /// `COLLM_KERNEL`, else the fastest this CPU runs natively).
     pub fn new(config: &LlamaConfig, ws: &Weights, dtype: DType, device: &Device) -> Result<Self> {
+        let choice = if device.is_cpu() && dtype == DType::F32 {
+            ops::kernel_choice().map_err(anyhow::Error::msg)?
+        } else {
+            KernelChoice::all(Kernel::F32)
+        };
+        Self::new_with_kernel(config, ws, dtype, device, choice)
+    }
+
+    /// The decoder with its projections multiplied by `kernel` (a bf16 kernel applies to f32
+    /// CPU decoders only: the frozen projections packed in bf16, their f32 copies dropped).
+    pub fn new_with_kernel(
+        config: &LlamaConfig,
+        ws: &Weights,
+        dtype: DType,
+        device: &Device,
+        kernel: KernelChoice,
+    ) -> Result<Self> {
         config.validate()?;
         if device.is_cpu() && !matches!(dtype, DType::F32 | DType::BF16) {
             bail!("the CPU engine computes in f32 or bf16, not {dtype:?} (f16 runs on CUDA only)");
@@ -112,7 +131,7 @@ impl Decoder {
             ws.get("lm_head.weight", &[v, h])?
         };
         let blocks = (0..c.num_hidden_layers)
-            .map(|i| Block::load(ws, c, i))
+            .map(|i| Block::load(ws, c, i, kernel))
             .collect::<Result<_>>()?;
         Ok(Self {
             config: c.clone(),
@@ -125,6 +144,26 @@ impl Decoder {
             dtype,
             device: device.clone(),
         })
+    }
+
+    /// The kernel its projections are multiplied with (the widest ones', where `auto` leaves
+    /// the narrow ones in f32): what logs and run records name.
+    pub fn kernel(&self) -> Kernel {
+        self.blocks
+            .iter()
+            .flat_map(|b| b.weights())
+            .map(|w| w.kernel())
+            .find(|k| k.is_bf16())
+            .unwrap_or(Kernel::F32)
+    }
+
+    /// Bytes the projections' weights take (packed or f32).
+    pub fn projection_bytes(&self) -> usize {
+        self.blocks
+            .iter()
+            .flat_map(|b| b.weights())
+            .map(|w| w.bytes())
+            .sum()
     }
 
     /// Chooses the CPU kernels (`true`, the CPU's default) or the reference candle ops

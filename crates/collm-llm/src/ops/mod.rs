@@ -15,8 +15,11 @@
 pub mod cpu;
 mod mask;
 pub mod reference;
+mod weight;
 
+pub use cpu::bf16::{kernel_choice, Kernel, KernelChoice};
 pub use mask::{Mask, Positions};
+pub use weight::Weight;
 
 use candle_core::{DType, Device, Result, Tensor};
 use collm_nn::TrainCtx;
@@ -224,22 +227,23 @@ pub fn attention_at(
 
 /// The frozen projection `x Wᵀ (+ b)` of `x` (B, T, in), adapted by `lora` (with its dropout
 /// in training); the weight never receives a gradient. With `rows`, `x` (B, 1, in) holds only
-/// those rows of a (B, T, in) input, and dropout keeps those rows' draws of a whole pass.
+/// those rows of a (B, T, in) input, and dropout keeps those rows' draws of a whole pass. On
+/// the CPU, a weight packed for a bf16 kernel is multiplied with it ([`Weight`]).
 pub fn linear(
     backend: Backend,
     x: &Tensor,
-    (w, b): (&Tensor, Option<&Tensor>),
+    (w, b): (&Weight, Option<&Tensor>),
     lora: Option<&LoraSite>,
     pass: PassInfo,
     rows: Option<&Rows>,
 ) -> Result<Tensor> {
     if !backend.kernels(x.device()) {
-        return reference::linear(x, w, b, lora, pass, rows);
+        return reference::linear(x, &w.tensor()?, b, lora, pass, rows);
     }
     // One op: the projection, its LoRA path and that path's dropout, on (B, T, in) as it
     // comes (no reshape nodes: each costs a full-size gradient copy backwards).
     let Some(l) = lora else {
-        return cpu::linear(x, w, b, None);
+        return cpu::linear_weight(x, w, b, None);
     };
     // The draws of [`reference::dropout`] (so runs and checkpoints replay the same masks on
     // either path); none outside training.
@@ -260,7 +264,7 @@ pub fn linear(
             draw(r.all() * width)?.map(|m| m.rows(&r.flat, width))
         }
     };
-    cpu::linear(
+    cpu::linear_weight(
         x,
         w,
         b,
@@ -278,13 +282,20 @@ pub fn linear(
 pub fn mlp(
     backend: Backend,
     x: &Tensor,
-    (gate, up, down): (&Tensor, &Tensor, &Tensor),
+    (gate, up, down): (&Weight, &Weight, &Weight),
     pass: PassInfo,
 ) -> Result<Tensor> {
     if backend.kernels(x.device()) {
-        return cpu::mlp(x, gate, up, down);
+        return cpu::mlp_weights(x, gate, up, down);
     }
-    let g = reference::linear(x, gate, None, None, pass, None)?;
-    let u = reference::linear(x, up, None, None, pass, None)?;
-    reference::linear(&reference::swiglu(&g, &u)?, down, None, None, pass, None)
+    let g = reference::linear(x, &gate.tensor()?, None, None, pass, None)?;
+    let u = reference::linear(x, &up.tensor()?, None, None, pass, None)?;
+    reference::linear(
+        &reference::swiglu(&g, &u)?,
+        &down.tensor()?,
+        None,
+        None,
+        pass,
+        None,
+    )
 }

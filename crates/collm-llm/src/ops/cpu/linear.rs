@@ -1,10 +1,11 @@
 //! The frozen projection with its whole LoRA path inside.
 
 use super::*;
+use crate::ops::Weight;
 
 struct FrozenLinear {
-    /// (out, in), in the compute dtype; never receives a gradient.
-    w: Tensor,
+    /// (out, in), in the compute dtype or packed for a bf16 kernel; never receives a gradient.
+    w: Weight,
     b: Option<Tensor>,
     /// The LoRA path's scaling and dropout mask, when the op has one (inputs x, A, B).
     lora: Option<(f32, Option<DropMask>)>,
@@ -51,24 +52,25 @@ impl FrozenLinear {
     ) -> Result<(CpuStorage, Shape)> {
         let dtype = x.dtype();
         let xs = as_f32(x, xl)?;
-        let (fan_out, fan_in) = self.w.dims2()?;
+        let (fan_out, fan_in) = self.w.dims2();
         let dims = xl.shape().dims();
         if dims.last() != Some(&fan_in) {
             bail!("linear: input {dims:?} for a weight of ({fan_out}, {fan_in})");
         }
         let n = xs.len() / fan_in;
-        let (ws, wl) = self.w.storage_and_layout();
-        let Storage::Cpu(wc) = &*ws else {
-            bail!("linear: CPU weight expected");
+        let mut y = match self.w.bf16() {
+            Some((kernel, bw)) => bf16::forward(kernel, &xs, n, bw),
+            None => {
+                cpu_f32!(self.w.tensor()? => w);
+                // y (n×out) = x (n×in) · Wᵀ (in×out: element (i, o) at o·in + i)
+                matmul_new(
+                    (n, fan_out, fan_in),
+                    (&xs, (fan_in, 1)),
+                    (&w, (1, fan_in)),
+                    pool_parallelism(),
+                )
+            }
         };
-        let w = as_f32(wc, wl)?;
-        // y (n×out) = x (n×in) · Wᵀ (in×out: element (i, o) at o·in + i)
-        let mut y = matmul_new(
-            (n, fan_out, fan_in),
-            (&xs, (fan_in, 1)),
-            (&w, (1, fan_in)),
-            pool_parallelism(),
-        );
         if let (Some((as_, al, bs, bl)), Some((scaling, mask))) = (lora, &self.lora) {
             let a = as_f32(as_, al)?;
             let bm = as_f32(bs, bl)?;
@@ -114,11 +116,10 @@ impl FrozenLinear {
         Ok((from_f32(y, dtype)?, Shape::from(out)))
     }
 
-    /// `grad (…, out) · W` as f32 (n×in); computed in f32 like the forward pass (candle's CPU
-    /// matmul has no fast bf16 kernel).
+    /// `grad (…, out) · W` as f32 (n×in): with the weight's bf16 kernel where it has one, else
+    /// in f32 like the forward pass.
     fn grad_x(&self, g: &[f32], x: &Tensor) -> Result<Vec<f32>> {
-        let (fan_out, fan_in) = self.w.dims2()?;
-        cpu_f32!(self.w => w);
+        let (fan_out, fan_in) = self.w.dims2();
         let n = g.len() / fan_out;
         if n * fan_in != x.elem_count() {
             bail!(
@@ -127,6 +128,12 @@ impl FrozenLinear {
                 x.shape()
             );
         }
+        if let Some((kernel, bw)) = self.w.bf16() {
+            let mut dx = vec![0f32; n * fan_in];
+            bf16::backward_into(kernel, g, n, bw, &mut dx, false);
+            return Ok(dx);
+        }
+        cpu_f32!(self.w.tensor()? => w);
         // dx (n×in) = g (n×out) · W (out×in)
         Ok(matmul_new(
             (n, fan_in, fan_out),
@@ -180,7 +187,7 @@ impl CustomOp3 for FrozenLinear {
         let Some((scaling, mask)) = &self.lora else {
             bail!("linear: a LoRA op without its scaling");
         };
-        let (fan_out, fan_in) = self.w.dims2()?;
+        let (fan_out, fan_in) = self.w.dims2();
         let r = b.dim(1)?;
         cpu_f32!(grad => g);
         cpu_f32!(a => av);
@@ -272,27 +279,37 @@ pub fn linear(
     b: Option<&Tensor>,
     lora: Option<LoraPath>,
 ) -> Result<Tensor> {
+    linear_weight(x, &Weight::plain(&w.contiguous()?)?, b, lora)
+}
+
+/// [`linear`] for a [`Weight`]: multiplied with its bf16 kernel where it is packed for one.
+pub fn linear_weight(
+    x: &Tensor,
+    w: &Weight,
+    b: Option<&Tensor>,
+    lora: Option<LoraPath>,
+) -> Result<Tensor> {
     let x = x.contiguous()?;
     match lora {
         Some(l) => {
             let (r, fan_in) = l.a.dims2()?;
-            if l.b.dims2()?.1 != r || fan_in != w.dim(1)? {
+            if l.b.dims2()?.1 != r || fan_in != w.dims2().1 {
                 bail!(
                     "linear: LoRA A {:?} and B {:?} for a weight {:?}",
                     l.a.shape(),
                     l.b.shape(),
-                    w.shape()
+                    w.dims2()
                 );
             }
             let op = FrozenLinear {
-                w: w.contiguous()?,
+                w: w.clone(),
                 b: b.cloned(),
                 lora: Some((l.scaling as f32, l.dropout)),
             };
             x.apply_op3(&l.a.contiguous()?, &l.b.contiguous()?, op)
         }
         None => x.apply_op1(FrozenLinear {
-            w: w.contiguous()?,
+            w: w.clone(),
             b: b.cloned(),
             lora: None,
         }),

@@ -1,6 +1,7 @@
 //! SwiGLU, and the MLP (gate, up, SwiGLU, down) as one op.
 
 use super::*;
+use crate::ops::Weight;
 
 struct SwiGlu;
 
@@ -100,10 +101,11 @@ pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
 type GateUp = Arc<(Vec<f32>, Vec<f32>)>;
 
 struct Mlp {
-    /// (inter, hidden), (inter, hidden) and (hidden, inter), in the compute dtype; frozen.
-    gate: Tensor,
-    up: Tensor,
-    down: Tensor,
+    /// (inter, hidden), (inter, hidden) and (hidden, inter), in the compute dtype or packed for
+    /// a bf16 kernel; frozen.
+    gate: Weight,
+    up: Weight,
+    down: Weight,
     /// Keep gate and up for the backward pass (a graph is being built).
     keep: bool,
     saved: std::sync::Mutex<Option<GateUp>>,
@@ -111,19 +113,77 @@ struct Mlp {
 
 impl Mlp {
     /// `x Wgᵀ` and `x Wuᵀ` for `x` (n×hidden), rounded to `dtype` as separate projections
-    /// would store them.
+    /// would store them (with bf16 kernels: `x` packed once for both).
     fn gate_up(&self, x: &[f32], n: usize, dtype: DType) -> Result<(Vec<f32>, Vec<f32>)> {
-        let (inter, h) = self.gate.dims2()?;
-        cpu_f32!(self.gate => wg);
-        cpu_f32!(self.up => wu);
-        let proj = |w: &[f32]| {
-            let mut y = matmul_new((n, inter, h), (x, (h, 1)), (w, (1, h)), pool_parallelism());
-            if dtype == DType::BF16 {
-                y.par_iter_mut().for_each(|v| *v = round(*v, dtype));
+        let (inter, h) = self.gate.dims2();
+        let (mut g, mut u) = match (self.gate.bf16(), self.up.bf16()) {
+            (Some((kernel, wg)), Some((_, wu))) => {
+                let rows = bf16::Rows::pack(x, n, h);
+                let mut g = vec![0f32; n * inter];
+                let mut u = vec![0f32; n * inter];
+                bf16::gemm(kernel, &rows, wg.fwd(), &mut g, inter, false);
+                bf16::gemm(kernel, &rows, wu.fwd(), &mut u, inter, false);
+                (g, u)
             }
-            y
+            _ => {
+                cpu_f32!(self.gate.tensor()? => wg);
+                cpu_f32!(self.up.tensor()? => wu);
+                let proj = |w: &[f32]| {
+                    matmul_new((n, inter, h), (x, (h, 1)), (w, (1, h)), pool_parallelism())
+                };
+                (proj(&wg), proj(&wu))
+            }
         };
-        Ok((proj(&wg), proj(&wu)))
+        if dtype == DType::BF16 {
+            g.par_iter_mut().for_each(|v| *v = round(*v, dtype));
+            u.par_iter_mut().for_each(|v| *v = round(*v, dtype));
+        }
+        Ok((g, u))
+    }
+
+    /// `a (n×k) · Wᵀ` for the projection `w` (out×k): its bf16 kernel, or f32.
+    fn project(w: &Weight, a: &[f32], n: usize) -> Result<Vec<f32>> {
+        let (out, k) = w.dims2();
+        if let Some((kernel, bw)) = w.bf16() {
+            return Ok(bf16::forward(kernel, a, n, bw));
+        }
+        cpu_f32!(w.tensor()? => wv);
+        Ok(matmul_new(
+            (n, out, k),
+            (a, (k, 1)),
+            (&wv, (1, k)),
+            pool_parallelism(),
+        ))
+    }
+
+    /// `dst (n×in) [+]= g (n×out) · W` for the projection `w` (out×in): its bf16 kernel, or f32.
+    fn project_back(
+        w: &Weight,
+        g: &[f32],
+        n: usize,
+        dst: &mut [f32],
+        accumulate: bool,
+    ) -> Result<()> {
+        let (out, inp) = w.dims2();
+        if let Some((kernel, bw)) = w.bf16() {
+            bf16::backward_into(kernel, g, n, bw, dst, accumulate);
+            return Ok(());
+        }
+        cpu_f32!(w.tensor()? => wv);
+        matmul(
+            n,
+            inp,
+            out,
+            dst,
+            inp,
+            accumulate,
+            g,
+            (out, 1),
+            &wv,
+            (inp, 1),
+            pool_parallelism(),
+        );
+        Ok(())
     }
 }
 
@@ -134,29 +194,23 @@ impl CustomOp1 for Mlp {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let dtype = s.dtype();
         let x = as_f32(s, l)?;
-        let (inter, h) = self.gate.dims2()?;
+        let (inter, h) = self.gate.dims2();
         if l.shape().dims().last() != Some(&h)
-            || self.up.dims() != [inter, h]
-            || self.down.dims() != [h, inter]
+            || self.up.dims2() != (inter, h)
+            || self.down.dims2() != (h, inter)
         {
             bail!(
                 "mlp: input {:?} for gate {:?}, up {:?}, down {:?}",
                 l.shape(),
-                self.gate.shape(),
-                self.up.shape(),
-                self.down.shape()
+                self.gate.dims2(),
+                self.up.dims2(),
+                self.down.dims2()
             );
         }
         let n = x.len() / h;
         let (g, u) = self.gate_up(&x, n, dtype)?;
         let act = swiglu_values(&g, &u, dtype);
-        cpu_f32!(self.down => wd);
-        let y = matmul_new(
-            (n, h, inter),
-            (&act, (inter, 1)),
-            (&wd, (1, inter)),
-            pool_parallelism(),
-        );
+        let y = Self::project(&self.down, &act, n)?;
         if self.keep {
             *self.saved.lock().expect("mlp state") = Some(Arc::new((g, u)));
         }
@@ -172,45 +226,21 @@ impl CustomOp1 for Mlp {
             bail!("mlp: the forward pass kept nothing for a backward pass");
         };
         let (g, u) = (&saved.0, &saved.1);
-        let (inter, h) = self.gate.dims2()?;
+        let (inter, h) = self.gate.dims2();
         cpu_f32!(grad => d);
         let n = d.len() / h;
-        cpu_f32!(self.down => wd);
         // da (n×inter) = d (n×hidden) · Wd (hidden×inter)
-        let da = matmul_new(
-            (n, inter, h),
-            (&d, (h, 1)),
-            (&wd, (inter, 1)),
-            pool_parallelism(),
-        );
-        let mut da = da;
+        let mut da = vec![0f32; n * inter];
+        Self::project_back(&self.down, &d, n, &mut da, false)?;
         if dtype == DType::BF16 {
             // As the separate down projection would hand it on: in bf16.
             da.par_iter_mut().for_each(|v| *v = round(*v, dtype));
         }
         let (dg, du) = swiglu_grads(&da, g, u, dtype);
-        cpu_f32!(self.gate => wg);
-        cpu_f32!(self.up => wu);
         // dx (n×hidden) = dgate · Wg + dup · Wu, W (inter×hidden)
-        let mut dx = matmul_new(
-            (n, h, inter),
-            (&dg, (inter, 1)),
-            (&wg, (h, 1)),
-            pool_parallelism(),
-        );
-        matmul(
-            n,
-            h,
-            inter,
-            &mut dx,
-            h,
-            true,
-            &du,
-            (inter, 1),
-            &wu,
-            (h, 1),
-            pool_parallelism(),
-        );
+        let mut dx = vec![0f32; n * h];
+        Self::project_back(&self.gate, &dg, n, &mut dx, false)?;
+        Self::project_back(&self.up, &du, n, &mut dx, true)?;
         Ok(Some(tensor_from(dx, x)?))
     }
 }
@@ -221,11 +251,17 @@ impl CustomOp1 for Mlp {
 /// SwiGLU output, and none of the intermediate gradients that separate ops would pass
 /// through candle's backward, each a full-size zeros-and-add there).
 pub fn mlp(x: &Tensor, gate: &Tensor, up: &Tensor, down: &Tensor) -> Result<Tensor> {
+    let w = |t: &Tensor| Weight::plain(&t.contiguous()?);
+    mlp_weights(x, &w(gate)?, &w(up)?, &w(down)?)
+}
+
+/// [`mlp`] for [`Weight`]s: each multiplied with its bf16 kernel where it is packed for one.
+pub fn mlp_weights(x: &Tensor, gate: &Weight, up: &Weight, down: &Weight) -> Result<Tensor> {
     let x = x.contiguous()?;
     let op = Mlp {
-        gate: gate.contiguous()?,
-        up: up.contiguous()?,
-        down: down.contiguous()?,
+        gate: gate.clone(),
+        up: up.clone(),
+        down: down.clone(),
         keep: x.track_op(),
         saved: std::sync::Mutex::new(None),
     };

@@ -37,7 +37,7 @@ use candle_core::{
     bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Storage,
     Tensor,
 };
-use half::bf16;
+use half::bf16 as half_bf16;
 use rayon::prelude::*;
 use std::borrow::Cow;
 use std::sync::Arc;
@@ -61,7 +61,7 @@ fn from_f32(v: Vec<f32>, dtype: DType) -> Result<CpuStorage> {
     match dtype {
         DType::F32 => Ok(CpuStorage::F32(v)),
         DType::BF16 => Ok(CpuStorage::BF16(
-            v.into_par_iter().map(bf16::from_f32).collect(),
+            v.into_par_iter().map(half_bf16::from_f32).collect(),
         )),
         d => bail!("fused op: f32 or bf16 expected, got {d:?}"),
     }
@@ -71,7 +71,7 @@ fn from_f32(v: Vec<f32>, dtype: DType) -> Result<CpuStorage> {
 #[inline]
 fn round(x: f32, dtype: DType) -> f32 {
     if dtype == DType::BF16 {
-        bf16::from_f32(x).to_f32()
+        half_bf16::from_f32(x).to_f32()
     } else {
         x
     }
@@ -111,7 +111,7 @@ fn exp(x: f32) -> f32 {
 fn tensor_from(v: Vec<f32>, like: &Tensor) -> Result<Tensor> {
     match like.dtype() {
         DType::BF16 => {
-            let h: Vec<bf16> = v.into_par_iter().map(bf16::from_f32).collect();
+            let h: Vec<half_bf16> = v.into_par_iter().map(half_bf16::from_f32).collect();
             Tensor::from_vec(h, like.shape(), like.device())
         }
         _ => Tensor::from_vec(v, like.shape(), like.device())?.to_dtype(like.dtype()),
@@ -126,6 +126,7 @@ fn pool_parallelism() -> ::gemm::Parallelism {
 }
 
 mod attention;
+pub mod bf16;
 mod dropout;
 mod gemm;
 mod heads;
@@ -140,8 +141,8 @@ pub use dropout::{dropout, dropout_mask, DropMask};
 pub use gemm::gemm_gflops;
 use gemm::{matmul, matmul_new};
 use heads::{masked_softmax, Heads};
-pub use linear::{linear, LoraPath};
-pub use mlp::{mlp, swiglu};
+pub use linear::{linear, linear_weight, LoraPath};
+pub use mlp::{mlp, mlp_weights, swiglu};
 pub use norm::rms_norm;
 pub use prefix::prefix_attention;
 pub use rope::{rope, RopeTables};

@@ -1,0 +1,143 @@
+//! The bf16 product on AMX tiles (`TDPBF16PS`; Intel Xeon Sapphire Rapids and later): each 32×32
+//! block of `C` as 2×2 accumulator tiles of 16×16 f32 (tmm0-3), over steps of 32 k: two tiles of
+//! `A` (16 rows × 32 values, read in place at the rows' stride, tmm4-5) and two of `B` (16 pair
+//! rows of a panel, tmm6-7). AMX has no stable intrinsics: inline assembly. Linux hands out the
+//! tile registers only after `arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)`, asked once
+//! per process when the kernel is first checked; a kernel (or hypervisor) that refuses it leaves
+//! the kernel unavailable.
+
+use super::BLOCK;
+use std::arch::asm;
+use std::sync::OnceLock;
+
+/// Can this CPU and OS run the kernel? (cpuid's AMX-TILE and AMX-BF16, then the permission.)
+pub(super) fn available() -> Result<(), String> {
+    static OK: OnceLock<Result<(), String>> = OnceLock::new();
+    OK.get_or_init(|| {
+        let l7 = std::arch::x86_64::__cpuid_count(7, 0);
+        let (tile, bf16) = (l7.edx & (1 << 24) != 0, l7.edx & (1 << 22) != 0);
+        if !(tile && bf16) {
+            return Err("this CPU lacks AMX-BF16 (cpuid flags amx_tile, amx_bf16)".into());
+        }
+        const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;
+        const XFEATURE_XTILEDATA: libc::c_long = 18;
+        // SAFETY: a plain system call with integer arguments.
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_arch_prctl,
+                ARCH_REQ_XCOMP_PERM,
+                XFEATURE_XTILEDATA,
+            )
+        };
+        if r != 0 {
+            return Err(format!(
+                "the OS refused the AMX tile registers (arch_prctl ARCH_REQ_XCOMP_PERM: {})",
+                std::io::Error::last_os_error()
+            ));
+        }
+        Ok(())
+    })
+    .clone()
+}
+
+/// Palette 1, eight tiles of 16 rows × 64 bytes.
+#[repr(C, align(64))]
+struct TileConfig([u8; 64]);
+
+const CONFIG: TileConfig = {
+    let mut b = [0u8; 64];
+    b[0] = 1;
+    let mut t = 0;
+    while t < 8 {
+        b[16 + 2 * t] = 64;
+        b[48 + t] = 16;
+        t += 1;
+    }
+    TileConfig(b)
+};
+
+/// See [`super::emulated::blocks`]; the caller has checked [`available`]. The tiles are
+/// configured at the start and released at the end (a thread holds AMX state only meanwhile).
+pub(super) fn blocks<'a>(
+    a: &[u16],
+    lda: usize,
+    kq: usize,
+    blocks: impl Iterator<Item = (usize, &'a [u16], &'a [u16])>,
+    store: &mut impl FnMut(usize, &[f32; BLOCK * BLOCK]),
+) {
+    assert!(a.len() >= BLOCK * lda && lda >= 2 * kq && kq.is_multiple_of(16));
+    let mut c = [0f32; BLOCK * BLOCK];
+    // SAFETY: AMX is available and permitted (checked by the kernel's choice); the config is
+    // 64-byte aligned.
+    unsafe { asm!("ldtilecfg [{}]", in(reg) CONFIG.0.as_ptr(), options(nostack)) };
+    for (p, b0, b1) in blocks {
+        assert!(b0.len() >= kq * 32 && b1.len() >= kq * 32);
+        // SAFETY: every tile load reads 16 rows of 64 bytes inside `a` (32 rows of `lda` values,
+        // asserted) or inside a panel (kq lines, asserted); the stores write the 32×32 block `c`.
+        unsafe {
+            block(
+                a.as_ptr(),
+                lda * 2,
+                b0.as_ptr(),
+                b1.as_ptr(),
+                kq / 16,
+                c.as_mut_ptr(),
+            )
+        };
+        store(p, &c);
+    }
+    // SAFETY: releases this thread's tile state.
+    unsafe { asm!("tilerelease", options(nostack)) };
+}
+
+/// One 32×32 block: `steps` steps of 32 k.
+#[inline(always)]
+unsafe fn block(
+    a: *const u16,
+    stride: usize,
+    b0: *const u16,
+    b1: *const u16,
+    steps: usize,
+    c: *mut f32,
+) {
+    asm!(
+        "tilezero tmm0",
+        "tilezero tmm1",
+        "tilezero tmm2",
+        "tilezero tmm3",
+        options(nostack)
+    );
+    let a1 = a.byte_add(16 * stride);
+    for s in 0..steps {
+        asm!(
+            "tileloadd tmm4, [{a0} + {st}*1]",
+            "tileloadd tmm5, [{a1} + {st}*1]",
+            "tileloadd tmm6, [{b0} + {sb}*1]",
+            "tileloadd tmm7, [{b1} + {sb}*1]",
+            "tdpbf16ps tmm0, tmm4, tmm6",
+            "tdpbf16ps tmm1, tmm4, tmm7",
+            "tdpbf16ps tmm2, tmm5, tmm6",
+            "tdpbf16ps tmm3, tmm5, tmm7",
+            a0 = in(reg) a.add(s * 32),
+            a1 = in(reg) a1.add(s * 32),
+            b0 = in(reg) b0.add(s * 16 * 32),
+            b1 = in(reg) b1.add(s * 16 * 32),
+            st = in(reg) stride,
+            sb = in(reg) 64usize,
+            options(nostack)
+        );
+    }
+    let row = BLOCK * 4; // bytes per row of `c`
+    asm!(
+        "tilestored [{c00} + {st}*1], tmm0",
+        "tilestored [{c01} + {st}*1], tmm1",
+        "tilestored [{c10} + {st}*1], tmm2",
+        "tilestored [{c11} + {st}*1], tmm3",
+        c00 = in(reg) c,
+        c01 = in(reg) c.add(16),
+        c10 = in(reg) c.add(16 * BLOCK),
+        c11 = in(reg) c.add(16 * BLOCK + 16),
+        st = in(reg) row,
+        options(nostack)
+    );
+}

@@ -1,0 +1,216 @@
+//! The packing and every kernel against a plain reference: the operands rounded to bf16, the
+//! products summed in f64. The emulated kernel runs everywhere; a native kernel this CPU lacks is
+//! skipped with a message naming the missing feature.
+
+use super::*;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+fn random(n: usize, seed: u64) -> Vec<f32> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    (0..n).map(|_| rng.gen_range(-1.0f32..1.0)).collect()
+}
+
+fn round(v: &[f32]) -> Vec<f32> {
+    v.iter().map(|&x| from_bf16(to_bf16(x))).collect()
+}
+
+/// (c, the bound on each element's error): c = a (m×k) · b (k×n) in f64 over bf16-rounded
+/// operands; the bound is 2⁻²⁰ times the sum of |products| (f32 accumulation over k terms).
+fn reference(a: &[f32], b: &[f32], m: usize, n: usize, k: usize) -> (Vec<f64>, Vec<f64>) {
+    let (a, b) = (round(a), round(b));
+    let mut c = vec![0f64; m * n];
+    let mut bound = vec![0f64; m * n];
+    for i in 0..m {
+        for j in 0..n {
+            for l in 0..k {
+                let p = a[i * k + l] as f64 * b[l * n + j] as f64;
+                c[i * n + j] += p;
+                bound[i * n + j] += p.abs();
+            }
+        }
+    }
+    let tol = bound
+        .iter()
+        .map(|s| s * 2f64.powi(-20) * (k as f64).sqrt().max(1.0) + 1e-30)
+        .collect();
+    (c, tol)
+}
+
+/// Shapes with ragged edges on every side: below, at and above the block, panel and k steps.
+const SHAPES: [(usize, usize, usize); 9] = [
+    (1, 1, 1),
+    (3, 5, 7),
+    (31, 17, 33),
+    (32, 32, 32),
+    (33, 47, 63),
+    (64, 16, 2),
+    (70, 100, 97),
+    (5, 65, 200),
+    (130, 40, 576),
+];
+
+fn check(kernel: Kernel) {
+    for (s, &(m, n, k)) in SHAPES.iter().enumerate() {
+        let a = random(m * k, 2 * s as u64);
+        let b = random(k * n, 2 * s as u64 + 1);
+        let (want, tol) = reference(&a, &b, m, n, k);
+        let ra = Rows::pack(&a, m, k);
+        let pb = Panels::pack(k, n, |i, j| b[i * n + j]);
+        // Into a wider C (row stride n + 3), first written, then accumulated onto.
+        let ldc = n + 3;
+        let mut c = vec![7f32; m * ldc];
+        gemm(kernel, &ra, &pb, &mut c, ldc, false);
+        for pass in 0..2 {
+            for i in 0..m {
+                for j in 0..n {
+                    let got = c[i * ldc + j] as f64;
+                    let w = want[i * n + j] * (pass + 1) as f64;
+                    assert!(
+                        (got - w).abs() <= tol[i * n + j] * (pass + 1) as f64,
+                        "{} {m}×{n}×{k} pass {pass} ({i}, {j}): {got} vs {w}",
+                        kernel.name()
+                    );
+                }
+                for j in n..ldc {
+                    assert_eq!(c[i * ldc + j], 7.0, "{}: wrote past n", kernel.name());
+                }
+            }
+            gemm(kernel, &ra, &pb, &mut c, ldc, true);
+        }
+    }
+}
+
+#[test]
+fn packing_keeps_every_value_rounded_and_pads_with_zeros() {
+    let (out, inp) = (37, 45);
+    let w = random(out * inp, 9);
+    let bw = Bf16Weight::new(&w, out, inp);
+    assert_eq!(bw.dims(), (out, inp));
+    let f = bw.to_f32();
+    for o in 0..out {
+        for i in 0..inp {
+            let r = from_bf16(to_bf16(w[o * inp + i]));
+            assert_eq!(f[o * inp + i], r);
+            assert_eq!(bw.fwd().get(i, o), r, "Wᵀ");
+            assert_eq!(bw.bwd().get(o, i), r, "W");
+        }
+    }
+    // Padding: k to 32 (pair rows), n to 32 (two panels).
+    let p = bw.fwd();
+    assert_eq!((p.kq, p.np), (32, 4));
+    assert_eq!(p.get(45, 0), 0.0);
+    assert_eq!(p.get(0, 40), 0.0);
+    let x = random(5 * inp, 10);
+    let rows = Rows::pack(&x, 5, inp);
+    assert_eq!(rows.get(4, 44), from_bf16(to_bf16(x[4 * inp + 44])));
+    assert_eq!(rows.get(4, 45), 0.0);
+    assert_eq!(rows.get(31, 0), 0.0);
+    // The CPU's conversion (where there is one) rounds to nearest even like `half`.
+    let odd: Vec<f32> = (0..100).map(|i| 1.0 + i as f32 * 2f32.powi(-9)).collect();
+    let r = Rows::pack(&odd, 1, 100);
+    for (i, &v) in odd.iter().enumerate() {
+        assert_eq!(r.get(0, i), from_bf16(to_bf16(v)), "{v}");
+    }
+}
+
+#[test]
+fn the_emulated_kernel_matches_the_reference() {
+    check(Kernel::Emulated);
+}
+
+#[test]
+fn the_avx512_bf16_kernel_matches_the_reference() {
+    match Kernel::Avx512Bf16.available() {
+        Ok(()) => check(Kernel::Avx512Bf16),
+        Err(why) => eprintln!("skipped: {why}"),
+    }
+}
+
+#[test]
+fn the_amx_kernel_matches_the_reference() {
+    match Kernel::AmxBf16.available() {
+        Ok(()) => check(Kernel::AmxBf16),
+        Err(why) => eprintln!("skipped: {why}"),
+    }
+}
+
+#[test]
+fn forward_and_backward_products_of_a_weight() {
+    let (m, out, inp) = (19, 40, 70);
+    let w = random(out * inp, 3);
+    let x = random(m * inp, 4);
+    let g = random(m * out, 5);
+    let bw = Bf16Weight::new(&w, out, inp);
+    let wt: Vec<f32> = (0..inp * out)
+        .map(|t| w[(t % out) * inp + t / out])
+        .collect();
+    for kernel in [Kernel::Emulated, Kernel::best()] {
+        if !kernel.is_bf16() {
+            continue;
+        }
+        let y = forward(kernel, &x, m, &bw);
+        let (want, tol) = reference(&x, &wt, m, out, inp);
+        for (t, (&y, (&w, &e))) in y.iter().zip(want.iter().zip(&tol)).enumerate() {
+            assert!(
+                (y as f64 - w).abs() <= e,
+                "{} y[{t}]: {y} vs {w}",
+                kernel.name()
+            );
+        }
+        let mut dx = vec![1f32; m * inp];
+        backward_into(kernel, &g, m, &bw, &mut dx, true);
+        let (want, tol) = reference(&g, &w, m, inp, out);
+        for (t, (&d, (&w, &e))) in dx.iter().zip(want.iter().zip(&tol)).enumerate() {
+            assert!(
+                (d as f64 - 1.0 - w).abs() <= e + 1e-6,
+                "{} dx[{t}]: {d} vs 1 + {w}",
+                kernel.name()
+            );
+        }
+    }
+}
+
+#[test]
+fn kernel_names_parse_and_unavailable_ones_say_what_is_missing() {
+    assert_eq!(
+        KernelChoice::parse("f32").unwrap(),
+        KernelChoice::all(Kernel::F32)
+    );
+    assert_eq!(
+        KernelChoice::parse("emulated").unwrap().kernel,
+        Kernel::Emulated
+    );
+    let auto = KernelChoice::parse("auto").unwrap();
+    assert!(auto.auto && auto.min_dim == AUTO_MIN_DIM && auto.kernel == Kernel::best());
+    assert_eq!(auto.for_weight(576, 192), auto.kernel);
+    assert_eq!(auto.for_weight(64, 32), Kernel::F32);
+    let e = KernelChoice::parse("fast").unwrap_err();
+    assert!(e.contains("COLLM_KERNEL=fast") && e.contains("amx"), "{e}");
+    for (name, k) in [("bf16", Kernel::Avx512Bf16), ("amx", Kernel::AmxBf16)] {
+        match (k.available(), KernelChoice::parse(name)) {
+            (Ok(()), Ok(c)) => assert_eq!(c.kernel, k),
+            (Err(why), Err(e)) => assert!(e.contains(&why) && e.contains(name), "{e}"),
+            (a, b) => panic!("{name}: available {a:?} but parse {b:?}"),
+        }
+    }
+}
+
+/// Not a test: the rates on SmolLM2's shapes (`cargo test --release -p collm-llm --lib
+/// bf16::tests::rates -- --ignored --nocapture`).
+#[test]
+#[ignore]
+fn rates() {
+    for (n, k) in [(576, 576), (192, 576), (1536, 576), (576, 1536)] {
+        let m = 1280;
+        let f = crate::ops::cpu::gemm_gflops(m, n, k, 3);
+        let mut line = format!("m {m} n {n} k {k}: f32 {f:.0} GF/s");
+        for kernel in [Kernel::Avx512Bf16, Kernel::AmxBf16] {
+            if kernel.available().is_ok() {
+                let g = gflops(kernel, m, n, k, 3);
+                line += &format!(", {} {g:.0} GF/s ({:.2}x)", kernel.name(), g / f);
+            }
+        }
+        eprintln!("{line}");
+    }
+}
