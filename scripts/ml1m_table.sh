@@ -305,7 +305,9 @@ train_row() {
     none) ;;
     done) return 0 ;;
   esac
-  log_row "$row" "${mode[*]:-start} on $(cpu)"
+  local kern=""
+  if [ "$kind" = llm ]; then kern=", kernel $("$BIN" llm kernel --short)"; fi
+  log_row "$row" "${mode[*]:-start} on $(cpu)$kern"
   say "$row: ${mode[*]:-start}"
   local t0=$SECONDS rc=0 cmd
   TRAIN_T0=$t0

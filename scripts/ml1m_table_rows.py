@@ -4,7 +4,7 @@
 Usage: ml1m_table_rows.py RUN_DIR CONFIG KIND ...  (triples, one per finished row)
 Each row: valid AUC / UAUC, warm / cold AUC (eval-valid.json), the budget spent (metrics.json
 and the config), the wall time (driver.log's "trained N s" lines, summed over sessions) and the
-machines it ran on."""
+machines it ran on (for LLM rows with the kernel of their frozen projections)."""
 import json
 import os
 import re
@@ -36,6 +36,11 @@ def row(d, cfg, kind):
     log = open(p).read() if os.path.exists(p) else ""
     secs = sum(int(x) for x in re.findall(r"trained (\d+) s", log))
     machines = sorted(set(re.findall(r" on (.*?), \d+ cores", log)))
+    # LLM rows: the kernel the frozen projections ran with (logged since the bf16 kernels; f32
+    # before them).
+    kernels = sorted(set(re.findall(r", kernel (\S+)", log)))
+    if kind != "cf" and get("mode") != "icl":
+        machines = ["%s; kernel %s" % ("; ".join(machines) or "?", ", ".join(kernels) or "f32")]
     wall = "%.1f h" % (secs / 3600) if secs >= 360 else "%d s" % secs
     return "| %s | %s | %s | %s | %s | %s | %s | %s |" % (
         os.path.basename(d), fmt(r["auc"]), fmt(r["uauc"]), fmt(sub.get("warm", {}).get("auc")),

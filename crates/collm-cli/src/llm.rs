@@ -10,6 +10,16 @@ use std::path::PathBuf;
 pub enum LlmCommand {
     /// Next-token logits after a prompt (encoded without special tokens).
     Score(ScoreArgs),
+    /// The kernel this process multiplies the frozen projections with (COLLM_KERNEL=auto|f32|
+    /// bf16|amx|emulated; auto: AMX-BF16, else AVX512-BF16, else f32), and this CPU.
+    Kernel(KernelArgs),
+}
+
+#[derive(Args)]
+pub struct KernelArgs {
+    /// Print only the kernel's name (f32, bf16, amx, emulated).
+    #[arg(long)]
+    pub short: bool,
 }
 
 #[derive(Args)]
@@ -37,6 +47,16 @@ pub struct ScoreArgs {
 
 pub fn run(cmd: LlmCommand) -> Result<()> {
     match cmd {
+        LlmCommand::Kernel(a) => {
+            let choice = collm_llm::ops::kernel_choice().map_err(anyhow::Error::msg)?;
+            if a.short {
+                println!("{}", choice.kernel.name());
+            } else {
+                println!("kernel: {}", choice.describe());
+                println!("cpu: {}", collm_data::bench::cpu_description());
+            }
+            Ok(())
+        }
         LlmCommand::Score(a) => {
             let bb = Backbone::load(&a.model, parse_dtype(&a.dtype)?, &collm_llm::device())?;
             let words: Vec<String> = a

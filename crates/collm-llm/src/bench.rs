@@ -68,6 +68,17 @@ pub struct LlmBenchRow {
     /// ([`crate::ops::cpu::gemm_gflops`]), measured in the same run: the ceiling of any f32 engine
     /// here. `None` on other devices.
     pub gemm_gflops: Option<f64>,
+    /// The kernel the projections ran with (`f32`, `bf16`, `amx`, `emulated`), and how it was
+    /// chosen.
+    pub kernel: String,
+    pub kernel_choice: String,
+    /// CPU: the same rate with that kernel when it is a bf16 one (the activations' packing
+    /// included), same run.
+    pub kernel_gflops: Option<f64>,
+    /// Bytes of the projections' weights as held (f32, or their bf16 packings), in MiB.
+    pub projection_mib: f64,
+    /// This CPU (model, family, SIMD features, threads).
+    pub cpu: String,
 }
 
 /// Forward FLOPs of one pass over `tokens` tokens, as the reference script counts them.
@@ -190,6 +201,23 @@ pub fn measure(b: &LlmBench, device: &Device) -> Result<LlmBenchRow> {
     let gemm = device.is_cpu().then(|| {
         crate::ops::cpu::gemm_gflops(batch * seq, cfg.intermediate_size, cfg.hidden_size, 3)
     });
+    let kernel = dec.kernel();
+    let kernel_gflops = (device.is_cpu() && kernel.is_bf16()).then(|| {
+        crate::ops::cpu::bf16::gflops(
+            kernel,
+            batch * seq,
+            cfg.intermediate_size,
+            cfg.hidden_size,
+            3,
+        )
+    });
+    let choice = if device.is_cpu() && b.dtype == DType::F32 {
+        crate::ops::kernel_choice()
+            .map(|c| c.describe())
+            .unwrap_or_else(|e| e)
+    } else {
+        "f32 (not an f32 CPU decoder)".into()
+    };
     Ok(LlmBenchRow {
         model: b.model.clone(),
         batch,
@@ -213,6 +241,11 @@ pub fn measure(b: &LlmBench, device: &Device) -> Result<LlmBenchRow> {
         train_gflops: 2.0 * flop / train_s / 1e9,
         infer_gflops: flop / infer_s / 1e9,
         gemm_gflops: gemm,
+        kernel: kernel.name().into(),
+        kernel_choice: choice,
+        kernel_gflops,
+        projection_mib: dec.projection_bytes() as f64 / (1 << 20) as f64,
+        cpu: collm_data::bench::cpu_description(),
     })
 }
 
@@ -267,6 +300,15 @@ pub fn render(rows: &[LlmBenchRow], dtype: &str) -> String {
         );
     }
     for r in rows {
+        let _ = writeln!(
+            out,
+            "kernel: {}; projections {:.0} MiB{}",
+            r.kernel_choice,
+            r.projection_mib,
+            r.kernel_gflops
+                .map(|k| format!("; {} products here {k:.1} GF/s", r.kernel))
+                .unwrap_or_default()
+        );
         if let Some(g) = r.gemm_gflops {
             let per_sample = forward_flop_per_sample(r);
             let _ = writeln!(
@@ -282,10 +324,11 @@ pub fn render(rows: &[LlmBenchRow], dtype: &str) -> String {
         }
     }
     let _ = writeln!(out,
-        "({} {}, {} threads; step shares: host prep, forward, backward, optimizer; peak RSS of the train steps)",
+        "({} {}, {} threads, {}; step shares: host prep, forward, backward, optimizer; peak RSS of the train steps)",
         dtype,
         rows.first().map_or("", |r| r.device.as_str()),
-        rows.first().map_or(0, |r| r.threads)
+        rows.first().map_or(0, |r| r.threads),
+        rows.first().map_or("", |r| r.cpu.as_str())
     );
     out
 }

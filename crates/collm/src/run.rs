@@ -97,6 +97,10 @@ pub struct RunState {
     pub interval_loss_sum: f64,
     #[serde(default, skip_serializing_if = "is_zero_usize")]
     pub interval_steps: usize,
+    /// The kernels the frozen projections were multiplied with, in the order the run's sessions
+    /// used them (`f32`, `bf16`, `amx`; absent in runs written before it was recorded).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub kernels: Vec<String>,
 }
 
 fn is_zero_f64(x: &f64) -> bool {
@@ -126,6 +130,7 @@ impl Default for RunState {
             train_seconds: 0.0,
             interval_loss_sum: 0.0,
             interval_steps: 0,
+            kernels: Vec::new(),
         }
     }
 }

@@ -329,6 +329,16 @@ impl Trainer for CollmTrainer<'_> {
     }
 
     fn start(&mut self, state: &mut RunState) -> Result<()> {
+        let kernel = self.model.backbone.decoder.kernel().name().to_string();
+        tracing::info!(
+            "kernel: {} (chosen: {}); {}",
+            kernel,
+            collm_llm::ops::kernel_choice().map_or_else(|e| e, |c| c.describe()),
+            collm_data::bench::cpu_description()
+        );
+        if state.kernels.last() != Some(&kernel) {
+            state.kernels.push(kernel);
+        }
         if state.step == 0 && self.cfg.model.calibrate {
             // The first rows of the epoch-0 order, under the initial weights.
             let order = epoch_order(self.cfg.seed, 0, self.train.len());

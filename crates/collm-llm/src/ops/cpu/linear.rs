@@ -129,9 +129,7 @@ impl FrozenLinear {
             );
         }
         if let Some((kernel, bw)) = self.w.bf16() {
-            let mut dx = vec![0f32; n * fan_in];
-            bf16::backward_into(kernel, g, n, bw, &mut dx, false);
-            return Ok(dx);
+            return Ok(bf16::backward(kernel, g, n, bw));
         }
         cpu_f32!(self.w.tensor()? => w);
         // dx (n×in) = g (n×out) · W (out×in)

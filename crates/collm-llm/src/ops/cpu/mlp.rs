@@ -13,20 +13,24 @@ fn sigmoid(x: f32) -> f32 {
 /// `silu(g) · u` element-wise, rounded to `dtype` as the separate ops store it (silu, then
 /// the product). The dtype test sits outside the loops, so that they vectorize.
 fn swiglu_values(g: &[f32], u: &[f32], dtype: DType) -> Vec<f32> {
-    let mut y = vec![0f32; g.len()];
-    y.par_chunks_mut(CHUNK)
+    // Written in full below: never zeroed first (at these sizes that costs as much as the loop).
+    let mut y = Vec::with_capacity(g.len());
+    y.spare_capacity_mut()[..g.len()]
+        .par_chunks_mut(CHUNK)
         .zip(g.par_chunks(CHUNK).zip(u.par_chunks(CHUNK)))
         .for_each(|(y, (g, u))| {
             if dtype == DType::BF16 {
                 for ((y, g), u) in y.iter_mut().zip(g).zip(u) {
-                    *y = round(round(g * sigmoid(*g), dtype) * u, dtype);
+                    y.write(round(round(g * sigmoid(*g), dtype) * u, dtype));
                 }
             } else {
                 for ((y, g), u) in y.iter_mut().zip(g).zip(u) {
-                    *y = g * sigmoid(*g) * u;
+                    y.write(g * sigmoid(*g) * u);
                 }
             }
         });
+    // SAFETY: every element was written above (the chunks cover all g.len()).
+    unsafe { y.set_len(g.len()) };
     y
 }
 
@@ -119,11 +123,10 @@ impl Mlp {
         let (mut g, mut u) = match (self.gate.bf16(), self.up.bf16()) {
             (Some((kernel, wg)), Some((_, wu))) => {
                 let rows = bf16::Rows::pack(x, n, h);
-                let mut g = vec![0f32; n * inter];
-                let mut u = vec![0f32; n * inter];
-                bf16::gemm(kernel, &rows, wg.fwd(), &mut g, inter, false);
-                bf16::gemm(kernel, &rows, wu.fwd(), &mut u, inter, false);
-                (g, u)
+                (
+                    bf16::product(kernel, &rows, wg.fwd()),
+                    bf16::product(kernel, &rows, wu.fwd()),
+                )
             }
             _ => {
                 cpu_f32!(self.gate.tensor()? => wg);
@@ -152,6 +155,21 @@ impl Mlp {
             (n, out, k),
             (a, (k, 1)),
             (&wv, (1, k)),
+            pool_parallelism(),
+        ))
+    }
+
+    /// `g (n×out) · W` for the projection `w` (out×in) in a new buffer: its bf16 kernel, or f32.
+    fn project_back_new(w: &Weight, g: &[f32], n: usize) -> Result<Vec<f32>> {
+        let (out, inp) = w.dims2();
+        if let Some((kernel, bw)) = w.bf16() {
+            return Ok(bf16::backward(kernel, g, n, bw));
+        }
+        cpu_f32!(w.tensor()? => wv);
+        Ok(matmul_new(
+            (n, inp, out),
+            (g, (out, 1)),
+            (&wv, (inp, 1)),
             pool_parallelism(),
         ))
     }
@@ -226,20 +244,18 @@ impl CustomOp1 for Mlp {
             bail!("mlp: the forward pass kept nothing for a backward pass");
         };
         let (g, u) = (&saved.0, &saved.1);
-        let (inter, h) = self.gate.dims2();
+        let h = self.gate.dims2().1;
         cpu_f32!(grad => d);
         let n = d.len() / h;
         // da (n×inter) = d (n×hidden) · Wd (hidden×inter)
-        let mut da = vec![0f32; n * inter];
-        Self::project_back(&self.down, &d, n, &mut da, false)?;
+        let mut da = Self::project_back_new(&self.down, &d, n)?;
         if dtype == DType::BF16 {
             // As the separate down projection would hand it on: in bf16.
             da.par_iter_mut().for_each(|v| *v = round(*v, dtype));
         }
         let (dg, du) = swiglu_grads(&da, g, u, dtype);
         // dx (n×hidden) = dgate · Wg + dup · Wu, W (inter×hidden)
-        let mut dx = vec![0f32; n * h];
-        Self::project_back(&self.gate, &dg, n, &mut dx, false)?;
+        let mut dx = Self::project_back_new(&self.gate, &dg, n)?;
         Self::project_back(&self.up, &du, n, &mut dx, true)?;
         Ok(Some(tensor_from(dx, x)?))
     }

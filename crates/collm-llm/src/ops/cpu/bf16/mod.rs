@@ -206,12 +206,29 @@ impl Rows {
         assert_eq!(x.len(), m * k, "bf16 rows: {} values for {m}×{k}", x.len());
         let kl = k.div_ceil(32).max(1);
         let mp = m.div_ceil(BLOCK).max(1) * BLOCK;
-        let mut data = vec![ZERO; mp * kl];
-        as_u16_mut(&mut data)
-            .par_chunks_mut(kl * 32)
-            .take(m)
+        let mut data: Vec<Line> = Vec::with_capacity(mp * kl);
+        // Every line is written below (the values, then zeros past k and past m), so the
+        // buffer is never zeroed first.
+        let rows = data.spare_capacity_mut();
+        const ROWS: usize = 8; // per parallel task
+        rows.par_chunks_mut(kl * ROWS)
             .enumerate()
-            .for_each(|(r, row)| convert(&x[r * k..(r + 1) * k], &mut row[..k]));
+            .for_each(|(c, chunk)| {
+                for (i, row) in chunk.chunks_mut(kl).enumerate() {
+                    let r = c * ROWS + i;
+                    // SAFETY: a `Line` is plain data; every element of `row` is written here.
+                    let row: &mut [Line] = unsafe { &mut *(row as *mut [_] as *mut [Line]) };
+                    if r < m {
+                        let v = as_u16_mut(row);
+                        convert(&x[r * k..(r + 1) * k], &mut v[..k]);
+                        v[k..].fill(0);
+                    } else {
+                        row.fill(ZERO);
+                    }
+                }
+            });
+        // SAFETY: all mp·kl lines were written above.
+        unsafe { data.set_len(mp * kl) };
         Self { data, m, k, kl }
     }
 
@@ -368,22 +385,41 @@ const PAIRS_PER_TASK: usize = 8;
 
 /// `c (m×n, row stride ldc) [+]= a (m×k) · b (k×n)` with `kernel` (a bf16 kernel).
 pub fn gemm(kernel: Kernel, a: &Rows, b: &Panels, c: &mut [f32], ldc: usize, accumulate: bool) {
+    if a.m > 0 && b.n > 0 {
+        assert!(
+            ldc >= b.n && c.len() >= (a.m - 1) * ldc + b.n,
+            "bf16 gemm: C too small"
+        );
+    }
+    // SAFETY: `c` holds the m×n product at row stride ldc (asserted), initialised, unaliased.
+    unsafe { gemm_raw(kernel, a, b, c.as_mut_ptr(), ldc, accumulate) }
+}
+
+/// [`gemm`] into raw memory.
+///
+/// # Safety
+/// `c` must be valid for writes (and, with `accumulate`, reads of initialised values) of the
+/// m×n product at row stride `ldc ≥ n`, and alias nothing else in use.
+unsafe fn gemm_raw(
+    kernel: Kernel,
+    a: &Rows,
+    b: &Panels,
+    c: *mut f32,
+    ldc: usize,
+    accumulate: bool,
+) {
     let (m, n, k) = (a.m, b.n, a.k);
     assert_eq!(k, b.k, "bf16 gemm: A has k = {k}, B has k = {}", b.k);
     assert!(kernel.is_bf16(), "bf16 gemm with the f32 kernel");
     if m == 0 || n == 0 {
         return;
     }
-    assert!(
-        ldc >= n && c.len() >= (m - 1) * ldc + n,
-        "bf16 gemm: C too small"
-    );
     assert_eq!(a.kl * 16, b.kq, "bf16 gemm: A and B padded differently");
     let row_blocks = m.div_ceil(BLOCK);
     let pairs = n.div_ceil(2 * 16);
     debug_assert!(2 * pairs <= b.np);
     let chunks = pairs.div_ceil(PAIRS_PER_TASK);
-    let out = Out(c.as_mut_ptr());
+    let out = Out(c);
     let task = move |t: usize| {
         let out = out;
         let (rb, ch) = (t / chunks, t % chunks);
@@ -422,13 +458,30 @@ pub fn gemm(kernel: Kernel, a: &Rows, b: &Panels, c: &mut [f32], ldc: usize, acc
     }
 }
 
+/// `a · b` into a new (m×n) buffer that is never zeroed first: the product writes every
+/// element.
+pub fn product(kernel: Kernel, a: &Rows, b: &Panels) -> Vec<f32> {
+    let (m, n) = (a.m, b.n);
+    let mut c: Vec<f32> = Vec::with_capacity(m * n);
+    // SAFETY: room for m×n at row stride n; without `accumulate` every element is written
+    // (each block's valid rows and columns) and none read, so all are initialised after.
+    unsafe {
+        gemm_raw(kernel, a, b, c.as_mut_ptr(), n, false);
+        c.set_len(m * n);
+    }
+    c
+}
+
 /// `x (m×k) · Wᵀ` for a packed weight: the forward product of a projection (m×out).
 pub fn forward(kernel: Kernel, x: &[f32], m: usize, w: &Bf16Weight) -> Vec<f32> {
-    let (out, inp) = w.dims();
-    let a = Rows::pack(x, m, inp);
-    let mut y = vec![0f32; m * out];
-    gemm(kernel, &a, w.fwd(), &mut y, out, false);
-    y
+    let (_, inp) = w.dims();
+    product(kernel, &Rows::pack(x, m, inp), w.fwd())
+}
+
+/// `g (m×out) · W`: the backward product of a projection (m×in), in a new buffer.
+pub fn backward(kernel: Kernel, g: &[f32], m: usize, w: &Bf16Weight) -> Vec<f32> {
+    let (out, _) = w.dims();
+    product(kernel, &Rows::pack(g, m, out), w.bwd())
 }
 
 /// `g (m×out) · W` [+ into `dst`]: the backward product of a projection (m×in).
