@@ -37,6 +37,7 @@ impl Weight {
         if !(kernel.is_bf16() && w.device().is_cpu() && w.dtype() == DType::F32) {
             return Self::plain(w);
         }
+        kernel.available().map_err(candle_core::Error::msg)?;
         let v = w.flatten_all()?.to_vec1::<f32>()?;
         Ok(Self {
             dims: (out, inp),

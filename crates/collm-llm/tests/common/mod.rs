@@ -10,6 +10,7 @@ pub fn fixtures() -> PathBuf {
 }
 
 /// The fixture model `name` (tiny-llama, tiny-qwen2) as an f32 CPU decoder.
+#[allow(dead_code)] // not every test file that shares this module uses it
 pub fn tiny(name: &str) -> Decoder {
     let ck = load_hf_dir(&fixtures().join(name), DType::F32, &Device::Cpu).unwrap();
     Decoder::new(&ck.config, &ck.weights, DType::F32, &Device::Cpu).unwrap()

@@ -411,6 +411,10 @@ unsafe fn gemm_raw(
     let (m, n, k) = (a.m, b.n, a.k);
     assert_eq!(k, b.k, "bf16 gemm: A has k = {k}, B has k = {}", b.k);
     assert!(kernel.is_bf16(), "bf16 gemm with the f32 kernel");
+    // Also asks Linux for AMX's registers the first time (once per process; cached).
+    if let Err(why) = kernel.available() {
+        panic!("bf16 gemm with the {} kernel: {why}", kernel.name());
+    }
     if m == 0 || n == 0 {
         return;
     }

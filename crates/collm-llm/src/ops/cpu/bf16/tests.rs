@@ -214,3 +214,33 @@ fn rates() {
         eprintln!("{line}");
     }
 }
+
+#[test]
+fn native_kernels_agree_with_the_emulated_one_on_wide_products() {
+    // Several column chunks and row blocks, on the pool's threads.
+    let (m, n, k) = (70, 600, 576);
+    let a = random(m * k, 21);
+    let b = random(k * n, 22);
+    let ra = Rows::pack(&a, m, k);
+    let pb = Panels::pack(k, n, |i, j| b[i * n + j]);
+    let want = product(Kernel::Emulated, &ra, &pb);
+    let (exact, tol) = reference(&a, &b, m, n, k);
+    for (t, (&w, (&e, &tl))) in want.iter().zip(exact.iter().zip(&tol)).enumerate() {
+        assert!((w as f64 - e).abs() <= tl, "emulated [{t}]: {w} vs {e}");
+    }
+    for kernel in [Kernel::Avx512Bf16, Kernel::AmxBf16] {
+        if let Err(why) = kernel.available() {
+            eprintln!("skipped {}: {why}", kernel.name());
+            continue;
+        }
+        let got = product(kernel, &ra, &pb);
+        let worst = got
+            .iter()
+            .zip(&want)
+            .zip(&tol)
+            .map(|((g, w), t)| (g - w).abs() as f64 / t)
+            .fold(0.0, f64::max);
+        eprintln!("{}: worst error / bound {worst:.3}", kernel.name());
+        assert!(worst <= 1.0, "{}: {worst}", kernel.name());
+    }
+}
