@@ -1,0 +1,120 @@
+//! The kernel a process multiplies its frozen projections with (`COLLM_KERNEL`): the same
+//! training run (seed, data, backbone) with f32 and with each bf16 kernel this CPU runs ends
+//! within noise of the f32 run's validation AUC and records the kernel it ran with; a kernel the
+//! CPU lacks is refused naming the missing feature; `collm llm kernel` says the choice.
+
+mod common;
+
+use collm::testing::{Family, Spec};
+use collm_data::sources::synthetic::SyntheticOptions;
+use common::{collm_env, s};
+use std::sync::OnceLock;
+
+fn family() -> &'static Family {
+    static F: OnceLock<Family> = OnceLock::new();
+    F.get_or_init(|| {
+        Family::build(Spec {
+            data: SyntheticOptions {
+                users: 40,
+                items: 30,
+                rows_per_user: 8.0,
+                ..Default::default()
+            },
+            step2: vec![],
+            ..Spec::default()
+        })
+        .unwrap()
+    })
+}
+
+/// (validation AUC of the best step, the run's recorded kernels) of a CoLLM-MF run trained under
+/// `COLLM_KERNEL=kernel`.
+fn train(kernel: &str, dir: &std::path::Path) -> (f64, Vec<String>) {
+    let f = family();
+    let cfg = dir.join(format!("collm-{kernel}.toml"));
+    let mut c = f.config(collm::experiment::Mode::Collm);
+    let t = &mut c.training;
+    (t.max_steps, t.eval_every, t.eval_rows, t.batch_size) = (12, 4, 0, 8);
+    std::fs::write(&cfg, toml::to_string(&c).unwrap()).unwrap();
+    let out = dir.join(format!("run-{kernel}"));
+    let o = collm_env(
+        &[
+            "train",
+            "collm",
+            "--config",
+            s(&cfg),
+            "--quiet",
+            "--out",
+            s(&out),
+        ],
+        &[("COLLM_KERNEL", kernel.to_string())],
+    );
+    assert!(o.status.success(), "{kernel}: {o:?}");
+    let m: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("metrics.json")).unwrap()).unwrap();
+    let auc = m["best_valid"]["auc"].as_f64().unwrap();
+    let kernels = m["kernels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| k.as_str().unwrap().to_string())
+        .collect();
+    (auc, kernels)
+}
+
+#[test]
+fn a_run_on_each_bf16_kernel_ends_within_noise_of_f32_and_records_its_kernel() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (auc32, k32) = train("f32", tmp.path());
+    assert_eq!(k32, ["f32"]);
+    let mut kernels = vec!["emulated"];
+    for (name, kernel) in [
+        ("bf16", collm_llm::ops::Kernel::Avx512Bf16),
+        ("amx", collm_llm::ops::Kernel::AmxBf16),
+    ] {
+        match kernel.available() {
+            Ok(()) => kernels.push(name),
+            Err(why) => eprintln!("{name} skipped: {why}"),
+        }
+    }
+    for k in kernels {
+        let (auc, rec) = train(k, tmp.path());
+        eprintln!("{k}: valid AUC {auc:.4} vs f32 {auc32:.4}");
+        assert_eq!(rec, [k]);
+        // The whole valid split of the tiny family (a few hundred rows): a handful of pairs
+        // swapping order moves AUC by ~0.01.
+        assert!((auc - auc32).abs() <= 0.03, "{k}: {auc} vs f32 {auc32}");
+    }
+}
+
+#[test]
+fn collm_llm_kernel_names_the_choice_and_refuses_what_the_cpu_lacks() {
+    let o = collm_env(&["llm", "kernel"], &[("COLLM_KERNEL", "emulated".into())]);
+    assert!(o.status.success(), "{o:?}");
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        out.contains("kernel: emulated (COLLM_KERNEL)") && out.contains("cpu: "),
+        "{out}"
+    );
+    let o = collm_env(
+        &["llm", "kernel", "--short"],
+        &[("COLLM_KERNEL", "f32".into())],
+    );
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "f32\n");
+    let o = collm_env(&["llm", "kernel"], &[("COLLM_KERNEL", "fastest".into())]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("COLLM_KERNEL=fastest: expected auto"));
+    for (name, kernel, feature) in [
+        ("bf16", collm_llm::ops::Kernel::Avx512Bf16, "avx512_bf16"),
+        ("amx", collm_llm::ops::Kernel::AmxBf16, "amx_bf16"),
+    ] {
+        let o = collm_env(&["llm", "kernel"], &[("COLLM_KERNEL", name.into())]);
+        match kernel.available() {
+            Ok(()) => assert!(o.status.success(), "{o:?}"),
+            Err(_) => {
+                let e = String::from_utf8_lossy(&o.stderr);
+                assert!(!o.status.success() && e.contains(feature), "{e}");
+            }
+        }
+    }
+}
