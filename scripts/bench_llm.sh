@@ -1,13 +1,17 @@
 #!/usr/bin/env bash
 # LLM throughput on this CPU, same shapes, same thread count, same run:
-#   PyTorch + PEFT (../shared/bench/ref_lora_throughput.py) in each of $DTYPES, against
-#   collm's composed path (plain candle ops: the engine before the fused kernels) and its
-#   fused path, in each of $DTYPES.
+#   PyTorch + PEFT (../shared/bench/ref_lora_throughput.py) in f32 and bf16 (always both: the
+#   ratio is to PyTorch's best dtype), against collm's fused engine with each kernel this CPU
+#   runs ($KERNELS: f32, and bf16 = AVX512-BF16 and amx = AMX-BF16 where present; COLLM_KERNEL),
+#   and with PATHS=composed also the composed candle ops (the engine before the fused kernels).
 # Prints one table: samples/s for train steps and scoring, each collm row's ratio to PyTorch's
-# best dtype, collm's train-step breakdown, and every process's peak RSS (/usr/bin/time, the
-# whole process, as for PyTorch). Logs: target/bench-llm/. Needs torch, transformers and peft.
+# best dtype, collm's train-step breakdown and kernel, every process's peak RSS (/usr/bin/time,
+# the whole process, as for PyTorch), the CPU model, and the share of an f32 step that is the
+# projections' products with what a faster product gives by Amdahl's law. Logs:
+# target/bench-llm/. Needs torch, transformers and peft. Pause the ML-1M table's driver first
+# (scripts/ml1m_table.sh --pause; --continue after).
 #   scripts/bench_llm.sh                   # SmolLM2-135M shape, batch 8, seq 160
-#   PLAN=smollm2-135m:8 DTYPES=f32 STEPS=5 scripts/bench_llm.sh
+#   PLAN=smollm2-135m:8 KERNELS=amx STEPS=5 scripts/bench_llm.sh
 #   BASELINE_BIN=/path/to/older/collm scripts/bench_llm.sh   # also an older build, same run
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -17,11 +21,17 @@ DTYPES=${DTYPES:-f32 bf16}
 STEPS=${STEPS:-3}
 WARM=${WARM:-1}
 THREADS=${THREADS:-$(nproc)}
-PATHS=${PATHS:-composed fused}
+PATHS=${PATHS:-fused}
 LOG=target/bench-llm
 mkdir -p "$LOG"
 rm -f "$LOG"/*.jsonl "$LOG"/*.rss
 cargo build --release --bin collm
+if [ -z "${KERNELS:-}" ]; then
+  KERNELS=f32
+  for k in bf16 amx; do
+    if COLLM_KERNEL=$k target/release/collm llm kernel --short >/dev/null 2>&1; then KERNELS="$KERNELS $k"; fi
+  done
+fi
 for dt in $DTYPES; do
   echo "PyTorch + PEFT, $dt ..." >&2
   /usr/bin/time -f %M -o "$LOG/torch-$dt.rss" env OMP_NUM_THREADS=$THREADS \
@@ -29,12 +39,14 @@ for dt in $DTYPES; do
     > "$LOG/torch-$dt.jsonl" || echo "PyTorch $dt failed (see $LOG/torch-$dt.jsonl)" >&2
 done
 for path in $PATHS; do
-  for dt in $DTYPES; do
-    echo "collm $path, $dt ..." >&2
-    /usr/bin/time -f %M -o "$LOG/collm-$path-$dt.rss" env RAYON_NUM_THREADS=$THREADS \
-      target/release/collm bench llm --plan "$PLAN" --dtype "$dt" --path "$path" \
-      --steps "$STEPS" --warm "$WARM" --json > "$LOG/collm-$path-$dt.jsonl" \
-      || echo "collm $path $dt failed (see $LOG/collm-$path-$dt.jsonl)" >&2
+  kernels=$KERNELS
+  [ "$path" = composed ] && kernels=f32
+  for k in $kernels; do
+    echo "collm $path, kernel $k ..." >&2
+    /usr/bin/time -f %M -o "$LOG/collm-$path-$k.rss" env RAYON_NUM_THREADS=$THREADS COLLM_KERNEL=$k \
+      target/release/collm bench llm --plan "$PLAN" --dtype f32 --path "$path" \
+      --steps "$STEPS" --warm "$WARM" --json > "$LOG/collm-$path-$k.jsonl" \
+      || echo "collm $path $k failed (see $LOG/collm-$path-$k.jsonl)" >&2
   done
 done
 if [ -n "${BASELINE_BIN:-}" ]; then
@@ -79,6 +91,8 @@ for key in keys:
     print(f"\n{key[0]} batch {key[1]}, seq {torch[0][1]['seq'] if torch else '?'}")
     print(f"{'run':<20} {'train/s':>8} {'ratio':>6} {'score/s':>8} {'ratio':>6} {'peak RSS GiB':>12} {'GF/s train/score':>17}  step: prep/fwd/bwd/opt")
     gemm = None
+    f32_row = None
+    kernel_rates = []
     for n, r, m in runs:
         if key not in r:
             continue
@@ -92,6 +106,10 @@ for key in keys:
         if "train_gflops" in d:
             gf = (d["train_gflops"], d["infer_gflops"])
             gemm = d.get("gemm_gflops") or gemm
+            if d.get("kernel", "f32") == "f32" and d.get("path") == "fused":
+                f32_row = d
+            if d.get("kernel_gflops"):
+                kernel_rates.append((d["kernel"], d["kernel_gflops"], t, s))
         elif "train_tflops" in d:
             gf = (1e3 * d["train_tflops"], 1e3 * d["infer_tflops"])
         else:  # an older collm (BASELINE_BIN) without FLOP rates
@@ -104,4 +122,16 @@ for key in keys:
         ct, cs = gemm * 1e9 / (2 * per), gemm * 1e9 / per
         print(f"f32 matmul on this CPU: {gemm:.1f} GF/s (same run), so no f32 engine passes "
               f"{ct:.2f} train/s ({ct / best_train:.2f}x) or {cs:.2f} score/s ({cs / best_score:.2f}x) here")
+    if gemm and f32_row:
+        # Amdahl: the share of collm's f32 step spent in the projections' products, at the
+        # measured f32 rate, and what products S times faster give the whole step.
+        for what, key, k in (("train", "train_gflops", "train_samples_per_s"), ("score", "infer_gflops", "infer_samples_per_s")):
+            share = f32_row[key] / gemm
+            amd = lambda x: 1 / ((1 - share) + share / x)
+            line = f"{what}: {100 * share:.0f}% of the f32 step is projection products; by Amdahl 2x products give {amd(2):.2f}x, 4x give {amd(4):.2f}x"
+            for kname, rate, t, s in kernel_rates:
+                x = rate / gemm
+                got = (t if what == "train" else s) / f32_row[k]
+                line += f"; {kname}: products {x:.2f}x f32 -> predicted {amd(x):.2f}x, measured {got:.2f}x"
+            print(line)
 PY

@@ -37,10 +37,12 @@ fn swiglu_values(g: &[f32], u: &[f32], dtype: DType) -> Vec<f32> {
 /// The gradients of `silu(g) · u` for the output gradient `d`: (for g, for u), rounded to
 /// `dtype`.
 fn swiglu_grads(d: &[f32], g: &[f32], u: &[f32], dtype: DType) -> (Vec<f32>, Vec<f32>) {
-    let mut dg = vec![0f32; g.len()];
-    let mut du = vec![0f32; g.len()];
-    dg.par_chunks_mut(CHUNK)
-        .zip(du.par_chunks_mut(CHUNK))
+    let n = g.len();
+    // Written in full below: never zeroed first.
+    let (mut dg, mut du) = (Vec::with_capacity(n), Vec::with_capacity(n));
+    dg.spare_capacity_mut()[..n]
+        .par_chunks_mut(CHUNK)
+        .zip(du.spare_capacity_mut()[..n].par_chunks_mut(CHUNK))
         .zip(
             d.par_chunks(CHUNK)
                 .zip(g.par_chunks(CHUNK))
@@ -49,15 +51,16 @@ fn swiglu_grads(d: &[f32], g: &[f32], u: &[f32], dtype: DType) -> (Vec<f32>, Vec
         .for_each(|((dg, du), ((d, g), u))| {
             for i in 0..d.len() {
                 let s = sigmoid(g[i]);
-                dg[i] = d[i] * u[i] * s * (1.0 + g[i] * (1.0 - s));
-                du[i] = d[i] * g[i] * s;
-            }
-            if dtype == DType::BF16 {
-                dg.iter_mut()
-                    .chain(du.iter_mut())
-                    .for_each(|v| *v = round(*v, dtype));
+                let (a, b) = (d[i] * u[i] * s * (1.0 + g[i] * (1.0 - s)), d[i] * g[i] * s);
+                dg[i].write(round(a, dtype));
+                du[i].write(round(b, dtype));
             }
         });
+    // SAFETY: every element of both was written above (the chunks cover all n).
+    unsafe {
+        dg.set_len(n);
+        du.set_len(n);
+    }
     (dg, du)
 }
 
