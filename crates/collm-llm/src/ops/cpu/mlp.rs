@@ -125,11 +125,10 @@ impl Mlp {
         let (inter, h) = self.gate.dims2();
         let (mut g, mut u) = match (self.gate.bf16(), self.up.bf16()) {
             (Some((kernel, wg)), Some((_, wu))) => {
-                let rows = bf16::Rows::pack(x, n, h);
-                (
-                    bf16::product(kernel, &rows, wg.fwd()),
-                    bf16::product(kernel, &rows, wu.fwd()),
-                )
+                // One pass over x's rows for both products.
+                let mut gu = bf16::products(kernel, x, n, &[wg.fwd(), wu.fwd()]);
+                let u = gu.pop().expect("two products");
+                (gu.pop().expect("two products"), u)
             }
             _ => {
                 cpu_f32!(self.gate.tensor()? => wg);

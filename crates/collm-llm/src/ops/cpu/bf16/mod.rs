@@ -5,8 +5,9 @@
 //! bf16 output, and has no AMX).
 //!
 //! One product, `C (m×n, f32) [+]= A (m×k) · B (k×n)`, with
-//! - `A` the activations ([`Rows`]): rounded to bf16 (round to nearest even) while packed, row
-//!   major, rows padded to 32 and `k` to 32 with zeros;
+//! - `A` the activations, f32 as the ops hold them: rounded to bf16 (round to nearest even) 32
+//!   rows at a time inside each task, into a thread's own buffer (row major, `k` padded to 32
+//!   with zeros), where they stay in L1 while every panel of `B` passes;
 //! - `B` a frozen weight ([`Panels`]), packed once at load: panels of 16 columns, each a run of
 //!   64-byte lines holding the pair rows `(B[2q][c], B[2q+1][c])` for its 16 columns `c` (the
 //!   layout both `VDPBF16PS` and AMX's `TDPBF16PS` multiply: the pair dot product along k);
@@ -190,54 +191,6 @@ pub fn from_bf16(x: u16) -> f32 {
 /// The rows of `C`'s blocks, and of `A`'s padding.
 const BLOCK: usize = 32;
 
-/// The `A` operand: `m` rows of `k` values in bf16, row major, `m` padded to 32 rows and `k` to
-/// 32 values with zeros.
-pub struct Rows {
-    data: Vec<Line>,
-    m: usize,
-    k: usize,
-    /// Lines per row (`k` padded to 32, over 32).
-    kl: usize,
-}
-
-impl Rows {
-    /// `x` (m×k, row major) rounded to bf16.
-    pub fn pack(x: &[f32], m: usize, k: usize) -> Self {
-        assert_eq!(x.len(), m * k, "bf16 rows: {} values for {m}×{k}", x.len());
-        let kl = k.div_ceil(32).max(1);
-        let mp = m.div_ceil(BLOCK).max(1) * BLOCK;
-        let mut data: Vec<Line> = Vec::with_capacity(mp * kl);
-        // Every line is written below (the values, then zeros past k and past m), so the
-        // buffer is never zeroed first.
-        let rows = data.spare_capacity_mut();
-        const ROWS: usize = 8; // per parallel task
-        rows.par_chunks_mut(kl * ROWS)
-            .enumerate()
-            .for_each(|(c, chunk)| {
-                for (i, row) in chunk.chunks_mut(kl).enumerate() {
-                    let r = c * ROWS + i;
-                    // SAFETY: a `Line` is plain data; every element of `row` is written here.
-                    let row: &mut [Line] = unsafe { &mut *(row as *mut [_] as *mut [Line]) };
-                    if r < m {
-                        let v = as_u16_mut(row);
-                        convert(&x[r * k..(r + 1) * k], &mut v[..k]);
-                        v[k..].fill(0);
-                    } else {
-                        row.fill(ZERO);
-                    }
-                }
-            });
-        // SAFETY: all mp·kl lines were written above.
-        unsafe { data.set_len(mp * kl) };
-        Self { data, m, k, kl }
-    }
-
-    /// Value (r, c), for tests.
-    pub fn get(&self, r: usize, c: usize) -> f32 {
-        from_bf16(as_u16(&self.data)[r * self.kl * 32 + c])
-    }
-}
-
 /// f32 → bf16 element-wise (the CPU's own conversion where it has one).
 fn convert(src: &[f32], dst: &mut [u16]) {
     if avx512::available().is_ok() {
@@ -372,123 +325,210 @@ impl Bf16Weight {
     }
 }
 
-/// A raw pointer into `C` that the tasks of one product share: each writes its own block.
+/// A raw pointer into `C` that the tasks of one product share: each writes its own blocks.
 #[derive(Clone, Copy)]
 struct Out(*mut f32);
-// SAFETY: the tasks write disjoint blocks of `C` (see `gemm`).
+// SAFETY: the tasks write disjoint blocks of `C` (see `run`).
 unsafe impl Send for Out {}
 unsafe impl Sync for Out {}
 
-/// Panel pairs per task: a task is one 32-row block of `C` over this many 32-column blocks (its
-/// slice of `B` stays in L2 while the rows' `A` sits in L1).
-const PAIRS_PER_TASK: usize = 8;
-
-/// `c (m×n, row stride ldc) [+]= a (m×k) · b (k×n)` with `kernel` (a bf16 kernel).
-pub fn gemm(kernel: Kernel, a: &Rows, b: &Panels, c: &mut [f32], ldc: usize, accumulate: bool) {
-    if a.m > 0 && b.n > 0 {
-        assert!(
-            ldc >= b.n && c.len() >= (a.m - 1) * ldc + b.n,
-            "bf16 gemm: C too small"
-        );
-    }
-    // SAFETY: `c` holds the m×n product at row stride ldc (asserted), initialised, unaliased.
-    unsafe { gemm_raw(kernel, a, b, c.as_mut_ptr(), ldc, accumulate) }
+/// One product of [`run`]: `c (m×n, row stride ldc) [+]= A · b`.
+struct Target<'a> {
+    b: &'a Panels,
+    c: Out,
+    ldc: usize,
+    accumulate: bool,
 }
 
-/// [`gemm`] into raw memory.
+/// Panel pairs per task when the rows alone do not give every thread work (a few rows: the
+/// columns are split too).
+const PAIRS_PER_TASK: usize = 8;
+
+thread_local! {
+    /// The task's 32 rows of `A` in bf16: converted where they are multiplied, so they are
+    /// read from memory once, never stored whole, and sit in L1 while every panel passes.
+    static A_ROWS: std::cell::RefCell<Vec<Line>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Rows `r0..r0 + 32` of `x` (m×k f32, row major) in bf16 into `buf` (32 rows of `kl` lines,
+/// zeros past `k` and past `m`).
+fn convert_block(x: &[f32], m: usize, k: usize, r0: usize, kl: usize, buf: &mut Vec<Line>) {
+    buf.clear();
+    buf.resize(BLOCK * kl, ZERO);
+    let rows = as_u16_mut(buf);
+    for r in 0..BLOCK.min(m - r0) {
+        let src = &x[(r0 + r) * k..(r0 + r + 1) * k];
+        convert(src, &mut rows[r * kl * 32..r * kl * 32 + k]);
+    }
+}
+
+/// Every product of `targets`, each `c [+]= bf16(x) · b` with `x` (m×k f32, row major; rounded
+/// to bf16 as it is converted, 32 rows at a time inside each task). Many rows: one task per
+/// 32-row block, over every product and column (its rows converted once); few rows: the
+/// columns split into tasks of [`PAIRS_PER_TASK`] panel pairs too.
 ///
 /// # Safety
-/// `c` must be valid for writes (and, with `accumulate`, reads of initialised values) of the
-/// m×n product at row stride `ldc ≥ n`, and alias nothing else in use.
-unsafe fn gemm_raw(
+/// Each target's `c` must be valid for writes (and, with `accumulate`, reads of initialised
+/// values) of the m×n product at row stride `ldc ≥ n`, alias nothing else in use and no other
+/// target's `c`.
+unsafe fn run(kernel: Kernel, x: &[f32], m: usize, k: usize, targets: &[Target]) {
+    assert!(kernel.is_bf16(), "bf16 product with the f32 kernel");
+    // Also asks Linux for AMX's registers the first time (once per process; cached).
+    if let Err(why) = kernel.available() {
+        panic!("bf16 product with the {} kernel: {why}", kernel.name());
+    }
+    assert_eq!(
+        x.len(),
+        m * k,
+        "bf16 product: {} values for {m}×{k}",
+        x.len()
+    );
+    let kl = k.div_ceil(32).max(1);
+    for t in targets {
+        assert_eq!(t.b.k, k, "bf16 product: A has k = {k}, B has k = {}", t.b.k);
+        assert_eq!(kl * 16, t.b.kq, "bf16 product: A and B padded differently");
+        assert!(t.ldc >= t.b.n);
+        debug_assert!(t.b.n.div_ceil(2 * 16) * 2 <= t.b.np);
+    }
+    if m == 0 {
+        return;
+    }
+    let row_blocks = m.div_ceil(BLOCK);
+    let threads = rayon::current_num_threads();
+    let pairs = |t: &Target| t.b.n.div_ceil(2 * 16);
+    // (row block, target, first pair, end pair) per task.
+    let mut tasks: Vec<(usize, usize, usize, usize)> = Vec::new();
+    if row_blocks >= 2 * threads {
+        tasks.extend((0..row_blocks).map(|rb| (rb, usize::MAX, 0, 0)));
+    } else {
+        for rb in 0..row_blocks {
+            for (ti, t) in targets.iter().enumerate() {
+                let np = pairs(t);
+                for p0 in (0..np).step_by(PAIRS_PER_TASK) {
+                    tasks.push((rb, ti, p0, (p0 + PAIRS_PER_TASK).min(np)));
+                }
+            }
+        }
+    }
+    let task = |&(rb, ti, p0, p1): &(usize, usize, usize, usize)| {
+        A_ROWS.with(|buf| {
+            let mut buf = buf.borrow_mut();
+            let r0 = rb * BLOCK;
+            convert_block(x, m, k, r0, kl, &mut buf);
+            let arows = as_u16(&buf);
+            let work: Vec<(&Target, usize, usize)> = if ti == usize::MAX {
+                targets.iter().map(|t| (t, 0, pairs(t))).collect()
+            } else {
+                vec![(&targets[ti], p0, p1)]
+            };
+            for (t, p0, p1) in work {
+                let (b, n, ldc, out, accumulate) = (t.b, t.b.n, t.ldc, t.c, t.accumulate);
+                let blocks = (p0..p1).map(|p| (p, b.panel(2 * p), b.panel(2 * p + 1)));
+                let mut store = |p: usize, block: &[f32; BLOCK * BLOCK]| {
+                    let (rows, c0) = ((m - r0).min(BLOCK), 2 * 16 * p);
+                    let cols = (n - c0).min(2 * 16);
+                    for r in 0..rows {
+                        let src = &block[r * BLOCK..r * BLOCK + cols];
+                        // SAFETY: row r0 + r < m and columns c0..c0 + cols < n lie inside this
+                        // target's `c` (the caller's contract); no other task writes them.
+                        // Without `accumulate` they are only written (the memory may be
+                        // uninitialised).
+                        unsafe {
+                            let dst = out.0.add((r0 + r) * ldc + c0);
+                            if accumulate {
+                                for (j, s) in src.iter().enumerate() {
+                                    *dst.add(j) += s;
+                                }
+                            } else {
+                                std::ptr::copy_nonoverlapping(src.as_ptr(), dst, cols);
+                            }
+                        }
+                    }
+                };
+                let lda = kl * 32;
+                match kernel {
+                    Kernel::AmxBf16 => amx::blocks(arows, lda, b.kq, blocks, &mut store),
+                    Kernel::Avx512Bf16 => avx512::blocks(arows, lda, b.kq, blocks, &mut store),
+                    _ => emulated::blocks(arows, lda, b.kq, blocks, &mut store),
+                }
+            }
+        })
+    };
+    if tasks.len() == 1 || threads == 1 {
+        tasks.iter().for_each(task);
+    } else {
+        tasks.par_iter().for_each(task);
+    }
+}
+
+/// `c (m×n, row stride ldc) [+]= bf16(x) (m×k) · b (k×n)` with `kernel` (a bf16 kernel).
+pub fn gemm(
     kernel: Kernel,
-    a: &Rows,
+    x: &[f32],
+    m: usize,
     b: &Panels,
-    c: *mut f32,
+    c: &mut [f32],
     ldc: usize,
     accumulate: bool,
 ) {
-    let (m, n, k) = (a.m, b.n, a.k);
-    assert_eq!(k, b.k, "bf16 gemm: A has k = {k}, B has k = {}", b.k);
-    assert!(kernel.is_bf16(), "bf16 gemm with the f32 kernel");
-    // Also asks Linux for AMX's registers the first time (once per process; cached).
-    if let Err(why) = kernel.available() {
-        panic!("bf16 gemm with the {} kernel: {why}", kernel.name());
+    if m > 0 && b.n > 0 {
+        assert!(
+            ldc >= b.n && c.len() >= (m - 1) * ldc + b.n,
+            "bf16 gemm: C too small"
+        );
     }
-    if m == 0 || n == 0 {
-        return;
-    }
-    assert_eq!(a.kl * 16, b.kq, "bf16 gemm: A and B padded differently");
-    let row_blocks = m.div_ceil(BLOCK);
-    let pairs = n.div_ceil(2 * 16);
-    debug_assert!(2 * pairs <= b.np);
-    let chunks = pairs.div_ceil(PAIRS_PER_TASK);
-    let out = Out(c);
-    let task = move |t: usize| {
-        let out = out;
-        let (rb, ch) = (t / chunks, t % chunks);
-        let r0 = rb * BLOCK;
-        let lda = a.kl * 32;
-        let arows = &as_u16(&a.data)[r0 * lda..(r0 + BLOCK) * lda];
-        let pp = ch * PAIRS_PER_TASK..((ch + 1) * PAIRS_PER_TASK).min(pairs);
-        let blocks = pp.map(|p| (p, b.panel(2 * p), b.panel(2 * p + 1)));
-        let mut store = |p: usize, block: &[f32; BLOCK * BLOCK]| {
-            let (rows, c0) = ((m - r0).min(BLOCK), 2 * 16 * p);
-            let cols = (n - c0).min(2 * 16);
-            for r in 0..rows {
-                // SAFETY: row r0 + r < m and columns c0..c0 + cols < n lie inside `c` (checked
-                // above); no other task writes this block.
-                let dst =
-                    unsafe { std::slice::from_raw_parts_mut(out.0.add((r0 + r) * ldc + c0), cols) };
-                let src = &block[r * BLOCK..r * BLOCK + cols];
-                if accumulate {
-                    dst.iter_mut().zip(src).for_each(|(d, s)| *d += s);
-                } else {
-                    dst.copy_from_slice(src);
-                }
-            }
-        };
-        match kernel {
-            Kernel::AmxBf16 => amx::blocks(arows, lda, b.kq, blocks, &mut store),
-            Kernel::Avx512Bf16 => avx512::blocks(arows, lda, b.kq, blocks, &mut store),
-            _ => emulated::blocks(arows, lda, b.kq, blocks, &mut store),
-        }
+    let t = Target {
+        b,
+        c: Out(c.as_mut_ptr()),
+        ldc,
+        accumulate,
     };
-    let tasks = row_blocks * chunks;
-    if tasks == 1 || rayon::current_num_threads() == 1 {
-        (0..tasks).for_each(task);
-    } else {
-        (0..tasks).into_par_iter().for_each(task);
-    }
+    // SAFETY: `c` holds the m×n product at row stride ldc (asserted), initialised, unaliased.
+    unsafe { run(kernel, x, m, b.k, &[t]) }
 }
 
-/// `a · b` into a new (m×n) buffer that is never zeroed first: the product writes every
-/// element.
-pub fn product(kernel: Kernel, a: &Rows, b: &Panels) -> Vec<f32> {
-    let (m, n) = (a.m, b.n);
-    let mut c: Vec<f32> = Vec::with_capacity(m * n);
-    // SAFETY: room for m×n at row stride n; without `accumulate` every element is written
-    // (each block's valid rows and columns) and none read, so all are initialised after.
+/// `bf16(x) (m×k) · b` for each `b` of `bs` (all k rows), each into a new (m×n) buffer that is
+/// never zeroed first (the product writes every element); `x` converted once for all.
+pub fn products(kernel: Kernel, x: &[f32], m: usize, bs: &[&Panels]) -> Vec<Vec<f32>> {
+    let k = bs.first().map_or(0, |b| b.k);
+    let mut outs: Vec<Vec<f32>> = bs.iter().map(|b| Vec::with_capacity(m * b.n)).collect();
+    let targets: Vec<Target> = bs
+        .iter()
+        .zip(outs.iter_mut())
+        .map(|(b, c)| Target {
+            b,
+            c: Out(c.as_mut_ptr()),
+            ldc: b.n,
+            accumulate: false,
+        })
+        .collect();
+    // SAFETY: each buffer has room for its m×n product at row stride n and is its own
+    // allocation; without `accumulate` every element is written and none read, so all are
+    // initialised when the lengths are set.
     unsafe {
-        gemm_raw(kernel, a, b, c.as_mut_ptr(), n, false);
-        c.set_len(m * n);
+        run(kernel, x, m, k, &targets);
+        for (c, b) in outs.iter_mut().zip(bs) {
+            c.set_len(m * b.n);
+        }
     }
-    c
+    outs
 }
 
 /// `x (m×k) · Wᵀ` for a packed weight: the forward product of a projection (m×out).
 pub fn forward(kernel: Kernel, x: &[f32], m: usize, w: &Bf16Weight) -> Vec<f32> {
-    let (_, inp) = w.dims();
-    product(kernel, &Rows::pack(x, m, inp), w.fwd())
+    products(kernel, x, m, &[w.fwd()])
+        .pop()
+        .expect("one product")
 }
 
 /// `g (m×out) · W`: the backward product of a projection (m×in), in a new buffer.
 pub fn backward(kernel: Kernel, g: &[f32], m: usize, w: &Bf16Weight) -> Vec<f32> {
-    let (out, _) = w.dims();
-    product(kernel, &Rows::pack(g, m, out), w.bwd())
+    products(kernel, g, m, &[w.bwd()])
+        .pop()
+        .expect("one product")
 }
 
-/// `g (m×out) · W` [+ into `dst`]: the backward product of a projection (m×in).
+/// `dst (m×in) [+]= g (m×out) · W`: the backward product of a projection into `dst`.
 pub fn backward_into(
     kernel: Kernel,
     g: &[f32],
@@ -497,9 +537,8 @@ pub fn backward_into(
     dst: &mut [f32],
     accumulate: bool,
 ) {
-    let (out, inp) = w.dims();
-    let a = Rows::pack(g, m, out);
-    gemm(kernel, &a, w.bwd(), dst, inp, accumulate);
+    let inp = w.dims().1;
+    gemm(kernel, g, m, w.bwd(), dst, inp, accumulate);
 }
 
 /// This machine's rate with `kernel` in GFLOP/s on a projection's shapes, as

@@ -55,12 +55,11 @@ fn check(kernel: Kernel) {
         let a = random(m * k, 2 * s as u64);
         let b = random(k * n, 2 * s as u64 + 1);
         let (want, tol) = reference(&a, &b, m, n, k);
-        let ra = Rows::pack(&a, m, k);
         let pb = Panels::pack(k, n, |i, j| b[i * n + j]);
         // Into a wider C (row stride n + 3), first written, then accumulated onto.
         let ldc = n + 3;
         let mut c = vec![7f32; m * ldc];
-        gemm(kernel, &ra, &pb, &mut c, ldc, false);
+        gemm(kernel, &a, m, &pb, &mut c, ldc, false);
         for pass in 0..2 {
             for i in 0..m {
                 for j in 0..n {
@@ -76,7 +75,7 @@ fn check(kernel: Kernel) {
                     assert_eq!(c[i * ldc + j], 7.0, "{}: wrote past n", kernel.name());
                 }
             }
-            gemm(kernel, &ra, &pb, &mut c, ldc, true);
+            gemm(kernel, &a, m, &pb, &mut c, ldc, true);
         }
     }
 }
@@ -101,16 +100,21 @@ fn packing_keeps_every_value_rounded_and_pads_with_zeros() {
     assert_eq!((p.kq, p.np), (32, 4));
     assert_eq!(p.get(45, 0), 0.0);
     assert_eq!(p.get(0, 40), 0.0);
+    // A task's rows: rounded, zeros past k and past m; a buffer reused from a wider product
+    // is cleared.
     let x = random(5 * inp, 10);
-    let rows = Rows::pack(&x, 5, inp);
-    assert_eq!(rows.get(4, 44), from_bf16(to_bf16(x[4 * inp + 44])));
-    assert_eq!(rows.get(4, 45), 0.0);
-    assert_eq!(rows.get(31, 0), 0.0);
+    let mut buf = vec![Line([0xffff; 32]); 200];
+    convert_block(&x, 5, inp, 0, 2, &mut buf);
+    let get = |buf: &[Line], r: usize, c: usize| from_bf16(as_u16(buf)[r * 64 + c]);
+    assert_eq!(buf.len(), 32 * 2);
+    assert_eq!(get(&buf, 4, 44), from_bf16(to_bf16(x[4 * inp + 44])));
+    assert_eq!(get(&buf, 4, 45), 0.0);
+    assert_eq!(get(&buf, 31, 0), 0.0);
     // The CPU's conversion (where there is one) rounds to nearest even like `half`.
     let odd: Vec<f32> = (0..100).map(|i| 1.0 + i as f32 * 2f32.powi(-9)).collect();
-    let r = Rows::pack(&odd, 1, 100);
+    convert_block(&odd, 1, 100, 0, 4, &mut buf);
     for (i, &v) in odd.iter().enumerate() {
-        assert_eq!(r.get(0, i), from_bf16(to_bf16(v)), "{v}");
+        assert_eq!(from_bf16(as_u16(&buf)[i]), from_bf16(to_bf16(v)), "{v}");
     }
 }
 
@@ -221,9 +225,9 @@ fn native_kernels_agree_with_the_emulated_one_on_wide_products() {
     let (m, n, k) = (70, 600, 576);
     let a = random(m * k, 21);
     let b = random(k * n, 22);
-    let ra = Rows::pack(&a, m, k);
     let pb = Panels::pack(k, n, |i, j| b[i * n + j]);
-    let want = product(Kernel::Emulated, &ra, &pb);
+    let product = |kernel| products(kernel, &a, m, &[&pb]).pop().unwrap();
+    let want = product(Kernel::Emulated);
     let (exact, tol) = reference(&a, &b, m, n, k);
     for (t, (&w, (&e, &tl))) in want.iter().zip(exact.iter().zip(&tol)).enumerate() {
         assert!((w as f64 - e).abs() <= tl, "emulated [{t}]: {w} vs {e}");
@@ -233,7 +237,7 @@ fn native_kernels_agree_with_the_emulated_one_on_wide_products() {
             eprintln!("skipped {}: {why}", kernel.name());
             continue;
         }
-        let got = product(kernel, &ra, &pb);
+        let got = product(kernel);
         let worst = got
             .iter()
             .zip(&want)
@@ -242,5 +246,32 @@ fn native_kernels_agree_with_the_emulated_one_on_wide_products() {
             .fold(0.0, f64::max);
         eprintln!("{}: worst error / bound {worst:.3}", kernel.name());
         assert!(worst <= 1.0, "{}: {worst}", kernel.name());
+    }
+}
+
+#[test]
+#[ignore]
+fn kernel_only_rates() {
+    for (n, k) in [(576, 576), (192, 576), (1536, 576), (576, 1536)] {
+        let m = 1280;
+        let a = random(m * k, 1);
+        let b = random(k * n, 2);
+        let pb = Panels::pack(k, n, |i, j| b[i * n + j]);
+        let mut c = vec![0f32; m * n];
+        let mut line = format!("m {m} n {n} k {k}:");
+        for kernel in [Kernel::Avx512Bf16, Kernel::AmxBf16] {
+            let mut best = f64::INFINITY;
+            for _ in 0..5 {
+                let t = std::time::Instant::now();
+                gemm(kernel, &a, m, &pb, &mut c, n, false);
+                best = best.min(t.elapsed().as_secs_f64());
+            }
+            line += &format!(
+                " {} {:.0} GF/s",
+                kernel.name(),
+                2.0 * (m * n * k) as f64 / best / 1e9
+            );
+        }
+        eprintln!("{line}");
     }
 }
