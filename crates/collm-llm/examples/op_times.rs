@@ -36,9 +36,15 @@ fn main() {
         .collect();
     let tables = ops::RopeTables::new(&ids, &inv);
     let w = Tensor::ones(h, candle_core::DType::F32, &dev).expect("ones");
-    time("attention (rope inside)", 20, || {
-        ops::attention_flat(&q, &k, &v, (nh, nkv), &mask, Some(&tables)).expect("attention");
-    });
+    for kernel in [Kernel::F32, Kernel::AmxBf16, Kernel::Avx512Bf16] {
+        if kernel.available().is_err() {
+            continue;
+        }
+        time(&format!("attention {}", kernel.name()), 20, || {
+            ops::attention_flat(&q, &k, &v, (nh, nkv), &mask, Some(&tables), kernel)
+                .expect("attention");
+        });
+    }
     time("rms_norm", 50, || {
         ops::rms_norm(&x, &w, 1e-5).expect("rms_norm");
     });

@@ -178,6 +178,37 @@ fn a_bf16_mlp_matches_the_composed_ops_forward_and_backward() {
     }
 }
 
+#[test]
+fn attention_with_bf16_products_matches_f32_attention() {
+    let (b, t, nh, nkv, hd) = (3, 37, 4, 2, 16);
+    let q = randn(&[b, t, nh * hd], 11);
+    let k = randn(&[b, t, nkv * hd], 12);
+    let v = randn(&[b, t, nkv * hd], 13);
+    // Left padding, right padding, and a row with a hole (the general softmax path).
+    let mut data = vec![1u8; b * t];
+    data[..5].fill(0);
+    data[2 * t - 4..2 * t].fill(0);
+    data[2 * t + 10] = 0;
+    let mask = Mask {
+        data: std::sync::Arc::new(data),
+        batch: b,
+        seq: t,
+    };
+    let ids: Vec<f32> = (0..b * t).map(|i| (i % t) as f32).collect();
+    let inv: Vec<f32> = (0..hd / 2)
+        .map(|i| 1.0 / 10000f32.powf(2.0 * i as f32 / hd as f32))
+        .collect();
+    let tables = ops::RopeTables::new(&ids, &inv);
+    let run =
+        |kernel| ops::attention_flat(&q, &k, &v, (nh, nkv), &mask, Some(&tables), kernel).unwrap();
+    let want = run(Kernel::F32);
+    for kernel in kernels() {
+        let got = run(kernel);
+        let e = rel(&got, &want);
+        assert!(e <= 0.03, "{}: {e}", kernel.name());
+    }
+}
+
 /// The fixture `name` with `kernel` on every projection.
 fn tiny_with(name: &str, kernel: Kernel) -> Decoder {
     let ck = load_hf_dir(&fixtures().join(name), DType::F32, &DEV).unwrap();

@@ -205,7 +205,15 @@ fn attention_on_heads_side_by_side_matches_the_4d_op() {
     compare(
         &xs,
         &|x| {
-            let out = ops::attention_flat(&x[0], &x[1], &x[2], (heads, kv_heads), &km, None);
+            let out = ops::attention_flat(
+                &x[0],
+                &x[1],
+                &x[2],
+                (heads, kv_heads),
+                &km,
+                None,
+                collm_llm::ops::Kernel::F32,
+            );
             let out = out.unwrap();
             assert_eq!(out.dims(), &[b, t, heads * hd]);
             out.broadcast_mul(&real).unwrap()
@@ -228,7 +236,16 @@ fn attention_on_heads_side_by_side_matches_the_4d_op() {
         1e-6,
     );
     // Widths that do not split into the heads are refused.
-    assert!(ops::attention_flat(&xs[0], &xs[1], &xs[2], (5, 2), &km, None).is_err());
+    assert!(ops::attention_flat(
+        &xs[0],
+        &xs[1],
+        &xs[2],
+        (5, 2),
+        &km,
+        None,
+        collm_llm::ops::Kernel::F32
+    )
+    .is_err());
 }
 
 #[test]

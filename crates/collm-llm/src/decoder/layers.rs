@@ -128,7 +128,14 @@ impl Attention {
             self.v.forward(x, ctx)?,
         );
         let out = match ctx.cached {
-            None => ops::attention(ctx.backend, (&q, &k, &v), (nh, nkv), &ctx.pos, keep)?,
+            None => ops::attention(
+                ctx.backend,
+                (&q, &k, &v),
+                (nh, nkv),
+                &ctx.pos,
+                keep,
+                ctx.kernel,
+            )?,
             Some((cache, groups)) => {
                 let four = |x: &Tensor, n: usize| x.reshape((b, t, n, hd));
                 let layer = self.q.layer;

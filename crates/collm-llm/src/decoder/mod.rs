@@ -63,6 +63,8 @@ struct Ctx<'a> {
     /// Suffixes attending to cached prefixes (see [`PrefixCache`]), in consecutive runs of
     /// (prefix index, row count); the prefixes are constants.
     cached: Option<(&'a PrefixCache, &'a [(usize, usize)])>,
+    /// The decoder's projection kernel (attention's products follow it).
+    kernel: Kernel,
 }
 
 impl Ctx<'_> {
@@ -93,6 +95,8 @@ pub struct Decoder {
     inv_freq: Arc<Vec<f32>>,
     /// Which implementation the ops run (by device unless a test or benchmark chooses).
     backend: Backend,
+    /// The kernel of its projections (the widest ones', see [`Decoder::kernel`]).
+    kernel: Kernel,
     pub dtype: DType,
     pub device: Device,
 }
@@ -130,9 +134,15 @@ impl Decoder {
         } else {
             ws.get("lm_head.weight", &[v, h])?
         };
-        let blocks = (0..c.num_hidden_layers)
+        let blocks: Vec<Block> = (0..c.num_hidden_layers)
             .map(|i| Block::load(ws, c, i, kernel))
             .collect::<Result<_>>()?;
+        let kernel = blocks
+            .iter()
+            .flat_map(|b| b.weights())
+            .map(|w| w.kernel())
+            .find(|k| k.is_bf16())
+            .unwrap_or(Kernel::F32);
         Ok(Self {
             config: c.clone(),
             embed,
@@ -141,6 +151,7 @@ impl Decoder {
             blocks,
             inv_freq: Arc::new(c.inv_freq().into_iter().map(|x| x as f32).collect()),
             backend: Backend::Auto,
+            kernel,
             dtype,
             device: device.clone(),
         })
@@ -149,12 +160,7 @@ impl Decoder {
     /// The kernel its projections are multiplied with (the widest ones', where `auto` leaves
     /// the narrow ones in f32): what logs and run records name.
     pub fn kernel(&self) -> Kernel {
-        self.blocks
-            .iter()
-            .flat_map(|b| b.weights())
-            .map(|w| w.kernel())
-            .find(|k| k.is_bf16())
-            .unwrap_or(Kernel::F32)
+        self.kernel
     }
 
     /// Bytes the projections' weights take (packed or f32).
@@ -242,6 +248,7 @@ impl Decoder {
                 &self.device,
             ),
             cached: None,
+            kernel: self.kernel,
         }
     }
 

@@ -150,13 +150,15 @@ pub fn swiglu(backend: Backend, gate: &Tensor, up: &Tensor) -> Result<Tensor> {
 
 /// Causal attention with RoPE over a (B, T) batch: `q` (B, T, heads·hd), `k`, `v` (B, T,
 /// kv_heads·hd) as the projections give them → (B, T, heads·hd). With `keep`, also this
-/// layer's keys after RoPE and its values, (B, T, kv_heads, hd) each, for a prefix cache.
+/// layer's keys after RoPE and its values, (B, T, kv_heads, hd) each, for a prefix cache. On
+/// the CPU a bf16 `kernel` (the decoder's) multiplies the forward pass's products.
 pub fn attention(
     backend: Backend,
     (q, k, v): (&Tensor, &Tensor, &Tensor),
     (heads, kv_heads): (usize, usize),
     pos: &Positions,
     keep: Option<&mut Vec<(Tensor, Tensor)>>,
+    kernel: Kernel,
 ) -> Result<Tensor> {
     let (b, t, width) = q.dims3()?;
     let hd = width / heads.max(1);
@@ -169,7 +171,15 @@ pub fn attention(
                 four(v, kv_heads)?,
             ));
         }
-        return cpu::attention_flat(q, k, v, (heads, kv_heads), pos.mask(), Some(pos.tables()));
+        return cpu::attention_flat(
+            q,
+            k,
+            v,
+            (heads, kv_heads),
+            pos.mask(),
+            Some(pos.tables()),
+            kernel,
+        );
     }
     let v = four(v, kv_heads)?;
     let q = rope(backend, &four(q, heads)?, pos)?;

@@ -1,5 +1,6 @@
 //! Causal attention with a per-row key mask, RoPE inside, grouped-query heads read in place.
 
+use super::bf16::{products_serial, Kernel, Panels};
 use super::*;
 
 struct Attention {
@@ -10,6 +11,9 @@ struct Attention {
     scale: f32,
     /// RoPE applied to q and k inside the kernel (so the rotated copies are never stored).
     rope: Option<RopeTables>,
+    /// A bf16 kernel multiplies `Q Kᵀ` and `P V` of the forward pass (the decoder's projection
+    /// kernel); f32 otherwise, and always in the backward pass.
+    kernel: Kernel,
 }
 
 impl Attention {
@@ -65,7 +69,7 @@ impl Attention {
         let t = self.mask.seq;
         let m = &self.mask.data[b * t..(b + 1) * t];
         // Left or right padding: the real keys are one run [start, end), and query i reads
-        // keys [start, min(i + 1, end)) with no test per key (so the exp loop vectorizes).
+        // keys [start, min(i + 1, end)) with no test per key (so the loops vectorize).
         // The same values, summed in the same order, as the general loop below.
         let start = m.iter().position(|&x| x == 1).unwrap_or(t);
         let end = m.iter().rposition(|&x| x == 1).map_or(start, |e| e + 1);
@@ -77,17 +81,18 @@ impl Attention {
                     row.fill(0.0);
                     continue;
                 }
+                row[..start].fill(0.0);
+                row[hi..].fill(0.0);
                 let keys = &mut row[start..hi];
-                let max = keys.iter().fold(f32::NEG_INFINITY, |a, &v| a.max(v));
+                let max = lane_max(keys);
                 for v in keys.iter_mut() {
                     *v = exp(*v - max);
                 }
-                let inv = 1.0 / keys.iter().sum::<f32>();
-                for v in keys.iter_mut() {
+                // Over the row from 0 (zeros before `start`): the general loop's sum exactly.
+                let inv = 1.0 / lane_sum(&row[..hi]);
+                for v in row[start..hi].iter_mut() {
                     *v *= inv;
                 }
-                row[..start].fill(0.0);
-                row[hi..].fill(0.0);
             }
             return;
         }
@@ -140,6 +145,47 @@ impl Attention {
     }
 }
 
+impl Attention {
+    /// The forward pass with a bf16 kernel, per (batch row, kv head): its keys (rotated) and
+    /// values packed once for its query heads; `S = Q Kᵀ` and `O = P V` with `Q` and `P`
+    /// rounded to bf16 and products accumulated in f32 (softmax in f32). The whole `T×T` of
+    /// scores is multiplied (the masked part is dropped by the softmax): at these lengths the
+    /// bf16 products cost less than skipping blocks saves. (B, T, nh, hd) blocks, as `cpu_fwd`.
+    fn forward_bf16(&self, q: &[f32], k: &[f32], v: &[f32]) -> Vec<Vec<Vec<f32>>> {
+        let (bsz, t, nh, nkv, hd) = (
+            self.mask.batch,
+            self.mask.seq,
+            self.heads,
+            self.kv_heads,
+            self.head_dim,
+        );
+        let rep = nh / nkv;
+        (0..bsz * nkv)
+            .into_par_iter()
+            .map(|bk| {
+                let (b, kh) = (bk / nkv, bk % nkv);
+                let kb = self.gather(k, nkv, b, kh, true);
+                let vb = self.gather(v, nkv, b, kh, false);
+                let kt = Panels::pack(hd, t, |i, j| kb[j * hd + i]);
+                let vp = Panels::pack(t, hd, |i, j| vb[i * hd + j]);
+                (kh * rep..(kh + 1) * rep)
+                    .map(|h| {
+                        let qb = self.gather(q, nh, b, h, true);
+                        let mut p = products_serial(self.kernel, &qb, t, &[&kt])
+                            .pop()
+                            .expect("one product");
+                        p.iter_mut().for_each(|s| *s *= self.scale);
+                        self.softmax_rows(b, &mut p);
+                        products_serial(self.kernel, &p, t, &[&vp])
+                            .pop()
+                            .expect("one product")
+                    })
+                    .collect()
+            })
+            .collect()
+    }
+}
+
 impl CustomOp3 for Attention {
     fn name(&self) -> &'static str {
         "fused-attention"
@@ -178,6 +224,13 @@ impl CustomOp3 for Attention {
             self.head_dim,
         );
         let rep = nh / nkv;
+        if self.kernel.is_bf16() {
+            let per = self.forward_bf16(&q, &k, &v);
+            let out = self
+                .heads(nh)
+                .scatter(|b, h| &per[b * nkv + h / rep][h % rep]);
+            return Ok((from_f32(out, dtype)?, ql.shape().clone()));
+        }
         // One (t×hd) output block per (b, h), written into (B, T, nh, hd) afterwards.
         let blocks: Vec<Vec<f32>> = (0..bsz * nh)
             .into_par_iter()
@@ -362,13 +415,14 @@ pub fn attention(
     rope: Option<&RopeTables>,
 ) -> Result<Tensor> {
     let (_, _, heads, _) = q.dims4()?;
-    attention_flat(q, k, v, (heads, k.dim(2)?), mask, rope)
+    attention_flat(q, k, v, (heads, k.dim(2)?), mask, rope, Kernel::F32)
 }
 
 /// [`attention`] for `q` (B, T, heads·hd) and `k`, `v` (B, T, kv_heads·hd), heads side by
 /// side, as the projections give them; returns (B, T, heads·hd), as the output projection
 /// takes it (4-d inputs work too and give a 4-d output). The decoder's path: no reshape nodes
 /// around the op, each of which would cost a full-size gradient copy in candle's backward pass.
+/// With a bf16 `kernel`, the forward pass multiplies `Q Kᵀ` and `P V` with it.
 pub fn attention_flat(
     q: &Tensor,
     k: &Tensor,
@@ -376,6 +430,7 @@ pub fn attention_flat(
     (heads, kv_heads): (usize, usize),
     mask: &Mask,
     rope: Option<&RopeTables>,
+    kernel: Kernel,
 ) -> Result<Tensor> {
     let width = q.dims().iter().skip(2).product::<usize>();
     if heads == 0 || !width.is_multiple_of(heads) {
@@ -395,6 +450,7 @@ pub fn attention_flat(
             head_dim: hd,
             scale: 1.0 / (hd as f32).sqrt(),
             rope: rope.cloned(),
+            kernel,
         },
     )
 }

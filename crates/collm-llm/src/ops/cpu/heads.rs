@@ -47,7 +47,7 @@ impl Heads {
 }
 
 /// Softmax of the scores in `row` over the keys `real(j)` admits, in place: every other entry
-/// becomes 0, and a row with no real key becomes all zeros. Sums in key order.
+/// becomes 0, and a row with no real key becomes all zeros. Sums as [`lane_sum`] over the row.
 #[inline]
 pub(super) fn masked_softmax(row: &mut [f32], real: impl Fn(usize) -> bool) {
     let mut max = f32::NEG_INFINITY;
@@ -60,17 +60,47 @@ pub(super) fn masked_softmax(row: &mut [f32], real: impl Fn(usize) -> bool) {
         row.fill(0.0);
         return;
     }
-    let mut sum = 0f32;
     for (j, x) in row.iter_mut().enumerate() {
-        if real(j) {
-            *x = exp(*x - max);
-            sum += *x;
-        } else {
-            *x = 0.0;
-        }
+        *x = if real(j) { exp(*x - max) } else { 0.0 };
     }
-    let inv = 1.0 / sum;
+    let inv = 1.0 / lane_sum(row);
     for x in row.iter_mut() {
         *x *= inv;
     }
+}
+
+/// The sum of `v` in 8 lanes by position (`j mod 8`), the lanes added in order at the end: the
+/// same value for a row however many zeros trail it, and a loop that vectorizes (a plain sum
+/// in order does not: f32 addition is not reassociated).
+#[inline]
+pub(super) fn lane_sum(v: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let chunks = v.chunks_exact(8);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for (a, x) in acc.iter_mut().zip(c) {
+            *a += x;
+        }
+    }
+    for (a, x) in acc.iter_mut().zip(rest) {
+        *a += x;
+    }
+    acc.iter().sum()
+}
+
+/// The largest of `v` (−∞ for none), in 8 lanes (the maximum does not depend on the order).
+#[inline]
+pub(super) fn lane_max(v: &[f32]) -> f32 {
+    let mut acc = [f32::NEG_INFINITY; 8];
+    let chunks = v.chunks_exact(8);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for (a, &x) in acc.iter_mut().zip(c) {
+            *a = if x > *a { x } else { *a };
+        }
+    }
+    for (a, &x) in acc.iter_mut().zip(rest) {
+        *a = if x > *a { x } else { *a };
+    }
+    acc.iter().fold(f32::NEG_INFINITY, |a, &x| a.max(x))
 }

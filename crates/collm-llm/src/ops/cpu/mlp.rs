@@ -146,6 +146,64 @@ impl Mlp {
         Ok((g, u))
     }
 
+    /// With bf16 kernels for gate and up: the activation `silu(x Wgᵀ) ⊙ (x Wuᵀ)` (n×inter)
+    /// made block by block where the two products come out of the kernel, so neither is
+    /// written to memory unless `keep` (a backward pass needs them: then also gate and up).
+    /// `None` for f32 weights.
+    #[allow(clippy::type_complexity)]
+    fn act_bf16(
+        &self,
+        x: &[f32],
+        n: usize,
+        keep: bool,
+    ) -> Option<(Vec<f32>, Option<(Vec<f32>, Vec<f32>)>)> {
+        let ((kernel, wg), (_, wu)) = (self.gate.bf16()?, self.up.bf16()?);
+        let inter = self.gate.dims2().0;
+        let len = n * inter;
+        let mut act: Vec<f32> = Vec::with_capacity(len);
+        let mut kept: Option<(Vec<f32>, Vec<f32>)> =
+            keep.then(|| (Vec::with_capacity(len), Vec::with_capacity(len)));
+        let out = bf16::Out(act.as_mut_ptr());
+        let (go, uo) = match &mut kept {
+            Some((g, u)) => (
+                Some(bf16::Out(g.as_mut_ptr())),
+                Some(bf16::Out(u.as_mut_ptr())),
+            ),
+            None => (None, None),
+        };
+        let each =
+            |r0: usize, c0: usize, rows: usize, cols: usize, gb: &[f32; 1024], ub: &[f32; 1024]| {
+                for r in 0..rows {
+                    let (g, u) = (&gb[r * 32..r * 32 + cols], &ub[r * 32..r * 32 + cols]);
+                    let at = (r0 + r) * inter + c0;
+                    // SAFETY: row r0 + r < n and columns c0..c0 + cols < inter of each buffer
+                    // (capacity n·inter); each block position is handed out once, so no two
+                    // calls write the same elements.
+                    unsafe {
+                        let a = std::slice::from_raw_parts_mut(out.at(at), cols);
+                        for ((a, g), u) in a.iter_mut().zip(g).zip(u) {
+                            *a = g * sigmoid(*g) * u;
+                        }
+                        if let (Some(go), Some(uo)) = (go, uo) {
+                            std::ptr::copy_nonoverlapping(g.as_ptr(), go.at(at), cols);
+                            std::ptr::copy_nonoverlapping(u.as_ptr(), uo.at(at), cols);
+                        }
+                    }
+                }
+            };
+        bf16::paired_blocks(kernel, x, n, (wg.fwd(), wu.fwd()), &each);
+        // SAFETY: every (row, column) of the n×inter buffers was written above (each block
+        // position once, its valid rows and columns).
+        unsafe {
+            act.set_len(len);
+            if let Some((g, u)) = &mut kept {
+                g.set_len(len);
+                u.set_len(len);
+            }
+        }
+        Some((act, kept))
+    }
+
     /// `a (n×k) · Wᵀ` for the projection `w` (out×k): its bf16 kernel, or f32.
     fn project(w: &Weight, a: &[f32], n: usize) -> Result<Vec<f32>> {
         let (out, k) = w.dims2();
@@ -228,11 +286,17 @@ impl CustomOp1 for Mlp {
             );
         }
         let n = x.len() / h;
-        let (g, u) = self.gate_up(&x, n, dtype)?;
-        let act = swiglu_values(&g, &u, dtype);
+        let (act, kept) = match self.act_bf16(&x, n, self.keep) {
+            Some(r) => r,
+            None => {
+                let (g, u) = self.gate_up(&x, n, dtype)?;
+                (swiglu_values(&g, &u, dtype), Some((g, u)))
+            }
+        };
         let y = Self::project(&self.down, &act, n)?;
         if self.keep {
-            *self.saved.lock().expect("mlp state") = Some(Arc::new((g, u)));
+            let kept = kept.expect("gate and up kept for the backward pass");
+            *self.saved.lock().expect("mlp state") = Some(Arc::new(kept));
         }
         Ok((from_f32(y, dtype)?, l.shape().clone()))
     }

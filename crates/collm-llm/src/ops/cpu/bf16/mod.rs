@@ -189,7 +189,7 @@ pub fn from_bf16(x: u16) -> f32 {
 }
 
 /// The rows of `C`'s blocks, and of `A`'s padding.
-const BLOCK: usize = 32;
+pub const BLOCK: usize = 32;
 
 /// f32 → bf16 element-wise (the CPU's own conversion where it has one).
 fn convert(src: &[f32], dst: &mut [u16]) {
@@ -222,7 +222,7 @@ impl Panels {
         let kq = k.div_ceil(32).max(1) * 16;
         let np = n.div_ceil(2 * 16).max(1) * 2;
         let mut data = vec![ZERO; np * kq];
-        data.par_chunks_mut(kq).enumerate().for_each(|(p, panel)| {
+        let fill = |(p, panel): (usize, &mut [Line])| {
             for (q, line) in panel.iter_mut().enumerate() {
                 for c in 0..16 {
                     let j = p * 16 + c;
@@ -237,7 +237,14 @@ impl Panels {
                     }
                 }
             }
-        });
+        };
+        // A weight in parallel; a head's keys or values (inside attention's own parallel
+        // loop) on the calling thread.
+        if data.len() >= 4096 {
+            data.par_chunks_mut(kq).enumerate().for_each(fill);
+        } else {
+            data.chunks_mut(kq).enumerate().for_each(fill);
+        }
         Self { data, k, n, kq, np }
     }
 
@@ -327,7 +334,17 @@ impl Bf16Weight {
 
 /// A raw pointer into `C` that the tasks of one product share: each writes its own blocks.
 #[derive(Clone, Copy)]
-struct Out(*mut f32);
+pub(crate) struct Out(pub(crate) *mut f32);
+
+impl Out {
+    /// The pointer `i` elements on (a method, so that closures capture the whole `Out`).
+    ///
+    /// # Safety
+    /// As `pointer::add`: `i` inside the allocation.
+    pub(crate) unsafe fn at(self, i: usize) -> *mut f32 {
+        self.0.add(i)
+    }
+}
 // SAFETY: the tasks write disjoint blocks of `C` (see `run`).
 unsafe impl Send for Out {}
 unsafe impl Sync for Out {}
@@ -371,7 +388,7 @@ fn convert_block(x: &[f32], m: usize, k: usize, r0: usize, kl: usize, buf: &mut 
 /// Each target's `c` must be valid for writes (and, with `accumulate`, reads of initialised
 /// values) of the m×n product at row stride `ldc ≥ n`, alias nothing else in use and no other
 /// target's `c`.
-unsafe fn run(kernel: Kernel, x: &[f32], m: usize, k: usize, targets: &[Target]) {
+unsafe fn run(kernel: Kernel, x: &[f32], m: usize, k: usize, targets: &[Target], parallel: bool) {
     assert!(kernel.is_bf16(), "bf16 product with the f32 kernel");
     // Also asks Linux for AMX's registers the first time (once per process; cached).
     if let Err(why) = kernel.available() {
@@ -394,7 +411,11 @@ unsafe fn run(kernel: Kernel, x: &[f32], m: usize, k: usize, targets: &[Target])
         return;
     }
     let row_blocks = m.div_ceil(BLOCK);
-    let threads = rayon::current_num_threads();
+    let threads = if parallel {
+        rayon::current_num_threads()
+    } else {
+        1
+    };
     let pairs = |t: &Target| t.b.n.div_ceil(2 * 16);
     // (row block, target, first pair, end pair) per task.
     let mut tasks: Vec<(usize, usize, usize, usize)> = Vec::new();
@@ -484,12 +505,28 @@ pub fn gemm(
         accumulate,
     };
     // SAFETY: `c` holds the m×n product at row stride ldc (asserted), initialised, unaliased.
-    unsafe { run(kernel, x, m, b.k, &[t]) }
+    unsafe { run(kernel, x, m, b.k, &[t], true) }
 }
 
 /// `bf16(x) (m×k) · b` for each `b` of `bs` (all k rows), each into a new (m×n) buffer that is
 /// never zeroed first (the product writes every element); `x` converted once for all.
 pub fn products(kernel: Kernel, x: &[f32], m: usize, bs: &[&Panels]) -> Vec<Vec<f32>> {
+    products_on(kernel, x, m, bs, true)
+}
+
+/// [`products`] on the calling thread only: for the small products inside an op's own
+/// parallel loop (attention's, per head).
+pub fn products_serial(kernel: Kernel, x: &[f32], m: usize, bs: &[&Panels]) -> Vec<Vec<f32>> {
+    products_on(kernel, x, m, bs, false)
+}
+
+fn products_on(
+    kernel: Kernel,
+    x: &[f32],
+    m: usize,
+    bs: &[&Panels],
+    parallel: bool,
+) -> Vec<Vec<f32>> {
     let k = bs.first().map_or(0, |b| b.k);
     let mut outs: Vec<Vec<f32>> = bs.iter().map(|b| Vec::with_capacity(m * b.n)).collect();
     let targets: Vec<Target> = bs
@@ -506,12 +543,93 @@ pub fn products(kernel: Kernel, x: &[f32], m: usize, bs: &[&Panels]) -> Vec<Vec<
     // allocation; without `accumulate` every element is written and none read, so all are
     // initialised when the lengths are set.
     unsafe {
-        run(kernel, x, m, k, &targets);
+        run(kernel, x, m, k, &targets, parallel);
         for (c, b) in outs.iter_mut().zip(bs) {
             c.set_len(m * b.n);
         }
     }
     outs
+}
+
+/// Two products over the same columns, `bf16(x)·a` and `bf16(x)·b` (both k×n), block by block:
+/// `each(r0, c0, rows, cols, block_a, block_b)` gets the two 32×32 blocks at rows `r0..` and
+/// columns `c0..` (the first `rows` × `cols` valid), in the task that made them, while they are
+/// in cache; neither product is written anywhere else. (The MLP's gate and up, combined by
+/// SwiGLU into its activation.) Tasks as in [`run`]; each block position is handed out once.
+#[allow(clippy::type_complexity)]
+pub fn paired_blocks(
+    kernel: Kernel,
+    x: &[f32],
+    m: usize,
+    (a, b): (&Panels, &Panels),
+    each: &(dyn Fn(usize, usize, usize, usize, &[f32; BLOCK * BLOCK], &[f32; BLOCK * BLOCK])
+          + Sync),
+) {
+    assert!(kernel.is_bf16(), "bf16 product with the f32 kernel");
+    if let Err(why) = kernel.available() {
+        panic!("bf16 product with the {} kernel: {why}", kernel.name());
+    }
+    let (k, n) = (a.k, a.n);
+    assert!(b.k == k && b.n == n, "paired products of different shapes");
+    assert_eq!(
+        x.len(),
+        m * k,
+        "bf16 product: {} values for {m}×{k}",
+        x.len()
+    );
+    if m == 0 || n == 0 {
+        return;
+    }
+    let kl = k.div_ceil(32).max(1);
+    assert_eq!(kl * 16, a.kq, "bf16 product: A and B padded differently");
+    let row_blocks = m.div_ceil(BLOCK);
+    let threads = rayon::current_num_threads();
+    let pairs = n.div_ceil(2 * 16);
+    let chunk = if row_blocks >= 2 * threads {
+        pairs
+    } else {
+        PAIRS_PER_TASK
+    };
+    let tasks: Vec<(usize, usize)> = (0..row_blocks)
+        .flat_map(|rb| (0..pairs).step_by(chunk).map(move |p0| (rb, p0)))
+        .collect();
+    let task = |&(rb, p0): &(usize, usize)| {
+        A_ROWS.with(|buf| {
+            let mut buf = buf.borrow_mut();
+            let r0 = rb * BLOCK;
+            convert_block(x, m, k, r0, kl, &mut buf);
+            let arows = as_u16(&buf);
+            // Panel pair p of `a` as block 2p, of `b` as 2p + 1: one kernel call (one tile
+            // configuration) for the task, the two blocks of a position back to back.
+            let blocks = (p0..(p0 + chunk).min(pairs)).flat_map(|p| {
+                [
+                    (2 * p, a.panel(2 * p), a.panel(2 * p + 1)),
+                    (2 * p + 1, b.panel(2 * p), b.panel(2 * p + 1)),
+                ]
+            });
+            let mut first = [0f32; BLOCK * BLOCK];
+            let rows = (m - r0).min(BLOCK);
+            let mut store = |q: usize, block: &[f32; BLOCK * BLOCK]| {
+                if q % 2 == 0 {
+                    first.copy_from_slice(block);
+                } else {
+                    let c0 = 2 * 16 * (q / 2);
+                    each(r0, c0, rows, (n - c0).min(2 * 16), &first, block);
+                }
+            };
+            let lda = kl * 32;
+            match kernel {
+                Kernel::AmxBf16 => amx::blocks(arows, lda, a.kq, blocks, &mut store),
+                Kernel::Avx512Bf16 => avx512::blocks(arows, lda, a.kq, blocks, &mut store),
+                _ => emulated::blocks(arows, lda, a.kq, blocks, &mut store),
+            }
+        })
+    };
+    if tasks.len() == 1 || threads == 1 {
+        tasks.iter().for_each(task);
+    } else {
+        tasks.par_iter().for_each(task);
+    }
 }
 
 /// `x (m×k) · Wᵀ` for a packed weight: the forward product of a projection (m×out).
