@@ -610,7 +610,7 @@ pub fn paired_blocks(
             let mut first = [0f32; BLOCK * BLOCK];
             let rows = (m - r0).min(BLOCK);
             let mut store = |q: usize, block: &[f32; BLOCK * BLOCK]| {
-                if q % 2 == 0 {
+                if q.is_multiple_of(2) {
                     first.copy_from_slice(block);
                 } else {
                     let c0 = 2 * 16 * (q / 2);
