@@ -7,7 +7,7 @@
 #   scripts/ml1m_table.sh --no-commit  # the same, leaving git alone
 #   scripts/ml1m_table.sh --next     # do one row's next piece of work, then stop
 #   scripts/ml1m_table.sh --status   # one line per row: done / in progress (step) / to do
-#   scripts/ml1m_table.sh --report   # the table from what is done (collm report over results/ml-1m)
+#   scripts/ml1m_table.sh --report   # the table from what is done (collm report over results/ml-1m; not the seed rows)
 #   scripts/ml1m_table.sh --table    # README's rows: AUC, UAUC, warm/cold, budget, wall time, machine
 #   scripts/ml1m_table.sh --pause    # pause a running driver and its training (SIGSTOP), for a benchmark
 #   scripts/ml1m_table.sh --continue # let it go on (SIGCONT)
@@ -358,7 +358,7 @@ PY
 }
 
 eval_row() {
-  local row=$1 kind=$2 dir=$OUT/$1 tmp rc=0
+  local row=$1 kind=$2 seed=${3:-} dir=$OUT/$1 tmp rc=0
   finished "$dir" || fail "$row: its training has not finished (metrics.json has no 'stopped'); not evaluating it"
   tmp="$OUT/.eval-$row.$$"   # hidden (ignored by git), removed on exit
   if ships_half "$row" "$kind" && ! compacted "$dir"; then
@@ -378,8 +378,10 @@ eval_row() {
     fail "$row: evaluation failed (exit $rc); nothing marked done"
   fi
   mv "$tmp" "$dir/eval-valid.json"
-  # A finished row keeps what evaluation needs.
+  # A finished row keeps what evaluation needs; a collaborative seed row not even its weights
+  # (retrainable in minutes from its seed: the table's 60 MB budget).
   rm -rf "$dir/checkpoint"
+  if [ "$kind" = cf ] && [ -n "$seed" ]; then rm -f "$dir/model.safetensors"; fi
   if [ -f "$OUT/$row.driver.log" ]; then
     cat "$OUT/$row.driver.log" >> "$dir/driver.log"
     rm "$OUT/$row.driver.log"
@@ -411,7 +413,7 @@ do_row() {
     return 0
   fi
   train_row "$@"
-  eval_row "$row" "$kind"
+  eval_row "$row" "$kind" "${4:-}"
   DID=1
 }
 
@@ -481,7 +483,8 @@ case $ACTION in
     for r in "${ROWS[@]}"; do
       # shellcheck disable=SC2086
       set -- $r
-      if [ "$(state "$1")" = done ]; then runs+=("$OUT/$1"); fi
+      # Seed rows keep no weights: the table (--table) has them.
+      if [ "$(state "$1")" = done ] && [ -z "${4:-}" ]; then runs+=("$OUT/$1"); fi
     done
     "$BIN" report "${runs[@]}" --data "$DATA" --split valid --out "$OUT/report"
     exit 0 ;;

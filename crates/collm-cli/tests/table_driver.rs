@@ -1,6 +1,6 @@
 //! The ML-1M table's driver (`scripts/ml1m_table.sh`) on a tiny table: a copy of the script in a
-//! temporary git repository with three tiny rows (MF, TALLRec, CoLLM-MF over both) on the tiny
-//! family's data and backbone. It stops at its first failure without marking anything done or
+//! temporary git repository with four tiny rows (MF, TALLRec, CoLLM-MF over both, an MF seed
+//! row) on the tiny family's data and backbone. It stops at its first failure without marking anything done or
 //! losing a checkpoint, leaves nothing behind that `git add` would pick up, commits each row's
 //! paths and only those, and a fresh clone of whatever it last committed, killed at any moment,
 //! resumes to the uninterrupted table's results.
@@ -16,7 +16,7 @@ use std::process::{Command, Output, Stdio};
 use std::sync::OnceLock;
 use std::time::Instant;
 
-const ROWS: [&str; 3] = ["cf-mf", "tallrec", "collm-mf"];
+const ROWS: [&str; 4] = ["cf-mf", "tallrec", "collm-mf", "cf-mf-s1"];
 
 fn family() -> &'static Family {
     static F: OnceLock<Family> = OnceLock::new();
@@ -78,7 +78,7 @@ fn make_repo(dir: &Path) -> PathBuf {
     }
     std::fs::write(
         repo.join("configs/ml-1m/rows"),
-        "# a tiny table\ncf-mf cf cf-mf\ntallrec llm tallrec\ncollm-mf llm collm-mf\n",
+        "# a tiny table\ncf-mf cf cf-mf\ntallrec llm tallrec\ncollm-mf llm collm-mf\ncf-mf-s1 cf cf-mf 1\n",
     )
     .unwrap();
     std::fs::write(
@@ -321,7 +321,19 @@ fn the_driver_commits_rows_and_a_clone_of_any_moment_resumes_to_the_same_table()
     let total = t.elapsed();
     assert!(o.status.success(), "{}", text(&o));
     assert_eq!(&results(&whole), reference());
-    assert_eq!(commits_touch_one_row_each(&whole), 3, "{}", text(&o));
+    assert_eq!(
+        commits_touch_one_row_each(&whole),
+        ROWS.len(),
+        "{}",
+        text(&o)
+    );
+    // A seed row keeps its config, metrics and evaluation, not its weights.
+    let s1 = whole.join("results/ml-1m/cf-mf-s1");
+    assert!(s1.join("eval-valid.json").is_file() && s1.join("metrics.json").is_file());
+    assert!(!s1.join("model.safetensors").exists());
+    assert!(whole
+        .join("results/ml-1m/cf-mf/model.safetensors")
+        .is_file());
     assert!(text(&o).contains("replacing this driver's last checkpoint commit"));
     let left = git(&whole, &["status", "--porcelain"]);
     assert!(left.trim().is_empty(), "left uncommitted: {left}");

@@ -8,13 +8,15 @@
 //! - [`dataset`]: the on-disk layout, its manifest and the in-memory [`Dataset`].
 //! - [`subsets`]: warm/cold/seen row subsets used by the metrics.
 //! - [`stats`]: the paper's Table 1 and more.
-//! - [`io`]: line readers, atomic writes; [`progress`]: bars, progress sinks and interrupts.
+//! - [`io`]: line readers, atomic writes; [`progress`]: bars, progress sinks and interrupts;
+//!   [`machine`]: this CPU's description.
 
 #[cfg(feature = "bench")]
 pub mod bench;
 pub mod dataset;
 pub mod history;
 pub mod io;
+pub mod machine;
 pub mod progress;
 pub mod sources;
 pub mod stats;

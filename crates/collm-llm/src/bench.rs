@@ -245,7 +245,7 @@ pub fn measure(b: &LlmBench, device: &Device) -> Result<LlmBenchRow> {
         kernel_choice: choice,
         kernel_gflops,
         projection_mib: dec.projection_bytes() as f64 / (1 << 20) as f64,
-        cpu: collm_data::bench::cpu_description(),
+        cpu: collm_data::machine::cpu_description(),
     })
 }
 

@@ -334,7 +334,7 @@ impl Trainer for CollmTrainer<'_> {
             "kernel: {} (chosen: {}); {}",
             kernel,
             collm_llm::ops::kernel_choice().map_or_else(|e| e, |c| c.describe()),
-            collm_data::bench::cpu_description()
+            collm_data::machine::cpu_description()
         );
         if state.kernels.last() != Some(&kernel) {
             state.kernels.push(kernel);
