@@ -104,7 +104,11 @@ fn main() {
         .with_target(false)
         .init();
     cap_threads();
-    if let Err(e) = run(Cli::parse()) {
+    let result = run(Cli::parse());
+    if let Some(n) = thread_count() {
+        tracing::debug!("threads at exit: {n}");
+    }
+    if let Err(e) = result {
         eprintln!("error: {}", clip_lines(&format!("{e:#}"), 300));
         std::process::exit(1);
     }
@@ -126,29 +130,52 @@ fn clip_lines(msg: &str, max: usize) -> String {
         .join("\n")
 }
 
-/// The compute pool has at most one thread per CPU this process may use: more only contend
+/// The compute pools have at most one thread per CPU this process may use: more only contend
 /// (`RAYON_NUM_THREADS=1000` made two rows take minutes instead of seconds). A larger request
-/// is capped, with a warning; a smaller one is kept.
+/// is capped, with a warning; a smaller one is kept. Three pools read the variables: rayon's
+/// global pool (the fused ops, gemm), and candle's own rayon pool and barrier pool (its CPU ops),
+/// which candle sizes from `RAYON_NUM_THREADS` / `CANDLE_NUM_THREADS` when it first uses them;
+/// so the variables themselves are set to the cap here, before any thread exists.
 fn cap_threads() {
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let asked = std::env::var("RAYON_NUM_THREADS")
-        .ok()
-        .and_then(|v| v.trim().parse::<usize>().ok())
-        .filter(|&n| n > 0);
-    let threads = match asked {
+    let asked = |var: &str| {
+        std::env::var(var)
+            .ok()
+            .and_then(|v| v.trim().parse::<usize>().ok())
+            .filter(|&n| n > 0)
+    };
+    let cap = |var: &str| match asked(var) {
         Some(n) if n > cpus => {
-            tracing::warn!("RAYON_NUM_THREADS={n} is more than the {cpus} CPUs here: using {cpus}");
+            tracing::warn!("{var}={n} is more than the {cpus} CPUs here: using {cpus}");
             cpus
         }
         Some(n) => n,
         None => cpus,
     };
+    let threads = cap("RAYON_NUM_THREADS");
+    let candle = if asked("CANDLE_NUM_THREADS").is_some() {
+        cap("CANDLE_NUM_THREADS")
+    } else {
+        threads
+    };
+    // Still one thread here: nothing reads the environment concurrently.
+    std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
+    std::env::set_var("CANDLE_NUM_THREADS", candle.to_string());
     if let Err(e) = rayon::ThreadPoolBuilder::new()
         .num_threads(threads)
         .build_global()
     {
         tracing::debug!("thread pool: {e}");
     }
+}
+
+/// The process's threads now (Linux; `None` elsewhere): logged at the end of a command (debug).
+fn thread_count() -> Option<usize> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Threads:"))
+        .and_then(|v| v.trim().parse().ok())
 }
 
 fn run(cli: Cli) -> Result<()> {
