@@ -5,6 +5,8 @@
 //!   config.toml          [cf]: the model's config; [data]: the dataset it was trained on
 //!                        (name, path, content_sha256, num_users, num_items)
 //!   model.safetensors    the best weights (by valid AUC)
+//!   weights.sha256.json  model.safetensors's SHA-256, written with it and checked at load
+//!                        (runs written before it was kept have none and load as before)
 //!   metrics.json         the training curve and the best valid report
 //!   checkpoint/          the last epoch's weights, optimizer state and loop state (--resume),
 //!                        committed as a whole (`collm_nn::run`)
@@ -22,6 +24,45 @@ use std::path::Path;
 pub const CONFIG_FILE: &str = "config.toml";
 pub const MODEL_FILE: &str = "model.safetensors";
 pub const METRICS_FILE: &str = "metrics.json";
+/// The weights manifest: `{"model.safetensors": sha256}`.
+pub const WEIGHTS_MANIFEST: &str = "weights.sha256.json";
+
+/// Records the SHA-256 of the run's `model.safetensors` (after every save of it).
+pub fn write_weights_manifest(run: &Path) -> Result<()> {
+    let sha = collm_data::io::sha256_file(&run.join(MODEL_FILE))?;
+    let map: std::collections::BTreeMap<&str, String> = [(MODEL_FILE, sha)].into();
+    collm_data::io::write_file_atomic(
+        &run.join(WEIGHTS_MANIFEST),
+        serde_json::to_string_pretty(&map)?.as_bytes(),
+    )
+}
+
+/// Checks the run's `model.safetensors` against its manifest (none: a run written before it
+/// was kept, loaded as before).
+pub fn check_weights_manifest(run: &Path) -> Result<()> {
+    let p = run.join(WEIGHTS_MANIFEST);
+    if !p.is_file() {
+        return Ok(());
+    }
+    let want: std::collections::BTreeMap<String, String> = serde_json::from_str(
+        &std::fs::read_to_string(&p).with_context(|| format!("{}: cannot read", p.display()))?,
+    )
+    .with_context(|| format!("{}: invalid", p.display()))?;
+    let Some(sha) = want.get(MODEL_FILE) else {
+        bail!("{}: no entry for {MODEL_FILE}", p.display());
+    };
+    let weights = run.join(MODEL_FILE);
+    let have = collm_data::io::sha256_file(&weights)?;
+    if &have != sha {
+        bail!(
+            "{}: changed since the run wrote it (sha256 {}, recorded {} in {WEIGHTS_MANIFEST}): the run's weights were replaced or edited",
+            weights.display(),
+            &have[..12],
+            &sha[..12.min(sha.len())]
+        );
+    }
+    Ok(())
+}
 
 /// The dataset a run was trained on.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -114,6 +155,7 @@ pub fn load_model(
             weights.display()
         );
     }
+    check_weights_manifest(run)?;
     model.params().load(&weights)?;
     Ok((cfg, model))
 }

@@ -298,6 +298,7 @@ impl Trainer for CfTrainer<'_> {
 
     fn keep_best(&mut self, state: &mut TrainMetrics, run: &Path) -> Result<()> {
         self.model.params().save(&run.join(MODEL_FILE))?;
+        crate::run::write_weights_manifest(run)?;
         state.best_epoch = Some(state.curve.len());
         state.best_valid = self.last_report.clone();
         Ok(())

@@ -1,8 +1,10 @@
 //! `collm compact RUN…`: a finished run's best weights stored in half precision (half the
-//! bytes), for runs that are shipped or kept in git.
+//! bytes), for runs that are shipped or kept in git; atomic (a kill leaves the old run or the
+//! new one), refused for a run that is training or has not finished.
 
 use anyhow::Result;
 use clap::Args;
+use collm::compact::Compaction;
 use std::path::PathBuf;
 
 #[derive(Args)]
@@ -23,18 +25,31 @@ pub struct CompactArgs {
 
 pub fn run(a: CompactArgs) -> Result<()> {
     let dtype = collm_llm::parse_dtype(&a.dtype)?;
+    let mut changed = false;
     for run in &a.runs {
-        for f in collm::run::compact(run, dtype)? {
-            println!(
-                "{}: {} -> {} bytes ({}), largest change {:.2e} of a tensor's max |w|",
-                f.path.display(),
-                f.stats.bytes_before,
-                f.stats.bytes_after,
-                a.dtype,
-                f.stats.max_rel_change
-            );
+        match collm::compact::compact(run, dtype)? {
+            Compaction::Done(files) => {
+                changed = true;
+                for f in files {
+                    println!(
+                        "{}: {} -> {} bytes ({}), largest change {:.2e} of a tensor's max |w|",
+                        f.path.display(),
+                        f.stats.bytes_before,
+                        f.stats.bytes_after,
+                        a.dtype,
+                        f.stats.max_rel_change
+                    );
+                }
+            }
+            Compaction::AlreadyHalf(d) => println!(
+                "{}: already in half precision ({}): left as it is",
+                run.display(),
+                collm_llm::dtype_name(d)
+            ),
         }
     }
-    eprintln!("evaluate the compacted runs again: their scores moved by the rounding");
+    if changed {
+        eprintln!("evaluate the compacted runs again: their scores moved by the rounding");
+    }
     Ok(())
 }

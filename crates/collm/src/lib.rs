@@ -13,6 +13,7 @@ pub mod alloc;
 #[cfg(feature = "bench")]
 pub mod bench;
 pub mod cie;
+pub mod compact;
 pub mod experiment;
 pub mod model;
 pub mod pipeline;

@@ -251,7 +251,7 @@ pub(crate) fn save_groups(model: &CoLlm, dir: &Path) -> Result<()> {
 /// refused, not silently used.
 pub const WEIGHTS_MANIFEST: &str = "weights.sha256.json";
 
-fn weight_files(dir: &Path) -> Result<std::collections::BTreeMap<String, String>> {
+pub(crate) fn weight_files(dir: &Path) -> Result<std::collections::BTreeMap<String, String>> {
     fn walk(
         root: &Path,
         dir: &Path,
@@ -286,7 +286,7 @@ fn weight_files(dir: &Path) -> Result<std::collections::BTreeMap<String, String>
     Ok(out)
 }
 
-fn write_weights_manifest(dir: &Path) -> Result<()> {
+pub(crate) fn write_weights_manifest(dir: &Path) -> Result<()> {
     let files = weight_files(dir)?;
     write_file_atomic(
         &dir.join(WEIGHTS_MANIFEST),
@@ -454,74 +454,4 @@ pub fn evaluate(run: &Path, split: &str, progress: bool) -> Result<(Report, Vec<
     let rows = &ds.split(split)?.rows;
     let scores = model.predict_shared(rows, &ds.titles, progress)?;
     Ok((Report::for_split(&ds, split, &scores)?, scores))
-}
-
-/// One file [`compact`] rewrote.
-#[derive(Debug, Clone)]
-pub struct CompactedFile {
-    pub path: PathBuf,
-    pub stats: collm_nn::params::Compacted,
-}
-
-/// Stores a run's best weights in half precision (`F16` or `BF16`), in place: a CoLLM run's
-/// `best/` files (its weights manifest rewritten to match), a collaborative run's
-/// `model.safetensors`. Everything that loads the run reads them as before (converted back to
-/// f32 on load), each weight rounded once; evaluate the run again after compacting it, since
-/// its scores move by that rounding. A checkpoint is left alone (a resumed run trains on f32).
-/// Compacting a run that another run references (a CF run, a step-1 run) changes the hash
-/// that run recorded, and it then refuses to load: compact only the runs at the end of a
-/// chain.
-pub fn compact(run: &Path, dtype: candle_core::DType) -> Result<Vec<CompactedFile>> {
-    let mut files = Vec::new();
-    let dir = match RunKind::of_run(run)? {
-        RunKind::Cf => {
-            let p = run.join(collm_cf::run::MODEL_FILE);
-            if !p.is_file() {
-                bail!("{}: not found (nothing to compact)", p.display());
-            }
-            files.push(p);
-            None
-        }
-        RunKind::Collm => {
-            let best = run.join(BEST_DIR);
-            check_weights_manifest(&best)?;
-            let mut names: Vec<PathBuf> = weight_files(&best)?
-                .into_keys()
-                .map(|rel| best.join(rel))
-                .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
-                .collect();
-            names.sort();
-            if names.is_empty() {
-                bail!("{}: no weights (nothing to compact)", best.display());
-            }
-            files.extend(names);
-            Some(best)
-        }
-    };
-    // Every file is converted beside itself before any replaces its original, so a refusal
-    // (a value out of range) or a failed write leaves the run as it was.
-    let mut out = Vec::new();
-    let staged = |p: &Path| p.with_extension("safetensors.compact");
-    for p in &files {
-        match collm_nn::params::compact_file(p, dtype, &staged(p)) {
-            Ok(stats) => out.push(CompactedFile {
-                path: p.clone(),
-                stats,
-            }),
-            Err(e) => {
-                for q in &files {
-                    let _ = std::fs::remove_file(staged(q));
-                }
-                return Err(e);
-            }
-        }
-    }
-    for p in &files {
-        std::fs::rename(staged(p), p)
-            .with_context(|| format!("{}: cannot rename into place", p.display()))?;
-    }
-    if let Some(best) = dir {
-        write_weights_manifest(&best)?;
-    }
-    Ok(out)
 }

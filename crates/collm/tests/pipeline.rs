@@ -1,6 +1,7 @@
 //! The library's jobs end to end on tiny data with a tiny backbone: the quickstart writes its
 //! runs, report and charts, and `evaluate_run` evaluates runs of both kinds.
 
+use collm::compact::{compact, Compaction};
 use collm::pipeline::{evaluate_run, quickstart, QuickstartOptions};
 use collm_data::sources::synthetic::SyntheticOptions;
 use collm_metrics::RunKind;
@@ -84,7 +85,11 @@ fn compacted_runs_load_with_half_the_bytes_and_nearly_the_same_scores() {
     let before_mf = evaluate_run(&out.join("mf"), Some(&data), "test", false).unwrap();
 
     // The CoLLM run: every best/ file halves, the manifest follows, the run still loads.
-    let files = collm::run::compact(&out.join("collm-mf"), candle_core::DType::F16).unwrap();
+    let done = |c: Compaction| match c {
+        Compaction::Done(files) => files,
+        other => panic!("expected a compaction: {other:?}"),
+    };
+    let files = done(compact(&out.join("collm-mf"), candle_core::DType::F16).unwrap());
     assert!(!files.is_empty());
     for f in &files {
         assert!(f.stats.bytes_after < f.stats.bytes_before * 6 / 10, "{f:?}");
@@ -112,16 +117,19 @@ fn compacted_runs_load_with_half_the_bytes_and_nearly_the_same_scores() {
         })
         .collect();
     assert!(leftovers.is_empty(), "{leftovers:?}");
-    // Again: already half, nothing changes.
-    let again = collm::run::compact(&out.join("collm-mf"), candle_core::DType::F16).unwrap();
-    for f in &again {
-        assert_eq!(f.stats.bytes_after, f.stats.bytes_before);
-        assert_eq!(f.stats.max_rel_change, 0.0);
+    // Again, in f16 or bf16: already half, nothing changes (f16 to bf16 would only lose bits).
+    for d in [candle_core::DType::F16, candle_core::DType::BF16] {
+        match compact(&out.join("collm-mf"), d).unwrap() {
+            Compaction::AlreadyHalf(h) => assert_eq!(h, candle_core::DType::F16),
+            other => panic!("{d:?}: {other:?}"),
+        }
     }
+    let after_again = evaluate_run(&out.join("collm-mf"), None, "test", false).unwrap();
+    assert_eq!(after_again.scores, after_c.scores);
 
     // The collaborative run in bf16: it loads and scores nearly as before; the CoLLM run over
     // it now refuses to load, naming the CF run (the hash it recorded changed).
-    let files = collm::run::compact(&out.join("mf"), candle_core::DType::BF16).unwrap();
+    let files = done(compact(&out.join("mf"), candle_core::DType::BF16).unwrap());
     assert_eq!(files.len(), 1);
     let after_mf = evaluate_run(&out.join("mf"), Some(&data), "test", false).unwrap();
     let d = (after_mf.report.auc.unwrap() - before_mf.report.auc.unwrap()).abs();
