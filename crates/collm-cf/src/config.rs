@@ -186,15 +186,27 @@ impl CfConfig {
                 bail!("field '{name}' must be at least 1");
             }
         }
-        if !(self.lr > 0.0 && self.lr.is_finite()) {
-            bail!("field 'lr' must be a positive number");
-        }
-        if self.weight_decay.is_nan() || self.weight_decay < 0.0 {
-            bail!("field 'weight_decay' must be >= 0");
-        }
-        if !(0.0..1.0).contains(&self.dropout) {
-            bail!("field 'dropout' must be in [0, 1)");
-        }
+        use collm_data::fields::{check, End};
+        let field = |r: Result<()>| r.map_err(|e| anyhow::anyhow!("field {e}"));
+        field(check("lr", self.lr, End::Open(0.0), End::Closed(10.0)))?;
+        field(check(
+            "weight_decay",
+            self.weight_decay,
+            End::Closed(0.0),
+            End::Closed(100.0),
+        ))?;
+        field(check(
+            "init_std",
+            self.init_std,
+            End::Open(0.0),
+            End::Closed(100.0),
+        ))?;
+        field(check(
+            "dropout",
+            self.dropout,
+            End::Closed(0.0),
+            End::Open(1.0),
+        ))?;
         if self.model == ModelKind::SasRec && !self.dim.is_multiple_of(self.heads) {
             bail!(
                 "field 'heads' ({}) must divide 'dim' ({})",

@@ -625,3 +625,135 @@ fn a_model_that_cannot_fit_is_refused_before_it_grows() {
     );
     assert!(!dir.path().join("mf").exists());
 }
+
+/// Every float field of every config and flag is refused, naming the field, when it is not a
+/// finite number in its range: NaN, ±infinity, a negative value, and one past the range's far
+/// end, for each (a table over all of them).
+#[test]
+fn every_numeric_field_is_refused_out_of_range_naming_it() {
+    let r = runs();
+    let tmp = tempfile::tempdir().unwrap();
+    let bad = ["nan", "inf", "-inf", "-1.0"];
+    // (what, field as written, the name the error gives, a value past the far end)
+    let collm_fields = [
+        ("[training]", "lr", "'lr'", Some("1e30")),
+        ("[training]", "min_lr", "'min_lr'", Some("100.0")),
+        ("[training]", "weight_decay", "'weight_decay'", Some("1e30")),
+        ("[training]", "clip_norm", "'clip_norm'", None),
+        (
+            "[training]",
+            "checkpoint_minutes",
+            "'checkpoint_minutes'",
+            None,
+        ),
+        ("[model.lora]", "alpha", "'lora.alpha'", Some("1e30")),
+        ("[model.lora]", "dropout", "'lora.dropout'", Some("1.0")),
+    ];
+    let mut checked = 0;
+    for (section, field, name, far) in collm_fields {
+        for v in bad.iter().copied().chain(far) {
+            let cfg = tmp.path().join(format!("c-{checked}.toml"));
+            let mut text = config(&r.root, "collm", "");
+            // The field's own section, appended (TOML allows a table once: [training] exists,
+            // so its field goes right after that header).
+            if section == "[training]" {
+                text = text.replace("[training]\n", &format!("[training]\n{field} = {v}\n"));
+            } else {
+                text.push_str(&format!("\n{section}\n{field} = {v}\n"));
+            }
+            std::fs::write(&cfg, text).unwrap();
+            let e = common::failure(&[
+                "train",
+                "collm",
+                "--config",
+                s(&cfg),
+                "--out",
+                s(&tmp.path().join(format!("run-{checked}"))),
+            ]);
+            assert!(
+                e.contains(name) && e.contains("finite number"),
+                "{field} = {v}: {e}"
+            );
+            assert!(!tmp.path().join(format!("run-{checked}")).exists());
+            checked += 1;
+        }
+    }
+    let cf_fields = [
+        ("lr", Some("1e30")),
+        ("weight_decay", Some("1e30")),
+        ("init_std", Some("1e30")),
+        ("dropout", Some("1.0")),
+    ];
+    for (field, far) in cf_fields {
+        for v in bad.iter().copied().chain(far) {
+            let cfg = tmp.path().join(format!("cf-{checked}.toml"));
+            std::fs::write(&cfg, format!("model = \"mf\"\ndim = 8\n{field} = {v}\n")).unwrap();
+            let e = common::failure(&[
+                "train",
+                "cf",
+                "--config",
+                s(&cfg),
+                "--data",
+                s(&r.data),
+                "--out",
+                s(&tmp.path().join(format!("run-{checked}"))),
+            ]);
+            assert!(
+                e.contains(&format!("'{field}'")) && e.contains("finite number"),
+                "{field} = {v}: {e}"
+            );
+            checked += 1;
+        }
+    }
+    // Flags.
+    for (flag, name) in [("--lr", "'lr'"), ("--weight-decay", "'weight_decay'")] {
+        for v in bad {
+            let arg = format!("{flag}={v}"); // (a value may start with '-')
+            let e = common::failure(&[
+                "train",
+                "cf",
+                "--model",
+                "mf",
+                "--data",
+                s(&r.data),
+                &arg,
+                "--out",
+                s(&tmp.path().join(format!("run-{checked}"))),
+            ]);
+            assert!(
+                e.contains(name) && e.contains("finite number"),
+                "{flag} {v}: {e}"
+            );
+            checked += 1;
+        }
+    }
+    for (flag, name) in [
+        ("--rows-per-user", "'rows_per_user'"),
+        ("--semantic-weight", "'semantic_weight'"),
+        ("--taste-weight", "'taste_weight'"),
+        ("--collaborative-weight", "'collaborative_weight'"),
+    ] {
+        for v in bad.iter().copied().chain(["1e30"]) {
+            let out = tmp.path().join(format!("data-{checked}"));
+            let e = common::failure(&[
+                "data",
+                "prepare",
+                "synthetic",
+                "--users",
+                "5",
+                "--items",
+                "5",
+                &format!("{flag}={v}"), // (a value may start with '-')
+                "--out",
+                s(&out),
+            ]);
+            assert!(
+                e.contains(name) && e.contains("finite number"),
+                "{flag} {v}: {e}"
+            );
+            assert!(!out.exists());
+            checked += 1;
+        }
+    }
+    assert!(checked >= 70, "{checked} cases");
+}

@@ -9,11 +9,12 @@
 //! - [`subsets`]: warm/cold/seen row subsets used by the metrics.
 //! - [`stats`]: the paper's Table 1 and more.
 //! - [`io`]: line readers, atomic writes; [`progress`]: bars, progress sinks and interrupts;
-//!   [`machine`]: this CPU's description.
+//!   [`machine`]: this CPU's description; [`fields`]: the range check of numeric config fields.
 
 #[cfg(feature = "bench")]
 pub mod bench;
 pub mod dataset;
+pub mod fields;
 pub mod history;
 pub mod io;
 pub mod machine;

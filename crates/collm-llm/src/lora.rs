@@ -96,9 +96,14 @@ impl LoraConfig {
         if self.r == 0 {
             bail!("LoRA rank r must be at least 1");
         }
-        if !(0.0..1.0).contains(&self.dropout) {
-            bail!("LoRA dropout must be in [0, 1)");
-        }
+        use collm_data::fields::{check, End};
+        check("lora.alpha", self.alpha, End::Open(0.0), End::Closed(1e4))?;
+        check(
+            "lora.dropout",
+            self.dropout,
+            End::Closed(0.0),
+            End::Open(1.0),
+        )?;
         if self.target_modules.is_empty() {
             bail!("LoRA needs at least one target module");
         }

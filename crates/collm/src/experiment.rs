@@ -481,25 +481,25 @@ impl ExperimentConfig {
                 bail!("'{name}' must be at least 1 (a run that trains nothing is not a run)");
             }
         }
-        if !(self.training.clip_norm.is_finite() && self.training.clip_norm >= 0.0) {
-            bail!("'clip_norm' must be >= 0 (0 turns clipping off)");
-        }
-        if !(self.training.weight_decay.is_finite() && self.training.weight_decay >= 0.0) {
-            bail!("'weight_decay' must be >= 0");
-        }
-        let m = self.training.checkpoint_minutes;
-        if !(m.is_finite() && m >= 0.0) {
-            bail!("'checkpoint_minutes' must be a number >= 0 (0: checkpoints at validations only), got {m}");
-        }
+        use collm_data::fields::{check, End};
+        let t = &self.training;
+        check("lr", t.lr, End::Open(0.0), End::Closed(10.0))?;
+        check("min_lr", t.min_lr, End::Closed(0.0), End::Closed(t.lr))?;
+        check(
+            "weight_decay",
+            t.weight_decay,
+            End::Closed(0.0),
+            End::Closed(100.0),
+        )?;
+        check("clip_norm", t.clip_norm, End::Closed(0.0), End::None)?;
+        check(
+            "checkpoint_minutes",
+            t.checkpoint_minutes,
+            End::Closed(0.0),
+            End::None,
+        )?;
         if self.k() == 0 {
             bail!("'tokens_per_slot' must be at least 1");
-        }
-        let ok = self.training.lr.is_finite()
-            && self.training.lr > 0.0
-            && self.training.min_lr >= 0.0
-            && self.training.min_lr <= self.training.lr;
-        if !ok {
-            bail!("need 0 <= min_lr <= lr and lr > 0");
         }
         self.model.lora.validate()?;
         Ok(())

@@ -152,11 +152,38 @@ pub fn prepare(opts: &SyntheticOptions) -> Result<PreparedData> {
             opts.title_words
         );
     }
-    if opts.rows_per_user.is_nan() || opts.rows_per_user <= 0.0 {
-        bail!("synthetic: --rows-per-user must be positive");
+    use crate::fields::{check, End};
+    let ctx = |r: Result<()>| r.map_err(|e| anyhow::anyhow!("synthetic: {e}"));
+    ctx(check(
+        "rows_per_user",
+        opts.rows_per_user,
+        End::Open(0.0),
+        End::Closed(1e6),
+    ))?;
+    for (name, w) in [
+        ("semantic_weight", opts.semantic_weight),
+        ("taste_weight", opts.taste_weight),
+        ("collaborative_weight", opts.collaborative_weight),
+    ] {
+        ctx(check(name, w, End::Closed(0.0), End::Closed(1e3)))?;
     }
-    if !(0.0 < opts.train_until && opts.train_until < opts.valid_until && opts.valid_until < 1.0) {
-        bail!("synthetic: need 0 < train_until < valid_until < 1");
+    if opts.semantic_weight + opts.taste_weight + opts.collaborative_weight == 0.0 {
+        bail!("synthetic: semantic_weight, taste_weight and collaborative_weight are all 0 (the labels would carry no signal)");
+    }
+    ctx(check(
+        "train_until",
+        opts.train_until,
+        End::Open(0.0),
+        End::Open(1.0),
+    ))?;
+    ctx(check(
+        "valid_until",
+        opts.valid_until,
+        End::Open(0.0),
+        End::Open(1.0),
+    ))?;
+    if opts.train_until >= opts.valid_until {
+        bail!("synthetic: need train_until < valid_until");
     }
     let mut rng = ChaCha8Rng::seed_from_u64(opts.seed);
     let f = opts.factors.max(1);
