@@ -181,8 +181,9 @@ pub fn train(
         old.data.check(ds, &format!("run {}", out.display()))?;
         if old.cf != *cfg {
             bail!(
-                "{}: the config differs from the run's {CONFIG_FILE}; resume with the same settings",
-                out.display()
+                "{}: the config differs from the run's {CONFIG_FILE} ({}); resume with the same settings",
+                out.display(),
+                collm_data::fields::differences(&old.cf, cfg).join("; ")
             );
         }
     }

@@ -16,9 +16,16 @@ pub struct ScoreArgs {
     #[arg(long)]
     pub data: Option<PathBuf>,
     /// `uid iid` pairs, one per line (tab or space; an optional `uid iid` header), any order,
-    /// any users. Rows of one user share their prompt prefix.
+    /// any users. Rows of one user share their prompt prefix. A known user's prompt holds their
+    /// latest history: the items they liked in every split, test positives included (what
+    /// `collm serve` sees); see --split for a split's own context.
     #[arg(long)]
     pub input: PathBuf,
+    /// Score each pair in the context of its own row in this split (the history the user had
+    /// then), as `collm eval --split` does: the same scores and AUC. Every pair must be a row
+    /// of the split.
+    #[arg(long)]
+    pub split: Option<String>,
     /// Output TSV `uid iid score prob` in the input's order (score = the logit, prob = P(Yes)),
     /// written atomically.
     #[arg(long)]
@@ -109,7 +116,7 @@ pub fn score(a: ScoreArgs) -> Result<()> {
         );
     }
     let rec = Recommender::open(&a.run, a.data.as_deref())?;
-    let n = score_file(&rec, &a.input, &a.out, !a.quiet)?;
+    let n = score_file(&rec, &a.input, &a.out, a.split.as_deref(), !a.quiet)?;
     eprintln!("scored {n} rows -> {}", a.out.display());
     Ok(())
 }

@@ -329,7 +329,7 @@ fn outputs_that_are_directories_fail_without_temporaries() {
             "--split",
             "valid",
             "--candidates",
-            "5",
+            "20",
             "--out",
             s(&out),
             "--quiet",
@@ -756,4 +756,80 @@ fn every_numeric_field_is_refused_out_of_range_naming_it() {
         }
     }
     assert!(checked >= 70, "{checked} cases");
+}
+
+/// Resuming with another setting names each field that differs and both values.
+#[test]
+fn a_resume_with_other_settings_names_each_differing_field() {
+    let r = runs();
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path().join("mf");
+    let base = [
+        "train",
+        "cf",
+        "--model",
+        "mf",
+        "--data",
+        s(&r.data),
+        "--dim",
+        "8",
+        "--quiet",
+    ];
+    ok(&[&base[..], &["--max-epochs", "2", "--out", s(&run)]].concat());
+    fails(
+        &[
+            &base[..],
+            &[
+                "--max-epochs",
+                "3",
+                "--lr",
+                "0.05",
+                "--out",
+                s(&run),
+                "--resume",
+            ],
+        ]
+        .concat(),
+        &[
+            "max_epochs: the run has 2, now 3",
+            "lr: the run has",
+            "now 0.05",
+        ],
+    );
+}
+
+/// Ranking with k not below the number of candidates is refused (HR@k would be 1 by
+/// construction).
+#[test]
+fn ranking_with_k_not_below_the_candidates_is_refused() {
+    let r = runs();
+    fails(
+        &[
+            "rank",
+            "--run",
+            s(&r.mf),
+            "--data",
+            s(&r.data),
+            "--split",
+            "valid",
+            "--candidates",
+            "5",
+            "--k",
+            "10",
+        ],
+        &["--k 10 is not below --candidates 5", "HR@10 = 1"],
+    );
+    ok(&[
+        "rank",
+        "--run",
+        s(&r.mf),
+        "--data",
+        s(&r.data),
+        "--split",
+        "valid",
+        "--candidates",
+        "5",
+        "--k",
+        "4",
+    ]);
 }

@@ -112,6 +112,89 @@ fn score_keeps_input_order_and_equals_whole_prompt_scoring() {
     assert!((got[0].2 - got[4].2).abs() < 1e-6);
 }
 
+/// `--split valid` scores each pair in its own valid row's context: the scores `collm eval
+/// --split valid` gives, so the same AUC; without it, a known user's latest history (which
+/// holds later positives) gives other scores. A pair that is not a row of the split is refused
+/// by line.
+#[test]
+fn score_with_split_equals_eval_and_names_pairs_outside_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let Runs { run, .. } = runs();
+    let rec = Recommender::open(&run, None).unwrap();
+    let valid = rec.dataset.split("valid").unwrap().rows.clone();
+    let pairs = tmp.path().join("valid.tsv");
+    let mut text = String::from("uid\tiid\n");
+    for r in &valid {
+        text.push_str(&format!("{}\t{}\n", r.uid, r.iid));
+    }
+    std::fs::write(&pairs, text).unwrap();
+    let score = |split: Option<&str>| -> Vec<f64> {
+        let out = tmp.path().join(format!("s-{split:?}.tsv"));
+        let mut a = vec![
+            "score",
+            "--run",
+            s(&run),
+            "--input",
+            s(&pairs),
+            "--out",
+            s(&out),
+            "--quiet",
+        ];
+        if let Some(sp) = split {
+            a.extend(["--split", sp]);
+        }
+        ok(&a);
+        std::fs::read_to_string(&out)
+            .unwrap()
+            .lines()
+            .skip(1)
+            .map(|l| l.split('\t').nth(2).unwrap().parse().unwrap())
+            .collect()
+    };
+    let in_split = score(Some("valid"));
+    let labels: Vec<u8> = valid.iter().map(|r| r.label).collect();
+    let auc = collm_metrics::auc(&labels, &in_split).unwrap();
+    let eval: serde_json::Value = serde_json::from_str(&ok(&[
+        "eval",
+        "collm",
+        "--run",
+        s(&run),
+        "--split",
+        "valid",
+        "--json",
+    ]))
+    .unwrap();
+    assert!(
+        (auc - eval["auc"].as_f64().unwrap()).abs() < 1e-9,
+        "{auc} vs {eval}"
+    );
+    let latest = score(None);
+    assert!(
+        in_split
+            .iter()
+            .zip(&latest)
+            .any(|(a, b)| (a - b).abs() > 1e-6),
+        "the latest history changed no score"
+    );
+    // A pair outside the split.
+    let outside = tmp.path().join("outside.tsv");
+    std::fs::write(&outside, "uid iid\n1 1\n1 2\n1 3\n1 4\n1 5\n1 6\n1 7\n").unwrap();
+    fails(
+        &[
+            "score",
+            "--run",
+            s(&run),
+            "--input",
+            s(&outside),
+            "--out",
+            s(&tmp.path().join("o.tsv")),
+            "--split",
+            "valid",
+        ],
+        &["outside.tsv:", "is not a row of split 'valid'"],
+    );
+}
+
 #[test]
 fn a_collaborative_run_scores_with_its_dataset() {
     let tmp = tempfile::tempdir().unwrap();
@@ -280,47 +363,49 @@ fn rank_user_lists_the_best_unseen_items() {
 }
 
 #[test]
-fn serve_answers_then_exits_0_on_sigterm() {
-    let Runs { run, .. } = runs();
-    let rec = Recommender::open(&run, None).unwrap();
-    let want = rec.score(&rec.user(3).unwrap(), &[5, 7]).unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_collm"))
-        .args(["serve", "--run", s(&run), "--addr", "127.0.0.1:0"])
-        .env("COLLM_LOG", "error")
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stderr = BufReader::new(child.stderr.take().unwrap());
-    let mut line = String::new();
-    stderr.read_line(&mut line).unwrap();
-    let addr = line
-        .trim()
-        .strip_prefix("listening on http://")
-        .unwrap_or_else(|| panic!("{line:?}"))
-        .to_string();
-    let mut conn = std::net::TcpStream::connect(&addr).unwrap();
-    let body = "{\"user\": 3, \"items\": [5, 7]}";
-    write!(
+fn serve_answers_then_exits_0_on_sigterm_and_on_sighup() {
+    for signal in ["-TERM", "-HUP"] {
+        let Runs { run, .. } = runs();
+        let rec = Recommender::open(&run, None).unwrap();
+        let want = rec.score(&rec.user(3).unwrap(), &[5, 7]).unwrap();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_collm"))
+            .args(["serve", "--run", s(&run), "--addr", "127.0.0.1:0"])
+            .env("COLLM_LOG", "error")
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut stderr = BufReader::new(child.stderr.take().unwrap());
+        let mut line = String::new();
+        stderr.read_line(&mut line).unwrap();
+        let addr = line
+            .trim()
+            .strip_prefix("listening on http://")
+            .unwrap_or_else(|| panic!("{line:?}"))
+            .to_string();
+        let mut conn = std::net::TcpStream::connect(&addr).unwrap();
+        let body = "{\"user\": 3, \"items\": [5, 7]}";
+        write!(
         conn,
         "POST /v1/score HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     )
     .unwrap();
-    let mut reply = String::new();
-    conn.read_to_string(&mut reply).unwrap();
-    assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
-    let json: serde_json::Value =
-        serde_json::from_str(reply.split("\r\n\r\n").nth(1).unwrap()).unwrap();
-    assert!((json["scores"][0].as_f64().unwrap() - want[0]).abs() < 1e-4);
-    let killed = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(killed.success());
-    let status = child.wait().unwrap();
-    assert_eq!(
-        status.code(),
-        Some(0),
-        "collm serve after SIGTERM: {status:?}"
-    );
+        let mut reply = String::new();
+        conn.read_to_string(&mut reply).unwrap();
+        assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+        let json: serde_json::Value =
+            serde_json::from_str(reply.split("\r\n\r\n").nth(1).unwrap()).unwrap();
+        assert!((json["scores"][0].as_f64().unwrap() - want[0]).abs() < 1e-4);
+        let killed = Command::new("kill")
+            .args([signal, &child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(killed.success());
+        let status = child.wait().unwrap();
+        assert_eq!(
+            status.code(),
+            Some(0),
+            "collm serve after {signal}: {status:?}"
+        );
+    }
 }

@@ -43,6 +43,43 @@ pub fn check(name: &str, value: f64, lo: End, hi: End) -> Result<()> {
     bail!("'{name}' must be a finite number in {left}, {right}, got {value}")
 }
 
+/// The fields in which `run` (what a run recorded) and `now` (what a command was given)
+/// differ, each as "path: the run has A, now B" (dotted paths into nested tables; arrays
+/// compared whole). For errors that refuse to resume a run with other settings.
+pub fn differences(run: &impl serde::Serialize, now: &impl serde::Serialize) -> Vec<String> {
+    fn walk(path: &str, a: &serde_json::Value, b: &serde_json::Value, out: &mut Vec<String>) {
+        use serde_json::Value::Object;
+        match (a, b) {
+            (Object(x), Object(y)) => {
+                let keys: std::collections::BTreeSet<&String> = x.keys().chain(y.keys()).collect();
+                for k in keys {
+                    let p = if path.is_empty() {
+                        k.clone()
+                    } else {
+                        format!("{path}.{k}")
+                    };
+                    let null = serde_json::Value::Null;
+                    walk(
+                        &p,
+                        x.get(k).unwrap_or(&null),
+                        y.get(k).unwrap_or(&null),
+                        out,
+                    );
+                }
+            }
+            _ if a != b => out.push(format!("{path}: the run has {a}, now {b}")),
+            _ => {}
+        }
+    }
+    let (a, b) = (serde_json::to_value(run), serde_json::to_value(now));
+    let mut out = Vec::new();
+    match (a, b) {
+        (Ok(a), Ok(b)) => walk("", &a, &b, &mut out),
+        _ => out.push("(the settings could not be compared field by field)".into()),
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -60,5 +97,20 @@ mod tests {
         }
         assert!(check("x", -5.0, End::None, End::None).is_ok());
         assert!(check("x", f64::NEG_INFINITY, End::None, End::None).is_err());
+    }
+
+    #[test]
+    fn differences_name_each_field_with_both_values() {
+        let a = serde_json::json!({"cf": {"max_epochs": 5, "lr": 0.1, "hidden": [8]}, "seed": 1});
+        let b =
+            serde_json::json!({"cf": {"max_epochs": 7, "lr": 0.1, "hidden": [8, 4]}, "seed": 1});
+        assert_eq!(
+            differences(&a, &b),
+            [
+                "cf.hidden: the run has [8], now [8,4]",
+                "cf.max_epochs: the run has 5, now 7"
+            ]
+        );
+        assert!(differences(&a, &a).is_empty());
     }
 }

@@ -58,10 +58,7 @@ pub fn table(rows: &[Row], subsets: &[&str]) -> String {
                 .filter_map(|r| g(&r.report))
                 .fold(f64::NAN, f64::max)
         };
-        let rel = |x: Option<f64>, b: f64| match x {
-            Some(v) if b.is_finite() && b != 0.5 => format!("{:+.2}%", 100.0 * (v - b) / (b - 0.5)),
-            _ => "-".into(),
-        };
+        let rel = |x: Option<f64>, b: f64| relaimpr(x, b);
         let _ = writeln!(
             s,
             "\nRelaImpr of {} over the best other row: AUC {}, UAUC {}",
@@ -71,6 +68,24 @@ pub fn table(rows: &[Row], subsets: &[&str]) -> String {
         );
     }
     s
+}
+
+/// RelaImpr of `x` over the baseline `b`: `(x − b) / (b − 0.5)`, as a signed percentage. Only
+/// defined for a baseline above chance: at or below 0.5 the denominator is not an improvement
+/// over chance (it would flip the sign or divide by ~0), and that is said instead.
+fn relaimpr(x: Option<f64>, b: f64) -> String {
+    match x {
+        Some(_) if b.is_finite() && b <= 0.5 => {
+            format!("undefined (the best other row's {b:.4} is no better than chance)")
+        }
+        Some(v) if b.is_finite() => {
+            let r = 100.0 * (v - b) / (b - 0.5);
+            // No "-0.00%" for a difference that rounds to nothing.
+            let r = if r.abs() < 0.005 { 0.0 } else { r };
+            format!("{r:+.2}%")
+        }
+        _ => "-".into(),
+    }
 }
 
 pub use collm_metrics::RunKind;
@@ -132,4 +147,20 @@ pub fn run_curve(run: &Path, name: &str) -> anyhow::Result<Option<Curve>> {
         x_label: kind.x_label().into(),
         points,
     }))
+}
+
+#[cfg(test)]
+mod relaimpr_tests {
+    use super::relaimpr;
+
+    #[test]
+    fn relaimpr_is_undefined_at_or_below_chance_and_never_minus_zero() {
+        assert_eq!(relaimpr(Some(0.7), 0.6), "+100.00%");
+        assert_eq!(relaimpr(Some(0.55), 0.6), "-50.00%");
+        assert!(relaimpr(Some(0.4625), 0.4125).starts_with("undefined"));
+        assert!(relaimpr(Some(0.6), 0.5).starts_with("undefined"));
+        assert_eq!(relaimpr(Some(0.6 - 1e-9), 0.6), "+0.00%");
+        assert_eq!(relaimpr(None, 0.6), "-");
+        assert_eq!(relaimpr(Some(0.6), f64::NAN), "-");
+    }
 }

@@ -5,7 +5,7 @@ use crate::worker::{Job, Reply, Task, Who, WorkerError};
 use crate::AppState;
 use axum::body::Body;
 use axum::extract::State;
-use axum::http::{header, HeaderValue, StatusCode};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use collm::recommend::RequestError;
 use serde::{Deserialize, Serialize};
@@ -111,7 +111,8 @@ pub struct RankRequest {
     pub history: Option<Vec<u64>>,
     /// How many items to return (default 10).
     pub k: Option<usize>,
-    /// Items to rank; absent: every item the user has not interacted with.
+    /// Items to rank (an item named twice is ranked once); absent: every item the user has not
+    /// interacted with.
     pub candidates: Option<Vec<u64>>,
 }
 
@@ -140,7 +141,7 @@ pub struct Health {
 #[openapi(
     info(
         title = "collm serve",
-        description = "Scores and top-K recommendations from a trained CoLLM (or collaborative-model) run. Errors are {\"error\": \"...\"}: 400 malformed JSON or fields, 404 unknown user or item id, 405 wrong method, 408 body too slow, 413 body too large or too many ids (--max-items), 503 queue full (Retry-After)."
+        description = "Scores and top-K recommendations from a trained CoLLM (or collaborative-model) run. Errors are {\"error\": \"...\"}: 400 malformed JSON or fields, 404 unknown user or item id, 405 wrong method, 408 body too slow, 413 body too large (its Content-Length at once) or too many ids ('items' and 'candidates' over --max-items, 'history' over 100,000), 503 queue full (Retry-After)."
     ),
     paths(score, rank, health, metrics),
     components(schemas(
@@ -155,11 +156,25 @@ pub struct Health {
 )]
 pub struct ApiDoc;
 
-/// Reads a JSON body of at most `limit` bytes: 413 above it, 400 for anything malformed.
+/// Reads a JSON body of at most `limit` bytes: 413 above it (at once when the request's
+/// `Content-Length` says so, before any of the body is waited for), 400 for anything malformed.
 async fn read_json<T: serde::de::DeserializeOwned>(
+    headers: &HeaderMap,
     body: Body,
     limit: usize,
 ) -> Result<T, ApiError> {
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    if let Some(n) = declared.filter(|&n| n > limit as u64) {
+        return Err(ApiError {
+            status: StatusCode::PAYLOAD_TOO_LARGE,
+            message: format!(
+                "request body of {n} bytes (Content-Length) over the limit of {limit} bytes"
+            ),
+        });
+    }
     let read = tokio::time::timeout(BODY_TIMEOUT, axum::body::to_bytes(body, limit));
     let bytes = read
         .await
@@ -203,11 +218,12 @@ fn who(user: Option<u64>, history: Option<Vec<u64>>) -> Result<Who, ApiError> {
     match (user, history) {
         (Some(u), None) => Ok(Who::User(u)),
         (None, Some(h)) => {
+            // The one rule for too many ids in a request: 413 (as 'items' and 'candidates').
             if h.len() > MAX_ITEMS {
-                return Err(ApiError::bad_request(format!(
-                    "'history' has {} items, at most {MAX_ITEMS}",
-                    h.len()
-                )));
+                return Err(ApiError {
+                    status: StatusCode::PAYLOAD_TOO_LARGE,
+                    message: format!("'history' holds {} item ids, at most {MAX_ITEMS}", h.len()),
+                });
             }
             Ok(Who::History(h))
         }
@@ -252,10 +268,10 @@ fn timed(state: &AppState, route: &str, start: Instant, r: Response) -> Response
 #[utoipa::path(post, path = "/v1/score", request_body = ScoreRequest,
     responses((status = 200, body = ScoreResponse), (status = 400, body = ErrorBody),
         (status = 404, body = ErrorBody), (status = 413, body = ErrorBody), (status = 503, body = ErrorBody)))]
-pub async fn score(State(state): State<AppState>, body: Body) -> Response {
+pub async fn score(State(state): State<AppState>, headers: HeaderMap, body: Body) -> Response {
     let start = Instant::now();
     let r = async {
-        let req: ScoreRequest = read_json(body, state.max_body).await?;
+        let req: ScoreRequest = read_json(&headers, body, state.max_body).await?;
         if req.items.is_empty() {
             return Err(ApiError::bad_request(
                 "'items' must hold at least 1 item id",
@@ -274,10 +290,10 @@ pub async fn score(State(state): State<AppState>, body: Body) -> Response {
 #[utoipa::path(post, path = "/v1/rank", request_body = RankRequest,
     responses((status = 200, body = RankResponse), (status = 400, body = ErrorBody),
         (status = 404, body = ErrorBody), (status = 413, body = ErrorBody), (status = 503, body = ErrorBody)))]
-pub async fn rank(State(state): State<AppState>, body: Body) -> Response {
+pub async fn rank(State(state): State<AppState>, headers: HeaderMap, body: Body) -> Response {
     let start = Instant::now();
     let r = async {
-        let req: RankRequest = read_json(body, state.max_body).await?;
+        let req: RankRequest = read_json(&headers, body, state.max_body).await?;
         let k = req.k.unwrap_or(10);
         if k == 0 || k > MAX_K {
             return Err(ApiError::bad_request(format!(
@@ -293,7 +309,13 @@ pub async fn rank(State(state): State<AppState>, body: Body) -> Response {
             too_many("candidates", c.len(), state.max_items)?;
         }
         let who = who(req.user, req.history)?;
-        let candidates = req.candidates;
+        // An item named twice is ranked once (at its first mention's place among equals).
+        let candidates = req.candidates.map(|c| {
+            let mut seen = std::collections::HashSet::new();
+            c.into_iter()
+                .filter(|i| seen.insert(*i))
+                .collect::<Vec<_>>()
+        });
         let items = submit(&state, who, |reply| Task::Rank {
             k,
             candidates,

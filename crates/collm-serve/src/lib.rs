@@ -3,7 +3,7 @@
 //! prefix; a bounded queue between them turns overload into 503s instead of growing memory.
 //!
 //! Routes ([`api`]): `POST /v1/score`, `POST /v1/rank`, `GET /health`, `GET /metrics`
-//! (Prometheus), `GET /openapi.json`. SIGTERM or ctrl-c stops accepting connections, lets
+//! (Prometheus), `GET /openapi.json`. SIGTERM, SIGHUP or ctrl-c stops accepting connections, lets
 //! requests in flight finish, and returns. [`client`] is the load generator behind
 //! `scripts/load_test.sh`.
 
@@ -94,7 +94,7 @@ impl Server {
         self.join()
     }
 
-    /// Waits for the server to end (SIGTERM, ctrl-c or [`Server::stop`]).
+    /// Waits for the server to end (SIGTERM, SIGHUP, ctrl-c or [`Server::stop`]).
     pub fn join(mut self) -> Result<()> {
         match self.thread.take() {
             Some(t) => t
@@ -225,26 +225,33 @@ async fn shutdown_signal(stop: tokio::sync::oneshot::Receiver<()>) {
     let ctrl_c = async {
         let _ = tokio::signal::ctrl_c().await;
     };
+    // SIGTERM and SIGHUP (a closed terminal or session) drain alike.
     #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+    let signal = |kind: tokio::signal::unix::SignalKind| async move {
+        match tokio::signal::unix::signal(kind) {
             Ok(mut s) => {
                 s.recv().await;
             }
             Err(_) => std::future::pending::<()>().await,
         }
     };
+    #[cfg(unix)]
+    let (term, hup) = (
+        signal(tokio::signal::unix::SignalKind::terminate()),
+        signal(tokio::signal::unix::SignalKind::hangup()),
+    );
     #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
+    let (term, hup) = (std::future::pending::<()>(), std::future::pending::<()>());
     tokio::select! {
         _ = ctrl_c => {}
         _ = term => {}
+        _ = hup => {}
         _ = stop => {}
     }
     tracing::info!("shutting down: finishing requests in flight");
 }
 
-/// `collm serve`: serves until SIGTERM or ctrl-c, then drains and returns.
+/// `collm serve`: serves until SIGTERM, SIGHUP or ctrl-c, then drains and returns.
 pub fn run(o: &ServeOptions) -> Result<()> {
     let server = start(o)?;
     tracing::info!(

@@ -230,6 +230,17 @@ fn every_bad_request_is_a_json_error_with_its_status() {
     let big = json!({"user": 3, "items": vec![1; 3000]}).to_string();
     assert!(big.len() > 4096);
     assert_error(&score(&big), 413, "over the limit of 4096 bytes");
+    // Too many ids is one rule, 413, for a history as for items.
+    let long_history = json!({"history": vec![1; 100_001], "items": [1]}).to_string();
+    let mut wide = options(&run());
+    wide.max_body = 4 << 20;
+    let wide = start(&wide).unwrap();
+    assert_error(
+        &post(&rt, wide.addr(), "/v1/score", &long_history),
+        413,
+        "'history' holds 100001 item ids",
+    );
+    wide.stop().unwrap();
     assert_error(&get(&rt, addr, "/v2/nothing"), 404, "no route /v2/nothing");
     assert_eq!(get(&rt, addr, "/v1/score").status, 405);
     let m = get(&rt, addr, "/metrics");
@@ -239,6 +250,52 @@ fn every_bad_request_is_a_json_error_with_its_status() {
         "/metrics lacks {needle}:\n{}",
         m.body
     );
+    server.stop().unwrap();
+}
+
+/// A `Content-Length` over `--max-body` is answered 413 at once, without waiting for a body
+/// that never comes (it was a 408 after 30 s).
+#[test]
+fn a_declared_body_over_the_limit_is_413_at_once() {
+    use std::io::{Read, Write};
+    let (server, _, _) = serve();
+    let t = std::time::Instant::now();
+    let mut conn = std::net::TcpStream::connect(server.addr()).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    write!(
+        conn,
+        "POST /v1/score HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 1000000\r\n\r\n{{"
+    )
+    .unwrap();
+    let mut buf = [0u8; 4096];
+    let n = conn.read(&mut buf).unwrap();
+    let reply = String::from_utf8_lossy(&buf[..n]);
+    assert!(reply.starts_with("HTTP/1.1 413"), "{reply}");
+    assert!(reply.contains("Content-Length"), "{reply}");
+    assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+    server.stop().unwrap();
+}
+
+/// Candidates named twice are ranked once.
+#[test]
+fn repeated_candidates_are_ranked_once() {
+    let (server, _, rt) = serve();
+    let r = post(
+        &rt,
+        server.addr(),
+        "/v1/rank",
+        "{\"user\": 3, \"k\": 10, \"candidates\": [5, 5, 7, 5, 7]}",
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    let mut items: Vec<u64> = r.json()["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["item"].as_u64().unwrap())
+        .collect();
+    items.sort_unstable();
+    assert_eq!(items, [5, 7]);
     server.stop().unwrap();
 }
 

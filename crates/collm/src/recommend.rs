@@ -313,6 +313,11 @@ impl Recommender {
         if candidates < 2 || k == 0 {
             bail!("--candidates must be at least 2 and --k at least 1");
         }
+        if k >= candidates {
+            bail!(
+                "--k {k} is not below --candidates {candidates}: every positive would be in the top {k} (HR@{k} = 1 by construction); use a k below the number of candidates"
+            );
+        }
         let positives: Vec<&Interaction> = self
             .dataset
             .split(split)?
@@ -380,8 +385,30 @@ impl Recommender {
 }
 
 /// Reads `uid iid` pairs (tab- or space-separated, one per line; an optional header line
-/// `uid iid`; `#` comments and blank lines skipped), checking every id against the run.
+/// `uid iid`; `#` comments and blank lines skipped), checking every id against the run. A known
+/// user's pair gets the user's latest history (every split's positives, what serving sees).
 pub fn read_pairs(path: &Path, rec: &Recommender) -> Result<Vec<Interaction>> {
+    read_pairs_in(path, rec, None)
+}
+
+/// [`read_pairs`]; with `split`, each pair takes the history of its own row in that split
+/// (the context `collm eval` scores it in), and a pair that is not a row of the split is an
+/// error naming its line.
+pub fn read_pairs_in(
+    path: &Path,
+    rec: &Recommender,
+    split: Option<&str>,
+) -> Result<Vec<Interaction>> {
+    let context: Option<std::collections::HashMap<(u32, u32), &Interaction>> = match split {
+        Some(name) => {
+            let mut m = std::collections::HashMap::new();
+            for r in &rec.dataset.split(name)?.rows {
+                m.entry((r.uid, r.iid)).or_insert(r);
+            }
+            Some(m)
+        }
+        None => None,
+    };
     let mut reader = LineReader::open(path)?;
     let mut buf = Vec::new();
     let mut out = Vec::new();
@@ -402,7 +429,21 @@ pub fn read_pairs(path: &Path, rec: &Recommender) -> Result<Vec<Interaction>> {
                 .map_err(|_| reader.error(format!("field '{name}' is not an id: {s:?}")))
         };
         let (u, i) = (id("uid", f[0])?, id("iid", f[1])?);
-        out.push(rec.row(u, i).map_err(|e| reader.error(e))?);
+        let row = rec.row(u, i).map_err(|e| reader.error(e))?;
+        match (&context, split) {
+            (Some(ctx), Some(name)) => match ctx.get(&(row.uid, row.iid)) {
+                Some(r) => out.push(Interaction {
+                    label: 0,
+                    ..(*r).clone()
+                }),
+                None => {
+                    return Err(reader.error(format!(
+                        "({u}, {i}) is not a row of split '{name}' (--split scores a split's own pairs)"
+                    )))
+                }
+            },
+            _ => out.push(row),
+        }
     }
     if out.is_empty() {
         bail!("{}: no `uid iid` pair found", path.display());
@@ -411,9 +452,17 @@ pub fn read_pairs(path: &Path, rec: &Recommender) -> Result<Vec<Interaction>> {
 }
 
 /// `collm score`: scores a file of `uid iid` pairs and writes `uid iid score prob` lines
-/// (score = the logit, prob = its sigmoid), in the input's order, atomically.
-pub fn score_file(rec: &Recommender, input: &Path, out: &Path, progress: bool) -> Result<usize> {
-    let rows = read_pairs(input, rec)?;
+/// (score = the logit, prob = its sigmoid), in the input's order, atomically. A known user's
+/// pairs are scored with the user's latest history (every split's positives, as serving does);
+/// with `split`, each pair in its own row's context in that split, as `collm eval` does.
+pub fn score_file(
+    rec: &Recommender,
+    input: &Path,
+    out: &Path,
+    split: Option<&str>,
+    progress: bool,
+) -> Result<usize> {
+    let rows = read_pairs_in(input, rec, split)?;
     let scores = rec
         .score_rows(&rows, progress)
         .with_context(|| format!("scoring {}", input.display()))?;

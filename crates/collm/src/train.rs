@@ -154,8 +154,9 @@ pub fn train(cfg: &ExperimentConfig, out: &Path, opts: &TrainOptions) -> Result<
             run_file.experiment.training.checkpoint_minutes;
         if old != run_file {
             bail!(
-                "{}: the config or its inputs (data, backbone, CF run, step 1) differ from the run's; resume with the same ones",
-                out.display()
+                "{}: the config or its inputs (data, backbone, CF run, step 1) differ from the run's ({}); resume with the same ones",
+                out.display(),
+                collm_data::fields::differences(&old, &run_file).join("; ")
             );
         }
     }
