@@ -409,3 +409,77 @@ fn serve_answers_then_exits_0_on_sigterm_and_on_sighup() {
         );
     }
 }
+
+/// Under `ulimit -n 128`, 200 idle connections do not starve `/health` or a request: the
+/// server keeps its connections below the file-descriptor limit with a reserve, closing the
+/// oldest idle one to make room (before, accept failed with "Too many open files" and health
+/// went unanswered for the 10 s of the header timeout).
+#[test]
+fn serve_under_a_low_fd_limit_still_answers_with_many_idle_connections() {
+    let Runs { run, .. } = runs();
+    let mut child = Command::new("bash")
+        .args([
+            "-c",
+            "ulimit -n 128 && exec \"$0\" serve --run \"$1\" --addr 127.0.0.1:0",
+            env!("CARGO_BIN_EXE_collm"),
+            s(&run),
+        ])
+        .env("COLLM_LOG", "error")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // A failing assertion must not leave the server running.
+    struct Kill(u32);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = Command::new("kill")
+                .args(["-9", &self.0.to_string()])
+                .status();
+        }
+    }
+    let guard = Kill(child.id());
+    let mut stderr = BufReader::new(child.stderr.take().unwrap());
+    let mut line = String::new();
+    stderr.read_line(&mut line).unwrap();
+    let addr = line
+        .trim()
+        .strip_prefix("listening on http://")
+        .unwrap_or_else(|| panic!("{line:?}"))
+        .to_string();
+    let idle: Vec<std::net::TcpStream> = (0..200)
+        .map(|_| std::net::TcpStream::connect(&addr).unwrap())
+        .collect();
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let ask = |req: &str| -> (std::time::Duration, String) {
+        let t = std::time::Instant::now();
+        let mut conn = std::net::TcpStream::connect(&addr).unwrap();
+        conn.set_read_timeout(Some(std::time::Duration::from_secs(8)))
+            .unwrap();
+        conn.write_all(req.as_bytes()).unwrap();
+        let mut reply = String::new();
+        let _ = conn.read_to_string(&mut reply);
+        (t.elapsed(), reply)
+    };
+    let (took, reply) = ask("GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    assert!(
+        reply.starts_with("HTTP/1.1 200"),
+        "{reply:?} after {took:?}"
+    );
+    assert!(took < std::time::Duration::from_secs(3), "{took:?}");
+    let body = "{\"user\": 3, \"items\": [5]}";
+    let (took, reply) = ask(&format!(
+        "POST /v1/score HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    ));
+    assert!(
+        reply.starts_with("HTTP/1.1 200"),
+        "{reply:?} after {took:?}"
+    );
+    drop(idle);
+    Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert_eq!(child.wait().unwrap().code(), Some(0));
+    std::mem::forget(guard);
+}

@@ -9,6 +9,7 @@
 
 pub mod api;
 pub mod client;
+pub mod conns;
 pub mod metrics;
 pub mod worker;
 
@@ -175,8 +176,9 @@ pub fn start(o: &ServeOptions) -> Result<Server> {
 }
 
 /// Accepts connections until the stop signal, each with a header timeout, then drains them
-/// for at most [`DRAIN_TIMEOUT`]. An accept error (out of file descriptors) is waited out, not
-/// fatal: idle connections time out and give theirs back.
+/// for at most [`DRAIN_TIMEOUT`]. Open connections stay below the file-descriptor limit with a
+/// reserve ([`conns`]: the oldest idle one is closed to make room). An accept error (out of
+/// file descriptors all the same) is waited out, not fatal.
 async fn serve(
     listener: tokio::net::TcpListener,
     app: Router,
@@ -184,7 +186,10 @@ async fn serve(
     stop: tokio::sync::oneshot::Receiver<()>,
 ) {
     use hyper_util::rt::{TokioIo, TokioTimer};
+    use tower::ServiceExt;
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let conns = conns::Conns::new(conns::limit_from_rlimit());
+    tracing::debug!("at most {} connections open", conns.limit());
     let mut stop = std::pin::pin!(shutdown_signal(stop));
     loop {
         tokio::select! {
@@ -197,17 +202,36 @@ async fn serve(
                         continue;
                     }
                 };
-                let service = hyper_util::service::TowerToHyperService::new(app.clone());
+                let Some(slot) = conns.admit() else {
+                    tracing::warn!(
+                        "{} connections open, every one with a request in flight: closing a new one",
+                        conns.limit()
+                    );
+                    drop(stream);
+                    continue;
+                };
+                let (app, registry, id) = (app.clone(), conns.clone(), slot.id());
+                let service = hyper::service::service_fn(move |req| {
+                    let busy = registry.busy(id);
+                    let app = app.clone();
+                    async move {
+                        let r = app.oneshot(req).await;
+                        drop(busy);
+                        r
+                    }
+                });
                 let conn = hyper::server::conn::http1::Builder::new()
                     .timer(TokioTimer::new())
                     .header_read_timeout(header_timeout)
                     .serve_connection(TokioIo::new(stream), service);
                 let conn = graceful.watch(conn);
-                tokio::spawn(async move {
+                let task = tokio::spawn(async move {
+                    let _slot = slot;
                     if let Err(e) = conn.await {
                         tracing::debug!("connection: {e}");
                     }
                 });
+                conns.attach_id(id, task.abort_handle());
             }
             _ = &mut stop => break,
         }
