@@ -279,6 +279,8 @@ on_signal() {
   trap - TERM INT HUP
   if [ -n "$CHILD" ]; then
     kill -CONT "$CHILD" 2>/dev/null || true
+    # An evaluation runs under `sh -c`: its collm process first, or it would go on orphaned.
+    pkill -TERM -P "$CHILD" 2>/dev/null || true
     kill -TERM "$CHILD" 2>/dev/null || true
     wait "$CHILD" 2>/dev/null || true
     CHILD=""
