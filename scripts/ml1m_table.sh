@@ -308,7 +308,7 @@ train_row() {
     done) return 0 ;;
   esac
   local kern=""
-  if [ "$kind" = llm ]; then kern=", kernel $("$BIN" llm kernel --short)"; fi
+  if [ "$kind" != cf ]; then kern=", kernel $("$BIN" llm kernel --short)"; fi
   log_row "$row" "${mode[*]:-start} on $(cpu)$kern"
   say "$row: ${mode[*]:-start}"
   local t0=$SECONDS rc=0 cmd
@@ -322,6 +322,11 @@ train_row() {
       s=(--seed $((${base:-0} + seed)))
     fi
     cmd=("$BIN" train cf --config "configs/ml-1m/$cfg.toml" --data "$DATA" --out "$dir" --quiet "${s[@]}" "${mode[@]}")
+  elif [ "$kind" = ctrl ]; then
+    # CTRL continues either stage with --resume (its text encodings are cached in the run).
+    local m=()
+    if [ -d "$dir" ]; then m=(--resume); fi
+    cmd=("$BIN" train ctrl --config "configs/ml-1m/$cfg.toml" --data "$DATA" --out "$dir" --quiet "${m[@]}")
   else
     cmd=("$BIN" train collm --config "configs/ml-1m/$cfg.toml" --out "$dir" --quiet "${mode[@]}")
   fi
@@ -369,7 +374,7 @@ eval_row() {
     log_row "$row" "compacted to f16"
   fi
   say "$row: evaluating on the full valid split"
-  if [ "$kind" = cf ]; then
+  if [ "$kind" = cf ] || [ "$kind" = ctrl ]; then
     run_child sh -c '"$1" eval cf --run "$2" --data "$3" --split valid --json > "$4"' sh "$BIN" "$dir" "$DATA" "$tmp" || rc=$?
   else
     run_child sh -c '"$1" eval collm --run "$2" --split valid --json > "$3"' sh "$BIN" "$dir" "$tmp" || rc=$?

@@ -25,7 +25,7 @@ def row(d, cfg, kind):
         return m.group(1).strip('"') if m else "?"
 
     m = json.load(open(os.path.join(d, "metrics.json")))
-    if kind == "cf":
+    if kind in ("cf", "ctrl"):
         budget = "best epoch %s of %s (patience %s)" % (
             m.get("best_epoch"), len(m.get("curve", [])), get("patience"))
     elif get("mode") == "icl":
@@ -39,7 +39,7 @@ def row(d, cfg, kind):
     # LLM rows: the kernel the frozen projections ran with (logged since the bf16 kernels; f32
     # before them).
     kernels = sorted(set(re.findall(r", kernel (\S+)", log)))
-    if kind != "cf" and get("mode") != "icl":
+    if kind == "llm" and get("mode") != "icl" or kind == "ctrl":
         machines = ["%s; kernel %s" % ("; ".join(machines) or "?", ", ".join(kernels) or "f32")]
     wall = "%.1f h" % (secs / 3600) if secs >= 360 else "%d s" % secs
     return "| %s | %s | %s | %s | %s | %s | %s | %s |" % (

@@ -110,10 +110,22 @@ impl DataRef {
     }
 }
 
+/// Weights a run started from instead of a fresh initialisation (some of its parameters).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct InitRef {
+    /// What made them (e.g. "ctrl stage 1").
+    pub what: String,
+    pub path: String,
+    pub sha256: String,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct RunConfig {
     pub cf: CfConfig,
     pub data: DataRef,
+    /// Absent: every parameter initialised fresh.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub init: Option<InitRef>,
 }
 
 impl RunConfig {

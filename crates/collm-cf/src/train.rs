@@ -58,6 +58,9 @@ pub struct TrainOptions {
     pub force: bool,
     /// Hide the progress bar.
     pub quiet: bool,
+    /// Start from these weights (a safetensors file of some of the model's parameters; the
+    /// others initialised fresh) instead of a fresh model: CTRL's stage 2.
+    pub init: Option<(String, std::path::PathBuf)>,
 }
 
 impl TrainOptions {
@@ -171,14 +174,30 @@ pub fn train(
     cfg.validate()?;
     check_fits(cfg, ds)?;
     let device = Device::Cpu;
+    let init = match &opts.init {
+        Some((what, p)) => Some(crate::run::InitRef {
+            what: what.clone(),
+            path: p.display().to_string(),
+            sha256: collm_data::io::sha256_file(p)?,
+        }),
+        None => None,
+    };
     let run_cfg = RunConfig {
         cf: cfg.clone(),
         data: DataRef::of(ds),
+        init,
     };
     let mut run = RunDir::open(out, opts.mode()?, CONFIG_FILE)?;
     if opts.resume {
         let old = RunConfig::load(out)?;
         old.data.check(ds, &format!("run {}", out.display()))?;
+        if old.init.as_ref().map(|i| &i.sha256) != run_cfg.init.as_ref().map(|i| &i.sha256) {
+            bail!(
+                "{}: the run started from other weights than these ({:?}); resume with the same ones",
+                out.display(),
+                old.init.map(|i| i.path)
+            );
+        }
         if old.cf != *cfg {
             bail!(
                 "{}: the config differs from the run's {CONFIG_FILE} ({}); resume with the same settings",
@@ -190,6 +209,11 @@ pub fn train(
     run_cfg.save(run.path())?;
 
     let model = build_model(cfg, ds, &device)?;
+    if let Some((_, p)) = &opts.init {
+        // (A resumed run then restores every parameter from its checkpoint.)
+        let loaded = model.params().load_some(p)?;
+        tracing::info!("started from {} ({} tensors)", p.display(), loaded.len());
+    }
     let opt = optimizer(model.as_ref(), cfg)?;
     let fresh = TrainMetrics {
         kind: RunKind::Cf,

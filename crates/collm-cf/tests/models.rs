@@ -189,9 +189,8 @@ fn same_seed_same_metrics_resume_matches_and_reload_reproduces_scores() {
             ..small_config(kind)
         };
         let quiet = TrainOptions {
-            resume: false,
-            force: false,
             quiet: true,
+            ..TrainOptions::default()
         };
         let a = train(&cfg, &ds, &tmp.path().join(format!("{kind}-a")), &quiet).unwrap();
         let b = train(&cfg, &ds, &tmp.path().join(format!("{kind}-b")), &quiet).unwrap();
@@ -229,8 +228,8 @@ fn same_seed_same_metrics_resume_matches_and_reload_reproduces_scores() {
             &c_dir,
             &TrainOptions {
                 resume: true,
-                force: false,
                 quiet: true,
+                ..TrainOptions::default()
             },
         )
         .unwrap();
@@ -261,9 +260,8 @@ fn bad_runs_fail_clearly() {
         ..small_config(ModelKind::Mf)
     };
     let quiet = TrainOptions {
-        resume: false,
-        force: false,
         quiet: true,
+        ..TrainOptions::default()
     };
     train(&cfg, &ds, &run, &quiet).unwrap();
     let msg = |r: anyhow::Result<_>| format!("{:#}", r.expect_err("should fail"));

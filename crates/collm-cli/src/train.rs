@@ -21,6 +21,35 @@ pub enum TrainCommand {
     /// t1/t2/t3, softprompt, uitoken; icl only records the config). --resume continues a
     /// killed run from its last checkpoint.
     Collm(CollmTrainArgs),
+    /// Train CTRL (Li et al., 2023): DIN aligned with a frozen language model's encodings of the
+    /// rows as text (contrastive, stage 1), then DIN alone with a new head on the labels (stage
+    /// 2). The run is a collaborative-model run (`collm eval cf` reads it); its stage 1 is kept
+    /// in RUN/ctrl/. --resume continues either stage (the text encodings are cached); --force
+    /// removes the run first.
+    Ctrl(CtrlTrainArgs),
+}
+
+#[derive(Args)]
+pub struct CtrlTrainArgs {
+    /// CTRL config (TOML): `[cf]` the collaborative model (din), `[ctrl]` backbone, dim,
+    /// sub_spaces, temperature, batch_size, epochs, lr, history_titles.
+    #[arg(long)]
+    pub config: PathBuf,
+    /// Dataset directory.
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Run directory to create.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Continue the run in --out.
+    #[arg(long)]
+    pub resume: bool,
+    /// Remove the run --out holds, then train.
+    #[arg(long, conflicts_with = "resume")]
+    pub force: bool,
+    /// Hide progress bars.
+    #[arg(long)]
+    pub quiet: bool,
 }
 
 #[derive(Args)]
@@ -157,6 +186,7 @@ pub fn run(cmd: TrainCommand) -> Result<()> {
                     resume: a.resume,
                     force: a.force,
                     quiet: a.cf.quiet,
+                    init: None,
                 },
             )?;
             let best = m.best_valid.as_ref();
@@ -195,6 +225,32 @@ pub fn run(cmd: TrainCommand) -> Result<()> {
                 st.best_step.unwrap_or(0),
                 st.step,
                 st.stopped.as_deref().unwrap_or("-")
+            );
+            Ok(())
+        }
+        TrainCommand::Ctrl(a) => {
+            let cfg = collm::ctrl::CtrlConfig::load(&a.config)?;
+            let ds = Dataset::load(&a.data)?;
+            let m = collm::ctrl::train(
+                &cfg,
+                &ds,
+                &a.out,
+                &TrainOptions {
+                    resume: a.resume,
+                    force: a.force,
+                    quiet: a.quiet,
+                    init: None,
+                },
+            )?;
+            let best = m.best_valid.as_ref();
+            let f = collm_metrics::fmt_metric;
+            println!(
+                "ctrl (din): best valid AUC {} UAUC {} at epoch {} of {} (stopped: {})",
+                f(best.and_then(|r| r.auc)),
+                f(best.and_then(|r| r.uauc)),
+                m.best_epoch.unwrap_or(0),
+                m.curve.len(),
+                m.stopped.as_deref().unwrap_or("-")
             );
             Ok(())
         }

@@ -182,6 +182,38 @@ impl ParamStore {
     }
 }
 
+impl ParamStore {
+    /// Overwrites the parameters a safetensors file holds (a model's part trained elsewhere:
+    /// CTRL's aligned embeddings under a new head); the others keep their values. Every tensor
+    /// of the file must be a parameter of this store with its shape. Returns the names loaded.
+    pub fn load_some(&self, path: &Path) -> Result<Vec<String>> {
+        let tensors = candle_core::safetensors::load(path, &self.device)
+            .with_context(|| format!("{}: cannot read model weights", path.display()))?;
+        let mut names: Vec<String> = tensors.keys().cloned().collect();
+        names.sort();
+        for name in &names {
+            let Some((var, _)) = self.vars.get(name) else {
+                bail!(
+                    "{}: tensor '{name}' is not a parameter of this model (weights of another model?)",
+                    path.display()
+                );
+            };
+            let t = &tensors[name];
+            if t.dims() != var.dims() {
+                bail!(
+                    "{}: tensor '{name}' has shape {:?}, the model expects {:?}",
+                    path.display(),
+                    t.dims(),
+                    var.dims()
+                );
+            }
+            crate::ensure_finite(t, path, name)?;
+            var.set(&t.to_dtype(DType::F32)?)?;
+        }
+        Ok(names)
+    }
+}
+
 /// What [`compact_file`] did to one weights file.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Compacted {

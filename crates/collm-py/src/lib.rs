@@ -576,6 +576,7 @@ fn _train_cf(
                 resume,
                 force,
                 quiet: false,
+                init: None,
             },
         )
     })?;

@@ -14,6 +14,7 @@ pub mod alloc;
 pub mod bench;
 pub mod cie;
 pub mod compact;
+pub mod ctrl;
 pub mod experiment;
 pub mod model;
 pub mod pipeline;

@@ -134,9 +134,8 @@ impl Family {
             ds,
         };
         let cf_quiet = CfOptions {
-            resume: false,
-            force: false,
             quiet: true,
+            ..CfOptions::default()
         };
         for &model in &f.spec.cf {
             train_cf(&f.spec.cf_config(model), &f.ds, &f.cf_run(model), &cf_quiet)?;

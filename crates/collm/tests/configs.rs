@@ -19,6 +19,14 @@ fn every_ml1m_config_loads_and_names_the_runs_it_reads() {
             collm_cf::CfConfig::load(&p).unwrap_or_else(|e| panic!("{}: {e:#}", p.display()));
             continue;
         }
+        if name == "ctrl" {
+            let c = collm::ctrl::CtrlConfig::load(&p)
+                .unwrap_or_else(|e| panic!("{}: {e:#}", p.display()));
+            // The table's DIN, aligned.
+            let din = collm_cf::CfConfig::load(&dir.join("cf-din.toml")).unwrap();
+            assert_eq!(c.cf, din, "ctrl's [cf] is the table's DIN");
+            continue;
+        }
         let c = ExperimentConfig::load(&p).unwrap_or_else(|e| panic!("{}: {e:#}", p.display()));
         llm += 1;
         // The table's rows read shipped runs, never a user's runs/.

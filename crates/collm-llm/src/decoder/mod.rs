@@ -281,6 +281,27 @@ impl Decoder {
         self.run_blocks(embeds, &self.ctx(mask, pass, None), None, &self.blocks)
     }
 
+    /// The mean over each row's real tokens of the last hidden state (after the final norm, as
+    /// transformers' `last_hidden_state`), (B, hidden), as inference: a frozen semantic
+    /// encoding of each text (CTRL's).
+    pub fn mean_pooled(&self, embeds: &Tensor, mask: &Mask) -> Result<Tensor> {
+        let pass = Pass::inference();
+        let h = self.forward(embeds, mask, &pass)?;
+        let normed = ops::rms_norm(
+            self.backend,
+            &h,
+            &self.norm,
+            self.config.rms_norm_eps,
+            false,
+        )?;
+        let (b, t) = (mask.batch, mask.seq);
+        let m: Vec<f32> = mask.data.iter().map(|&x| x as f32).collect();
+        let m = Tensor::from_vec(m, (b, t, 1), &self.device)?.to_dtype(normed.dtype())?;
+        let sum = normed.broadcast_mul(&m)?.sum(1)?;
+        let count = m.sum(1)?.clamp(1.0, f64::MAX)?;
+        Ok(sum.broadcast_div(&count)?.to_dtype(DType::F32)?)
+    }
+
     /// The hidden states (B, 1, hidden) at one position per row, before the final norm:
     /// those of [`Decoder::forward`] there, with the last block computing only those rows
     /// (their queries, attention, projections and MLP; keys and values at every position).
