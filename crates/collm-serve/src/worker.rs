@@ -209,10 +209,6 @@ fn prepare(rec: &Recommender, job: &Job) -> Result<Ready, RequestError> {
     Ok(Ready { user, items })
 }
 
-/// Rows of a CoLLM run scored per model call within a batch: between two calls the worker
-/// checks that someone still waits for the rest (a client that disconnects stops its work).
-const LLM_CHUNK: usize = 64;
-
 fn run_batch(rec: &Recommender, jobs: Vec<Job>, metrics: &Metrics) {
     let mut ready = Vec::with_capacity(jobs.len());
     for job in jobs {
@@ -242,28 +238,26 @@ fn run_batch(rec: &Recommender, jobs: Vec<Job>, metrics: &Metrics) {
             Some(*at)
         })
         .collect();
-    let chunk = if rec.kind == collm_metrics::RunKind::Collm {
-        LLM_CHUNK
-    } else {
-        rows.len().max(1)
+    // Job j's rows are starts[j]..ends[j].
+    let starts: Vec<usize> = std::iter::once(0)
+        .chain(ends.iter().copied())
+        .take(ready.len())
+        .collect();
+    // Before each model call: does anyone still wait for a row not scored yet? Rows of one
+    // user share one prefill whatever the number of model calls (see collm::score); the rest
+    // is not scored once everyone still owed rows has gone (the jobs whose rows are all done
+    // are answered below).
+    let mut wanted = |done: &[Option<f64>]| {
+        ready
+            .iter()
+            .zip(starts.iter().zip(&ends))
+            .any(|((job, _), (&from, &to))| {
+                !job.task.is_closed() && done[from..to].iter().any(Option::is_none)
+            })
     };
     // A failure (or a panic) in the model answers this batch with 500; the worker goes on.
     let scored = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        let mut scores = Vec::with_capacity(rows.len());
-        for start in (0..rows.len()).step_by(chunk) {
-            let wanted = ready
-                .iter()
-                .zip(&ends)
-                .any(|((job, _), &end)| end > start && !job.task.is_closed());
-            if !wanted {
-                // Everyone still owed rows has gone: the rest is not scored (the jobs whose
-                // rows are all done are answered below).
-                break;
-            }
-            let end = (start + chunk).min(rows.len());
-            scores.extend(rec.score_rows(&rows[start..end], false)?);
-        }
-        anyhow::Ok(scores)
+        rec.score_rows_until(&rows, &mut wanted)
     }));
     let scores = match scored {
         Ok(Ok(s)) => s,
@@ -283,19 +277,19 @@ fn run_batch(rec: &Recommender, jobs: Vec<Job>, metrics: &Metrics) {
             return;
         }
     };
-    let mut at = 0;
-    for (job, r) in ready {
-        let (from, to) = (at, at + r.items.len());
-        at = to;
-        if to > scores.len() {
+    for ((job, r), (&from, &to)) in ready.into_iter().zip(starts.iter().zip(&ends)) {
+        let Some(s) = scores[from..to]
+            .iter()
+            .copied()
+            .collect::<Option<Vec<f64>>>()
+        else {
             // Its client has gone (see above): nobody to answer.
             metrics.abandoned.inc();
             continue;
-        }
-        let s = &scores[from..to];
+        };
         match job.task {
-            Task::Score { reply, .. } => drop(reply.send(Ok(s.to_vec()))),
-            Task::Rank { k, reply, .. } => drop(reply.send(Ok(rec.top(&r.items, s, k)))),
+            Task::Score { reply, .. } => drop(reply.send(Ok(s))),
+            Task::Rank { k, reply, .. } => drop(reply.send(Ok(rec.top(&r.items, &s, k)))),
         }
     }
 }

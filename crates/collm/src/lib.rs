@@ -21,6 +21,7 @@ pub mod pipeline;
 pub mod prompt;
 pub mod recommend;
 pub mod run;
+pub mod score;
 #[cfg(feature = "testing")]
 pub mod testing;
 pub mod train;

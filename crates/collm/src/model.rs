@@ -14,10 +14,6 @@ use collm_llm::{Backbone, Lora, Mask, Pass};
 use collm_nn::{ParamStore, TrainCtx};
 use std::collections::HashMap;
 
-/// What makes two prompts' prefixes the same: their tokens and, when the prefix holds a user
-/// slot, the user and history that fill it.
-type PrefixKey<'a> = (&'a [u32], Option<(u32, &'a [u32])>);
-
 pub struct CoLlm {
     pub config: ExperimentConfig,
     pub backbone: Backbone,
@@ -179,7 +175,7 @@ impl CoLlm {
     }
 
     /// The user and item slot vectors of `rows`, (B, k, d2) each; None for text-only modes.
-    fn slot_values(
+    pub(crate) fn slot_values(
         &self,
         rows: &[&Interaction],
         ctx: Option<&TrainCtx>,
@@ -192,7 +188,7 @@ impl CoLlm {
 
     /// Left-padded embeddings of encoded prompts (or prompt parts) with their ID slots filled
     /// from `slots` (row r of each tensor fills prompt r's user / item slots).
-    fn embed_encoded(
+    pub(crate) fn embed_encoded(
         &self,
         enc: &[Encoded],
         slots: Option<&(Tensor, Tensor)>,
@@ -245,7 +241,7 @@ impl CoLlm {
     }
 
     /// The pass that scoring runs: this model's LoRA, no dropout, no graph.
-    fn scoring_pass(&self) -> Pass<'_> {
+    pub(crate) fn scoring_pass(&self) -> Pass<'_> {
         Pass {
             lora: self.lora.as_ref(),
             train: None,
@@ -256,7 +252,12 @@ impl CoLlm {
     /// The click score from the decoder's hidden states: the " Yes" logit at each row's
     /// `positions` (its last: see [`Decoder::forward_at`]) (or Yes − No), minus
     /// `score_offset`. Shape (B,).
-    fn score_hidden(&self, h: &Tensor, positions: &[usize], pass: &Pass) -> Result<Tensor> {
+    pub(crate) fn score_hidden(
+        &self,
+        h: &Tensor,
+        positions: &[usize],
+        pass: &Pass,
+    ) -> Result<Tensor> {
         let dec = &self.backbone.decoder;
         let logits = dec.token_logits(h, positions, &[self.yes_id, self.no_id], pass)?;
         let yes = logits.narrow(1, 0, 1)?.squeeze(1)?;
@@ -405,161 +406,5 @@ impl CoLlm {
             }
         }
         at
-    }
-
-    /// Scores of many rows, in input order, without gradients, sharing prompt prefixes: rows
-    /// whose prompts begin with the same user part (same tokens, and for a user slot the same
-    /// user and history) run that part once into a KV cache, and their suffixes (target title,
-    /// `<TargetItemID>`, answer cue) attend to it in batches of `eval_batch_size`; rows whose
-    /// prefix no other row shares run whole ([`CoLlm::predict`]). Equal to
-    /// [`CoLlm::predict`] within rounding; much faster when users have many candidates.
-    pub fn predict_shared(
-        &self,
-        rows: &[Interaction],
-        titles: &[String],
-        progress: bool,
-    ) -> Result<Vec<f64>> {
-        let refs: Vec<&Interaction> = rows.iter().collect();
-        let enc = self.encode_prompts(&refs, titles)?;
-        let splits: Vec<usize> = enc.iter().map(|e| self.split_point(e)).collect();
-        if splits.contains(&0) {
-            // A template that starts with its target part has nothing to share.
-            return self.predict(rows, titles, progress);
-        }
-        // Groups of rows with one prefix, in order of first appearance.
-        let mut groups: Vec<Vec<usize>> = Vec::new();
-        let mut seen: HashMap<PrefixKey, usize> = HashMap::new();
-        for (r, e) in enc.iter().enumerate() {
-            let at = splits[r];
-            let user = e
-                .user_slots
-                .iter()
-                .any(|&p| p < at)
-                .then(|| (rows[r].uid, rows[r].history.as_slice()));
-            let g = *seen.entry((&e.ids[..at], user)).or_insert_with(|| {
-                groups.push(Vec::new());
-                groups.len() - 1
-            });
-            groups[g].push(r);
-        }
-        // Within a group, suffixes of similar length pad little; so do windows of prefixes
-        // of similar length.
-        for g in &mut groups {
-            g.sort_by_key(|&r| enc[r].ids.len() - splits[r]);
-        }
-        groups.sort_by_key(|g| splits[g[0]]);
-        let pb = collm_nn::scaffold::progress_bar(rows.len(), "rows", "score".into(), !progress);
-        let mut out = vec![0f64; rows.len()];
-        // A prefix no other row shares gains nothing from a cache: such rows run whole, in
-        // batches of similar length, with the last block at the read position only.
-        let (groups, single): (Vec<Vec<usize>>, Vec<Vec<usize>>) =
-            groups.into_iter().partition(|g| g.len() > 1);
-        if !single.is_empty() {
-            let alone: Vec<Interaction> = single.iter().map(|g| rows[g[0]].clone()).collect();
-            for (g, v) in single.iter().zip(self.predict(&alone, titles, false)?) {
-                out[g[0]] = v;
-            }
-            pb.inc(single.len() as u64)?;
-        }
-        let batch = self.config.model.eval_batch_size.max(1);
-        let pass = self.scoring_pass();
-        let dec = &self.backbone.decoder;
-        // Windows of whole groups, about one batch of rows (or of prefixes) each, so that the
-        // cache holds at most `batch` prefixes at a time.
-        let mut start = 0;
-        while start < groups.len() {
-            let mut end = start;
-            let mut n = 0;
-            while end < groups.len() && (end == start || n + groups[end].len() <= batch) {
-                n += groups[end].len();
-                end += 1;
-                if end - start == batch {
-                    break;
-                }
-            }
-            let window = &groups[start..end];
-            // The prefixes, user slots filled from each group's first row.
-            let firsts: Vec<usize> = window.iter().map(|g| g[0]).collect();
-            let prefix_enc: Vec<Encoded> = firsts
-                .iter()
-                .map(|&r| enc[r].split_at(splits[r]).0)
-                .collect();
-            let first_rows: Vec<&Interaction> = firsts.iter().map(|&r| &rows[r]).collect();
-            let slots = self.slot_values(&first_rows, None)?;
-            let (pe, pm) = self.embed_encoded(&prefix_enc, slots.as_ref())?;
-            let cache = dec.prefill(&pe, &pm, &pass)?;
-            // The suffixes, in chunks of `batch` rows.
-            let order: Vec<(usize, usize)> = window
-                .iter()
-                .enumerate()
-                .flat_map(|(p, g)| g.iter().map(move |&r| (p, r)))
-                .collect();
-            for chunk in order.chunks(batch) {
-                let mut runs: Vec<(usize, usize)> = Vec::new();
-                for &(p, _) in chunk {
-                    match runs.last_mut() {
-                        Some((q, n)) if *q == p => *n += 1,
-                        _ => runs.push((p, 1)),
-                    }
-                }
-                let suffix_enc: Vec<Encoded> = chunk
-                    .iter()
-                    .map(|&(_, r)| enc[r].split_at(splits[r]).1)
-                    .collect();
-                let chunk_rows: Vec<&Interaction> = chunk.iter().map(|&(_, r)| &rows[r]).collect();
-                let slots = self.slot_values(&chunk_rows, None)?;
-                let (se, sm) = self.embed_encoded(&suffix_enc, slots.as_ref())?;
-                let h = dec.forward_cached(&se, &sm, &cache, &runs, &pass)?;
-                let s = self
-                    .score_hidden(&h, &sm.last_positions(), &pass)?
-                    .to_dtype(DType::F32)?
-                    .to_vec1::<f32>()?;
-                for (&(_, r), v) in chunk.iter().zip(s) {
-                    out[r] = f64::from(v);
-                }
-                pb.inc(chunk.len() as u64)?;
-            }
-            start = end;
-        }
-        pb.finish_and_clear();
-        Ok(out)
-    }
-
-    /// Token count of each row's prompt.
-    pub fn prompt_lengths(&self, rows: &[Interaction], titles: &[String]) -> Result<Vec<usize>> {
-        let all: Vec<&Interaction> = rows.iter().collect();
-        Ok(self
-            .encode_prompts(&all, titles)?
-            .iter()
-            .map(|e| e.ids.len())
-            .collect())
-    }
-
-    /// Scores of many rows, in input order, without gradients; batched by prompt length.
-    pub fn predict(
-        &self,
-        rows: &[Interaction],
-        titles: &[String],
-        progress: bool,
-    ) -> Result<Vec<f64>> {
-        let pb = collm_nn::scaffold::progress_bar(rows.len(), "rows", "score".into(), !progress);
-        // Batches of similar prompt lengths pad little; results go back to input order.
-        let lens = self.prompt_lengths(rows, titles)?;
-        let mut order: Vec<usize> = (0..rows.len()).collect();
-        order.sort_by_key(|&k| lens[k]);
-        let mut out = vec![0f64; rows.len()];
-        for chunk in order.chunks(self.config.model.eval_batch_size) {
-            let refs: Vec<&Interaction> = chunk.iter().map(|&k| &rows[k]).collect();
-            let s = self
-                .scores(&refs, titles, None, false)?
-                .to_dtype(DType::F32)?
-                .to_vec1::<f32>()?;
-            for (&k, v) in chunk.iter().zip(s) {
-                out[k] = f64::from(v);
-            }
-            pb.inc(chunk.len() as u64)?;
-        }
-        pb.finish_and_clear();
-        Ok(out)
     }
 }

@@ -1,6 +1,6 @@
 //! Recommending with a trained run (of either kind): score a user's candidates, rank them, and
-//! evaluate top-K ranking on a split. CoLLM runs score through [`CoLlm::predict_shared`] (one
-//! prefix per user, its candidates' suffixes batched); collaborative-model runs through their
+//! evaluate top-K ranking on a split. CoLLM runs score through the scheduler of [`crate::score`]
+//! (one prefix per user, its candidates' suffixes batched); collaborative-model runs through their
 //! own forward pass. Used by `collm score`, `collm rank`, `collm bench rank` and `collm serve`.
 //!
 //! A user is a known id (the prompt shows their latest liked titles, the user slot holds what
@@ -235,6 +235,7 @@ impl Recommender {
     }
 
     /// Scores of rows (any users, any order), in their order: logits (P(Yes) = sigmoid).
+    /// CoLLM runs score through the scheduler of [`crate::score`] (one prefill per user).
     pub fn score_rows(&self, rows: &[Interaction], progress: bool) -> Result<Vec<f64>> {
         match &self.scorer {
             Scorer::Collm(m) => m.predict_shared(rows, &self.dataset.titles, progress),
@@ -244,9 +245,28 @@ impl Recommender {
         }
     }
 
-    /// The same scores through whole prompts (no prefix sharing): what `collm eval` and
-    /// validation score with, and the reference `collm bench rank` compares with.
-    /// Collaborative-model runs score as in `score_rows`.
+    /// [`Recommender::score_rows`] that asks `until` before each model call whether to go on
+    /// (see [`crate::score::Until`]); rows left unscored are `None`. A collaborative model
+    /// scores all rows in one call.
+    pub fn score_rows_until(
+        &self,
+        rows: &[Interaction],
+        until: crate::score::Until,
+    ) -> Result<Vec<Option<f64>>> {
+        match &self.scorer {
+            Scorer::Collm(m) => m.predict_shared_until(rows, &self.dataset.titles, false, until),
+            Scorer::Cf { .. } => Ok(self
+                .score_rows(rows, false)?
+                .into_iter()
+                .map(Some)
+                .collect()),
+        }
+    }
+
+    /// The same scores through whole prompts (no prefix sharing, [`CoLlm::predict`]): the
+    /// reference `collm bench rank` and the tests compare the shared path with (evaluation and
+    /// validation score through [`Recommender::score_rows`]'s scheduler too). Collaborative-model
+    /// runs score as in `score_rows`.
     pub fn score_rows_full(&self, rows: &[Interaction], progress: bool) -> Result<Vec<f64>> {
         match &self.scorer {
             Scorer::Collm(m) => m.predict(rows, &self.dataset.titles, progress),

@@ -215,3 +215,68 @@ fn frozen_prefix_training_passes_give_the_whole_prompt_gradients() {
         assert!(m.frozen_prefix_ends(&enc).is_none(), "{}", mode.name());
     }
 }
+
+/// The scheduler asks its caller before each model call (`predict_shared_until`, what the
+/// server's worker uses to stop work nobody waits for): one user's candidates share one prefix
+/// window whatever their number, a stop keeps exactly what was scored (equal to the
+/// uninterrupted scores), and the rows whose prefix nobody shares (run whole) are asked about
+/// too.
+#[test]
+fn the_scheduler_asks_before_each_model_call_and_a_stop_keeps_what_was_scored() {
+    let Family { ds, .. } = family();
+    let m = CoLlm::build(&family().config(Mode::Collm), ds, &Device::Cpu).unwrap();
+    let test = &ds.split("test").unwrap().rows;
+    // One user with 9 candidates (eval_batch_size 4: 3 suffix calls after one prefill).
+    let one: Vec<Interaction> = (1..=9)
+        .map(|iid| Interaction {
+            iid,
+            ..test[0].clone()
+        })
+        .collect();
+    let want = m.predict_shared(&one, &ds.titles, false).unwrap();
+    let mut asked: Vec<usize> = Vec::new();
+    let got = m
+        .predict_shared_until(&one, &ds.titles, false, &mut |done: &[Option<f64>]| {
+            asked.push(done.iter().flatten().count());
+            true
+        })
+        .unwrap();
+    assert_eq!(
+        asked,
+        vec![0, 4, 8],
+        "one question before each of the 3 model calls"
+    );
+    assert_eq!(got, want.iter().map(|&v| Some(v)).collect::<Vec<_>>());
+
+    // Stopped before the second call: the first 4 rows scored (the shortest suffixes first),
+    // equal to the full run's, the other 5 not.
+    let mut calls = 0;
+    let got = m
+        .predict_shared_until(&one, &ds.titles, false, &mut |_: &[Option<f64>]| {
+            calls += 1;
+            calls < 2
+        })
+        .unwrap();
+    let scored: Vec<usize> = (0..9).filter(|&r| got[r].is_some()).collect();
+    assert_eq!(scored.len(), 4, "{got:?}");
+    for &r in &scored {
+        assert_eq!(got[r], Some(want[r]));
+    }
+
+    // Rows that share no prefix run whole (`predict_until`), asked about per batch of 4 too;
+    // stopped at once, nothing is scored.
+    let alone: Vec<Interaction> = test.iter().take(6).cloned().collect();
+    let mut asked = 0;
+    let got = m
+        .predict_shared_until(&alone, &ds.titles, false, &mut |_: &[Option<f64>]| {
+            asked += 1;
+            true
+        })
+        .unwrap();
+    assert!(got.iter().all(Option::is_some));
+    assert!(asked >= 2, "asked {asked} times for 6 rows in batches of 4");
+    let got = m
+        .predict_shared_until(&alone, &ds.titles, false, &mut |_: &[Option<f64>]| false)
+        .unwrap();
+    assert!(got.iter().all(Option::is_none), "{got:?}");
+}
