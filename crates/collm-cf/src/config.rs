@@ -186,7 +186,7 @@ impl CfConfig {
                 bail!("field '{name}' must be at least 1");
             }
         }
-        use collm_data::fields::{check, End};
+        use collm_core::fields::{check, End};
         let field = |r: Result<()>| r.map_err(|e| anyhow::anyhow!("field {e}"));
         field(check("lr", self.lr, End::Open(0.0), End::Closed(10.0)))?;
         field(check(

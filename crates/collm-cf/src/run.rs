@@ -29,9 +29,9 @@ pub const WEIGHTS_MANIFEST: &str = "weights.sha256.json";
 
 /// Records the SHA-256 of the run's `model.safetensors` (after every save of it).
 pub fn write_weights_manifest(run: &Path) -> Result<()> {
-    let sha = collm_data::io::sha256_file(&run.join(MODEL_FILE))?;
+    let sha = collm_core::io::sha256_file(&run.join(MODEL_FILE))?;
     let map: std::collections::BTreeMap<&str, String> = [(MODEL_FILE, sha)].into();
-    collm_data::io::write_file_atomic(
+    collm_core::io::write_file_atomic(
         &run.join(WEIGHTS_MANIFEST),
         serde_json::to_string_pretty(&map)?.as_bytes(),
     )
@@ -52,7 +52,7 @@ pub fn check_weights_manifest(run: &Path) -> Result<()> {
         bail!("{}: no entry for {MODEL_FILE}", p.display());
     };
     let weights = run.join(MODEL_FILE);
-    let have = collm_data::io::sha256_file(&weights)?;
+    let have = collm_core::io::sha256_file(&weights)?;
     if &have != sha {
         bail!(
             "{}: changed since the run wrote it (sha256 {}, recorded {} in {WEIGHTS_MANIFEST}): the run's weights were replaced or edited",
@@ -147,7 +147,7 @@ impl RunConfig {
     }
 
     pub fn save(&self, run: &Path) -> Result<()> {
-        collm_data::io::write_file_atomic(&run.join(CONFIG_FILE), toml::to_string(self)?.as_bytes())
+        collm_core::io::write_file_atomic(&run.join(CONFIG_FILE), toml::to_string(self)?.as_bytes())
     }
 }
 

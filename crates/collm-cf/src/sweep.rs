@@ -117,10 +117,10 @@ pub fn sweep(base: &CfConfig, grid: &Grid, ds: &Dataset, out: &Path) -> Result<V
             f(p.valid_uauc)
         );
     }
-    collm_data::io::write_file_atomic(&out.join("results.tsv"), tsv.as_bytes())?;
-    collm_data::io::write_file_atomic(&out.join("results.md"), md.as_bytes())?;
+    collm_core::io::write_file_atomic(&out.join("results.tsv"), tsv.as_bytes())?;
+    collm_core::io::write_file_atomic(&out.join("results.md"), md.as_bytes())?;
     if let Some((cfg, _)) = points.first() {
-        collm_data::io::write_file_atomic(&out.join("best.toml"), cfg.to_toml()?.as_bytes())?;
+        collm_core::io::write_file_atomic(&out.join("best.toml"), cfg.to_toml()?.as_bytes())?;
     }
     Ok(points.into_iter().map(|(_, p)| p).collect())
 }

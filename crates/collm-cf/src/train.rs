@@ -10,7 +10,7 @@ use crate::run::{DataRef, RunConfig, CONFIG_FILE, METRICS_FILE, MODEL_FILE};
 use crate::{build_model, CfBatch, CfConfig, CollaborativeModel, TrainCtx};
 use anyhow::{bail, Result};
 use candle_core::Device;
-use collm_data::progress::Progress;
+use collm_core::progress::Progress;
 use collm_data::subsets::TrainCounts;
 use collm_data::{Dataset, Interaction};
 use collm_metrics::{Report, RunKind};
@@ -78,7 +78,7 @@ pub fn predict(
 ) -> Result<Vec<f64>> {
     let mut out = Vec::with_capacity(rows.len());
     for chunk in rows.chunks(batch_size.max(1)) {
-        collm_data::progress::check()?;
+        collm_core::progress::check()?;
         let refs: Vec<&Interaction> = chunk.iter().collect();
         let b = CfBatch::new(&refs, model.history_len(), device)?;
         let s = model.forward(&b, None)?.score.to_vec1::<f32>()?;
@@ -116,7 +116,7 @@ pub fn train_epoch(
     let ctx = TrainCtx::new(rng.gen());
     let (mut loss_sum, mut batches) = (0.0, 0usize);
     for chunk in order.chunks(cfg.batch_size) {
-        collm_data::progress::check()?;
+        collm_core::progress::check()?;
         let rows: Vec<&Interaction> = chunk.iter().map(|&k| &train_rows[k]).collect();
         let b = CfBatch::new(&rows, model.history_len(), device)?;
         let out = model.forward(&b, Some(&ctx))?;
@@ -178,7 +178,7 @@ pub fn train(
         Some((what, p)) => Some(crate::run::InitRef {
             what: what.clone(),
             path: p.display().to_string(),
-            sha256: collm_data::io::sha256_file(p)?,
+            sha256: collm_core::io::sha256_file(p)?,
         }),
         None => None,
     };
@@ -202,7 +202,7 @@ pub fn train(
             bail!(
                 "{}: the config differs from the run's {CONFIG_FILE} ({}); resume with the same settings",
                 out.display(),
-                collm_data::fields::differences(&old.cf, cfg).join("; ")
+                collm_core::fields::differences(&old.cf, cfg).join("; ")
             );
         }
     }

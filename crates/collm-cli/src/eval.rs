@@ -111,7 +111,7 @@ pub fn run(cmd: EvalCommand) -> Result<()> {
     };
     if let Some(path) = &scores_out {
         let rows = &e.dataset.split(&e.split)?.rows;
-        collm_data::io::write_file_atomic(path, format_scores(rows, &e.scores).as_bytes())?;
+        collm_core::io::write_file_atomic(path, format_scores(rows, &e.scores).as_bytes())?;
     }
     print_report(&e.report, json)
 }

@@ -53,7 +53,7 @@ pub fn run(cmd: LlmCommand) -> Result<()> {
                 println!("{}", choice.kernel.name());
             } else {
                 println!("kernel: {}", choice.describe());
-                println!("cpu: {}", collm_data::machine::cpu_description());
+                println!("cpu: {}", collm_core::machine::cpu_description());
             }
             Ok(())
         }

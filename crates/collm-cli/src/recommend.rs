@@ -128,7 +128,7 @@ pub fn rank(a: RankArgs) -> Result<()> {
             let (report, lists) =
                 rec.evaluate_ranking(split, a.candidates, a.k, a.seed, !a.quiet)?;
             if let Some(out) = &a.out {
-                collm_data::io::write_file_atomic(out, lists.as_bytes())?;
+                collm_core::io::write_file_atomic(out, lists.as_bytes())?;
             }
             if a.json {
                 println!("{}", report.to_json());

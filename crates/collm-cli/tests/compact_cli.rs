@@ -148,7 +148,7 @@ fn compact_refuses_a_run_that_is_training_or_unfinished_and_names_a_half_run() {
     copy_dir(&f.run(Mode::Collm), &run);
     // Another process holds the run (a trainer would).
     {
-        let _lock = collm_data::io::OutputLock::acquire(&run).unwrap();
+        let _lock = collm_core::io::OutputLock::acquire(&run).unwrap();
         fails(
             &["compact", s(&run)],
             &["another collm process is writing it"],

@@ -2,29 +2,16 @@
 //! generated Amazon-format input, against a plain line-reading pass over the same file (the
 //! I/O floor), measured in the same run.
 
-use crate::io::LineReader;
 use crate::sources::amazon;
 use anyhow::{Context, Result};
+use collm_core::io::LineReader;
+use collm_core::machine::peak_rss_mib;
 use rand::prelude::*;
 use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
-
-/// Peak resident memory of this process so far (Linux), in MiB.
-pub fn peak_rss_mib() -> Option<f64> {
-    let s = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb / 1024.0)
-}
-
-/// Resets the peak-RSS counter (Linux `clear_refs` 5), so that a row's peak is its own as far
-/// as memory held from earlier rows allows.
-pub fn reset_peak_rss() {
-    let _ = std::fs::write("/proc/self/clear_refs", "5");
-}
 
 /// What the Amazon benchmark measured.
 #[derive(Debug, Clone, Serialize)]
@@ -154,5 +141,3 @@ fn generate(lines: usize, dir: &Path, seed: u64) -> Result<(PathBuf, PathBuf)> {
     w.flush()?;
     Ok((reviews, meta))
 }
-
-pub use crate::machine::cpu_description;

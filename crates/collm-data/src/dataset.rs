@@ -14,8 +14,8 @@
 //! Rows are sorted by (uid, timestamp). The split TSVs use the same format as the
 //! `collm-tsv` source, so a prepared directory is itself a valid `collm-tsv` input.
 
-use crate::io::{sha256_file, write_file_atomic, AtomicDir, LineReader};
 use anyhow::{bail, Context, Result};
+use collm_core::io::{sha256_file, write_file_atomic, AtomicDir, LineReader};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
@@ -171,7 +171,7 @@ impl Dataset {
     pub fn split(&self, name: &str) -> Result<&Split> {
         self.splits.iter().find(|s| s.name == name).ok_or_else(|| {
             let have: Vec<_> = self.splits.iter().map(|s| s.name.as_str()).collect();
-            crate::io::InputError(format!(
+            collm_core::io::InputError(format!(
                 "dataset {}: no split named '{name}' (it has: {})",
                 self.display_name(),
                 have.join(", ")

@@ -8,17 +8,14 @@
 //! - [`dataset`]: the on-disk layout, its manifest and the in-memory [`Dataset`].
 //! - [`subsets`]: warm/cold/seen row subsets used by the metrics.
 //! - [`stats`]: the paper's Table 1 and more.
-//! - [`io`]: line readers, atomic writes; [`progress`]: bars, progress sinks and interrupts;
-//!   [`machine`]: this CPU's description; [`fields`]: the range check of numeric config fields.
+//!
+//! File writing, progress, config-field checks and the machine's description are the ground
+//! floor's ([`collm_core`]).
 
 #[cfg(feature = "bench")]
 pub mod bench;
 pub mod dataset;
-pub mod fields;
 pub mod history;
-pub mod io;
-pub mod machine;
-pub mod progress;
 pub mod sources;
 pub mod stats;
 pub mod subsets;

@@ -94,7 +94,7 @@ pub fn forward_flop(cfg: &crate::LlamaConfig, tokens: usize) -> f64 {
     2.0 * params as f64 * tokens as f64
 }
 
-pub use collm_data::bench::{peak_rss_mib, reset_peak_rss};
+pub use collm_core::machine::{peak_rss_mib, reset_peak_rss};
 
 /// Runs one benchmark row.
 pub fn measure(b: &LlmBench, device: &Device) -> Result<LlmBenchRow> {
@@ -245,7 +245,7 @@ pub fn measure(b: &LlmBench, device: &Device) -> Result<LlmBenchRow> {
         kernel_choice: choice,
         kernel_gflops,
         projection_mib: dec.projection_bytes() as f64 / (1 << 20) as f64,
-        cpu: collm_data::machine::cpu_description(),
+        cpu: collm_core::machine::cpu_description(),
     })
 }
 

@@ -96,7 +96,7 @@ impl LoraConfig {
         if self.r == 0 {
             bail!("LoRA rank r must be at least 1");
         }
-        use collm_data::fields::{check, End};
+        use collm_core::fields::{check, End};
         check("lora.alpha", self.alpha, End::Open(0.0), End::Closed(1e4))?;
         check(
             "lora.dropout",

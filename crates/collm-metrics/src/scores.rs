@@ -3,7 +3,7 @@
 //! score`'s output (`uid iid score prob`, the same with P(Yes) added) is read too.
 
 use anyhow::{bail, Result};
-use collm_data::io::LineReader;
+use collm_core::io::LineReader;
 use collm_data::Interaction;
 use std::fmt::Write as _;
 use std::path::Path;

@@ -118,7 +118,7 @@ impl Adam {
         let tmp = path.with_extension("tmp");
         candle_core::safetensors::save(&t, &tmp)
             .with_context(|| format!("{}: cannot write", tmp.display()))?;
-        collm_data::io::set_umask_mode(&tmp)?;
+        collm_core::io::set_umask_mode(&tmp)?;
         std::fs::rename(&tmp, path)?;
         Ok(())
     }

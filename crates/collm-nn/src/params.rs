@@ -145,8 +145,8 @@ impl ParamStore {
         let tmp = path.with_extension("safetensors.tmp");
         candle_core::safetensors::save(&tensors.into_iter().collect(), &tmp)
             .with_context(|| format!("{}: cannot write", tmp.display()))?;
-        collm_data::io::set_umask_mode(&tmp)?;
-        collm_data::io::crash_point();
+        collm_core::io::set_umask_mode(&tmp)?;
+        collm_core::io::crash_point();
         std::fs::rename(&tmp, path)
             .with_context(|| format!("{}: cannot rename into place", path.display()))?;
         Ok(())
@@ -265,8 +265,8 @@ pub fn compact_file(path: &Path, dtype: DType, dst: &Path) -> Result<Compacted> 
     let tmp = dst.with_extension("safetensors.tmp");
     candle_core::safetensors::save(&out, &tmp)
         .with_context(|| format!("{}: cannot write", tmp.display()))?;
-    collm_data::io::set_umask_mode(&tmp)?;
-    collm_data::io::crash_point();
+    collm_core::io::set_umask_mode(&tmp)?;
+    collm_core::io::crash_point();
     std::fs::rename(&tmp, dst)
         .with_context(|| format!("{}: cannot rename into place", dst.display()))?;
     Ok(Compacted {

@@ -16,7 +16,7 @@
 //! (Runs written before this layout keep their files in `checkpoint/` itself; they are read.)
 
 use anyhow::{bail, Context, Result};
-use collm_data::io::{crash_point, sync_dir, write_file_atomic, OutputLock};
+use collm_core::io::{crash_point, sync_dir, write_file_atomic, OutputLock};
 use serde::{de::DeserializeOwned, Serialize};
 use std::fs;
 use std::path::{Path, PathBuf};

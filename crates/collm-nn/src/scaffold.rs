@@ -7,7 +7,7 @@
 
 use crate::run::{improves, RunDir};
 use anyhow::Result;
-use collm_data::progress::Progress;
+use collm_core::progress::Progress;
 use serde::{de::DeserializeOwned, Serialize};
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -139,7 +139,7 @@ pub fn drive<T: Trainer>(
 }
 
 /// The progress bar both trainers show: `len` units (epochs, steps) named `unit`, hidden when
-/// `quiet` (see [`collm_data::progress`]).
+/// `quiet` (see [`collm_core::progress`]).
 pub fn progress_bar(len: usize, unit: &str, prefix: String, quiet: bool) -> Progress {
     Progress::new(len, unit, prefix, quiet)
 }

@@ -5,7 +5,7 @@
 
 use crate::errors::py_err;
 use anyhow::Result;
-use collm_data::progress::{self, Event, Sink};
+use collm_core::progress::{self, Event, Sink};
 use pyo3::exceptions::PyRuntimeError;
 use pyo3::prelude::*;
 use std::cell::RefCell;

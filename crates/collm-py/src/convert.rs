@@ -3,7 +3,7 @@
 
 use anyhow::{anyhow, Context, Result};
 use collm::recommend::Ranked;
-use collm_data::io::InputError;
+use collm_core::io::InputError;
 use numpy::PyReadonlyArray1;
 use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::prelude::*;

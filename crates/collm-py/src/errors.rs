@@ -2,8 +2,8 @@
 //! file, `ValueError` for input the caller must fix, `RuntimeError` for the rest.
 
 use collm::recommend::RequestError;
-use collm_data::io::InputError;
-use collm_data::progress::Interrupted;
+use collm_core::io::InputError;
+use collm_core::progress::Interrupted;
 use pyo3::exceptions::{PyFileNotFoundError, PyKeyboardInterrupt, PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
 

@@ -4,7 +4,7 @@ use crate::bridge::blocking;
 use crate::convert::{json_to_py, table_from_json};
 use crate::errors::{config_err, py_err};
 use anyhow::{bail, Context, Result};
-use collm_data::io::InputError;
+use collm_core::io::InputError;
 use pyo3::exceptions::PyRuntimeError;
 use pyo3::prelude::*;
 use std::path::PathBuf;

@@ -5,7 +5,7 @@
 //!   (each training step, each scoring batch), at most every 100 ms, the GIL is taken back to
 //!   hand the engine's log records and ticks to Python (`logging`, a `progress=` callback) and
 //!   to check for signals: Ctrl-C asks the engine to stop at its next step
-//!   ([`collm_data::progress::interrupt`]) and raises `KeyboardInterrupt` once it has;
+//!   ([`collm_core::progress::interrupt`]) and raises `KeyboardInterrupt` once it has;
 //! - errors as Python exceptions with the CLI's messages: `FileNotFoundError` for a missing
 //!   file, `ValueError` for input the caller must fix (a file's line, a field, an id, a config),
 //!   `RuntimeError` for the rest;

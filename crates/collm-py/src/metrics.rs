@@ -2,7 +2,7 @@
 
 use crate::bridge::blocking;
 use crate::convert::json_to_py;
-use collm_data::io::InputError;
+use collm_core::io::InputError;
 use numpy::PyReadonlyArray1;
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;

@@ -6,7 +6,7 @@ use crate::convert::{ids, json_to_py, ranked_to_py, slice};
 use crate::errors::py_err;
 use anyhow::{anyhow, Result};
 use collm::recommend::Recommender as Engine;
-use collm_data::io::InputError;
+use collm_core::io::InputError;
 use numpy::{PyArray1, PyReadonlyArray1};
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;

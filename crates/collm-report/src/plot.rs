@@ -54,7 +54,7 @@ fn render(
         enc.set_depth(png::BitDepth::Eight);
         enc.write_header()?.write_image_data(&rgb)?;
     }
-    collm_data::io::write_file_atomic(path, &png)
+    collm_core::io::write_file_atomic(path, &png)
 }
 
 fn plot_err<E: std::fmt::Debug>(e: E) -> anyhow::Error {

@@ -204,7 +204,7 @@ pub fn bench_train(o: &TrainBenchOptions) -> Result<TrainBench> {
     let n = rows.len() as f64;
     let per_hour = |secs: f64| secs / n * valid.len() as f64 / 3600.0;
     Ok(TrainBench {
-        cpu: collm_data::machine::cpu_description(),
+        cpu: collm_core::machine::cpu_description(),
         mode: cfg.mode.name().to_string(),
         data: cfg.data.path.display().to_string(),
         batch_size: b,

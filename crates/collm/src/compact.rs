@@ -15,7 +15,7 @@ use crate::model::BEST_DIR;
 use crate::run::{check_weights_manifest, weight_files, write_weights_manifest};
 use anyhow::{bail, Context, Result};
 use candle_core::DType;
-use collm_data::io::{crash_point, sync_dir, OutputLock};
+use collm_core::io::{crash_point, sync_dir, OutputLock};
 use collm_metrics::RunKind;
 use std::fs;
 use std::path::{Path, PathBuf};

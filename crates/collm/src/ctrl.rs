@@ -28,8 +28,8 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor, D};
 use collm_cf::train::{TrainMetrics, TrainOptions as CfOptions};
 use collm_cf::{build_model, CfBatch, CfConfig, ModelKind, TrainCtx};
-use collm_data::io::{crash_point, write_file_atomic};
-use collm_data::progress::Progress;
+use collm_core::io::{crash_point, write_file_atomic};
+use collm_core::progress::Progress;
 use collm_data::{Dataset, Interaction};
 use collm_nn::layers::Linear;
 use collm_nn::optim::{Adam, Decay};
@@ -141,7 +141,7 @@ impl CtrlConfig {
     }
 
     pub fn validate(&self) -> Result<()> {
-        use collm_data::fields::{check, End};
+        use collm_core::fields::{check, End};
         self.cf.validate()?;
         if self.cf.model != ModelKind::Din {
             bail!("[cf] model must be din for CTRL (the collaborative model the paper aligns)");
@@ -284,7 +284,7 @@ fn text_encodings(
     let mut out = vec![0f32; texts.len() * hidden];
     let pb = Progress::new(texts.len(), "texts", "ctrl: encoding".into(), quiet);
     for chunk in order.chunks(s.text_batch) {
-        collm_data::progress::check()?;
+        collm_core::progress::check()?;
         let seqs: Vec<Vec<u32>> = chunk.iter().map(|&k| texts[k].clone()).collect();
         let (emb, mask) = bb.decoder.embed_left_padded(&seqs, 0)?;
         let pooled = bb.decoder.mean_pooled(&emb, &mask)?.to_vec2::<f32>()?;
@@ -349,7 +349,7 @@ fn stage1(cfg: &CtrlConfig, ds: &Dataset, dir: &Path, quiet: bool) -> Result<Sta
         let ctx = TrainCtx::new(rng.gen());
         let (mut sum, mut n) = (0.0, 0usize);
         for chunk in order.chunks(s.batch_size) {
-            collm_data::progress::check()?;
+            collm_core::progress::check()?;
             if chunk.len() < 2 {
                 continue; // no negative in a batch of one
             }
@@ -431,7 +431,7 @@ pub fn train(cfg: &CtrlConfig, ds: &Dataset, out: &Path, opts: &CfOptions) -> Re
     }
     std::fs::create_dir_all(&dir).with_context(|| format!("{}: cannot create", dir.display()))?;
     // One writer at a time in stage 1 (stage 2's run directory takes the same lock itself).
-    let lock = collm_data::io::OutputLock::acquire(out)?;
+    let lock = collm_core::io::OutputLock::acquire(out)?;
     let done = std::fs::read_to_string(dir.join(STAGE1_DONE))
         .ok()
         .and_then(|t| serde_json::from_str::<Stage1>(&t).ok())

@@ -481,7 +481,7 @@ impl ExperimentConfig {
                 bail!("'{name}' must be at least 1 (a run that trains nothing is not a run)");
             }
         }
-        use collm_data::fields::{check, End};
+        use collm_core::fields::{check, End};
         let t = &self.training;
         check("lr", t.lr, End::Open(0.0), End::Closed(10.0))?;
         check("min_lr", t.min_lr, End::Closed(0.0), End::Closed(t.lr))?;

@@ -72,7 +72,7 @@ pub fn report(
     let md = table(&rows, &["warm", "cold", "warm4", "cold4", "seen", "unseen"]);
     if let Some(out) = out {
         std::fs::create_dir_all(out)?;
-        collm_data::io::write_file_atomic(&out.join("report.md"), md.as_bytes())?;
+        collm_core::io::write_file_atomic(&out.join("report.md"), md.as_bytes())?;
         let title = format!("AUC on the warm and cold rows of {split}");
         plot::subset_bars(&out.join("warm_cold.png"), &title, &rows, &["warm", "cold"])?;
         if !curves.is_empty() {
@@ -214,7 +214,7 @@ pub fn quickstart(o: &QuickstartOptions) -> Result<QuickstartOutcome> {
         },
     ];
     let md = table(&rows, &["warm", "cold"]);
-    collm_data::io::write_file_atomic(&out.join("report.md"), md.as_bytes())?;
+    collm_core::io::write_file_atomic(&out.join("report.md"), md.as_bytes())?;
     plot::subset_bars(
         &out.join("warm_cold.png"),
         "Synthetic test split: AUC on warm and cold rows",

@@ -13,7 +13,7 @@ use crate::model::CoLlm;
 use anyhow::{bail, Context, Result};
 use collm_cf::train::predict as cf_predict;
 use collm_cf::CollaborativeModel;
-use collm_data::io::LineReader;
+use collm_core::io::LineReader;
 use collm_data::{Dataset, Interaction};
 use collm_metrics::ranking::{rank_of, RankingReport};
 use collm_metrics::{Report, RunKind};
@@ -106,7 +106,7 @@ impl Recommender {
             }
             RunKind::Cf => {
                 let Some(d) = data else {
-                    return Err(collm_data::io::InputError(format!(
+                    return Err(collm_core::io::InputError(format!(
                         "{}: a collaborative-model run needs its dataset (--data)",
                         run.display()
                     ))
@@ -496,6 +496,6 @@ pub fn score_file(
             1.0 / (1.0 + (-s).exp())
         )?;
     }
-    collm_data::io::write_file_atomic(out, text.as_bytes())?;
+    collm_core::io::write_file_atomic(out, text.as_bytes())?;
     Ok(rows.len())
 }

@@ -17,8 +17,8 @@
 use crate::experiment::ExperimentConfig;
 use crate::model::{CoLlm, BEST_DIR};
 use anyhow::{bail, Context, Result};
+use collm_core::io::write_file_atomic;
 use collm_data::dataset::TrainedOn;
-use collm_data::io::write_file_atomic;
 use collm_data::Dataset;
 use collm_llm::device;
 use collm_metrics::{Report, RunKind};
@@ -137,7 +137,7 @@ impl Default for RunState {
 
 fn sha256_path(p: &Path) -> Result<String> {
     if p.is_file() {
-        return collm_data::io::sha256_file(p);
+        return collm_core::io::sha256_file(p);
     }
     // A model directory: its config and weight files, by name, size and content of config.
     let mut h = Sha256::new();
@@ -276,7 +276,7 @@ pub(crate) fn weight_files(dir: &Path) -> Result<std::collections::BTreeMap<Stri
                     .unwrap_or(&p)
                     .to_string_lossy()
                     .into_owned();
-                out.insert(rel, collm_data::io::sha256_file(&p)?);
+                out.insert(rel, collm_core::io::sha256_file(&p)?);
             }
         }
         Ok(())

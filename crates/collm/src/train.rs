@@ -15,7 +15,7 @@ use crate::run::{
 };
 use anyhow::{bail, Result};
 use candle_core::Tensor;
-use collm_data::io::write_file_atomic;
+use collm_core::io::write_file_atomic;
 use collm_data::subsets::TrainCounts;
 use collm_data::{Dataset, Interaction};
 use collm_metrics::Report;
@@ -156,7 +156,7 @@ pub fn train(cfg: &ExperimentConfig, out: &Path, opts: &TrainOptions) -> Result<
             bail!(
                 "{}: the config or its inputs (data, backbone, CF run, step 1) differ from the run's ({}); resume with the same ones",
                 out.display(),
-                collm_data::fields::differences(&old, &run_file).join("; ")
+                collm_core::fields::differences(&old, &run_file).join("; ")
             );
         }
     }
@@ -246,7 +246,7 @@ struct CollmTrainer<'a> {
     counts: TrainCounts,
     lens: Option<Vec<usize>>,
     per_epoch: usize,
-    pb: collm_data::progress::Progress,
+    pb: collm_core::progress::Progress,
     t0: std::time::Instant,
     last_eval: std::time::Instant,
     last_report: Option<Report>,
@@ -335,7 +335,7 @@ impl Trainer for CollmTrainer<'_> {
             "kernel: {} (chosen: {}); {}",
             kernel,
             collm_llm::ops::kernel_choice().map_or_else(|e| e, |c| c.describe()),
-            collm_data::machine::cpu_description()
+            collm_core::machine::cpu_description()
         );
         if state.kernels.last() != Some(&kernel) {
             state.kernels.push(kernel);

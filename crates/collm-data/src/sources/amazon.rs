@@ -19,8 +19,8 @@
 use super::utc_month_index;
 use crate::dataset::{describe_source_file, PreparedData, SourceInfo};
 use crate::history::{build_splits, IdMap, RawRow, SplitTag};
-use crate::io::{clean_field, LineReader};
 use anyhow::{bail, Result};
+use collm_core::io::{clean_field, LineReader};
 use serde::Deserialize;
 use std::borrow::Cow;
 use std::path::Path;

@@ -12,8 +12,8 @@
 use super::{month_index, utc_month_index};
 use crate::dataset::{describe_source_file, PreparedData, SourceInfo};
 use crate::history::{build_splits, IdMap, RawRow, SplitTag};
-use crate::io::{clean_field, latin1_to_string, LineReader};
 use anyhow::{bail, Result};
+use collm_core::io::{clean_field, latin1_to_string, LineReader};
 use std::collections::HashMap;
 use std::path::Path;
 

@@ -7,10 +7,10 @@ pub mod ml1m;
 pub mod synthetic;
 
 use crate::dataset::{write_dataset_into, PreparedData, MANIFEST_FILE};
-use crate::io::AtomicDir;
 use crate::Dataset;
 use anyhow::Result;
 use chrono::{DateTime, Datelike};
+use collm_core::io::AtomicDir;
 use std::path::{Path, PathBuf};
 
 /// A raw source and its options: what `collm data prepare SOURCE` and `collm.prepare` read.

@@ -152,7 +152,7 @@ pub fn prepare(opts: &SyntheticOptions) -> Result<PreparedData> {
             opts.title_words
         );
     }
-    use crate::fields::{check, End};
+    use collm_core::fields::{check, End};
     let ctx = |r: Result<()>| r.map_err(|e| anyhow::anyhow!("synthetic: {e}"));
     ctx(check(
         "rows_per_user",

@@ -1,4 +1,5 @@
-//! This machine as benchmarks, training logs and run records describe it.
+//! This machine as benchmarks, training logs and run records describe it: its CPU, and this
+//! process's peak resident memory.
 
 /// This CPU as benchmarks and training logs report it: its model name, family/model numbers and the SIMD
 /// features that decide the kernels' speed (e.g. "AMD EPYC (family 25 model 17), avx2 avx512f
@@ -33,4 +34,18 @@ pub fn cpu_description() -> String {
         _ => String::new(),
     };
     format!("{model}{family}, {}, {threads} threads", simd.join(" "))
+}
+
+/// Peak resident memory of this process so far (Linux), in MiB.
+pub fn peak_rss_mib() -> Option<f64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024.0)
+}
+
+/// Resets the peak-RSS counter (Linux `clear_refs` 5), so that a row's peak is its own as far
+/// as memory held from earlier rows allows.
+pub fn reset_peak_rss() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
 }
