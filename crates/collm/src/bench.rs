@@ -119,7 +119,7 @@ pub fn bench_train(o: &TrainBenchOptions) -> Result<TrainBench> {
         bail!("--steps must be at least 1");
     }
     let ds = Dataset::load(&cfg.data.path)?;
-    let mut model = CoLlm::build(cfg, &ds, &crate::train::device())?;
+    let mut model = crate::run::build_model(cfg, &ds, &crate::train::device())?;
     let titles = &ds.titles;
     let train = &ds.train()?.rows;
     let b = cfg.training.batch_size.max(1);

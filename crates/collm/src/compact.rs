@@ -11,7 +11,7 @@
 //! The run's lock is held throughout (a run that is training is refused), and only finished runs
 //! are compacted (`metrics.json` says why training stopped).
 
-use crate::model::BEST_DIR;
+use crate::run::BEST_DIR;
 use crate::run::{check_weights_manifest, weight_files, write_weights_manifest};
 use anyhow::{bail, Context, Result};
 use candle_core::DType;

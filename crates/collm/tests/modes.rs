@@ -4,8 +4,8 @@
 
 use candle_core::{Device, Tensor};
 use collm::experiment::{ExperimentConfig, Mode};
-use collm::model::CoLlm;
-use collm::run::evaluate;
+use collm::recommend::Recommender;
+use collm::run::build_model;
 use collm::testing::{quiet, Family, Spec};
 use collm::train::{train, TrainOptions};
 use collm_cf::ModelKind;
@@ -77,7 +77,10 @@ fn every_mode_trains_and_evaluates_end_to_end() {
             assert_eq!(st.curve.len(), 2, "{mode:?}");
             assert!(st.best_valid.is_some(), "{mode:?}");
         }
-        let (report, scores) = evaluate(&run, "test", false).unwrap();
+        let (scores, report) = Recommender::open(&run, None)
+            .unwrap()
+            .evaluate("test", false)
+            .unwrap();
         assert_eq!(scores.len(), report.n);
         assert!(scores.iter().all(|x| x.is_finite()), "{mode:?}");
         assert!(report.subsets.contains_key("warm"));
@@ -109,7 +112,7 @@ fn gradients_reach_what_is_trained_and_nothing_frozen() {
         (Mode::Softprompt, vec!["lora", "soft_prompt"]),
         (Mode::Uitoken, vec!["ui_token"]),
     ] {
-        let m = CoLlm::build(&config(&s, mode), &ds, &Device::Cpu).unwrap();
+        let m = build_model(&config(&s, mode), &ds, &Device::Cpu).unwrap();
         let groups: Vec<&str> = m.trainable_stores().iter().map(|(g, _)| *g).collect();
         assert_eq!(groups, trained, "{mode:?}");
         let ctx = TrainCtx::new(1);
@@ -172,7 +175,7 @@ fn only_the_injected_rows_change() {
     )
     .unwrap();
     let ds = Dataset::load(&s.root.join("data")).unwrap();
-    let m = CoLlm::build(&config(&s, Mode::Collm), &ds, &Device::Cpu).unwrap();
+    let m = build_model(&config(&s, Mode::Collm), &ds, &Device::Cpu).unwrap();
     let batch = rows(&ds, 3);
     let (before, mask) = m.embed_batch(&batch, &ds.titles, None).unwrap();
     // Change the mapper: the slot vectors change, nothing else may.
@@ -292,7 +295,7 @@ fn calibration_shifts_every_score_by_the_initial_mean() {
     cfg.training.max_steps = 2;
     cfg.model.calibrate = true;
     // LoRA B starts at zero, so the initial scores are the base model's.
-    let base = CoLlm::build(&cfg, &ds, &Device::Cpu).unwrap();
+    let base = build_model(&cfg, &ds, &Device::Cpu).unwrap();
     assert_eq!(base.score_offset, 0.0);
     let initial = base
         .predict(&ds.train().unwrap().rows, &ds.titles, false)
@@ -309,7 +312,10 @@ fn calibration_shifts_every_score_by_the_initial_mean() {
     assert!(st.score_offset != 0.0 && (lo..=hi).contains(&st.score_offset));
     let (_, _, mut model) = collm::run::load_run(&run).unwrap();
     assert_eq!(model.score_offset, st.score_offset);
-    let (_, scores) = evaluate(&run, "test", false).unwrap();
+    let (scores, _) = Recommender::open(&run, None)
+        .unwrap()
+        .evaluate("test", false)
+        .unwrap();
     model.score_offset = 0.0;
     let raw = model
         .predict(&ds.split("test").unwrap().rows, &ds.titles, false)

@@ -7,6 +7,7 @@
 use candle_core::Device;
 use collm::experiment::{ExperimentConfig, Mode};
 use collm::model::CoLlm;
+use collm::run::build_model;
 use collm::testing::{Family, Spec};
 use collm_cf::ModelKind;
 use collm_data::sources::synthetic::SyntheticOptions;
@@ -88,7 +89,7 @@ fn shared_prefix_scores_equal_whole_prompt_scores_in_every_mode() {
     soft.model.tokens_per_slot = Some(2);
     cases.push(("softprompt k=2", soft));
     for (name, cfg) in cases {
-        let mut m = CoLlm::build(&cfg, ds, &Device::Cpu).unwrap();
+        let mut m = build_model(&cfg, ds, &Device::Cpu).unwrap();
         if let Some(l) = &m.lora {
             // Non-zero B, so that the adapter changes every score.
             for (_, v) in l.trainable() {
@@ -178,7 +179,7 @@ fn frozen_prefix_training_passes_give_the_whole_prompt_gradients() {
     din.model.cf_run = Some(root.join("cf-din"));
     cases.push(("collm-din", din));
     for (name, cfg) in cases {
-        let mut m = CoLlm::build(&cfg, ds, &Device::Cpu).unwrap();
+        let mut m = build_model(&cfg, ds, &Device::Cpu).unwrap();
         let enc = m.encode_prompts(&refs, &ds.titles).unwrap();
         let ends = m.frozen_prefix_ends(&enc).expect("a frozen prefix");
         assert!(ends.iter().all(|&e| e > 0), "{name}: {ends:?}");
@@ -210,7 +211,7 @@ fn frozen_prefix_training_passes_give_the_whole_prompt_gradients() {
         if mode == Mode::Tallrec {
             cfg.model.step1 = None;
         }
-        let m = CoLlm::build(&cfg, ds, &Device::Cpu).unwrap();
+        let m = build_model(&cfg, ds, &Device::Cpu).unwrap();
         let enc = m.encode_prompts(&refs, &ds.titles).unwrap();
         assert!(m.frozen_prefix_ends(&enc).is_none(), "{}", mode.name());
     }
@@ -224,7 +225,7 @@ fn frozen_prefix_training_passes_give_the_whole_prompt_gradients() {
 #[test]
 fn the_scheduler_asks_before_each_model_call_and_a_stop_keeps_what_was_scored() {
     let Family { ds, .. } = family();
-    let m = CoLlm::build(&family().config(Mode::Collm), ds, &Device::Cpu).unwrap();
+    let m = build_model(&family().config(Mode::Collm), ds, &Device::Cpu).unwrap();
     let test = &ds.split("test").unwrap().rows;
     // One user with 9 candidates (eval_batch_size 4: 3 suffix calls after one prefill).
     let one: Vec<Interaction> = (1..=9)
