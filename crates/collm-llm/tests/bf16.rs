@@ -179,7 +179,7 @@ fn a_bf16_mlp_matches_the_composed_ops_forward_and_backward() {
 }
 
 #[test]
-fn attention_with_bf16_products_matches_f32_attention() {
+fn attention_with_bf16_products_matches_f32_attention_forward_and_backward() {
     let (b, t, nh, nkv, hd) = (3, 37, 4, 2, 16);
     let q = randn(&[b, t, nh * hd], 11);
     let k = randn(&[b, t, nkv * hd], 12);
@@ -199,13 +199,19 @@ fn attention_with_bf16_products_matches_f32_attention() {
         .map(|i| 1.0 / 10000f32.powf(2.0 * i as f32 / hd as f32))
         .collect();
     let tables = ops::RopeTables::new(&ids, &inv);
-    let run =
-        |kernel| ops::attention_flat(&q, &k, &v, (nh, nkv), &mask, Some(&tables), kernel).unwrap();
-    let want = run(Kernel::F32);
+    let run = |x: &[Tensor], kernel| {
+        ops::attention_flat(&x[0], &x[1], &x[2], (nh, nkv), &mask, Some(&tables), kernel).unwrap()
+    };
+    // Forward and the gradients of q, k and v (the backward pass's five products on the bf16
+    // kernel) against the f32 attention.
     for kernel in kernels() {
-        let got = run(kernel);
-        let e = rel(&got, &want);
-        assert!(e <= 0.03, "{}: {e}", kernel.name());
+        compare(
+            &format!("attention on {}", kernel.name()),
+            &[q.clone(), k.clone(), v.clone()],
+            |x| run(x, Kernel::F32),
+            |x| run(x, kernel),
+            0.03,
+        );
     }
 }
 
