@@ -202,8 +202,9 @@ fn attention_with_bf16_products_matches_f32_attention_forward_and_backward() {
     let run = |x: &[Tensor], kernel| {
         ops::attention_flat(&x[0], &x[1], &x[2], (nh, nkv), &mask, Some(&tables), kernel).unwrap()
     };
-    // Forward and the gradients of q, k and v (the backward pass's five products on the bf16
-    // kernel) against the f32 attention.
+    // Forward and the gradients of q, k and v against the f32 attention (the backward pass is
+    // f32 on every kernel: it recomputes P from q and k, so its gradients are those of the f32
+    // forward, within bf16's rounding of the forward's output).
     for kernel in kernels() {
         compare(
             &format!("attention on {}", kernel.name()),
