@@ -3,7 +3,9 @@
 //! score` and `rank`, the server's worker and Python. [`CoLlm::predict_shared`] groups rows
 //! whose prompts begin with the same user part (same tokens, and for a user slot the same user
 //! and history), runs that part once into a KV cache and the suffixes (target title,
-//! `<TargetItemID>`, answer cue) against it, `eval_batch_size` rows per model call;
+//! `<TargetItemID>`, answer cue) against it: `eval_batch_size` rows per model call, or more
+//! while their padded tokens stay within `eval_suffix_tokens` (a suffix is a few dozen tokens,
+//! too few for a product to run at speed in small batches);
 //! [`CoLlm::predict`] runs whole prompts, batched by length (the reference the shared path is
 //! tested against). Between two model calls a caller may stop the work ([`Until`]): the server
 //! does when every client still owed rows has gone. What one model call computes is
@@ -126,20 +128,25 @@ impl CoLlm {
             pb.inc(single.len() as u64)?;
         }
         let batch = self.config.model.eval_batch_size.max(1);
+        let budget = self.config.model.eval_suffix_tokens;
+        let suffix_len = |r: usize| enc[r].ids.len() - splits[r];
+        // May `rows` suffixes, the longest `longest` tokens, share one model call?
+        let fits = |rows: usize, longest: usize| rows <= batch || rows * longest <= budget;
         let pass = self.scoring_pass();
         let dec = &self.backbone.decoder;
-        // Windows of whole groups, about one batch of rows (or of prefixes) each, so that the
-        // cache holds at most `batch` prefixes at a time.
+        // Windows of whole groups, about one model call of suffixes each, so that the cache
+        // holds at most `batch` prefixes at a time.
         let mut start = 0;
         'windows: while start < groups.len() {
-            let mut end = start;
-            let mut n = 0;
-            while end < groups.len() && (end == start || n + groups[end].len() <= batch) {
-                n += groups[end].len();
-                end += 1;
-                if end - start == batch {
+            let (mut end, mut n, mut longest) = (start, 0, 0);
+            while end < groups.len() && end - start < batch {
+                let g = &groups[end];
+                let l = g.iter().map(|&r| suffix_len(r)).fold(longest, usize::max);
+                if end > start && !fits(n + g.len(), l) {
                     break;
                 }
+                (n, longest) = (n + g.len(), l);
+                end += 1;
             }
             if !scored.go_on(until) {
                 break;
@@ -155,13 +162,27 @@ impl CoLlm {
             let slots = self.slot_values(&first_rows, None)?;
             let (pe, pm) = self.embed_encoded(&prefix_enc, slots.as_ref())?;
             let cache = dec.prefill(&pe, &pm, &pass)?;
-            // The suffixes, in chunks of `batch` rows.
+            // The suffixes, in chunks of one model call each.
             let order: Vec<(usize, usize)> = window
                 .iter()
                 .enumerate()
                 .flat_map(|(p, g)| g.iter().map(move |&r| (p, r)))
                 .collect();
-            for (c, chunk) in order.chunks(batch).enumerate() {
+            let mut chunks: Vec<&[(usize, usize)]> = Vec::new();
+            let mut c0 = 0;
+            while c0 < order.len() {
+                let (mut c1, mut longest) = (c0, 0);
+                while c1 < order.len() {
+                    let l = longest.max(suffix_len(order[c1].1));
+                    if c1 > c0 && !fits(c1 + 1 - c0, l) {
+                        break;
+                    }
+                    (c1, longest) = (c1 + 1, l);
+                }
+                chunks.push(&order[c0..c1]);
+                c0 = c1;
+            }
+            for (c, chunk) in chunks.into_iter().enumerate() {
                 if c > 0 && !scored.go_on(until) {
                     break 'windows;
                 }

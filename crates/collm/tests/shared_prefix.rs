@@ -88,6 +88,18 @@ fn shared_prefix_scores_equal_whole_prompt_scores_in_every_mode() {
     let mut soft = config(Mode::Softprompt);
     soft.model.tokens_per_slot = Some(2);
     cases.push(("softprompt k=2", soft));
+    // Each mode with suffix batches of `eval_batch_size` rows (smaller than a user's
+    // candidates) and with the default token budget (all of a window's suffixes at once).
+    let cases: Vec<(String, ExperimentConfig)> = cases
+        .into_iter()
+        .flat_map(|(name, cfg)| {
+            [0, cfg.model.eval_suffix_tokens].map(|budget| {
+                let mut c = cfg.clone();
+                c.model.eval_suffix_tokens = budget;
+                (format!("{name}, suffix tokens {budget}"), c)
+            })
+        })
+        .collect();
     for (name, cfg) in cases {
         let mut m = build_model(&cfg, ds, &Device::Cpu).unwrap();
         if let Some(l) = &m.lora {
@@ -178,6 +190,18 @@ fn frozen_prefix_training_passes_give_the_whole_prompt_gradients() {
     let mut din = family().config(Mode::Collm);
     din.model.cf_run = Some(root.join("cf-din"));
     cases.push(("collm-din", din));
+    // Each mode with suffix batches of `eval_batch_size` rows (smaller than a user's
+    // candidates) and with the default token budget (all of a window's suffixes at once).
+    let cases: Vec<(String, ExperimentConfig)> = cases
+        .into_iter()
+        .flat_map(|(name, cfg)| {
+            [0, cfg.model.eval_suffix_tokens].map(|budget| {
+                let mut c = cfg.clone();
+                c.model.eval_suffix_tokens = budget;
+                (format!("{name}, suffix tokens {budget}"), c)
+            })
+        })
+        .collect();
     for (name, cfg) in cases {
         let mut m = build_model(&cfg, ds, &Device::Cpu).unwrap();
         let enc = m.encode_prompts(&refs, &ds.titles).unwrap();
@@ -225,9 +249,12 @@ fn frozen_prefix_training_passes_give_the_whole_prompt_gradients() {
 #[test]
 fn the_scheduler_asks_before_each_model_call_and_a_stop_keeps_what_was_scored() {
     let Family { ds, .. } = family();
-    let m = build_model(&family().config(Mode::Collm), ds, &Device::Cpu).unwrap();
+    let mut cfg = family().config(Mode::Collm);
+    cfg.model.eval_suffix_tokens = 0;
+    let m = build_model(&cfg, ds, &Device::Cpu).unwrap();
     let test = &ds.split("test").unwrap().rows;
-    // One user with 9 candidates (eval_batch_size 4: 3 suffix calls after one prefill).
+    // One user with 9 candidates (eval_batch_size 4, no token budget: 3 suffix calls after
+    // one prefill).
     let one: Vec<Interaction> = (1..=9)
         .map(|iid| Interaction {
             iid,
@@ -262,6 +289,35 @@ fn the_scheduler_asks_before_each_model_call_and_a_stop_keeps_what_was_scored() 
     assert_eq!(scored.len(), 4, "{got:?}");
     for &r in &scored {
         assert_eq!(got[r], Some(want[r]));
+    }
+
+    // With a token budget the suffixes share model calls beyond `eval_batch_size` rows: all
+    // 9 in one call where the budget holds them, 2 calls where it holds 5 (of the longest).
+    let longest = {
+        let refs: Vec<&Interaction> = one.iter().collect();
+        let enc = m.encode_prompts(&refs, &ds.titles).unwrap();
+        enc.iter()
+            .map(|e| e.ids.len() - m.split_point(e))
+            .max()
+            .unwrap()
+    };
+    for (budget, calls) in [(9 * longest, 1), (5 * longest, 2)] {
+        cfg.model.eval_suffix_tokens = budget;
+        let wide = build_model(&cfg, ds, &Device::Cpu).unwrap();
+        let mut asked = 0;
+        let got = wide
+            .predict_shared_until(&one, &ds.titles, false, &mut |_: &[Option<f64>]| {
+                asked += 1;
+                true
+            })
+            .unwrap();
+        assert_eq!(asked, calls, "budget {budget}");
+        for (g, w) in got.iter().zip(&want) {
+            assert!(
+                (g.unwrap() - w).abs() <= 1e-4,
+                "budget {budget}: {g:?} vs {w}"
+            );
+        }
     }
 
     // Rows that share no prefix run whole (`predict_until`), asked about per batch of 4 too;
