@@ -13,7 +13,11 @@ Prints each circle or layering fault and exits 1 when there is one.
 import pathlib
 import re
 import sys
-import tomllib
+
+try:
+    import tomllib  # Python 3.11+
+except ImportError:  # older Pythons: the [dependencies] names are all this script reads
+    tomllib = None
 
 root = pathlib.Path(__file__).resolve().parent.parent
 faults = []
@@ -80,8 +84,16 @@ for crate in sorted((root / "crates").iterdir()):
     manifest = crate / "Cargo.toml"
     if not manifest.is_file():
         continue
-    m = tomllib.loads(manifest.read_text())
-    deps[m["package"]["name"]] = {d for d in m.get("dependencies", {}) if d.startswith("collm")}
+    text = manifest.read_text()
+    if tomllib is not None:
+        m = tomllib.loads(text)
+        name, names = m["package"]["name"], set(m.get("dependencies", {}))
+    else:
+        name = re.search(r'^name\s*=\s*"([^"]+)"', text, re.M).group(1)
+        section = re.search(r"^\[dependencies\]\n(.*?)(?=^\[|\Z)", text, re.M | re.S)
+        body = section.group(1) if section else ""
+        names = set(re.findall(r"^([A-Za-z0-9_-]+)(?:\.workspace)?\s*=", body, re.M))
+    deps[name] = {d for d in names if d.startswith("collm")}
 rules = [
     ("collm-core", None),
     ("collm-llm", "collm-data"),
