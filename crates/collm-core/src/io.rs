@@ -371,6 +371,21 @@ pub fn sync_dir(dir: &Path) -> Result<()> {
         .with_context(|| format!("{}: cannot sync", dir.display()))
 }
 
+/// Flushes every file under `dir`, and the directories' entries, to disk.
+pub fn sync_tree(dir: &Path) -> Result<()> {
+    for e in fs::read_dir(dir)? {
+        let p = e?.path();
+        if p.is_dir() {
+            sync_tree(&p)?;
+        } else {
+            fs::File::open(&p)
+                .and_then(|f| f.sync_all())
+                .with_context(|| format!("{}: cannot sync", p.display()))?;
+        }
+    }
+    sync_dir(dir)
+}
+
 /// Fault injection for the crash tests: with `COLLM_CRASH_AT=N` in the environment the process
 /// aborts at its N-th crash point (no destructors run, as under `kill -9`). Crash points sit
 /// between the steps of every atomic write and checkpoint commit. Without the variable this

@@ -16,7 +16,7 @@
 //! (Runs written before this layout keep their files in `checkpoint/` itself; they are read.)
 
 use anyhow::{bail, Context, Result};
-use collm_core::io::{crash_point, sync_dir, write_file_atomic, OutputLock};
+use collm_core::io::{crash_point, sync_dir, sync_tree, write_file_atomic, OutputLock};
 use serde::{de::DeserializeOwned, Serialize};
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -325,21 +325,6 @@ pub fn improves(best: Option<f64>, new: Option<f64>) -> bool {
         (None, Some(_)) => true,
         (Some(b), Some(a)) => a > b,
     }
-}
-
-/// Flushes every file under `dir`, and the directories' entries, to disk.
-fn sync_tree(dir: &Path) -> Result<()> {
-    for e in fs::read_dir(dir)? {
-        let p = e?.path();
-        if p.is_dir() {
-            sync_tree(&p)?;
-        } else {
-            fs::File::open(&p)
-                .and_then(|f| f.sync_all())
-                .with_context(|| format!("{}: cannot sync", p.display()))?;
-        }
-    }
-    sync_dir(dir)
 }
 
 /// The committed checkpoint directory of the run at `run`, if any (read-only; no lock).

@@ -15,7 +15,7 @@ use crate::run::BEST_DIR;
 use crate::run::{check_weights_manifest, weight_files, write_weights_manifest};
 use anyhow::{bail, Context, Result};
 use candle_core::DType;
-use collm_core::io::{crash_point, sync_dir, OutputLock};
+use collm_core::io::{crash_point, sync_dir, sync_tree, OutputLock};
 use collm_metrics::RunKind;
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -102,20 +102,6 @@ fn link_tree(src: &Path, dst: &Path, skip: &[PathBuf], rel: &Path) -> Result<()>
         }
     }
     Ok(())
-}
-
-fn sync_tree(dir: &Path) -> Result<()> {
-    for e in fs::read_dir(dir)? {
-        let p = e?.path();
-        if p.is_dir() {
-            sync_tree(&p)?;
-        } else {
-            fs::File::open(&p)
-                .and_then(|f| f.sync_all())
-                .with_context(|| format!("{}: cannot sync", p.display()))?;
-        }
-    }
-    sync_dir(dir)
 }
 
 /// Exchanges the directories `a` and `b` atomically (Linux `renameat2(RENAME_EXCHANGE)`);

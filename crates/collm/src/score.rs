@@ -40,13 +40,13 @@ impl Scored {
     fn go_on(&self, until: &mut dyn FnMut(&[Option<f64>]) -> bool) -> bool {
         until(&self.out)
     }
+}
 
-    fn into_scores(self) -> Vec<f64> {
-        self.out
-            .into_iter()
-            .map(|s| s.expect("every row scored when nothing stops the work"))
-            .collect()
-    }
+/// The scores of a run that nothing stopped: every row has one.
+fn every_row(out: Vec<Option<f64>>) -> Vec<f64> {
+    out.into_iter()
+        .map(|s| s.expect("every row scored when nothing stops the work"))
+        .collect()
 }
 
 impl CoLlm {
@@ -59,11 +59,12 @@ impl CoLlm {
         titles: &[String],
         progress: bool,
     ) -> Result<Vec<f64>> {
-        let mut all = |_: &[Option<f64>]| true;
-        Ok(Scored {
-            out: self.predict_shared_until(rows, titles, progress, &mut all)?,
-        }
-        .into_scores())
+        Ok(every_row(self.predict_shared_until(
+            rows,
+            titles,
+            progress,
+            &mut |_| true,
+        )?))
     }
 
     /// [`CoLlm::predict_shared`] that asks `until` before each model call whether to go on.
@@ -234,11 +235,12 @@ impl CoLlm {
         titles: &[String],
         progress: bool,
     ) -> Result<Vec<f64>> {
-        let mut all = |_: &[Option<f64>]| true;
-        Ok(Scored {
-            out: self.predict_until(rows, titles, progress, &mut all)?,
-        }
-        .into_scores())
+        Ok(every_row(self.predict_until(
+            rows,
+            titles,
+            progress,
+            &mut |_| true,
+        )?))
     }
 
     /// [`CoLlm::predict`] that asks `until` before each model call whether to go on.
