@@ -68,39 +68,3 @@ pub(super) fn masked_softmax(row: &mut [f32], real: impl Fn(usize) -> bool) {
         *x *= inv;
     }
 }
-
-/// The sum of `v` in 8 lanes by position (`j mod 8`), the lanes added in order at the end: the
-/// same value for a row however many zeros trail it, and a loop that vectorizes (a plain sum
-/// in order does not: f32 addition is not reassociated).
-#[inline]
-pub(super) fn lane_sum(v: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
-    let chunks = v.chunks_exact(8);
-    let rest = chunks.remainder();
-    for c in chunks {
-        for (a, x) in acc.iter_mut().zip(c) {
-            *a += x;
-        }
-    }
-    for (a, x) in acc.iter_mut().zip(rest) {
-        *a += x;
-    }
-    acc.iter().sum()
-}
-
-/// The largest of `v` (−∞ for none), in 8 lanes (the maximum does not depend on the order).
-#[inline]
-pub(super) fn lane_max(v: &[f32]) -> f32 {
-    let mut acc = [f32::NEG_INFINITY; 8];
-    let chunks = v.chunks_exact(8);
-    let rest = chunks.remainder();
-    for c in chunks {
-        for (a, &x) in acc.iter_mut().zip(c) {
-            *a = if x > *a { x } else { *a };
-        }
-    }
-    for (a, &x) in acc.iter_mut().zip(rest) {
-        *a = if x > *a { x } else { *a };
-    }
-    acc.iter().fold(f32::NEG_INFINITY, |a, &x| a.max(x))
-}
