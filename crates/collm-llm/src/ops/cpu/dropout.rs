@@ -54,11 +54,40 @@ pub struct DropMask {
 impl DropMask {
     /// `x ⊙ mask · scale`, element-wise over a flat slice of the mask's length.
     pub(super) fn apply(&self, x: &[f32]) -> Vec<f32> {
-        // Branch-free, collected in place (an indexed iterator: no zeroing pass first).
-        x.par_iter()
+        // Written in full below: never zeroed first.
+        let mut y = Vec::with_capacity(x.len());
+        self.each_word(&mut y.spare_capacity_mut()[..x.len()], x, |y, v| {
+            y.write(v);
+        });
+        // SAFETY: every element was written above (the chunks cover all x.len()).
+        unsafe { y.set_len(x.len()) };
+        y
+    }
+
+    /// Calls `put(y, x · keep · scale)` for each pair of `y` and `x` (the mask's length), in
+    /// parallel chunks and 32 bits at a time, so that the loops vectorize (no index division
+    /// or bounds check per element).
+    fn each_word<Y: Send>(&self, y: &mut [Y], x: &[f32], put: impl Fn(&mut Y, f32) + Sync) {
+        // Every element of y is visited (what `apply`'s set_len relies on).
+        assert!(
+            x.len() == y.len() && self.keep.len() * 64 >= x.len(),
+            "dropout mask of {} words for {} and {} elements",
+            self.keep.len(),
+            x.len(),
+            y.len()
+        );
+        y.par_chunks_mut(MASK_CHUNK)
+            .zip(x.par_chunks(MASK_CHUNK))
             .enumerate()
-            .map(|(i, x)| x * ((self.keep[i / 64] >> (i % 64) & 1) as f32 * self.scale))
-            .collect()
+            .for_each(|(c, (y, x))| {
+                let words = &self.keep[c * MASK_CHUNK / 64..];
+                let halves = words.iter().flat_map(|w| [*w as u32, (w >> 32) as u32]);
+                for ((y, x), bits) in y.chunks_mut(32).zip(x.chunks(32)).zip(halves) {
+                    for (j, (y, x)) in y.iter_mut().zip(x).enumerate() {
+                        put(y, x * ((bits >> j as u32 & 1) as f32 * self.scale));
+                    }
+                }
+            });
     }
 
     /// The mask of some rows of a (rows × `width`) input: row `k` of the result is row
@@ -81,17 +110,11 @@ impl DropMask {
 
     /// `y (+)= x ⊙ mask · scale`.
     pub(super) fn apply_into(&self, x: &[f32], y: &mut [f32], accumulate: bool) {
-        y.par_chunks_mut(MASK_CHUNK)
-            .zip(x.par_chunks(MASK_CHUNK))
-            .enumerate()
-            .for_each(|(c, (y, x))| {
-                let w0 = c * MASK_CHUNK / 64;
-                for (i, (y, x)) in y.iter_mut().zip(x).enumerate() {
-                    let keep = (self.keep[w0 + i / 64] >> (i % 64) & 1) as f32;
-                    let v = x * (keep * self.scale);
-                    *y = if accumulate { *y + v } else { v };
-                }
-            });
+        if accumulate {
+            self.each_word(y, x, |y, v| *y += v);
+        } else {
+            self.each_word(y, x, |y, v| *y = v);
+        }
     }
 }
 

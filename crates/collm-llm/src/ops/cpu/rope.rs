@@ -44,11 +44,21 @@ impl RopeTables {
         let sin = &self.sin[r * half..(r + 1) * half];
         let sign = if inverse { -1.0 } else { 1.0 };
         let (x1, x2) = x.split_at_mut(half);
-        for d in 0..half {
-            let (c, s) = (round(cos[d], dtype), sign * round(sin[d], dtype));
-            let (a, b) = (x1[d], x2[d]);
-            x1[d] = a * c - b * s;
-            x2[d] = b * c + a * s;
+        // Zipped, with the dtype test outside the loops: they vectorize.
+        let pairs = x1.iter_mut().zip(x2.iter_mut()).zip(cos.iter().zip(sin));
+        let turn = |(a, b): (&mut f32, &mut f32), c: f32, s: f32| {
+            let (x, y) = (*a, *b);
+            *a = x * c - y * s;
+            *b = y * c + x * s;
+        };
+        if dtype == DType::BF16 {
+            for (ab, (c, s)) in pairs {
+                turn(ab, round(*c, dtype), sign * round(*s, dtype));
+            }
+        } else {
+            for (ab, (c, s)) in pairs {
+                turn(ab, *c, sign * s);
+            }
         }
     }
 
