@@ -109,7 +109,9 @@ for key in keys:
             if d.get("kernel", "f32") == "f32" and d.get("path") == "fused":
                 f32_row = d
             if d.get("kernel_gflops"):
-                kernel_rates.append((d["kernel"], d["kernel_gflops"], t, s))
+                # Named by row when it is an older build's (BASELINE_BIN), by kernel otherwise.
+                label = d["kernel"] if n.startswith("collm-") else f"{n} ({d['kernel']})"
+                kernel_rates.append((label, d["kernel_gflops"], t, s))
         elif "train_tflops" in d:
             gf = (1e3 * d["train_tflops"], 1e3 * d["infer_tflops"])
         else:  # an older collm (BASELINE_BIN) without FLOP rates
