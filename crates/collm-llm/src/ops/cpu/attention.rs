@@ -343,10 +343,13 @@ impl CustomOp3 for Attention {
                     for &(r0, r1) in &blocks {
                         for i in r0..r1 {
                             let r = q0 + i * nh * hd;
-                            let di: f32 = (0..hd).map(|d| dout[r + d] * o[r + d]).sum();
-                            let (pr, dr) = (&p[i * t..(i + 1) * t], &mut dp[i * t..(i + 1) * t]);
-                            for j in start..r1 {
-                                dr[j] = pr[j] * (dr[j] - di) * self.scale;
+                            let di = lane_dot(&dout[r..r + hd], &o[r..r + hd]);
+                            let (pr, dr) = (
+                                &p[i * t + start..i * t + r1],
+                                &mut dp[i * t + start..i * t + r1],
+                            );
+                            for (d, p) in dr.iter_mut().zip(pr) {
+                                *d = p * (*d - di) * self.scale;
                             }
                         }
                     }

@@ -256,11 +256,7 @@ impl CustomOp3 for PrefixAttention {
                 // dS = P ∘ (dP − rowsum(dO ∘ O)) · scale.
                 for row in 0..rows {
                     let d = &dob[row * hd..(row + 1) * hd];
-                    let di: f32 = d
-                        .iter()
-                        .zip(&ob[row * hd..(row + 1) * hd])
-                        .map(|(a, b)| a * b)
-                        .sum();
+                    let di = lane_dot(d, &ob[row * hd..(row + 1) * hd]);
                     let pr = &t.p[row * tk..(row + 1) * tk];
                     for (x, &p) in ds[row * tk..(row + 1) * tk].iter_mut().zip(pr) {
                         *x = p * (*x - di) * scale;
