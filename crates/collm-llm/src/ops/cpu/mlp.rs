@@ -38,6 +38,11 @@ fn swiglu_values(g: &[f32], u: &[f32], dtype: DType) -> Vec<f32> {
 /// `dtype`.
 fn swiglu_grads(d: &[f32], g: &[f32], u: &[f32], dtype: DType) -> (Vec<f32>, Vec<f32>) {
     let n = g.len();
+    // Every element is written below only if the three have one length (set_len relies on it).
+    assert!(
+        d.len() == n && u.len() == n,
+        "swiglu: gradient, gate and up of different sizes"
+    );
     // Written in full below: never zeroed first.
     let (mut dg, mut du) = (Vec::with_capacity(n), Vec::with_capacity(n));
     dg.spare_capacity_mut()[..n]

@@ -64,6 +64,13 @@ impl CustomOp2 for RmsNorm {
         cpu_f32!(w => wv);
         cpu_f32!(grad => g);
         let h = wv.len();
+        if g.len() != xv.len() || h == 0 || xv.len() % h != 0 {
+            bail!(
+                "rms-norm: a gradient of {} for an input of {} (rows of {h})",
+                g.len(),
+                xv.len()
+            );
+        }
         // Written in full below: never zeroed first.
         let mut dx = Vec::with_capacity(xv.len());
         dx.spare_capacity_mut()[..xv.len()]
