@@ -64,7 +64,7 @@ impl CustomOp2 for RmsNorm {
         cpu_f32!(w => wv);
         cpu_f32!(grad => g);
         let h = wv.len();
-        if g.len() != xv.len() || h == 0 || xv.len() % h != 0 {
+        if g.len() != xv.len() || h == 0 || !xv.len().is_multiple_of(h) {
             bail!(
                 "rms-norm: a gradient of {} for an input of {} (rows of {h})",
                 g.len(),
