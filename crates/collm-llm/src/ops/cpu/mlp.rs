@@ -349,7 +349,7 @@ impl CustomOp1 for Mlp {
 /// (inter, hidden) and `down` (hidden, inter), as one op: `x` (…, hidden) → (…, hidden). Its
 /// backward gives `x` its gradient and keeps only the gate and up activations (no separate
 /// SwiGLU output, and none of the intermediate gradients that separate ops would pass
-/// through candle's backward, each a full-size zeros-and-add there).
+/// through candle's backward, each a full-size tensor there).
 pub fn mlp(x: &Tensor, gate: &Tensor, up: &Tensor, down: &Tensor) -> Result<Tensor> {
     let w = |t: &Tensor| Weight::plain(&t.contiguous()?);
     mlp_weights(x, &w(gate)?, &w(up)?, &w(down)?)

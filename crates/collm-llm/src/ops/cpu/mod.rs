@@ -25,8 +25,11 @@
 //! - [`prefix_attention`]: suffix rows over cached prompt prefixes (shared-prefix scoring, and
 //!   step 2's training passes over a frozen prefix), with a backward into the suffixes only.
 //!
-//! Fewer, larger ops matter beyond their own loops: every tensor between two ops costs a
-//! full-size zeros-and-add in candle's backward pass (`GradStore::or_insert`), on one thread.
+//! Fewer, larger ops matter beyond their own loops: every tensor between two ops is a gradient
+//! candle's backward pass allocates and keeps, and one read by several ops (the normed input of
+//! q, k and v; the residual stream) costs a full-size add per extra reader, on one thread. (With
+//! candle as released, every edge cost a zeros-and-add; `vendor/candle-core` stores the first
+//! gradient instead.)
 //!
 //! Every op is checked against [`composed`] (forward and gradients) and by finite differences in
 //! `tests/fused_ops.rs`. Only the CPU has these kernels; on other devices the decoder takes the
