@@ -1,10 +1,10 @@
 //! Reductions over slices in 8 lanes by position (`j mod 8`), the lanes combined in order at
 //! the end: loops that vectorize (a plain sum in order does not: f32 addition is not
-//! reassociated).
+//! reassociated). Each function spells the loop out for its own operands rather than sharing a
+//! generic one: these are the inner loops of the fused ops, and the plain form is what LLVM
+//! reliably vectorizes.
 
-/// The sum of `v` in 8 lanes by position (`j mod 8`), the lanes added in order at the end: the
-/// same value for a row however many zeros trail it, and a loop that vectorizes (a plain sum
-/// in order does not: f32 addition is not reassociated).
+/// The sum of `v`: the same value for a row however many zeros trail it.
 #[inline]
 pub(super) fn lane_sum(v: &[f32]) -> f32 {
     let mut acc = [0f32; 8];
