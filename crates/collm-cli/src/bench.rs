@@ -136,6 +136,11 @@ pub struct LlmBenchArgs {
     /// (composed then fused, same run: the before/after comparison).
     #[arg(long, default_value = "fused")]
     pub path: String,
+    /// Also time each fused CPU op (forward and backward, and the frozen products inside)
+    /// during the timed train steps, and print the train step split by op: where the time
+    /// goes, and how much is left outside the ops (candle's adds and copies, the graph, AdamW).
+    #[arg(long)]
+    pub op_times: bool,
     /// One JSON object per row instead of the table.
     #[arg(long)]
     pub json: bool,
@@ -181,6 +186,7 @@ fn bench_llm(args: &LlmBenchArgs) -> Result<()> {
                 steps: args.steps,
                 warm: args.warm,
                 fused: fused && device.is_cpu(),
+                op_times: args.op_times,
             };
             match measure(&bench, &device) {
                 Ok(row) => {

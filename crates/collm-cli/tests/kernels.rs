@@ -118,3 +118,59 @@ fn collm_llm_kernel_names_the_choice_and_refuses_what_the_cpu_lacks() {
         }
     }
 }
+
+/// `collm bench llm --op-times` splits the train step by fused op: every op of a LoRA step is
+/// there with its calls per step (one per layer, or per projection), the top-level ops sum to
+/// no more than the step, and the frozen products inside them are reported apart.
+#[test]
+fn bench_llm_op_times_split_the_train_step_by_op() {
+    let out = common::ok(&[
+        "bench",
+        "llm",
+        "--plan",
+        "tiny:2",
+        "--seq",
+        "12",
+        "--steps",
+        "2",
+        "--warm",
+        "1",
+        "--op-times",
+        "--json",
+    ]);
+    let row: serde_json::Value = out
+        .lines()
+        .find(|l| l.starts_with('{'))
+        .map(|l| serde_json::from_str(l).unwrap())
+        .expect("a JSON row");
+    let ops = row["op_times"].as_array().expect("op_times");
+    let find = |name: &str, nested: bool| {
+        ops.iter()
+            .find(|o| o["name"] == name && o["nested"] == nested)
+            .unwrap_or_else(|| panic!("{name} (nested {nested}) missing: {ops:?}"))
+    };
+    // The tiny shape has 2 layers; LoRA sits on q and v (the bench's config).
+    for (name, calls) in [
+        ("linear+lora fwd", 4),
+        ("linear+lora bwd", 4),
+        ("dropout mask", 4),
+        ("mlp fwd", 2),
+        ("mlp bwd", 2),
+        ("rms_norm fwd", 5),
+    ] {
+        let o = find(name, false);
+        assert_eq!(o["calls"], calls, "{name}: {o}");
+        assert!(o["seconds"].as_f64().unwrap() > 0.0, "{name}: {o}");
+    }
+    assert!(find("frozen products", true)["calls"].as_u64().unwrap() > 0);
+    let step = row["batch"].as_f64().unwrap() / row["train_samples_per_s"].as_f64().unwrap();
+    let inside: f64 = ops
+        .iter()
+        .filter(|o| o["nested"] == false)
+        .map(|o| o["seconds"].as_f64().unwrap())
+        .sum();
+    assert!(
+        inside > 0.0 && inside <= step,
+        "{inside} s of ops in a {step} s step"
+    );
+}

@@ -6,6 +6,7 @@
 //! position), so that its numbers and these compare.
 
 use crate::load::{bench_shape, random_weights};
+use crate::ops::cpu::times::{self, OpTime};
 use crate::{dtype_name, Decoder, Lora, LoraConfig, Mask, Pass};
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
@@ -28,6 +29,8 @@ pub struct LlmBench {
     pub warm: usize,
     /// The fused CPU kernels (`true`) or the composed candle ops.
     pub fused: bool,
+    /// Time each fused op during the timed train steps ([`crate::ops::cpu::times`]).
+    pub op_times: bool,
 }
 
 /// Mean seconds per train step in each phase.
@@ -79,6 +82,9 @@ pub struct LlmBenchRow {
     pub projection_mib: f64,
     /// This CPU (model, family, SIMD features, threads).
     pub cpu: String,
+    /// With [`LlmBench::op_times`]: each fused op's seconds and calls per train step.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub op_times: Option<Vec<OpTime>>,
 }
 
 /// Forward FLOPs of one pass over `tokens` tokens, as the reference script counts them.
@@ -165,12 +171,24 @@ pub fn measure(b: &LlmBench, device: &Device) -> Result<LlmBenchRow> {
         step(k, false, &mut opt)?;
     }
     sync()?;
+    times::record(b.op_times);
     let t = Instant::now();
     for k in 0..b.steps {
         step(b.warm + k, true, &mut opt)?;
     }
     sync()?;
     let train_s = t.elapsed().as_secs_f64() / b.steps as f64;
+    times::record(false);
+    let op_times = b.op_times.then(|| {
+        times::recorded()
+            .into_iter()
+            .map(|o| OpTime {
+                seconds: o.seconds / b.steps as f64,
+                calls: o.calls / b.steps as u64,
+                ..o
+            })
+            .collect()
+    });
     let peak_train = peak_rss_mib().map(|m| m / 1024.0);
 
     let (emb, mask) = prep()?;
@@ -246,12 +264,53 @@ pub fn measure(b: &LlmBench, device: &Device) -> Result<LlmBenchRow> {
         kernel_gflops,
         projection_mib: dec.projection_bytes() as f64 / (1 << 20) as f64,
         cpu: collm_core::machine::cpu_description(),
+        op_times,
     })
 }
 
 /// A row's forward FLOPs per sample, from its measured rate and throughput.
 fn forward_flop_per_sample(r: &LlmBenchRow) -> f64 {
     r.infer_gflops * 1e9 / r.infer_samples_per_s
+}
+
+/// A row's train step split by fused op: ms per step and share of the step, the products
+/// nested inside the ops apart, and what is left outside the ops.
+fn render_op_times(r: &LlmBenchRow, ops: &[OpTime]) -> String {
+    use std::fmt::Write as _;
+    let s = &r.step;
+    let step = s.prep_s + s.forward_s + s.backward_s + s.optimizer_s;
+    let mut out = format!(
+        "{} b{} train step by op ({} kernel; {:.0} ms per step):\n",
+        r.model,
+        r.batch,
+        r.kernel,
+        1e3 * step
+    );
+    let line = |out: &mut String, name: &str, secs: f64, calls: u64| {
+        let _ = writeln!(
+            out,
+            "  {name:<38} {:>8.1} ms {:>5.1}%  {calls:>5} calls",
+            1e3 * secs,
+            100.0 * secs / step
+        );
+    };
+    let mut top: Vec<&OpTime> = ops.iter().filter(|o| !o.nested).collect();
+    top.sort_by(|a, b| b.seconds.total_cmp(&a.seconds));
+    for o in &top {
+        line(&mut out, o.name, o.seconds, o.calls);
+    }
+    let inside: f64 = top.iter().map(|o| o.seconds).sum();
+    line(
+        &mut out,
+        "outside the ops (graph, adds, AdamW)",
+        step - inside,
+        0,
+    );
+    let _ = writeln!(out, "  inside the ops above:");
+    for o in ops.iter().filter(|o| o.nested) {
+        line(&mut out, o.name, o.seconds, o.calls);
+    }
+    out
 }
 
 /// The table `collm bench llm` prints for its rows.
@@ -321,6 +380,11 @@ pub fn render(rows: &[LlmBenchRow], dtype: &str) -> String {
                 100.0 * r.train_gflops / g,
                 100.0 * r.infer_gflops / g
             );
+        }
+    }
+    for r in rows {
+        if let Some(ops) = &r.op_times {
+            out.push_str(&render_op_times(r, ops));
         }
     }
     let _ = writeln!(out,

@@ -199,6 +199,7 @@ impl CustomOp3 for Attention {
         vs: &CpuStorage,
         vl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
+        let _span = times::span("attention fwd");
         self.dims(ql, self.heads)?;
         self.dims(kl, self.kv_heads)?;
         self.dims(vl, self.kv_heads)?;
@@ -274,6 +275,7 @@ impl CustomOp3 for Attention {
         res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let _span = times::span("attention bwd");
         cpu_f32!(q => qv);
         cpu_f32!(k => kv);
         cpu_f32!(v => vv);

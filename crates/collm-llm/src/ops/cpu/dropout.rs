@@ -11,6 +11,7 @@ impl CustomOp1 for Dropout {
         "fused-dropout"
     }
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let _span = times::span("dropout");
         let x = as_f32(s, l)?;
         if x.len().div_ceil(64) != self.mask.keep.len() {
             bail!(
@@ -123,6 +124,7 @@ impl DropMask {
 /// seeking to their word position; `rng` ends where the sequential draws would leave it.
 pub fn dropout_mask(n: usize, p: f64, rng: &mut rand_chacha::ChaCha8Rng) -> Result<DropMask> {
     use rand::RngCore;
+    let _span = times::span("dropout mask");
     if !(0.0..1.0).contains(&p) {
         bail!("dropout probability {p} outside [0, 1)");
     }

@@ -58,6 +58,7 @@ impl FrozenLinear {
             bail!("linear: input {dims:?} for a weight of ({fan_out}, {fan_in})");
         }
         let n = xs.len() / fan_in;
+        let projection = times::span("frozen products");
         let mut y = match self.w.bf16() {
             Some((kernel, bw)) => bf16::forward(kernel, &xs, n, bw),
             None => {
@@ -71,6 +72,7 @@ impl FrozenLinear {
                 )
             }
         };
+        drop(projection);
         if let (Some((as_, al, bs, bl)), Some((scaling, mask))) = (lora, &self.lora) {
             let a = as_f32(as_, al)?;
             let bm = as_f32(bs, bl)?;
@@ -128,6 +130,7 @@ impl FrozenLinear {
                 x.shape()
             );
         }
+        let _span = times::span("frozen products");
         if let Some((kernel, bw)) = self.w.bf16() {
             return Ok(bf16::backward(kernel, g, n, bw));
         }
@@ -147,9 +150,11 @@ impl CustomOp1 for FrozenLinear {
         "fused-frozen-linear"
     }
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let _span = times::span("linear fwd");
         self.run(s, l, None)
     }
     fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let _span = times::span("linear bwd");
         cpu_f32!(grad => g);
         Ok(Some(tensor_from(self.grad_x(&g, x)?, x)?))
     }
@@ -168,6 +173,7 @@ impl CustomOp3 for FrozenLinear {
         b: &CpuStorage,
         bl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
+        let _span = times::span("linear+lora fwd");
         self.run(s, l, Some((a, al, b, bl)))
     }
 
@@ -182,6 +188,7 @@ impl CustomOp3 for FrozenLinear {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let _span = times::span("linear+lora bwd");
         let Some((scaling, mask)) = &self.lora else {
             bail!("linear: a LoRA op without its scaling");
         };

@@ -93,6 +93,7 @@ impl CustomOp2 for SwiGlu {
         us: &CpuStorage,
         ul: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
+        let _span = times::span("swiglu fwd");
         if gl.shape() != ul.shape() {
             bail!("swiglu: gate {:?} vs up {:?}", gl.shape(), ul.shape());
         }
@@ -109,6 +110,7 @@ impl CustomOp2 for SwiGlu {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let _span = times::span("swiglu bwd");
         cpu_f32!(gate => g);
         cpu_f32!(up => u);
         cpu_f32!(grad => d);
@@ -140,6 +142,7 @@ impl Mlp {
     /// `x Wgᵀ` and `x Wuᵀ` for `x` (n×hidden), rounded to `dtype` as separate projections
     /// would store them (with bf16 kernels: `x` packed once for both).
     fn gate_up(&self, x: &[f32], n: usize, dtype: DType) -> Result<(Vec<f32>, Vec<f32>)> {
+        let _span = times::span("frozen products");
         let (inter, h) = self.gate.dims2();
         let (mut g, mut u) = match (self.gate.bf16(), self.up.bf16()) {
             (Some((kernel, wg)), Some((_, wu))) => {
@@ -209,7 +212,9 @@ impl Mlp {
                     }
                 }
             };
+        let span = times::span("frozen products (+ SwiGLU)");
         bf16::paired_blocks(kernel, x, n, (wg.fwd(), wu.fwd()), &each);
+        drop(span);
         // SAFETY: every (row, column) of the n×inter buffers was written above (each block
         // position once, its valid rows and columns).
         unsafe {
@@ -224,6 +229,7 @@ impl Mlp {
 
     /// `a (n×k) · Wᵀ` for the projection `w` (out×k): its bf16 kernel, or f32.
     fn project(w: &Weight, a: &[f32], n: usize) -> Result<Vec<f32>> {
+        let _span = times::span("frozen products");
         let (out, k) = w.dims2();
         if let Some((kernel, bw)) = w.bf16() {
             return Ok(bf16::forward(kernel, a, n, bw));
@@ -239,6 +245,7 @@ impl Mlp {
 
     /// `g (n×out) · W` for the projection `w` (out×in) in a new buffer: its bf16 kernel, or f32.
     fn project_back_new(w: &Weight, g: &[f32], n: usize) -> Result<Vec<f32>> {
+        let _span = times::span("frozen products");
         let (out, inp) = w.dims2();
         if let Some((kernel, bw)) = w.bf16() {
             return Ok(bf16::backward(kernel, g, n, bw));
@@ -260,6 +267,7 @@ impl Mlp {
         dst: &mut [f32],
         accumulate: bool,
     ) -> Result<()> {
+        let _span = times::span("frozen products");
         let (out, inp) = w.dims2();
         if let Some((kernel, bw)) = w.bf16() {
             bf16::backward_into(kernel, g, n, bw, dst, accumulate);
@@ -288,6 +296,7 @@ impl CustomOp1 for Mlp {
         "fused-mlp"
     }
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let _span = times::span("mlp fwd");
         let dtype = s.dtype();
         let x = as_f32(s, l)?;
         let (inter, h) = self.gate.dims2();
@@ -322,6 +331,7 @@ impl CustomOp1 for Mlp {
     /// `da = g Wd`, through SwiGLU to `dgate` and `dup`, then `dx = dgate Wg + dup Wu`; each
     /// intermediate rounded to the compute dtype as the separate ops' outputs would be.
     fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let _span = times::span("mlp bwd");
         let dtype = x.dtype();
         let saved = self.saved.lock().expect("mlp state").clone();
         let Some(saved) = saved else {

@@ -143,6 +143,7 @@ mod mlp;
 mod norm;
 mod prefix;
 mod rope;
+pub mod times;
 
 pub use attention::{attention, attention_flat};
 pub use dropout::{dropout, dropout_mask, DropMask};

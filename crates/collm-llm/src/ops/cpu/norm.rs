@@ -25,6 +25,7 @@ impl CustomOp2 for RmsNorm {
         ws: &CpuStorage,
         wl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
+        let _span = times::span("rms_norm fwd");
         let dtype = xs.dtype();
         let x = as_f32(xs, xl)?;
         let w = as_f32(ws, wl)?;
@@ -60,6 +61,7 @@ impl CustomOp2 for RmsNorm {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let _span = times::span("rms_norm bwd");
         cpu_f32!(x => xv);
         cpu_f32!(w => wv);
         cpu_f32!(grad => g);

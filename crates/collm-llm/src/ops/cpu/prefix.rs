@@ -156,6 +156,7 @@ impl CustomOp3 for PrefixAttention {
         vs: &CpuStorage,
         vl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
+        let _span = times::span("prefix attention fwd");
         let dtype = qs.dtype();
         let (q, k, v) = (as_f32(qs, ql)?, as_f32(ks, kl)?, as_f32(vs, vl)?);
         let (n, ts, nkv, hd) = (self.mask.batch, self.mask.seq, self.kv_heads, self.head_dim);
@@ -209,6 +210,7 @@ impl CustomOp3 for PrefixAttention {
         res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let _span = times::span("prefix attention bwd");
         cpu_f32!(q => qv);
         cpu_f32!(k => kv);
         cpu_f32!(v => vv);

@@ -89,6 +89,7 @@ impl CustomOp1 for Rope {
         "fused-rope"
     }
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let _span = times::span("rope");
         let dtype = s.dtype();
         let x = as_f32(s, l)?;
         let (half, rows) = (self.t.half, self.t.rows);
