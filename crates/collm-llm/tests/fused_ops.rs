@@ -474,6 +474,13 @@ fn dropout_draws_what_the_composed_dropout_draws_and_reuses_its_mask_backwards()
             "same masks as the composed dropout"
         );
     }
+    // From an odd word position (a 32-bit draw before): draws straddle ChaCha's blocks.
+    use rand::RngCore;
+    ctx.rng.borrow_mut().next_u32();
+    reference.rng.borrow_mut().next_u32();
+    let y = ops::dropout(x.as_tensor(), 0.25, &mut ctx.rng.borrow_mut()).unwrap();
+    let want = collm_nn::layers::dropout(x.as_tensor(), 0.25, Some(&reference)).unwrap();
+    assert_eq!(max_diff(&y, &want), 0.0, "same masks from an odd position");
     let y = ops::dropout(x.as_tensor(), 0.25, &mut ctx.rng.borrow_mut()).unwrap();
     let yv = y.flatten_all().unwrap().to_vec1::<f32>().unwrap();
     let dropped = yv.iter().filter(|v| **v == 0.0).count() as f64 / yv.len() as f64;

@@ -122,12 +122,18 @@ impl DropMask {
 /// Draws a [`DropMask`] for `n` elements: one `f64` per element from `rng`, in order, dropped
 /// when below `p`. ChaCha is counter-based, so chunks of the mask are drawn in parallel by
 /// seeking to their word position; `rng` ends where the sequential draws would leave it.
+///
+/// rand's `Standard` f64 is `(next_u64() >> 11) · 2⁻⁵³`, and `u ≥ p` holds exactly when the
+/// integer `next_u64() >> 11` is at least `⌈p · 2⁵³⌉` (`p · 2⁵³` is exact in f64): the draws
+/// are compared as integers, 64 at a time from one `fill` of the stream (the same 32-bit words,
+/// in order, that 64 `next_u64` calls return), into one word of the mask.
 pub fn dropout_mask(n: usize, p: f64, rng: &mut rand_chacha::ChaCha8Rng) -> Result<DropMask> {
-    use rand::RngCore;
+    use rand::Rng;
     let _span = times::span("dropout mask");
     if !(0.0..1.0).contains(&p) {
         bail!("dropout probability {p} outside [0, 1)");
     }
+    let least = (p * (1u64 << 53) as f64).ceil() as u64;
     let base = rng.get_word_pos();
     let start = rng.clone();
     let mut keep = vec![0u64; n.div_ceil(64)];
@@ -138,12 +144,14 @@ pub fn dropout_mask(n: usize, p: f64, rng: &mut rand_chacha::ChaCha8Rng) -> Resu
             let e0 = c * MASK_CHUNK;
             // Each f64 draw is one next_u64: two 32-bit words.
             r.set_word_pos(base + 2 * e0 as u128);
-            for e in e0..(e0 + MASK_CHUNK).min(n) {
-                // rand's Standard f64: the top 53 bits, scaled to [0, 1).
-                let u = (r.next_u64() >> 11) as f64 * (1.0 / (1u64 << 53) as f64);
-                if u >= p {
-                    words[(e - e0) / 64] |= 1 << ((e - e0) % 64);
-                }
+            let mut draws = [0u64; 64];
+            for (i, word) in words.iter_mut().enumerate() {
+                let draws = &mut draws[..(n - e0 - 64 * i).min(64)];
+                r.fill(draws);
+                *word = draws
+                    .iter()
+                    .enumerate()
+                    .fold(0, |w, (j, d)| w | u64::from(d >> 11 >= least) << j);
             }
         });
     rng.set_word_pos(base + 2 * n as u128);
