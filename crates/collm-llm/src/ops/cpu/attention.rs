@@ -166,8 +166,8 @@ impl Attention {
                 let (b, kh) = (bk / nkv, bk % nkv);
                 let kb = self.gather(k, nkv, b, kh, true);
                 let vb = self.gather(v, nkv, b, kh, false);
-                let kt = Panels::pack(hd, t, |i, j| kb[j * hd + i]);
-                let vp = Panels::pack(t, hd, |i, j| vb[i * hd + j]);
+                let kt = Panels::from_cols(&kb, hd, t, hd);
+                let vp = Panels::from_rows(&vb, t, hd, hd);
                 (kh * rep..(kh + 1) * rep)
                     .map(|h| {
                         let qb = self.gather(q, nh, b, h, true);

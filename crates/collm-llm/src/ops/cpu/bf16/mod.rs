@@ -235,9 +235,7 @@ pub struct Panels {
 impl Panels {
     /// `B[i][j] = get(i, j)` for i < k, j < n, rounded to bf16.
     pub fn pack(k: usize, n: usize, get: impl Fn(usize, usize) -> f32 + Sync) -> Self {
-        let kq = k.div_ceil(32).max(1) * 16;
-        let np = n.div_ceil(2 * 16).max(1) * 2;
-        let mut data = vec![ZERO; np * kq];
+        let (kq, np, mut data) = Self::zeroed(k, n);
         let fill = |(p, panel): (usize, &mut [Line])| {
             for (q, line) in panel.iter_mut().enumerate() {
                 for c in 0..16 {
@@ -260,6 +258,58 @@ impl Panels {
             data.par_chunks_mut(kq).enumerate().for_each(fill);
         } else {
             data.chunks_mut(kq).enumerate().for_each(fill);
+        }
+        Self { data, k, n, kq, np }
+    }
+
+    /// Room for `B` (k×n): (pair rows per panel, panels), and the zeroed lines.
+    fn zeroed(k: usize, n: usize) -> (usize, usize, Vec<Line>) {
+        let kq = k.div_ceil(32).max(1) * 16;
+        let np = n.div_ceil(2 * 16).max(1) * 2;
+        (kq, np, vec![ZERO; np * kq])
+    }
+
+    /// `B = src` (k×n, row `i` at `src[i·ld..]`), rounded to bf16: each pair of rows converted
+    /// whole ([`convert`]), then interleaved into the lines. On the calling thread (for the
+    /// per-head operands inside attention's parallel loops).
+    pub fn from_rows(src: &[f32], k: usize, n: usize, ld: usize) -> Self {
+        let (kq, np, mut data) = Self::zeroed(k, n);
+        let mut rows = vec![0u16; 2 * np * 16];
+        let (r0, r1) = rows.split_at_mut(np * 16);
+        for q in 0..k.div_ceil(2) {
+            convert(&src[2 * q * ld..2 * q * ld + n], &mut r0[..n]);
+            if 2 * q + 1 < k {
+                convert(&src[(2 * q + 1) * ld..(2 * q + 1) * ld + n], &mut r1[..n]);
+            } else {
+                r1.fill(0);
+            }
+            for (p, (a, b)) in r0.chunks_exact(16).zip(r1.chunks_exact(16)).enumerate() {
+                let line = &mut data[p * kq + q].0;
+                for (c, (&a, &b)) in a.iter().zip(b).enumerate() {
+                    line[2 * c] = a;
+                    line[2 * c + 1] = b;
+                }
+            }
+        }
+        Self { data, k, n, kq, np }
+    }
+
+    /// `B = srcᵀ` for `src` (n×k, row `j` at `src[j·ld..]`), rounded to bf16: each row of
+    /// `src` converted whole, its pairs `(src[j][2q], src[j][2q + 1])` being column `j`'s
+    /// entries of the lines. On the calling thread, as [`Panels::from_rows`].
+    pub fn from_cols(src: &[f32], k: usize, n: usize, ld: usize) -> Self {
+        let (kq, np, mut data) = Self::zeroed(k, n);
+        let mut row = vec![0u16; 2 * kq];
+        for j in 0..n {
+            convert(&src[j * ld..j * ld + k], &mut row[..k]);
+            let (p, c) = (j / 16, j % 16);
+            for (line, pair) in data[p * kq..(p + 1) * kq]
+                .iter_mut()
+                .zip(row.chunks_exact(2))
+            {
+                line.0[2 * c] = pair[0];
+                line.0[2 * c + 1] = pair[1];
+            }
         }
         Self { data, k, n, kq, np }
     }

@@ -81,6 +81,35 @@ fn check(kernel: Kernel) {
 }
 
 #[test]
+fn packing_from_rows_and_from_columns_gives_the_generic_packing() {
+    // Odd and even k, n past a panel, a source wider than the operand (ld > width).
+    for (s, &(k, n)) in [(1, 1), (7, 5), (33, 17), (64, 160), (160, 64), (97, 70)]
+        .iter()
+        .enumerate()
+    {
+        let ld = n + 3;
+        let src = random(k * ld, 40 + s as u64);
+        let want = Panels::pack(k, n, |i, j| src[i * ld + j]);
+        let got = Panels::from_rows(&src, k, n, ld);
+        let ldt = k + 2;
+        let srct = random(n * ldt, 50 + s as u64);
+        let want_t = Panels::pack(k, n, |i, j| srct[j * ldt + i]);
+        let got_t = Panels::from_cols(&srct, k, n, ldt);
+        for (what, a, b) in [("rows", &got, &want), ("columns", &got_t, &want_t)] {
+            assert_eq!(
+                (a.k, a.n, a.kq, a.np),
+                (b.k, b.n, b.kq, b.np),
+                "{what} {k}×{n}"
+            );
+            assert!(
+                as_u16(&a.data) == as_u16(&b.data),
+                "{what} {k}×{n}: another packing"
+            );
+        }
+    }
+}
+
+#[test]
 fn packing_keeps_every_value_rounded_and_pads_with_zeros() {
     let (out, inp) = (37, 45);
     let w = random(out * inp, 9);
