@@ -325,20 +325,23 @@ fn attention_with_rope_inside_matches_rope_then_attention() {
     );
 }
 
-#[test]
-fn linear_with_lora_and_dropout_matches_the_composed_ops_and_gives_the_weight_no_gradient() {
+/// The fused projection with LoRA (and dropout p = 0.3, and none) against the composed ops,
+/// forward and every gradient, for an input `lead` × `inp`.
+fn lora_linear_matches_the_composed_ops(lead: &[usize], inp: usize) {
     use rand::SeedableRng;
-    let x = randn(&[2, 3, 12], 1);
-    let w = randn(&[5, 12], 2);
+    let rows: usize = lead.iter().product();
+    let dims = |last: usize| [lead, &[last]].concat();
+    let x = randn(&dims(inp), 1);
+    let w = randn(&[5, inp], 2);
     let b = randn(&[5], 3);
-    let a = randn(&[4, 12], 4);
+    let a = randn(&[4, inp], 4);
     let bm = randn(&[5, 4], 5);
     let scaling = 2.0;
     // The same draws on both sides: the fused op applies the mask itself.
     let rng = || rand_chacha::ChaCha8Rng::seed_from_u64(7);
     for p in [0.0, 0.3] {
         let fused = |t: &[Tensor]| {
-            let dropout = (p > 0.0).then(|| ops::dropout_mask(72, p, &mut rng()).unwrap());
+            let dropout = (p > 0.0).then(|| ops::dropout_mask(rows * inp, p, &mut rng()).unwrap());
             let lora = ops::LoraPath {
                 a: &t[1],
                 b: &t[2],
@@ -348,7 +351,7 @@ fn linear_with_lora_and_dropout_matches_the_composed_ops_and_gives_the_weight_no
             ops::linear(&t[0], &w, Some(&b), Some(lora)).unwrap()
         };
         let reference = |t: &[Tensor]| {
-            let flat = t[0].reshape((6, 12)).unwrap();
+            let flat = t[0].reshape((rows, inp)).unwrap();
             let xd = if p > 0.0 {
                 ops::dropout(&flat, p, &mut rng()).unwrap()
             } else {
@@ -362,7 +365,7 @@ fn linear_with_lora_and_dropout_matches_the_composed_ops_and_gives_the_weight_no
                 .unwrap()
                 + low.matmul(&t[2].t().unwrap()).unwrap())
             .unwrap()
-            .reshape((2, 3, 5))
+            .reshape(dims(5))
             .unwrap()
         };
         compare(
@@ -372,6 +375,21 @@ fn linear_with_lora_and_dropout_matches_the_composed_ops_and_gives_the_weight_no
             1e-5,
         );
     }
+}
+
+#[test]
+fn linear_with_lora_and_dropout_matches_the_composed_ops_and_gives_the_weight_no_gradient() {
+    use rand::SeedableRng;
+    // Rows of 12 (the mask read bit by bit) and of 64 over 45 rows (32 bits at a time, more
+    // rows than one parallel task).
+    lora_linear_matches_the_composed_ops(&[15, 3], 64);
+    lora_linear_matches_the_composed_ops(&[2, 3], 12);
+    let x = randn(&[2, 3, 12], 1);
+    let w = randn(&[5, 12], 2);
+    let a = randn(&[4, 12], 4);
+    let bm = randn(&[5, 4], 5);
+    let scaling = 2.0;
+    let rng = || rand_chacha::ChaCha8Rng::seed_from_u64(7);
     // The mask is really applied: some inputs drop out of the LoRA term.
     let lora_term = |dropout| {
         let lora = ops::LoraPath {

@@ -91,6 +91,47 @@ impl DropMask {
             });
     }
 
+    /// `put(y[j], x[j] · keep(start + j) · scale)` along one row of the masked input that starts
+    /// at element `start`: 32 bits at a time where the row starts on a 32-bit boundary (rows of
+    /// a multiple of 32 values), one bit at a time otherwise.
+    fn each_in_row(&self, start: usize, x: &[f32], y: &mut [f32], put: impl Fn(&mut f32, f32)) {
+        assert!(
+            x.len() == y.len() && self.keep.len() * 64 >= start + x.len(),
+            "dropout mask of {} words for elements {start}..{}",
+            self.keep.len(),
+            start + x.len()
+        );
+        if start.is_multiple_of(32) {
+            let halves = self.keep[start / 64..]
+                .iter()
+                .flat_map(|w| [*w as u32, (w >> 32) as u32])
+                .skip(start / 32 % 2);
+            for ((y, x), bits) in y.chunks_mut(32).zip(x.chunks(32)).zip(halves) {
+                for (j, (y, x)) in y.iter_mut().zip(x).enumerate() {
+                    put(y, x * ((bits >> j as u32 & 1) as f32 * self.scale));
+                }
+            }
+        } else {
+            for (j, (y, x)) in y.iter_mut().zip(x).enumerate() {
+                let e = start + j;
+                put(
+                    y,
+                    x * ((self.keep[e / 64] >> (e % 64) & 1) as f32 * self.scale),
+                );
+            }
+        }
+    }
+
+    /// `out = x ⊙ mask · scale` for the row `x` of the masked input that starts at `start`.
+    pub(super) fn row_into(&self, start: usize, x: &[f32], out: &mut [f32]) {
+        self.each_in_row(start, x, out, |o, v| *o = v);
+    }
+
+    /// `dst += t ⊙ mask · scale` for the row that starts at `start`.
+    pub(super) fn add_row(&self, start: usize, t: &[f32], dst: &mut [f32]) {
+        self.each_in_row(start, t, dst, |d, v| *d += v);
+    }
+
     /// The mask of some rows of a (rows × `width`) input: row `k` of the result is row
     /// `rows[k]` of this one.
     pub fn rows(&self, rows: &[usize], width: usize) -> DropMask {
@@ -106,15 +147,6 @@ impl DropMask {
         DropMask {
             keep: Arc::new(keep),
             scale: self.scale,
-        }
-    }
-
-    /// `y (+)= x ⊙ mask · scale`.
-    pub(super) fn apply_into(&self, x: &[f32], y: &mut [f32], accumulate: bool) {
-        if accumulate {
-            self.each_word(y, x, |y, v| *y += v);
-        } else {
-            self.each_word(y, x, |y, v| *y = v);
         }
     }
 }

@@ -20,29 +20,164 @@ pub struct LoraPath<'a> {
     pub dropout: Option<DropMask>,
 }
 
-/// `x` as f32 with a LoRA dropout mask applied (borrowed when there is none).
-fn dropped<'a>(x: &'a [f32], mask: &Option<DropMask>) -> Cow<'a, [f32]> {
-    match mask {
-        Some(m) => Cow::Owned(m.apply(x)),
-        None => Cow::Borrowed(x),
+/// Rows per parallel task of the LoRA path's row loops.
+const LORA_ROWS: usize = 32;
+
+/// The LoRA path read row by row: `A` (r×in) and `Bᵀ` (r×out), each factor's rows
+/// contiguous, so that every product with a row of `x` or of the gradient is `r` dot products
+/// or `r` scaled rows added with fused multiply-adds (r is small: a matrix-product kernel
+/// packs more than it saves at these shapes, and one pass over the rows keeps each row in cache
+/// for all of them, where separate products read `x` and the gradient from memory four times).
+struct LowRank<'a> {
+    a: &'a [f32],
+    bt: Vec<f32>,
+    r: usize,
+    fan_in: usize,
+    fan_out: usize,
+    scaling: f32,
+    mask: &'a Option<DropMask>,
+}
+
+impl<'a> LowRank<'a> {
+    fn new(
+        a: &'a [f32],
+        b: &[f32],
+        dims: (usize, usize, usize),
+        scaling: f32,
+        mask: &'a Option<DropMask>,
+    ) -> Self {
+        let (r, fan_in, fan_out) = dims;
+        let mut bt = vec![0f32; r * fan_out];
+        for (o, row) in b.chunks_exact(r).enumerate() {
+            for (k, v) in row.iter().enumerate() {
+                bt[k * fan_out + o] = *v;
+            }
+        }
+        Self {
+            a,
+            bt,
+            r,
+            fan_in,
+            fan_out,
+            scaling,
+            mask,
+        }
+    }
+
+    fn a_row(&self, k: usize) -> &[f32] {
+        &self.a[k * self.fan_in..(k + 1) * self.fan_in]
+    }
+
+    fn bt_row(&self, k: usize) -> &[f32] {
+        &self.bt[k * self.fan_out..(k + 1) * self.fan_out]
+    }
+
+    /// Row `i` of `dropout(x)`: `x` itself without a mask, else written into `buf`.
+    fn dropped<'b>(&self, i: usize, x: &'b [f32], buf: &'b mut [f32]) -> &'b [f32] {
+        match self.mask {
+            Some(m) => {
+                m.row_into(i * self.fan_in, x, buf);
+                buf
+            }
+            None => x,
+        }
+    }
+
+    /// `y += scaling · dropout(x) Aᵀ Bᵀ` over the rows of `x` (n×in) and `y` (n×out).
+    fn forward(&self, x: &[f32], y: &mut [f32]) {
+        let (fi, fo) = (self.fan_in, self.fan_out);
+        y.par_chunks_mut(LORA_ROWS * fo)
+            .zip(x.par_chunks(LORA_ROWS * fi))
+            .enumerate()
+            .for_each(|(c, (y, x))| {
+                let (mut buf, mut acc) = (vec![0f32; fi], vec![0f32; fo]);
+                for (i, (y, x)) in y.chunks_mut(fo).zip(x.chunks(fi)).enumerate() {
+                    let xd = self.dropped(c * LORA_ROWS + i, x, &mut buf);
+                    acc.fill(0.0);
+                    for k in 0..self.r {
+                        let low = self.scaling * lane_dot(xd, self.a_row(k));
+                        for (a, b) in acc.iter_mut().zip(self.bt_row(k)) {
+                            *a = low.mul_add(*b, *a);
+                        }
+                    }
+                    for (y, a) in y.iter_mut().zip(&acc) {
+                        *y += a;
+                    }
+                }
+            });
+    }
+
+    /// The backward pass over the rows of `x` (n×in) and `g` (n×out), with `gl = scaling · g B`
+    /// and `low = scaling · dropout(x) Aᵀ` (n×r, one row at a time, never stored): `dx +=
+    /// dropout(gl A)` (the same mask) where `dx` is given, and `(dA = glᵀ dropout(x), dB = gᵀ
+    /// low)`, each task's sums over its rows added up in task order (the same result on any
+    /// number of threads).
+    fn backward(&self, x: &[f32], g: &[f32], dx: Option<&mut [f32]>) -> (Vec<f32>, Vec<f32>) {
+        let (r, fi, fo) = (self.r, self.fan_in, self.fan_out);
+        let tasks = (g.len() / fo).div_ceil(LORA_ROWS);
+        let dxs: Vec<Option<&mut [f32]>> = match dx {
+            Some(dx) => dx.chunks_mut(LORA_ROWS * fi).map(Some).collect(),
+            None => (0..tasks).map(|_| None).collect(),
+        };
+        let parts: Vec<(Vec<f32>, Vec<f32>)> = dxs
+            .into_par_iter()
+            .zip(
+                x.par_chunks(LORA_ROWS * fi)
+                    .zip(g.par_chunks(LORA_ROWS * fo)),
+            )
+            .enumerate()
+            .map(|(c, (mut dx, (x, g)))| {
+                let (mut da, mut dbt) = (vec![0f32; r * fi], vec![0f32; r * fo]);
+                let (mut buf, mut t) = (vec![0f32; fi], vec![0f32; fi]);
+                for (i, (x, g)) in x.chunks(fi).zip(g.chunks(fo)).enumerate() {
+                    let row = c * LORA_ROWS + i;
+                    let xd = self.dropped(row, x, &mut buf);
+                    let want_x = dx.is_some();
+                    if want_x {
+                        t.fill(0.0);
+                    }
+                    for k in 0..r {
+                        let gl = self.scaling * lane_dot(g, self.bt_row(k));
+                        let low = self.scaling * lane_dot(xd, self.a_row(k));
+                        for (d, x) in da[k * fi..(k + 1) * fi].iter_mut().zip(xd) {
+                            *d = gl.mul_add(*x, *d);
+                        }
+                        for (d, g) in dbt[k * fo..(k + 1) * fo].iter_mut().zip(g) {
+                            *d = low.mul_add(*g, *d);
+                        }
+                        if want_x {
+                            for (t, a) in t.iter_mut().zip(self.a_row(k)) {
+                                *t = gl.mul_add(*a, *t);
+                            }
+                        }
+                    }
+                    if let Some(dx) = dx.as_deref_mut() {
+                        let dx = &mut dx[i * fi..(i + 1) * fi];
+                        match self.mask {
+                            Some(m) => m.add_row(row * fi, &t, dx),
+                            None => dx.iter_mut().zip(&t).for_each(|(d, t)| *d += t),
+                        }
+                    }
+                }
+                (da, dbt)
+            })
+            .collect();
+        let (mut da, mut dbt) = (vec![0f32; r * fi], vec![0f32; r * fo]);
+        for (pa, pb) in &parts {
+            da.iter_mut().zip(pa).for_each(|(d, p)| *d += p);
+            dbt.iter_mut().zip(pb).for_each(|(d, p)| *d += p);
+        }
+        let mut db = vec![0f32; fo * r];
+        for (k, row) in dbt.chunks_exact(fo).enumerate() {
+            for (o, v) in row.iter().enumerate() {
+                db[o * r + k] = *v;
+            }
+        }
+        (da, db)
     }
 }
 
 impl FrozenLinear {
-    /// The LoRA path's low-rank activations `scaling · dropout(x) Aᵀ` (n×r) for `x` (n×in).
-    fn low(&self, xd: &[f32], a: &[f32], n: usize, r: usize, scaling: f32) -> Vec<f32> {
-        let fan_in = xd.len() / n.max(1);
-        // low (n×r) = xd (n×in) · Aᵀ (in×r: element (i, k) at k·in + i)
-        let mut low = matmul_new(
-            (n, r, fan_in),
-            (xd, (fan_in, 1)),
-            (a, (1, fan_in)),
-            pool_parallelism(),
-        );
-        low.iter_mut().for_each(|v| *v *= scaling);
-        low
-    }
-
     /// `x Wᵀ (+ b) (+ scaling · dropout(x) Aᵀ Bᵀ)`.
     fn run(
         &self,
@@ -89,21 +224,7 @@ impl FrozenLinear {
                     bail!("linear: a dropout mask for another input size");
                 }
             }
-            let low = self.low(&dropped(&xs, mask), &a, n, r, *scaling);
-            // y += low (n×r) · Bᵀ (r×out: element (k, o) at o·r + k)
-            matmul(
-                n,
-                fan_out,
-                r,
-                &mut y,
-                fan_out,
-                true,
-                &low,
-                (r, 1),
-                &bm,
-                (1, r),
-                pool_parallelism(),
-            );
+            LowRank::new(&a, &bm, (r, fan_in, fan_out), *scaling, mask).forward(&xs, &mut y);
         }
         if let Some(b) = &self.b {
             cpu_f32!(b => bv);
@@ -197,78 +318,20 @@ impl CustomOp3 for FrozenLinear {
         cpu_f32!(grad => g);
         cpu_f32!(a => av);
         cpu_f32!(b => bv);
-        let n = g.len() / fan_out;
-        // gl (n×r) = scaling · g (n×out) · B (out×r)
-        let mut gl = matmul_new(
-            (n, r, fan_out),
-            (&g, (fan_out, 1)),
-            (&bv, (r, 1)),
-            pool_parallelism(),
-        );
-        gl.iter_mut().for_each(|v| *v *= scaling);
-        let gx = if x.track_op() {
-            let mut dx = self.grad_x(&g, x)?;
-            // t (n×in) = gl (n×r) · A (r×in), through the mask into dx.
-            match mask {
-                None => matmul(
-                    n,
-                    fan_in,
-                    r,
-                    &mut dx,
-                    fan_in,
-                    true,
-                    &gl,
-                    (r, 1),
-                    &av,
-                    (fan_in, 1),
-                    pool_parallelism(),
-                ),
-                Some(m) => {
-                    let t = matmul_new(
-                        (n, fan_in, r),
-                        (&gl, (r, 1)),
-                        (&av, (fan_in, 1)),
-                        pool_parallelism(),
-                    );
-                    m.apply_into(&t, &mut dx, true);
-                }
-            }
-            Some(tensor_from(dx, x)?)
+        cpu_f32!(x => xv);
+        let mut dx = if x.track_op() {
+            Some(self.grad_x(&g, x)?)
         } else {
             None
         };
-        let (ga, gb) = if a.track_op() || b.track_op() {
-            cpu_f32!(x => xv);
-            let xd = dropped(&xv, mask);
-            let ga = if a.track_op() {
-                // dA (r×in) = glᵀ (r×n: element (k, i) at i·r + k) · xd (n×in)
-                let da = matmul_new(
-                    (r, fan_in, n),
-                    (&gl, (1, r)),
-                    (&xd, (fan_in, 1)),
-                    pool_parallelism(),
-                );
-                Some(tensor_from(da, a)?)
-            } else {
-                None
-            };
-            let gb = if b.track_op() {
-                let low = self.low(&xd, &av, n, r, *scaling);
-                // dB (out×r) = gᵀ (out×n: element (o, i) at i·out + o) · low (n×r)
-                let db = matmul_new(
-                    (fan_out, r, n),
-                    (&g, (1, fan_out)),
-                    (&low, (r, 1)),
-                    pool_parallelism(),
-                );
-                Some(tensor_from(db, b)?)
-            } else {
-                None
-            };
-            (ga, gb)
-        } else {
-            (None, None)
-        };
+        let (da, db) = LowRank::new(&av, &bv, (r, fan_in, fan_out), *scaling, mask).backward(
+            &xv,
+            &g,
+            dx.as_deref_mut(),
+        );
+        let gx = dx.map(|dx| tensor_from(dx, x)).transpose()?;
+        let ga = a.track_op().then(|| tensor_from(da, a)).transpose()?;
+        let gb = b.track_op().then(|| tensor_from(db, b)).transpose()?;
         Ok((gx, ga, gb))
     }
 }
