@@ -66,8 +66,7 @@ impl DropMask {
     }
 
     /// Calls `put(y, x · keep · scale)` for each pair of `y` and `x` (the mask's length), in
-    /// parallel chunks and 32 bits at a time, so that the loops vectorize (no index division
-    /// or bounds check per element).
+    /// parallel chunks of whole words (each through [`DropMask::each_in_row`]'s 32-bit path).
     fn each_word<Y: Send>(&self, y: &mut [Y], x: &[f32], put: impl Fn(&mut Y, f32) + Sync) {
         // Every element of y is visited (what `apply`'s set_len relies on).
         assert!(
@@ -80,21 +79,14 @@ impl DropMask {
         y.par_chunks_mut(MASK_CHUNK)
             .zip(x.par_chunks(MASK_CHUNK))
             .enumerate()
-            .for_each(|(c, (y, x))| {
-                let words = &self.keep[c * MASK_CHUNK / 64..];
-                let halves = words.iter().flat_map(|w| [*w as u32, (w >> 32) as u32]);
-                for ((y, x), bits) in y.chunks_mut(32).zip(x.chunks(32)).zip(halves) {
-                    for (j, (y, x)) in y.iter_mut().zip(x).enumerate() {
-                        put(y, x * ((bits >> j as u32 & 1) as f32 * self.scale));
-                    }
-                }
-            });
+            .for_each(|(c, (y, x))| self.each_in_row(c * MASK_CHUNK, x, y, &put));
     }
 
-    /// `put(y[j], x[j] · keep(start + j) · scale)` along one row of the masked input that starts
-    /// at element `start`: 32 bits at a time where the row starts on a 32-bit boundary (rows of
-    /// a multiple of 32 values), one bit at a time otherwise.
-    fn each_in_row(&self, start: usize, x: &[f32], y: &mut [f32], put: impl Fn(&mut f32, f32)) {
+    /// `put(y[j], x[j] · keep(start + j) · scale)` along a run of the masked input that starts
+    /// at element `start`: 32 bits at a time where it starts on a 32-bit boundary, so that the
+    /// loops vectorize (no index division or bounds check per element); one bit at a time
+    /// otherwise.
+    fn each_in_row<Y>(&self, start: usize, x: &[f32], y: &mut [Y], put: impl Fn(&mut Y, f32)) {
         assert!(
             x.len() == y.len() && self.keep.len() * 64 >= start + x.len(),
             "dropout mask of {} words for elements {start}..{}",
