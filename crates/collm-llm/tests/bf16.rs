@@ -143,7 +143,8 @@ fn a_bf16_projection_with_its_lora_path_matches_the_composed_ops_forward_and_bac
 
 #[test]
 fn a_bf16_mlp_matches_the_composed_ops_forward_and_backward() {
-    let (n, h, inter) = (21, 130, 200);
+    // 210 rows and 600 columns: several row ranges and column groups of the paired products.
+    let (n, h, inter) = (70, 130, 600);
     let x = randn(&[3, n, h], 6);
     let (wg, wu, wd) = (
         (randn(&[inter, h], 7) * 0.2).unwrap(),

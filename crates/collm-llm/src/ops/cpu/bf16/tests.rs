@@ -250,10 +250,17 @@ fn rates() {
 
 #[test]
 fn native_kernels_agree_with_the_emulated_one_on_wide_products() {
-    // Several column chunks and row blocks, on the pool's threads.
-    let (m, n, k) = (70, 600, 576);
-    let a = random(m * k, 21);
-    let b = random(k * n, 22);
+    // Several column chunks and row blocks, on the pool's threads; and more row blocks than
+    // twice the threads (one task per row block).
+    for (m, seed) in [(70, 21), (330, 23)] {
+        wide_product_agrees(m, seed);
+    }
+}
+
+fn wide_product_agrees(m: usize, seed: u64) {
+    let (n, k) = (600, 576);
+    let a = random(m * k, seed);
+    let b = random(k * n, seed + 1);
     let pb = Panels::pack(k, n, |i, j| b[i * n + j]);
     let product = |kernel| products(kernel, &a, m, &[&pb]).pop().unwrap();
     let want = product(Kernel::Emulated);
