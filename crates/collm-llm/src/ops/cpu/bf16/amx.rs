@@ -65,6 +65,25 @@ pub(super) fn blocks<'a>(
     blocks: impl Iterator<Item = (usize, &'a [u16], &'a [u16])>,
     store: &mut impl FnMut(usize, &[f32; BLOCK * BLOCK]),
 ) {
+    // SAFETY: no block is stored directly.
+    unsafe { blocks_direct(a, lda, kq, blocks, store, |_| None) }
+}
+
+/// [`blocks`], except that a block for which `direct(p)` gives `(pointer, row stride)` is
+/// stored by the tiles straight there (32 rows of 32 f32 at that stride), without `store`:
+/// no copy through a buffer.
+///
+/// # Safety
+/// Each pointer `direct` gives must be valid for writes of 32 rows of 32 f32 at its row stride
+/// and alias nothing in use.
+pub(super) unsafe fn blocks_direct<'a>(
+    a: &[u16],
+    lda: usize,
+    kq: usize,
+    blocks: impl Iterator<Item = (usize, &'a [u16], &'a [u16])>,
+    store: &mut impl FnMut(usize, &[f32; BLOCK * BLOCK]),
+    direct: impl Fn(usize) -> Option<(*mut f32, usize)>,
+) {
     assert!(a.len() >= BLOCK * lda && lda >= 2 * kq && kq.is_multiple_of(16));
     let mut c = [0f32; BLOCK * BLOCK];
     // SAFETY: AMX is available and permitted (checked by the kernel's choice); the config is
@@ -72,8 +91,11 @@ pub(super) fn blocks<'a>(
     unsafe { asm!("ldtilecfg [{}]", in(reg) CONFIG.0.as_ptr(), options(nostack)) };
     for (p, b0, b1) in blocks {
         assert!(b0.len() >= kq * 32 && b1.len() >= kq * 32);
+        let to = direct(p);
+        let (dst, row) = to.unwrap_or((c.as_mut_ptr(), BLOCK));
         // SAFETY: every tile load reads 16 rows of 64 bytes inside `a` (32 rows of `lda` values,
-        // asserted) or inside a panel (kq lines, asserted); the stores write the 32×32 block `c`.
+        // asserted) or inside a panel (kq lines, asserted); the stores write the 32×32 block `c`
+        // or 32 rows of 32 values at `dst` (the caller's contract).
         unsafe {
             block(
                 a.as_ptr(),
@@ -81,16 +103,18 @@ pub(super) fn blocks<'a>(
                 b0.as_ptr(),
                 b1.as_ptr(),
                 kq / 16,
-                c.as_mut_ptr(),
+                (dst, row * 4),
             )
         };
-        store(p, &c);
+        if to.is_none() {
+            store(p, &c);
+        }
     }
     // SAFETY: releases this thread's tile state.
     unsafe { asm!("tilerelease", options(nostack)) };
 }
 
-/// One 32×32 block: `steps` steps of 32 k.
+/// One 32×32 block: `steps` steps of 32 k, stored at `c` (rows `row` bytes apart).
 #[inline(always)]
 unsafe fn block(
     a: *const u16,
@@ -98,7 +122,7 @@ unsafe fn block(
     b0: *const u16,
     b1: *const u16,
     steps: usize,
-    c: *mut f32,
+    (c, row): (*mut f32, usize),
 ) {
     asm!(
         "tilezero tmm0",
@@ -127,7 +151,7 @@ unsafe fn block(
             options(nostack)
         );
     }
-    let row = BLOCK * 4; // bytes per row of `c`
+    let c1 = c.byte_add(16 * row);
     asm!(
         "tilestored [{c00} + {st}*1], tmm0",
         "tilestored [{c01} + {st}*1], tmm1",
@@ -135,8 +159,8 @@ unsafe fn block(
         "tilestored [{c11} + {st}*1], tmm3",
         c00 = in(reg) c,
         c01 = in(reg) c.add(16),
-        c10 = in(reg) c.add(16 * BLOCK),
-        c11 = in(reg) c.add(16 * BLOCK + 16),
+        c10 = in(reg) c1,
+        c11 = in(reg) c1.add(16),
         st = in(reg) row,
         options(nostack)
     );

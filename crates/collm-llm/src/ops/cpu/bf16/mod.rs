@@ -533,8 +533,19 @@ unsafe fn run(kernel: Kernel, x: &[f32], m: usize, k: usize, targets: &[Target],
                     }
                 };
                 let lda = kl * 32;
+                // A whole block that is only written: the tiles store it in place.
+                let full = m - r0 >= BLOCK && !accumulate;
+                let direct = |p: usize| {
+                    let c0 = 2 * 16 * p;
+                    // SAFETY: rows r0..r0 + 32 < m, columns c0..c0 + 32 ≤ n of this target's
+                    // `c` (the caller's contract), written by this task only.
+                    (full && n - c0 >= 2 * 16).then(|| (unsafe { out.at((r0 * ldc) + c0) }, ldc))
+                };
                 match kernel {
-                    Kernel::AmxBf16 => amx::blocks(arows, lda, b.kq, blocks, &mut store),
+                    // SAFETY: `direct` gives only whole 32×32 blocks inside `c` (above).
+                    Kernel::AmxBf16 => unsafe {
+                        amx::blocks_direct(arows, lda, b.kq, blocks, &mut store, direct)
+                    },
                     Kernel::Avx512Bf16 => avx512::blocks(arows, lda, b.kq, blocks, &mut store),
                     _ => emulated::blocks(arows, lda, b.kq, blocks, &mut store),
                 }
