@@ -86,8 +86,8 @@ impl<'a> LowRank<'a> {
             out[k..k + 4].copy_from_slice(&d);
             k += 4;
         }
-        for k in k..self.r {
-            out[k] = lane_dot(v, row(k));
+        for (j, d) in out[..self.r].iter_mut().enumerate().skip(k) {
+            *d = lane_dot(v, row(j));
         }
         out[..self.r].iter_mut().for_each(|d| *d *= self.scaling);
     }
