@@ -325,17 +325,17 @@ fn attention_with_rope_inside_matches_rope_then_attention() {
     );
 }
 
-/// The fused projection with LoRA (and dropout p = 0.3, and none) against the composed ops,
-/// forward and every gradient, for an input `lead` × `inp`.
-fn lora_linear_matches_the_composed_ops(lead: &[usize], inp: usize) {
+/// The fused projection with LoRA of rank `r` (and dropout p = 0.3, and none) against the
+/// composed ops, forward and every gradient, for an input `lead` × `inp`.
+fn lora_linear_matches_the_composed_ops(lead: &[usize], inp: usize, r: usize) {
     use rand::SeedableRng;
     let rows: usize = lead.iter().product();
     let dims = |last: usize| [lead, &[last]].concat();
     let x = randn(&dims(inp), 1);
     let w = randn(&[5, inp], 2);
     let b = randn(&[5], 3);
-    let a = randn(&[4, inp], 4);
-    let bm = randn(&[5, 4], 5);
+    let a = randn(&[r, inp], 4);
+    let bm = randn(&[5, r], 5);
     let scaling = 2.0;
     // The same draws on both sides: the fused op applies the mask itself.
     let rng = || rand_chacha::ChaCha8Rng::seed_from_u64(7);
@@ -382,8 +382,9 @@ fn linear_with_lora_and_dropout_matches_the_composed_ops_and_gives_the_weight_no
     use rand::SeedableRng;
     // Rows of 12 (the mask read bit by bit) and of 64 over 45 rows (32 bits at a time, more
     // rows than one parallel task).
-    lora_linear_matches_the_composed_ops(&[15, 3], 64);
-    lora_linear_matches_the_composed_ops(&[2, 3], 12);
+    // Ranks 13 (dot products 8, 4 and 1 at a time) and 3.
+    lora_linear_matches_the_composed_ops(&[15, 3], 64, 13);
+    lora_linear_matches_the_composed_ops(&[2, 3], 12, 3);
     let x = randn(&[2, 3, 12], 1);
     let w = randn(&[5, 12], 2);
     let a = randn(&[4, 12], 4);
