@@ -327,7 +327,7 @@ fn attention_with_rope_inside_matches_rope_then_attention() {
 
 /// The fused projection with LoRA of rank `r` (and dropout p = 0.3, and none) against the
 /// composed ops, forward and every gradient, for an input `lead` × `inp`.
-fn lora_linear_matches_the_composed_ops(lead: &[usize], inp: usize, r: usize) {
+fn lora_linear_matches_the_composed_ops(lead: &[usize], inp: usize, r: usize, tol: f32) {
     use rand::SeedableRng;
     let rows: usize = lead.iter().product();
     let dims = |last: usize| [lead, &[last]].concat();
@@ -368,12 +368,7 @@ fn lora_linear_matches_the_composed_ops(lead: &[usize], inp: usize, r: usize) {
             .reshape(dims(5))
             .unwrap()
         };
-        compare(
-            &[x.clone(), a.clone(), bm.clone()],
-            &fused,
-            &reference,
-            1e-5,
-        );
+        compare(&[x.clone(), a.clone(), bm.clone()], &fused, &reference, tol);
     }
 }
 
@@ -382,9 +377,10 @@ fn linear_with_lora_and_dropout_matches_the_composed_ops_and_gives_the_weight_no
     use rand::SeedableRng;
     // Rows of 12 (the mask read bit by bit) and of 64 over 45 rows (32 bits at a time, more
     // rows than one parallel task).
-    // Ranks 13 (dot products 8, 4 and 1 at a time) and 3.
-    lora_linear_matches_the_composed_ops(&[15, 3], 64, 13);
-    lora_linear_matches_the_composed_ops(&[2, 3], 12, 3);
+    // Ranks 13 (dot products 8, 4 and 1 at a time) and 3. The larger case's values reach ~100
+    // (dB sums 45 rows of 13-term products): its tolerance is 1e-6 of that.
+    lora_linear_matches_the_composed_ops(&[15, 3], 64, 13, 1e-4);
+    lora_linear_matches_the_composed_ops(&[2, 3], 12, 3, 1e-5);
     let x = randn(&[2, 3, 12], 1);
     let w = randn(&[5, 12], 2);
     let a = randn(&[4, 12], 4);
