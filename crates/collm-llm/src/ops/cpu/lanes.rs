@@ -76,31 +76,6 @@ pub(super) fn lane_dot(a: &[f32], b: &[f32]) -> f32 {
     acc.iter().sum()
 }
 
-/// [`lane_dot`] of `a` with each of `bs` (each at least as long as `a`), the `N` sums carried
-/// together in one pass over `a`: `N` independent chains of adds where one [`lane_dot`] waits on
-/// its one chain's latency. Each result is the value `lane_dot(a, b)` gives.
-#[inline]
-pub(super) fn lane_dots<const N: usize>(a: &[f32], bs: [&[f32]; N]) -> [f32; N] {
-    let n = a.len();
-    let bs = bs.map(|b| &b[..n]);
-    let mut acc = [[0f32; 8]; N];
-    let full = n / 8 * 8;
-    for j in (0..full).step_by(8) {
-        let x = &a[j..j + 8];
-        for (acc, b) in acc.iter_mut().zip(&bs) {
-            for ((s, x), y) in acc.iter_mut().zip(x).zip(&b[j..j + 8]) {
-                *s += x * y;
-            }
-        }
-    }
-    for (acc, b) in acc.iter_mut().zip(&bs) {
-        for ((s, x), y) in acc.iter_mut().zip(&a[full..]).zip(&b[full..]) {
-            *s += x * y;
-        }
-    }
-    acc.map(|acc| acc.iter().sum())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -128,24 +103,5 @@ mod tests {
         }
         // The shorter operand sets the length.
         assert_eq!(lane_dot(&[1.0, 2.0, 3.0], &[4.0]), 4.0);
-    }
-
-    #[test]
-    fn lane_dots_are_each_lane_dot_bit_for_bit() {
-        let v = |n: usize, k: f32| -> Vec<f32> {
-            (0..n).map(|i| ((i as f32 + k) * 0.37).sin()).collect()
-        };
-        for n in [0, 1, 7, 8, 9, 40, 576] {
-            let a = v(n, 0.5);
-            let bs: Vec<Vec<f32>> = (0..4).map(|k| v(n + k, k as f32 + 2.0)).collect();
-            let got = lane_dots(&a, [&bs[0], &bs[1], &bs[2], &bs[3]]);
-            for (k, b) in bs.iter().enumerate() {
-                assert_eq!(
-                    got[k].to_bits(),
-                    lane_dot(&a, b).to_bits(),
-                    "n = {n}, k = {k}"
-                );
-            }
-        }
     }
 }

@@ -72,26 +72,6 @@ impl<'a> LowRank<'a> {
         &self.bt[k * self.fan_out..(k + 1) * self.fan_out]
     }
 
-    /// `out[k] = scaling · row(k)·v` for k < r: the dot products eight (then four, then one) at a
-    /// time in one pass over `v` ([`lane_dots`]; each the value [`lane_dot`] gives).
-    fn dots<'b>(&'b self, v: &[f32], row: impl Fn(usize) -> &'b [f32], out: &mut [f32]) {
-        let mut k = 0;
-        while k + 8 <= self.r {
-            let d = lane_dots(v, std::array::from_fn::<_, 8, _>(|i| row(k + i)));
-            out[k..k + 8].copy_from_slice(&d);
-            k += 8;
-        }
-        while k + 4 <= self.r {
-            let d = lane_dots(v, std::array::from_fn::<_, 4, _>(|i| row(k + i)));
-            out[k..k + 4].copy_from_slice(&d);
-            k += 4;
-        }
-        for (j, d) in out[..self.r].iter_mut().enumerate().skip(k) {
-            *d = lane_dot(v, row(j));
-        }
-        out[..self.r].iter_mut().for_each(|d| *d *= self.scaling);
-    }
-
     /// Row `i` of `dropout(x)`: `x` itself without a mask, else written into `buf`.
     fn dropped<'b>(&self, i: usize, x: &'b [f32], buf: &'b mut [f32]) -> &'b [f32] {
         match self.mask {
@@ -111,12 +91,11 @@ impl<'a> LowRank<'a> {
             .enumerate()
             .for_each(|(c, (y, x))| {
                 let (mut buf, mut acc) = (vec![0f32; fi], vec![0f32; fo]);
-                let mut lows = vec![0f32; self.r];
                 for (i, (y, x)) in y.chunks_mut(fo).zip(x.chunks(fi)).enumerate() {
                     let xd = self.dropped(c * LORA_ROWS + i, x, &mut buf);
-                    self.dots(xd, |k| self.a_row(k), &mut lows);
                     acc.fill(0.0);
-                    for (k, &low) in lows.iter().enumerate() {
+                    for k in 0..self.r {
+                        let low = self.scaling * lane_dot(xd, self.a_row(k));
                         for (a, b) in acc.iter_mut().zip(self.bt_row(k)) {
                             *a = low.mul_add(*b, *a);
                         }
@@ -150,7 +129,6 @@ impl<'a> LowRank<'a> {
             .map(|(c, (mut dx, (x, g)))| {
                 let (mut da, mut dbt) = (vec![0f32; r * fi], vec![0f32; r * fo]);
                 let (mut buf, mut t) = (vec![0f32; fi], vec![0f32; fi]);
-                let (mut gls, mut lows) = (vec![0f32; r], vec![0f32; r]);
                 for (i, (x, g)) in x.chunks(fi).zip(g.chunks(fo)).enumerate() {
                     let row = c * LORA_ROWS + i;
                     let xd = self.dropped(row, x, &mut buf);
@@ -158,9 +136,9 @@ impl<'a> LowRank<'a> {
                     if want_x {
                         t.fill(0.0);
                     }
-                    self.dots(g, |k| self.bt_row(k), &mut gls);
-                    self.dots(xd, |k| self.a_row(k), &mut lows);
-                    for (k, (&gl, &low)) in gls.iter().zip(&lows).enumerate() {
+                    for k in 0..r {
+                        let gl = self.scaling * lane_dot(g, self.bt_row(k));
+                        let low = self.scaling * lane_dot(xd, self.a_row(k));
                         for (d, x) in da[k * fi..(k + 1) * fi].iter_mut().zip(xd) {
                             *d = gl.mul_add(*x, *d);
                         }

@@ -150,7 +150,7 @@ pub use dropout::{dropout, dropout_mask, DropMask};
 pub use gemm::gemm_gflops;
 use gemm::{matmul, matmul_new};
 use heads::{masked_softmax, Heads};
-use lanes::{lane_dot, lane_dot3, lane_dots, lane_max, lane_sum};
+use lanes::{lane_dot, lane_dot3, lane_max, lane_sum};
 pub use linear::{linear, linear_weight, LoraPath};
 pub use mlp::{mlp, mlp_weights, swiglu};
 pub use norm::rms_norm;
