@@ -20,6 +20,17 @@ pub struct LoraPath<'a> {
     pub dropout: Option<DropMask>,
 }
 
+/// The transpose (cols×rows) of a small row-major (rows×cols) matrix: a LoRA factor.
+fn transposed(m: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    let mut t = vec![0f32; rows * cols];
+    for (i, row) in m.chunks_exact(cols).take(rows).enumerate() {
+        for (j, v) in row.iter().enumerate() {
+            t[j * rows + i] = *v;
+        }
+    }
+    t
+}
+
 /// Rows per parallel task of the LoRA path's row loops.
 const LORA_ROWS: usize = 32;
 
@@ -47,15 +58,9 @@ impl<'a> LowRank<'a> {
         mask: &'a Option<DropMask>,
     ) -> Self {
         let (r, fan_in, fan_out) = dims;
-        let mut bt = vec![0f32; r * fan_out];
-        for (o, row) in b.chunks_exact(r).enumerate() {
-            for (k, v) in row.iter().enumerate() {
-                bt[k * fan_out + o] = *v;
-            }
-        }
         Self {
             a,
-            bt,
+            bt: transposed(b, fan_out, r),
             r,
             fan_in,
             fan_out,
@@ -167,13 +172,7 @@ impl<'a> LowRank<'a> {
             da.iter_mut().zip(pa).for_each(|(d, p)| *d += p);
             dbt.iter_mut().zip(pb).for_each(|(d, p)| *d += p);
         }
-        let mut db = vec![0f32; fo * r];
-        for (k, row) in dbt.chunks_exact(fo).enumerate() {
-            for (o, v) in row.iter().enumerate() {
-                db[o * r + k] = *v;
-            }
-        }
-        (da, db)
+        (da, transposed(&dbt, r, fo))
     }
 }
 
