@@ -314,14 +314,11 @@ impl Panels {
         Self { data, k, n, kq, np }
     }
 
-    /// `Wᵀ` for a weight `w` (out × in, row major): the forward product `x Wᵀ` (k = in).
+    /// `Wᵀ` for a weight `w` (out × in, row major): the forward product `x Wᵀ` (k = in), packed in
+    /// parallel (at load; [`Panels::from_cols`] is the same packing on one thread, and
+    /// [`Panels::from_rows`] gives `W` itself).
     pub fn transposed(w: &[f32], out: usize, inp: usize) -> Self {
         Self::pack(inp, out, |i, j| w[j * inp + i])
-    }
-
-    /// `W` itself for a weight `w` (out × in): the backward product `dy W` (k = out).
-    pub fn plain(w: &[f32], out: usize, inp: usize) -> Self {
-        Self::pack(out, inp, |i, j| w[i * inp + j])
     }
 
     /// Value B[i][j], for tests and for rebuilding the f32 weight.
