@@ -257,8 +257,54 @@ fn native_kernels_agree_with_the_emulated_one_on_wide_products() {
     }
 }
 
+#[test]
+fn weights_wider_than_the_cache_budget_are_swept_in_column_chunks_and_agree() {
+    // Panels of twice the budget and a ragged last column: more than one chunk, each over
+    // every row block.
+    let k = 64;
+    let pair_bytes = 2 * 32 * 64;
+    let n = 32 * (2 * panel_budget() / pair_bytes + 3) - 5;
+    wide_product_agrees_with(200, n, k, 25);
+}
+
+#[test]
+fn task_plans_cover_every_block_once_in_chunks_that_fit() {
+    let budget = panel_budget();
+    for (row_blocks, pairs, pair_bytes, threads) in [
+        (10, 50, budget / 8, 2),
+        (10, 50, budget / 100, 2),
+        (40, 48, budget / 3 + 1, 2),
+        (1, 50, budget / 8, 2),
+        (3, 7, budget * 2, 2),
+    ] {
+        let tasks = plan(row_blocks, pairs, pair_bytes, threads);
+        let mut seen = vec![0u32; row_blocks * pairs];
+        for &(rb, p0, p1) in &tasks {
+            assert!(p0 < p1 && p1 <= pairs && rb < row_blocks);
+            // A chunk of several pairs fits the budget (a single pair may not).
+            assert!(p1 - p0 == 1 || (p1 - p0) * pair_bytes <= budget || row_blocks < 2 * threads);
+            for p in p0..p1 {
+                seen[rb * pairs + p] += 1;
+            }
+        }
+        assert!(
+            seen.iter().all(|&c| c == 1),
+            "{row_blocks} {pairs} {pair_bytes}"
+        );
+        if row_blocks >= 2 * threads && pairs * pair_bytes > budget {
+            // Chunk-major: a chunk's row blocks come one after another.
+            assert!(tasks[..row_blocks].iter().all(|t| t.1 == 0), "{tasks:?}");
+        }
+    }
+    // Few rows: each row block split so that every thread has work.
+    assert_eq!(plan(1, 20, 64, 2).len(), 20usize.div_ceil(PAIRS_PER_TASK));
+}
+
 fn wide_product_agrees(m: usize, seed: u64) {
-    let (n, k) = (600, 576);
+    wide_product_agrees_with(m, 600, 576, seed)
+}
+
+fn wide_product_agrees_with(m: usize, n: usize, k: usize, seed: u64) {
     let a = random(m * k, seed);
     let b = random(k * n, seed + 1);
     let pb = Panels::pack(k, n, |i, j| b[i * n + j]);
@@ -310,4 +356,56 @@ fn kernel_only_rates() {
         }
         eprintln!("{line}");
     }
+}
+
+/// Not a test: the MLP's gate and up products (1536 of 576, m = 1280; 3.5 MB of panels, swept
+/// in column chunks) as two products into new buffers, and paired with the MLP's epilogue
+/// (SwiGLU, gate and up kept) into reused ones (`cargo test --release -p collm-llm --lib
+/// bf16::tests::paired_rates -- --ignored --nocapture --test-threads=1`).
+#[test]
+#[ignore]
+fn paired_rates() {
+    let (m, n, k) = (1280, 1536, 576);
+    let kernel = Kernel::AmxBf16;
+    if let Err(why) = kernel.available() {
+        eprintln!("skipped: {why}");
+        return;
+    }
+    let x = random(m * k, 1);
+    let (wg, wu) = (random(k * n, 2), random(k * n, 3));
+    let pg = Panels::pack(k, n, |i, j| wg[i * n + j]);
+    let pu = Panels::pack(k, n, |i, j| wu[i * n + j]);
+    let flop = 5.0 * 2.0 * 2.0 * (m * n * k) as f64;
+    let mut outs = [vec![0f32; m * n], vec![0f32; m * n], vec![0f32; m * n]];
+    let [a, g, u] = outs.each_mut().map(|o| Out(o.as_mut_ptr()));
+    let each =
+        |r0: usize, c0: usize, rows: usize, cols: usize, gb: &[f32; 1024], ub: &[f32; 1024]| {
+            for r in 0..rows {
+                let (gb, ub) = (&gb[r * 32..r * 32 + cols], &ub[r * 32..r * 32 + cols]);
+                let at = (r0 + r) * n + c0;
+                // SAFETY: inside the m×n buffers; each block position is handed out once.
+                unsafe {
+                    let act = std::slice::from_raw_parts_mut(a.at(at), cols);
+                    for ((act, g), u) in act.iter_mut().zip(gb).zip(ub) {
+                        *act = g * (1.0 / (1.0 + crate::ops::cpu::exp(-*g))) * u;
+                    }
+                    std::ptr::copy_nonoverlapping(gb.as_ptr(), g.at(at), cols);
+                    std::ptr::copy_nonoverlapping(ub.as_ptr(), u.at(at), cols);
+                }
+            }
+        };
+    for _ in 0..3 {
+        let t = std::time::Instant::now();
+        for _ in 0..5 {
+            std::hint::black_box(products(kernel, &x, m, &[&pg, &pu]));
+        }
+        let two = flop / t.elapsed().as_secs_f64() / 1e9;
+        let t = std::time::Instant::now();
+        for _ in 0..5 {
+            paired_blocks(kernel, &x, m, (&pg, &pu), &each);
+        }
+        let paired = flop / t.elapsed().as_secs_f64() / 1e9;
+        eprintln!("two products {two:.0} GF/s, paired with SwiGLU {paired:.0} GF/s");
+    }
+    std::hint::black_box(&outs);
 }
