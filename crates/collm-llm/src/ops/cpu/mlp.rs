@@ -34,6 +34,13 @@ fn swiglu_values(g: &[f32], u: &[f32], dtype: DType) -> Vec<f32> {
     y
 }
 
+/// The gradients of `silu(g) · u` for its gradient `d`: (for g, for u).
+#[inline(always)]
+fn swiglu_grad(d: f32, g: f32, u: f32) -> (f32, f32) {
+    let s = sigmoid(g);
+    (d * u * s * (1.0 + g * (1.0 - s)), d * g * s)
+}
+
 /// The gradients of `silu(g) · u` for the output gradient `d`: (for g, for u), rounded to
 /// `dtype`.
 fn swiglu_grads(d: &[f32], g: &[f32], u: &[f32], dtype: DType) -> (Vec<f32>, Vec<f32>) {
@@ -54,10 +61,7 @@ fn swiglu_grads(d: &[f32], g: &[f32], u: &[f32], dtype: DType) -> (Vec<f32>, Vec
                 .zip(u.par_chunks(CHUNK)),
         )
         .for_each(|((dg, du), ((d, g), u))| {
-            let grads = |(d, g, u): (&f32, &f32, &f32)| {
-                let s = sigmoid(*g);
-                (d * u * s * (1.0 + g * (1.0 - s)), d * g * s)
-            };
+            let grads = |(d, g, u): (&f32, &f32, &f32)| swiglu_grad(*d, *g, *u);
             // Zipped, with the dtype test outside the loops: they vectorize.
             let each = dg.iter_mut().zip(du.iter_mut()).zip(d.iter().zip(g).zip(u));
             if dtype == DType::BF16 {
@@ -167,24 +171,30 @@ impl Mlp {
         Ok((g, u))
     }
 
-    /// With bf16 kernels for gate and up: the activation `silu(x Wgᵀ) ⊙ (x Wuᵀ)` (n×inter)
-    /// made block by block where the two products come out of the kernel, so neither is
-    /// written to memory unless `keep` (a backward pass needs them: then also gate and up).
-    /// `None` for f32 weights.
+    /// The kernel and packings when all three projections have a bf16 kernel.
+    fn all_bf16(&self) -> Option<(bf16::Kernel, [&bf16::Bf16Weight; 3])> {
+        let ((kernel, wg), (_, wu), (_, wd)) =
+            (self.gate.bf16()?, self.up.bf16()?, self.down.bf16()?);
+        Some((kernel, [wg, wu, wd]))
+    }
+
+    /// The forward pass with bf16 kernels: the activation `silu(x Wgᵀ) ⊙ (x Wuᵀ)` (n×inter)
+    /// made block by block where the two products come out of the kernel and stored in bf16
+    /// as the down projection reads it, so that neither product is written to memory unless
+    /// `keep` (a backward pass needs them: then also gate and up, in f32); then `· Wdᵀ`.
+    /// `None` unless all three weights are packed for a bf16 kernel.
     #[allow(clippy::type_complexity)]
-    fn act_bf16(
+    fn forward_bf16(
         &self,
         x: &[f32],
         n: usize,
         keep: bool,
     ) -> Option<(Vec<f32>, Option<(Vec<f32>, Vec<f32>)>)> {
-        let ((kernel, wg), (_, wu)) = (self.gate.bf16()?, self.up.bf16()?);
+        let (kernel, [wg, wu, wd]) = self.all_bf16()?;
         let inter = self.gate.dims2().0;
         let len = n * inter;
-        let mut act: Vec<f32> = Vec::with_capacity(len);
         let mut kept: Option<(Vec<f32>, Vec<f32>)> =
             keep.then(|| (Vec::with_capacity(len), Vec::with_capacity(len)));
-        let out = bf16::Out(act.as_mut_ptr());
         let (go, uo) = match &mut kept {
             Some((g, u)) => (
                 Some(bf16::Out(g.as_mut_ptr())),
@@ -192,39 +202,117 @@ impl Mlp {
             ),
             None => (None, None),
         };
-        let each =
-            |r0: usize, c0: usize, rows: usize, cols: usize, gb: &[f32; 1024], ub: &[f32; 1024]| {
-                for r in 0..rows {
-                    let (g, u) = (&gb[r * 32..r * 32 + cols], &ub[r * 32..r * 32 + cols]);
-                    let at = (r0 + r) * inter + c0;
-                    // SAFETY: row r0 + r < n and columns c0..c0 + cols < inter of each buffer
-                    // (capacity n·inter); each block position is handed out once, so no two
-                    // calls write the same elements.
-                    unsafe {
-                        let a = std::slice::from_raw_parts_mut(out.at(at), cols);
+        let fill = |act: bf16::Out<u16>, lda: usize| {
+            let each =
+                |r0: usize, c0: usize, rows: usize, cols: usize, [gb, ub]: [&[f32; 1024]; 2]| {
+                    let mut a = [0f32; 32];
+                    for r in 0..rows {
+                        let (g, u) = (&gb[r * 32..r * 32 + cols], &ub[r * 32..r * 32 + cols]);
                         for ((a, g), u) in a.iter_mut().zip(g).zip(u) {
                             *a = g * sigmoid(*g) * u;
                         }
-                        if let (Some(go), Some(uo)) = (go, uo) {
-                            std::ptr::copy_nonoverlapping(g.as_ptr(), go.at(at), cols);
-                            std::ptr::copy_nonoverlapping(u.as_ptr(), uo.at(at), cols);
+                        let at = (r0 + r) * inter + c0;
+                        // SAFETY: row r0 + r < n and columns c0..c0 + cols < inter of each buffer
+                        // (capacity n·inter; the activation's rows `lda` apart); each block
+                        // position is handed out once, so no two calls write the same elements.
+                        unsafe {
+                            let dst =
+                                std::slice::from_raw_parts_mut(act.at((r0 + r) * lda + c0), cols);
+                            bf16::convert(&a[..cols], dst);
+                            if let (Some(go), Some(uo)) = (go, uo) {
+                                std::ptr::copy_nonoverlapping(g.as_ptr(), go.at(at), cols);
+                                std::ptr::copy_nonoverlapping(u.as_ptr(), uo.at(at), cols);
+                            }
                         }
                     }
-                }
-            };
-        let span = times::span("frozen products (+ SwiGLU)");
-        bf16::paired_blocks(kernel, x, n, (wg.fwd(), wu.fwd()), &each);
-        drop(span);
-        // SAFETY: every (row, column) of the n×inter buffers was written above (each block
-        // position once, its valid rows and columns).
-        unsafe {
-            act.set_len(len);
-            if let Some((g, u)) = &mut kept {
+                };
+            let _span = times::span("frozen products (+ SwiGLU)");
+            bf16::blocks_each(kernel, x, n, [wg.fwd(), wu.fwd()], &each);
+        };
+        // SAFETY: the epilogue writes every (row, column) of the n×inter activation (each
+        // block position once, its valid rows and columns), and of gate and up when kept.
+        let act = unsafe { bf16::Bf16Rows::build(n, inter, fill) };
+        if let Some((g, u)) = &mut kept {
+            // SAFETY: as above.
+            unsafe {
                 g.set_len(len);
                 u.set_len(len);
             }
         }
-        Some((act, kept))
+        let _span = times::span("frozen products");
+        Some((bf16::product_rows(kernel, &act, wd.fwd()), kept))
+    }
+
+    /// The backward pass with bf16 kernels: `da = d Wd`, through SwiGLU's gradient to
+    /// `dgate` and `dup` stored in bf16 as the next products read them (half the bytes, and
+    /// no conversion there), then `dx = dgate Wg + dup Wu`. The same values as the products
+    /// one by one: each intermediate rounded to `dtype` as there, and the products round
+    /// their inputs to bf16 alike. (SwiGLU's gradient as a pass over rows, not where `da`'s
+    /// blocks come out of the kernel: that reads gate and up 32 values per row at a time, and
+    /// measured slower.)
+    fn backward_bf16(
+        &self,
+        d: &[f32],
+        n: usize,
+        (g, u): (&[f32], &[f32]),
+        dtype: DType,
+    ) -> Option<Vec<f32>> {
+        let (kernel, [wg, wu, wd]) = self.all_bf16()?;
+        let (inter, h) = self.gate.dims2();
+        let da = {
+            let _span = times::span("frozen products");
+            bf16::backward(kernel, d, n, wd)
+        };
+        let bf = dtype == DType::BF16;
+        let fill = |dgo: bf16::Out<u16>, duo: bf16::Out<u16>, lda: usize| {
+            (0..n).into_par_iter().with_min_len(4).for_each(|i| {
+                let (mut a, mut b) = ([0f32; 32], [0f32; 32]);
+                for c0 in (0..inter).step_by(32) {
+                    let cols = (inter - c0).min(32);
+                    let at = i * inter + c0;
+                    let (da, g, u) = (&da[at..at + cols], &g[at..at + cols], &u[at..at + cols]);
+                    let each = a.iter_mut().zip(b.iter_mut()).zip(da.iter().zip(g).zip(u));
+                    // The dtype test outside the loops: they vectorize.
+                    if bf {
+                        for ((a, b), ((da, g), u)) in each {
+                            let (x, y) = swiglu_grad(round(*da, dtype), *g, *u);
+                            (*a, *b) = (round(x, dtype), round(y, dtype));
+                        }
+                    } else {
+                        for ((a, b), ((da, g), u)) in each {
+                            (*a, *b) = swiglu_grad(*da, *g, *u);
+                        }
+                    }
+                    // SAFETY: row i < n, columns c0..c0 + cols < inter of both buffers (rows
+                    // `lda` apart); each row is written by one task.
+                    unsafe {
+                        let row = i * lda + c0;
+                        bf16::convert(
+                            &a[..cols],
+                            std::slice::from_raw_parts_mut(dgo.at(row), cols),
+                        );
+                        bf16::convert(
+                            &b[..cols],
+                            std::slice::from_raw_parts_mut(duo.at(row), cols),
+                        );
+                    }
+                }
+            });
+        };
+        let mut dup = None;
+        // SAFETY: `fill` writes every (row, column) of both n×inter buffers.
+        let dgate = unsafe {
+            bf16::Bf16Rows::build(n, inter, |dgo, lda| {
+                dup = Some(bf16::Bf16Rows::build(n, inter, |duo, _| {
+                    fill(dgo, duo, lda)
+                }));
+            })
+        };
+        let dup = dup.expect("built with dgate");
+        let _span = times::span("frozen products");
+        let mut dx = bf16::product_rows(kernel, &dgate, wg.bwd());
+        bf16::gemm_rows(kernel, &dup, wu.bwd(), &mut dx, h, true);
+        Some(dx)
     }
 
     /// `a (n×k) · Wᵀ` for the projection `w` (out×k): its bf16 kernel, or f32.
@@ -313,14 +401,14 @@ impl CustomOp1 for Mlp {
             );
         }
         let n = x.len() / h;
-        let (act, kept) = match self.act_bf16(&x, n, self.keep) {
+        let (y, kept) = match self.forward_bf16(&x, n, self.keep) {
             Some(r) => r,
             None => {
                 let (g, u) = self.gate_up(&x, n, dtype)?;
-                (swiglu_values(&g, &u, dtype), Some((g, u)))
+                let act = swiglu_values(&g, &u, dtype);
+                (Self::project(&self.down, &act, n)?, Some((g, u)))
             }
         };
-        let y = Self::project(&self.down, &act, n)?;
         if self.keep {
             let kept = kept.expect("gate and up kept for the backward pass");
             *self.saved.lock().expect("mlp state") = Some(Arc::new(kept));
@@ -341,6 +429,9 @@ impl CustomOp1 for Mlp {
         let h = self.gate.dims2().1;
         cpu_f32!(grad => d);
         let n = d.len() / h;
+        if let Some(dx) = self.backward_bf16(&d, n, (g, u), dtype) {
+            return Ok(Some(tensor_from(dx, x)?));
+        }
         // da (n×inter) = d (n×hidden) · Wd (hidden×inter)
         let mut da = Self::project_back_new(&self.down, &d, n)?;
         if dtype == DType::BF16 {
@@ -376,4 +467,64 @@ pub fn mlp_weights(x: &Tensor, gate: &Weight, up: &Weight, down: &Weight) -> Res
         saved: std::sync::Mutex::new(None),
     };
     x.apply_op1(op)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::KernelChoice;
+    use rand::{Rng, SeedableRng};
+
+    fn random(n: usize, seed: u64) -> Vec<f32> {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        (0..n).map(|_| rng.gen_range(-1.0f32..1.0)).collect()
+    }
+
+    /// The fused bf16 passes (SwiGLU and its gradient made where the products come out, the
+    /// next product reading them in bf16) give the same values, bit for bit, as the same
+    /// kernels' products one by one with SwiGLU in between: the epilogues round as the
+    /// products' own conversion does. Ragged rows, columns and k.
+    #[test]
+    fn fused_bf16_passes_equal_the_products_one_by_one() {
+        let (n, h, inter) = (70, 130, 600);
+        let w = |rows: usize, cols: usize, seed: u64| {
+            let v: Vec<f32> = random(rows * cols, seed).iter().map(|x| x * 0.2).collect();
+            Tensor::from_vec(v, (rows, cols), &candle_core::Device::Cpu).unwrap()
+        };
+        let x = random(n * h, 1);
+        let d = random(n * h, 2);
+        let mut kernels = vec![bf16::Kernel::Emulated];
+        for k in [bf16::Kernel::Avx512Bf16, bf16::Kernel::AmxBf16] {
+            match k.available() {
+                Ok(()) => kernels.push(k),
+                Err(why) => eprintln!("skipped {}: {why}", k.name()),
+            }
+        }
+        for kernel in kernels {
+            let p = |t: &Tensor| Weight::new(t, KernelChoice::all(kernel)).unwrap();
+            let mlp = Mlp {
+                gate: p(&w(inter, h, 3)),
+                up: p(&w(inter, h, 4)),
+                down: p(&w(h, inter, 5)),
+                keep: true,
+                saved: std::sync::Mutex::new(None),
+            };
+            let (y, kept) = mlp.forward_bf16(&x, n, true).expect("all three in bf16");
+            let (g, u) = kept.expect("kept");
+            let (g1, u1) = mlp.gate_up(&x, n, DType::F32).unwrap();
+            assert!(g == g1 && u == u1, "{}: gate and up", kernel.name());
+            let act = swiglu_values(&g1, &u1, DType::F32);
+            let y1 = Mlp::project(&mlp.down, &act, n).unwrap();
+            assert!(y == y1, "{}: forward", kernel.name());
+            for dtype in [DType::F32, DType::BF16] {
+                let dx = mlp.backward_bf16(&d, n, (&g, &u), dtype).unwrap();
+                let mut da = Mlp::project_back_new(&mlp.down, &d, n).unwrap();
+                da.iter_mut().for_each(|v| *v = round(*v, dtype));
+                let (dg, du) = swiglu_grads(&da, &g, &u, dtype);
+                let mut dx1 = Mlp::project_back_new(&mlp.gate, &dg, n).unwrap();
+                Mlp::project_back(&mlp.up, &du, n, &mut dx1, true).unwrap();
+                assert!(dx == dx1, "{} {dtype:?}: backward", kernel.name());
+            }
+        }
+    }
 }

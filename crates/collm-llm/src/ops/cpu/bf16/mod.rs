@@ -208,7 +208,7 @@ pub fn from_bf16(x: u16) -> f32 {
 pub const BLOCK: usize = 32;
 
 /// f32 → bf16 element-wise (the CPU's own conversion where it has one).
-fn convert(src: &[f32], dst: &mut [u16]) {
+pub(crate) fn convert(src: &[f32], dst: &mut [u16]) {
     if avx512::available().is_ok() {
         // SAFETY: AVX512-BF16 is present (checked).
         unsafe { avx512::convert(src, dst) }
@@ -395,22 +395,87 @@ impl Bf16Weight {
     }
 }
 
-/// A raw pointer into `C` that the tasks of one product share: each writes its own blocks.
-#[derive(Clone, Copy)]
-pub(crate) struct Out(pub(crate) *mut f32);
+/// A raw pointer into an output that the tasks of one product share (`C`, or what an
+/// epilogue makes of its blocks): each writes its own blocks.
+pub(crate) struct Out<T = f32>(pub(crate) *mut T);
 
-impl Out {
+impl<T> Clone for Out<T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<T> Copy for Out<T> {}
+
+impl<T> Out<T> {
     /// The pointer `i` elements on (a method, so that closures capture the whole `Out`).
     ///
     /// # Safety
     /// As `pointer::add`: `i` inside the allocation.
-    pub(crate) unsafe fn at(self, i: usize) -> *mut f32 {
+    pub(crate) unsafe fn at(self, i: usize) -> *mut T {
         self.0.add(i)
     }
 }
-// SAFETY: the tasks write disjoint blocks of `C` (see `run`).
-unsafe impl Send for Out {}
-unsafe impl Sync for Out {}
+// SAFETY: the tasks write disjoint blocks (see `run` and the epilogues' callers).
+unsafe impl<T> Send for Out<T> {}
+unsafe impl<T> Sync for Out<T> {}
+
+/// Activations already in bf16, laid out as the kernels read `A` (rows of `k` values padded
+/// with zeros to a multiple of 32, rows padded to a multiple of 32): made by an op's epilogue
+/// where a value is computed (the MLP's activation, its gradients through SwiGLU), so that
+/// the next product neither reads f32 nor converts it (and half the bytes are written).
+pub(crate) struct Bf16Rows {
+    data: Vec<Line>,
+    m: usize,
+    k: usize,
+    kl: usize,
+}
+
+impl Bf16Rows {
+    /// `m × k` values written by `fill`, which gets a pointer to row 0 and the row stride (in
+    /// values): value (i, j) at `i·stride + j`. The padding is zeroed here.
+    ///
+    /// # Safety
+    /// `fill` must write every value (i, j) with i < m, j < k (and nothing past them).
+    pub(crate) unsafe fn build(m: usize, k: usize, fill: impl FnOnce(Out<u16>, usize)) -> Self {
+        let kl = k.div_ceil(32).max(1);
+        let rows = m.div_ceil(BLOCK).max(1) * BLOCK;
+        let lda = kl * 32;
+        let mut data: Vec<Line> = Vec::with_capacity(rows * kl);
+        let base: *mut u16 = data.as_mut_ptr().cast();
+        // SAFETY: inside the capacity (rows·kl lines of 32 values); the padding of each row
+        // (columns k..lda) and the rows past m.
+        unsafe {
+            if lda > k {
+                for i in 0..m {
+                    std::ptr::write_bytes(base.add(i * lda + k), 0, lda - k);
+                }
+            }
+            std::ptr::write_bytes(base.add(m * lda), 0, (rows - m) * lda);
+            fill(Out(base), lda);
+            // Every value written: the padding above, the rest by `fill` (the caller's word).
+            data.set_len(rows * kl);
+        }
+        Self { data, m, k, kl }
+    }
+
+    /// (m, k).
+    pub(crate) fn dims(&self) -> (usize, usize) {
+        (self.m, self.k)
+    }
+
+    /// Rows 32·rb.. of the block `rb` (32 rows of `kl` lines).
+    fn block(&self, rb: usize) -> &[u16] {
+        as_u16(&self.data[rb * BLOCK * self.kl..(rb + 1) * BLOCK * self.kl])
+    }
+}
+
+/// The `A` of a product: f32 activations (rounded to bf16 block by block inside the tasks)
+/// or ones already in bf16.
+#[derive(Clone, Copy)]
+enum Act<'a> {
+    F32(&'a [f32]),
+    Bf16(&'a Bf16Rows),
+}
 
 /// One product of [`run`]: `c (m×n, row stride ldc) [+]= A · b`.
 struct Target<'a> {
@@ -492,27 +557,61 @@ fn convert_block(x: &[f32], m: usize, k: usize, r0: usize, kl: usize, buf: &mut 
     }
 }
 
-/// Every product of `targets`, each `c [+]= bf16(x) · b` with `x` (m×k f32, row major; rounded
-/// to bf16 as it is converted, 32 rows at a time inside each task). Many rows: one task per
-/// 32-row block, over every product and column (its rows converted once); few rows: the
-/// columns split into tasks of [`PAIRS_PER_TASK`] panel pairs too.
+/// Panics unless `kernel` is a bf16 kernel this CPU runs (asking Linux for AMX's registers
+/// the first time; cached) and `x` holds m×k values.
+fn check(kernel: Kernel, x: Act, m: usize, k: usize) {
+    assert!(kernel.is_bf16(), "bf16 product with the f32 kernel");
+    if let Err(why) = kernel.available() {
+        panic!("bf16 product with the {} kernel: {why}", kernel.name());
+    }
+    let (xm, xk) = match x {
+        Act::F32(v) => {
+            assert_eq!(
+                v.len(),
+                m * k,
+                "bf16 product: {} values for {m}×{k}",
+                v.len()
+            );
+            (m, k)
+        }
+        Act::Bf16(r) => r.dims(),
+    };
+    assert!(
+        (xm, xk) == (m, k),
+        "bf16 product: A is {xm}×{xk}, expected {m}×{k}"
+    );
+}
+
+/// Row block `rb` of `x` in bf16 as the kernels read it (32 rows of `kl` lines): converted
+/// into `buf`, or in place when `x` is already bf16.
+fn a_block<'b>(
+    x: Act<'b>,
+    m: usize,
+    k: usize,
+    rb: usize,
+    kl: usize,
+    buf: &'b mut Vec<Line>,
+) -> &'b [u16] {
+    match x {
+        Act::F32(v) => {
+            convert_block(v, m, k, rb * BLOCK, kl, buf);
+            as_u16(buf)
+        }
+        Act::Bf16(r) => r.block(rb),
+    }
+}
+
+/// Every product of `targets`, each `c [+]= bf16(x) · b` with `x` (m×k; f32 row major is
+/// rounded to bf16 as it is converted, 32 rows at a time inside each task). Tasks as
+/// [`plan`] makes them; where all targets' panels fit the cache budget, one task per 32-row
+/// block over every product and column (its rows converted once).
 ///
 /// # Safety
 /// Each target's `c` must be valid for writes (and, with `accumulate`, reads of initialised
 /// values) of the m×n product at row stride `ldc ≥ n`, alias nothing else in use and no other
 /// target's `c`.
-unsafe fn run(kernel: Kernel, x: &[f32], m: usize, k: usize, targets: &[Target], parallel: bool) {
-    assert!(kernel.is_bf16(), "bf16 product with the f32 kernel");
-    // Also asks Linux for AMX's registers the first time (once per process; cached).
-    if let Err(why) = kernel.available() {
-        panic!("bf16 product with the {} kernel: {why}", kernel.name());
-    }
-    assert_eq!(
-        x.len(),
-        m * k,
-        "bf16 product: {} values for {m}×{k}",
-        x.len()
-    );
+unsafe fn run(kernel: Kernel, x: Act, m: usize, k: usize, targets: &[Target], parallel: bool) {
+    check(kernel, x, m, k);
     let kl = k.div_ceil(32).max(1);
     for t in targets {
         assert_eq!(t.b.k, k, "bf16 product: A has k = {k}, B has k = {}", t.b.k);
@@ -547,8 +646,7 @@ unsafe fn run(kernel: Kernel, x: &[f32], m: usize, k: usize, targets: &[Target],
         A_ROWS.with(|buf| {
             let mut buf = buf.borrow_mut();
             let r0 = rb * BLOCK;
-            convert_block(x, m, k, r0, kl, &mut buf);
-            let arows = as_u16(&buf);
+            let arows = a_block(x, m, k, rb, kl, &mut buf);
             let work: Vec<(&Target, usize, usize)> = if ti == usize::MAX {
                 targets.iter().map(|t| (t, 0, pairs(t))).collect()
             } else {
@@ -615,6 +713,18 @@ pub fn gemm(
     ldc: usize,
     accumulate: bool,
 ) {
+    gemm_act(kernel, Act::F32(x), m, b, c, ldc, accumulate)
+}
+
+fn gemm_act(
+    kernel: Kernel,
+    x: Act,
+    m: usize,
+    b: &Panels,
+    c: &mut [f32],
+    ldc: usize,
+    accumulate: bool,
+) {
     if m > 0 && b.n > 0 {
         assert!(
             ldc >= b.n && c.len() >= (m - 1) * ldc + b.n,
@@ -631,25 +741,38 @@ pub fn gemm(
     unsafe { run(kernel, x, m, b.k, &[t], true) }
 }
 
+/// [`gemm`] for activations already in bf16: `c (m×n) [+]= x (m×k) · b`.
+pub(crate) fn gemm_rows(
+    kernel: Kernel,
+    x: &Bf16Rows,
+    b: &Panels,
+    c: &mut [f32],
+    ldc: usize,
+    accumulate: bool,
+) {
+    gemm_act(kernel, Act::Bf16(x), x.m, b, c, ldc, accumulate)
+}
+
+/// `x (m×k, already bf16) · b` into a new (m×n) buffer.
+pub(crate) fn product_rows(kernel: Kernel, x: &Bf16Rows, b: &Panels) -> Vec<f32> {
+    products_on(kernel, Act::Bf16(x), x.m, &[b], true)
+        .pop()
+        .expect("one product")
+}
+
 /// `bf16(x) (m×k) · b` for each `b` of `bs` (all k rows), each into a new (m×n) buffer that is
 /// never zeroed first (the product writes every element); `x` converted once for all.
 pub fn products(kernel: Kernel, x: &[f32], m: usize, bs: &[&Panels]) -> Vec<Vec<f32>> {
-    products_on(kernel, x, m, bs, true)
+    products_on(kernel, Act::F32(x), m, bs, true)
 }
 
 /// [`products`] on the calling thread only: for the small products inside an op's own
 /// parallel loop (attention's, per head).
 pub fn products_serial(kernel: Kernel, x: &[f32], m: usize, bs: &[&Panels]) -> Vec<Vec<f32>> {
-    products_on(kernel, x, m, bs, false)
+    products_on(kernel, Act::F32(x), m, bs, false)
 }
 
-fn products_on(
-    kernel: Kernel,
-    x: &[f32],
-    m: usize,
-    bs: &[&Panels],
-    parallel: bool,
-) -> Vec<Vec<f32>> {
+fn products_on(kernel: Kernel, x: Act, m: usize, bs: &[&Panels], parallel: bool) -> Vec<Vec<f32>> {
     let k = bs.first().map_or(0, |b| b.k);
     let mut outs: Vec<Vec<f32>> = bs.iter().map(|b| Vec::with_capacity(m * b.n)).collect();
     let targets: Vec<Target> = bs
@@ -674,71 +797,69 @@ fn products_on(
     outs
 }
 
-/// Two products over the same columns, `bf16(x)·a` and `bf16(x)·b` (both k×n), block by block:
-/// `each(r0, c0, rows, cols, block_a, block_b)` gets the two 32×32 blocks at rows `r0..` and
-/// columns `c0..` (the first `rows` × `cols` valid), in the task that made them, while they are
-/// in cache; neither product is written anywhere else. (The MLP's gate and up, combined by
-/// SwiGLU into its activation.) Tasks as in [`run`]; each block position is handed out once.
-#[allow(clippy::type_complexity)]
-pub fn paired_blocks(
+/// What an epilogue gets: `(r0, c0, rows, cols, blocks)`, the 32×32 blocks of its products at
+/// rows `r0..` and columns `c0..` (the first `rows` × `cols` valid).
+pub(crate) type Epilogue<'e, const N: usize> =
+    dyn Fn(usize, usize, usize, usize, [&[f32; BLOCK * BLOCK]; N]) + Sync + 'e;
+
+/// `N` products over the same columns, `bf16(x)·b` for each `b` of `bs` (all k×n), block by
+/// block: `each` gets the blocks of one position of all of them, in the task that made them,
+/// while they are in cache; no product is written anywhere else. Tasks as [`plan`] makes
+/// them; each block position is handed out once. (The MLP's gate and up combined by SwiGLU
+/// into its activation; its down projection's backward product through SwiGLU's gradient.)
+pub(crate) fn blocks_each<const N: usize>(
     kernel: Kernel,
     x: &[f32],
     m: usize,
-    (a, b): (&Panels, &Panels),
-    each: &(dyn Fn(usize, usize, usize, usize, &[f32; BLOCK * BLOCK], &[f32; BLOCK * BLOCK])
-          + Sync),
+    bs: [&Panels; N],
+    each: &Epilogue<N>,
 ) {
-    assert!(kernel.is_bf16(), "bf16 product with the f32 kernel");
-    if let Err(why) = kernel.available() {
-        panic!("bf16 product with the {} kernel: {why}", kernel.name());
-    }
-    let (k, n) = (a.k, a.n);
-    assert!(b.k == k && b.n == n, "paired products of different shapes");
-    assert_eq!(
-        x.len(),
-        m * k,
-        "bf16 product: {} values for {m}×{k}",
-        x.len()
+    let (k, n) = (bs[0].k, bs[0].n);
+    check(kernel, Act::F32(x), m, k);
+    assert!(
+        bs.iter().all(|b| b.k == k && b.n == n),
+        "products over the same columns of different shapes"
     );
     if m == 0 || n == 0 {
         return;
     }
     let kl = k.div_ceil(32).max(1);
-    assert_eq!(kl * 16, a.kq, "bf16 product: A and B padded differently");
+    let kq = bs[0].kq;
+    assert_eq!(kl * 16, kq, "bf16 product: A and B padded differently");
     let row_blocks = m.div_ceil(BLOCK);
     let threads = rayon::current_num_threads();
     let pairs = n.div_ceil(2 * 16);
-    // Both products' panels for each pair position.
-    let tasks = plan(row_blocks, pairs, 2 * 2 * a.kq * 64, threads);
+    // All products' panels for each pair position.
+    let tasks = plan(row_blocks, pairs, N * 2 * kq * 64, threads);
     let task = |&(rb, p0, p1): &(usize, usize, usize)| {
         A_ROWS.with(|buf| {
             let mut buf = buf.borrow_mut();
             let r0 = rb * BLOCK;
-            convert_block(x, m, k, r0, kl, &mut buf);
-            let arows = as_u16(&buf);
-            // Panel pair p of `a` as block 2p, of `b` as 2p + 1: one kernel call (one tile
-            // configuration) for the task, the two blocks of a position back to back.
+            let arows = a_block(Act::F32(x), m, k, rb, kl, &mut buf);
+            // Panel pair p of product i as block N·p + i: one kernel call (one tile
+            // configuration) for the task, the blocks of a position back to back.
             let blocks = (p0..p1).flat_map(|p| {
-                [
-                    (2 * p, a.panel(2 * p), a.panel(2 * p + 1)),
-                    (2 * p + 1, b.panel(2 * p), b.panel(2 * p + 1)),
-                ]
+                bs.iter()
+                    .enumerate()
+                    .map(move |(i, b)| (N * p + i, b.panel(2 * p), b.panel(2 * p + 1)))
             });
-            let mut first = [0f32; BLOCK * BLOCK];
+            let mut saved = [[0f32; BLOCK * BLOCK]; N];
             let rows = (m - r0).min(BLOCK);
             let mut store = |q: usize, block: &[f32; BLOCK * BLOCK]| {
-                if q.is_multiple_of(2) {
-                    first.copy_from_slice(block);
+                let (p, i) = (q / N, q % N);
+                if i + 1 < N {
+                    saved[i].copy_from_slice(block);
                 } else {
-                    let c0 = 2 * 16 * (q / 2);
-                    each(r0, c0, rows, (n - c0).min(2 * 16), &first, block);
+                    let c0 = 2 * 16 * p;
+                    let blocks = std::array::from_fn(|j| if j == i { block } else { &saved[j] });
+                    each(r0, c0, rows, (n - c0).min(2 * 16), blocks);
                 }
             };
             let lda = kl * 32;
             match kernel {
-                Kernel::AmxBf16 => amx::blocks(arows, lda, a.kq, blocks, &mut store),
-                Kernel::Avx512Bf16 => avx512::blocks(arows, lda, a.kq, blocks, &mut store),
-                _ => emulated::blocks(arows, lda, a.kq, blocks, &mut store),
+                Kernel::AmxBf16 => amx::blocks(arows, lda, kq, blocks, &mut store),
+                Kernel::Avx512Bf16 => avx512::blocks(arows, lda, kq, blocks, &mut store),
+                _ => emulated::blocks(arows, lda, kq, blocks, &mut store),
             }
         })
     };

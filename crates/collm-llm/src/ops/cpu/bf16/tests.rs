@@ -378,22 +378,21 @@ fn paired_rates() {
     let flop = 5.0 * 2.0 * 2.0 * (m * n * k) as f64;
     let mut outs = [vec![0f32; m * n], vec![0f32; m * n], vec![0f32; m * n]];
     let [a, g, u] = outs.each_mut().map(|o| Out(o.as_mut_ptr()));
-    let each =
-        |r0: usize, c0: usize, rows: usize, cols: usize, gb: &[f32; 1024], ub: &[f32; 1024]| {
-            for r in 0..rows {
-                let (gb, ub) = (&gb[r * 32..r * 32 + cols], &ub[r * 32..r * 32 + cols]);
-                let at = (r0 + r) * n + c0;
-                // SAFETY: inside the m×n buffers; each block position is handed out once.
-                unsafe {
-                    let act = std::slice::from_raw_parts_mut(a.at(at), cols);
-                    for ((act, g), u) in act.iter_mut().zip(gb).zip(ub) {
-                        *act = g * (1.0 / (1.0 + crate::ops::cpu::exp(-*g))) * u;
-                    }
-                    std::ptr::copy_nonoverlapping(gb.as_ptr(), g.at(at), cols);
-                    std::ptr::copy_nonoverlapping(ub.as_ptr(), u.at(at), cols);
+    let each = |r0: usize, c0: usize, rows: usize, cols: usize, [gb, ub]: [&[f32; 1024]; 2]| {
+        for r in 0..rows {
+            let (gb, ub) = (&gb[r * 32..r * 32 + cols], &ub[r * 32..r * 32 + cols]);
+            let at = (r0 + r) * n + c0;
+            // SAFETY: inside the m×n buffers; each block position is handed out once.
+            unsafe {
+                let act = std::slice::from_raw_parts_mut(a.at(at), cols);
+                for ((act, g), u) in act.iter_mut().zip(gb).zip(ub) {
+                    *act = g * (1.0 / (1.0 + crate::ops::cpu::exp(-*g))) * u;
                 }
+                std::ptr::copy_nonoverlapping(gb.as_ptr(), g.at(at), cols);
+                std::ptr::copy_nonoverlapping(ub.as_ptr(), u.at(at), cols);
             }
-        };
+        }
+    };
     for _ in 0..3 {
         let t = std::time::Instant::now();
         for _ in 0..5 {
@@ -402,7 +401,7 @@ fn paired_rates() {
         let two = flop / t.elapsed().as_secs_f64() / 1e9;
         let t = std::time::Instant::now();
         for _ in 0..5 {
-            paired_blocks(kernel, &x, m, (&pg, &pu), &each);
+            blocks_each(kernel, &x, m, [&pg, &pu], &each);
         }
         let paired = flop / t.elapsed().as_secs_f64() / 1e9;
         eprintln!("two products {two:.0} GF/s, paired with SwiGLU {paired:.0} GF/s");
