@@ -290,6 +290,17 @@ fn a_failed_evaluation_marks_nothing_done_and_status_still_works() {
 }
 
 /// What each commit after the first touches: only the paths of one row.
+/// Is `repo`'s last commit a row's checkpoint (the driver commits a row in progress)? Read
+/// while the driver runs: a failed read is a no.
+fn last_commit_is_a_checkpoint(repo: &Path) -> bool {
+    Command::new("git")
+        .args(["log", "-1", "--format=%s"])
+        .current_dir(repo)
+        .envs(git_env())
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains(" in progress "))
+}
+
 fn commits_touch_one_row_each(repo: &Path) -> usize {
     let log = git(repo, &["log", "--format=%H", "--skip=0"]);
     let commits: Vec<&str> = log.lines().collect();
@@ -338,8 +349,10 @@ fn the_driver_commits_rows_and_a_clone_of_any_moment_resumes_to_the_same_table()
     let left = git(&whole, &["status", "--porcelain"]);
     assert!(left.trim().is_empty(), "left uncommitted: {left}");
 
-    // Killed (kill -9, the whole process group) at spread-out moments; after each kill a fresh
-    // clone of the last commit resumes to the same table, and so does the killed repository.
+    // Killed (kill -9, the whole process group): first right after its first checkpoint
+    // commit (so that a clone starts from a row in progress however loaded the machine is),
+    // then at spread-out moments; after each kill a fresh clone of the last commit resumes to
+    // the same table, and so does the killed repository.
     let repo = make_repo(&tmp.path().join("killed"));
     let kills = 5;
     let mut seen = String::new(); // the clones' --status before they resumed
@@ -349,7 +362,14 @@ fn the_driver_commits_rows_and_a_clone_of_any_moment_resumes_to_the_same_table()
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
-        std::thread::sleep(total.mul_f64((k as f64 + 0.7) / (kills as f64 + 1.0)));
+        if k == 0 {
+            let t = Instant::now();
+            while !last_commit_is_a_checkpoint(&repo) && t.elapsed() < 4 * total {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+        } else {
+            std::thread::sleep(total.mul_f64((k as f64 + 0.7) / (kills as f64 + 1.0)));
+        }
         let _ = Command::new("kill")
             .args(["-9", "--", &format!("-{}", child.id())])
             .status();
