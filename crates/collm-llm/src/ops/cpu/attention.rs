@@ -146,20 +146,6 @@ impl Attention {
     }
 }
 
-/// `rows` rows of `cols` values, row `i` at `src[i·ld..]`, transposed (cols×rows, row major):
-/// the right-hand side of the `· Kᵀ` and `· Vᵀ` products, which the gemm crate multiplies at
-/// about twice the rate in this layout than read transposed in place (measured at T = 160,
-/// hd = 64: 166 against 91 GF/s on one core).
-fn transpose(src: &[f32], rows: usize, cols: usize, ld: usize) -> Vec<f32> {
-    let mut t = vec![0f32; rows * cols];
-    for i in 0..rows {
-        for (j, v) in src[i * ld..i * ld + cols].iter().enumerate() {
-            t[j * rows + i] = *v;
-        }
-    }
-    t
-}
-
 impl Attention {
     /// The forward pass with a bf16 kernel, per (batch row, kv head): its keys (rotated) and
     /// values packed once for its query heads; `S = Q Kᵀ` and `O = P V` with `Q` and `P`

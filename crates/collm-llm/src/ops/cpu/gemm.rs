@@ -152,3 +152,17 @@ pub fn gemm_gflops(m: usize, n: usize, k: usize, reps: usize) -> f64 {
     std::hint::black_box((&y, &dx));
     (flop / best[0] + flop / best[1]) / 2.0 / 1e9
 }
+
+/// `rows` rows of `cols` values, row `i` at `src[i·ld..]`, transposed (cols×rows, row major):
+/// as the right-hand side of a small product (attention's `· Kᵀ` and `· Vᵀ`), the gemm crate
+/// runs about twice as fast as on the matrix read transposed in place (measured at T = 160,
+/// hd = 64: 166 against 91 GF/s on one core); a LoRA factor's rows.
+pub(super) fn transpose(src: &[f32], rows: usize, cols: usize, ld: usize) -> Vec<f32> {
+    let mut t = vec![0f32; rows * cols];
+    for i in 0..rows {
+        for (j, v) in src[i * ld..i * ld + cols].iter().enumerate() {
+            t[j * rows + i] = *v;
+        }
+    }
+    t
+}

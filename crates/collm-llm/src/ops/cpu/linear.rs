@@ -20,17 +20,6 @@ pub struct LoraPath<'a> {
     pub dropout: Option<DropMask>,
 }
 
-/// The transpose (cols×rows) of a small row-major (rows×cols) matrix: a LoRA factor.
-fn transposed(m: &[f32], rows: usize, cols: usize) -> Vec<f32> {
-    let mut t = vec![0f32; rows * cols];
-    for (i, row) in m.chunks_exact(cols).take(rows).enumerate() {
-        for (j, v) in row.iter().enumerate() {
-            t[j * rows + i] = *v;
-        }
-    }
-    t
-}
-
 /// Rows per parallel task of the LoRA path's row loops.
 const LORA_ROWS: usize = 32;
 
@@ -60,7 +49,7 @@ impl<'a> LowRank<'a> {
         let (r, fan_in, fan_out) = dims;
         Self {
             a,
-            bt: transposed(b, fan_out, r),
+            bt: transpose(b, fan_out, r, r),
             r,
             fan_in,
             fan_out,
@@ -172,7 +161,7 @@ impl<'a> LowRank<'a> {
             da.iter_mut().zip(pa).for_each(|(d, p)| *d += p);
             dbt.iter_mut().zip(pb).for_each(|(d, p)| *d += p);
         }
-        (da, transposed(&dbt, r, fo))
+        (da, transpose(&dbt, r, fo, fo))
     }
 }
 

@@ -148,7 +148,7 @@ pub mod times;
 pub use attention::{attention, attention_flat};
 pub use dropout::{dropout, dropout_mask, DropMask};
 pub use gemm::gemm_gflops;
-use gemm::{matmul, matmul_new};
+use gemm::{matmul, matmul_new, transpose};
 use heads::{masked_softmax, Heads};
 use lanes::{lane_dot, lane_dot3, lane_max, lane_sum};
 pub use linear::{linear, linear_weight, LoraPath};

@@ -104,8 +104,8 @@ impl PrefixAttention {
             false,
             &qb,
             (hd, 1),
-            &kb,
-            (1, hd),
+            &transpose(&kb, ts, hd, hd),
+            (ts, 1),
             ::gemm::Parallelism::None,
         );
         let scale = self.scale();
@@ -238,8 +238,8 @@ impl CustomOp3 for PrefixAttention {
                     false,
                     &dob,
                     (hd, 1),
-                    t.pv,
-                    (1, hd),
+                    &transpose(t.pv, tp, hd, hd),
+                    (tp, 1),
                     ::gemm::Parallelism::None,
                 );
                 matmul(
@@ -251,8 +251,8 @@ impl CustomOp3 for PrefixAttention {
                     false,
                     &dob,
                     (hd, 1),
-                    &t.vb,
-                    (1, hd),
+                    &transpose(&t.vb, ts, hd, hd),
+                    (ts, 1),
                     ::gemm::Parallelism::None,
                 );
                 // dS = P ∘ (dP − rowsum(dO ∘ O)) · scale.
