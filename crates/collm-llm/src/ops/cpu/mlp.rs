@@ -34,6 +34,35 @@ fn swiglu_values(g: &[f32], u: &[f32], dtype: DType) -> Vec<f32> {
     y
 }
 
+avx512_dispatch! {
+    /// `a = silu(g) · u` element-wise (the shortest length).
+    fn silu_mul(g: &[f32], u: &[f32], a: &mut [f32]) {
+        for ((a, g), u) in a.iter_mut().zip(g).zip(u) {
+            *a = g * sigmoid(*g) * u;
+        }
+    }
+}
+
+avx512_dispatch! {
+    /// The gradients of `silu(g) · u` for its gradient `da`, element-wise into `dg` and `du`
+    /// (the shortest length); with `bf`, `da` and both gradients rounded to bf16 as separate
+    /// bf16 ops would store them.
+    fn swiglu_grad_into(da: &[f32], g: &[f32], u: &[f32], dg: &mut [f32], du: &mut [f32], bf: bool) {
+        let each = dg.iter_mut().zip(du.iter_mut()).zip(da.iter().zip(g).zip(u));
+        // The dtype test outside the loops: they vectorize.
+        if bf {
+            for ((a, b), ((da, g), u)) in each {
+                let (x, y) = swiglu_grad(round(*da, DType::BF16), *g, *u);
+                (*a, *b) = (round(x, DType::BF16), round(y, DType::BF16));
+            }
+        } else {
+            for ((a, b), ((da, g), u)) in each {
+                (*a, *b) = swiglu_grad(*da, *g, *u);
+            }
+        }
+    }
+}
+
 /// The gradients of `silu(g) · u` for its gradient `d`: (for g, for u).
 #[inline(always)]
 fn swiglu_grad(d: f32, g: f32, u: f32) -> (f32, f32) {
@@ -208,9 +237,7 @@ impl Mlp {
                     let mut a = [0f32; 32];
                     for r in 0..rows {
                         let (g, u) = (&gb[r * 32..r * 32 + cols], &ub[r * 32..r * 32 + cols]);
-                        for ((a, g), u) in a.iter_mut().zip(g).zip(u) {
-                            *a = g * sigmoid(*g) * u;
-                        }
+                        silu_mul(g, u, &mut a[..cols]);
                         let at = (r0 + r) * inter + c0;
                         // SAFETY: row r0 + r < n and columns c0..c0 + cols < inter of each buffer
                         // (capacity n·inter; the activation's rows `lda` apart); each block
@@ -271,18 +298,7 @@ impl Mlp {
                     let cols = (inter - c0).min(32);
                     let at = i * inter + c0;
                     let (da, g, u) = (&da[at..at + cols], &g[at..at + cols], &u[at..at + cols]);
-                    let each = a.iter_mut().zip(b.iter_mut()).zip(da.iter().zip(g).zip(u));
-                    // The dtype test outside the loops: they vectorize.
-                    if bf {
-                        for ((a, b), ((da, g), u)) in each {
-                            let (x, y) = swiglu_grad(round(*da, dtype), *g, *u);
-                            (*a, *b) = (round(x, dtype), round(y, dtype));
-                        }
-                    } else {
-                        for ((a, b), ((da, g), u)) in each {
-                            (*a, *b) = swiglu_grad(*da, *g, *u);
-                        }
-                    }
+                    swiglu_grad_into(da, g, u, &mut a[..cols], &mut b[..cols], bf);
                     // SAFETY: row i < n, columns c0..c0 + cols < inter of both buffers (rows
                     // `lda` apart); each row is written by one task.
                     unsafe {
