@@ -66,7 +66,7 @@ impl Attention {
     /// `0..=i` that are real; rows without a real key are all zero. `p` holds the scaled
     /// scores on entry.
     fn softmax_rows(&self, b: usize, p: &mut [f32]) {
-        if std::is_x86_feature_detected!("avx512f") {
+        if wide_lanes() {
             // SAFETY: the CPU has AVX-512F (checked).
             unsafe { self.softmax_rows_avx512(b, p) }
         } else {
@@ -479,55 +479,4 @@ pub fn attention_flat(
             kernel,
         },
     )
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use std::sync::Arc;
-
-    /// The softmax compiled for AVX-512 gives the AVX2 build's values bit for bit: left and
-    /// right padding (the run path) and a mask with a hole (the general path).
-    #[test]
-    fn the_avx512_softmax_equals_the_avx2_one() {
-        if !std::is_x86_feature_detected!("avx512f") {
-            eprintln!("skipped: this CPU lacks AVX-512F");
-            return;
-        }
-        let t = 37;
-        let mut rows = Mask::left_padded(&[30, 37], t).data.to_vec();
-        rows.extend(Mask::right_padded(&[9], t).data.iter());
-        let mut holed = vec![1u8; t];
-        holed[5] = 0;
-        rows.extend(holed);
-        let mask = Mask {
-            batch: 4,
-            seq: t,
-            data: Arc::new(rows),
-        };
-        let op = Attention {
-            mask,
-            heads: 1,
-            kv_heads: 1,
-            head_dim: 8,
-            scale: 1.0,
-            rope: None,
-            kernel: Kernel::F32,
-        };
-        for b in 0..4 {
-            let scores: Vec<f32> = (0..t * t)
-                .map(|i| ((i * 7919 % 1000) as f32 - 500.0) * 0.013)
-                .collect();
-            let (mut wide, mut narrow) = (scores.clone(), scores);
-            // SAFETY: AVX-512F is present (checked above).
-            unsafe { op.softmax_rows_avx512(b, &mut wide) };
-            op.softmax_rows_in(b, &mut narrow);
-            assert!(
-                wide.iter()
-                    .zip(&narrow)
-                    .all(|(a, b)| a.to_bits() == b.to_bits()),
-                "row {b}"
-            );
-        }
-    }
 }
