@@ -157,8 +157,14 @@ pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     gate.contiguous()?.apply_op2(&up.contiguous()?, SwiGlu)
 }
 
-/// An MLP's gate and up projections from its forward pass, kept for the backward pass.
-type GateUp = Arc<(Vec<f32>, Vec<f32>)>;
+/// An MLP's gate and up projections from its forward pass, kept for the backward pass: in
+/// f32 on the f32 path; in bf16 where the products run on a bf16 kernel (half the bytes written
+/// in the forward pass and read in the backward one; their products already read bf16
+/// inputs, and the gradients through SwiGLU are rounded to bf16 for the next products).
+enum GateUp {
+    F32(Vec<f32>, Vec<f32>),
+    Bf16(Vec<u16>, Vec<u16>),
+}
 
 struct Mlp {
     /// (inter, hidden), (inter, hidden) and (hidden, inter), in the compute dtype or packed for
@@ -168,7 +174,7 @@ struct Mlp {
     down: Weight,
     /// Keep gate and up for the backward pass (a graph is being built).
     keep: bool,
-    saved: std::sync::Mutex<Option<GateUp>>,
+    saved: std::sync::Mutex<Option<Arc<GateUp>>>,
 }
 
 impl Mlp {
@@ -210,7 +216,7 @@ impl Mlp {
     /// The forward pass with bf16 kernels: the activation `silu(x Wgᵀ) ⊙ (x Wuᵀ)` (n×inter)
     /// made block by block where the two products come out of the kernel and stored in bf16
     /// as the down projection reads it, so that neither product is written to memory unless
-    /// `keep` (a backward pass needs them: then also gate and up, in f32); then `· Wdᵀ`.
+    /// `keep` (a backward pass needs them: then also gate and up, in bf16); then `· Wdᵀ`.
     /// `None` unless all three weights are packed for a bf16 kernel.
     #[allow(clippy::type_complexity)]
     fn forward_bf16(
@@ -218,11 +224,11 @@ impl Mlp {
         x: &[f32],
         n: usize,
         keep: bool,
-    ) -> Option<(Vec<f32>, Option<(Vec<f32>, Vec<f32>)>)> {
+    ) -> Option<(Vec<f32>, Option<(Vec<u16>, Vec<u16>)>)> {
         let (kernel, [wg, wu, wd]) = self.all_bf16()?;
         let inter = self.gate.dims2().0;
         let len = n * inter;
-        let mut kept: Option<(Vec<f32>, Vec<f32>)> =
+        let mut kept: Option<(Vec<u16>, Vec<u16>)> =
             keep.then(|| (Vec::with_capacity(len), Vec::with_capacity(len)));
         let (go, uo) = match &mut kept {
             Some((g, u)) => (
@@ -247,8 +253,8 @@ impl Mlp {
                                 std::slice::from_raw_parts_mut(act.at((r0 + r) * lda + c0), cols);
                             bf16::convert(&a[..cols], dst);
                             if let (Some(go), Some(uo)) = (go, uo) {
-                                std::ptr::copy_nonoverlapping(g.as_ptr(), go.at(at), cols);
-                                std::ptr::copy_nonoverlapping(u.as_ptr(), uo.at(at), cols);
+                                bf16::convert(g, std::slice::from_raw_parts_mut(go.at(at), cols));
+                                bf16::convert(u, std::slice::from_raw_parts_mut(uo.at(at), cols));
                             }
                         }
                     }
@@ -281,7 +287,7 @@ impl Mlp {
         &self,
         d: &[f32],
         n: usize,
-        (g, u): (&[f32], &[f32]),
+        (g, u): (&[u16], &[u16]),
         dtype: DType,
     ) -> Option<Vec<f32>> {
         let (kernel, [wg, wu, wd]) = self.all_bf16()?;
@@ -294,10 +300,18 @@ impl Mlp {
         let fill = |dgo: bf16::Out<u16>, duo: bf16::Out<u16>, lda: usize| {
             (0..n).into_par_iter().with_min_len(4).for_each(|i| {
                 let (mut a, mut b) = ([0f32; 32], [0f32; 32]);
+                let (mut gf, mut uf) = ([0f32; 32], [0f32; 32]);
                 for c0 in (0..inter).step_by(32) {
                     let cols = (inter - c0).min(32);
                     let at = i * inter + c0;
-                    let (da, g, u) = (&da[at..at + cols], &g[at..at + cols], &u[at..at + cols]);
+                    for ((gf, uf), (g, u)) in gf
+                        .iter_mut()
+                        .zip(uf.iter_mut())
+                        .zip(g[at..at + cols].iter().zip(&u[at..at + cols]))
+                    {
+                        (*gf, *uf) = (bf16::from_bf16(*g), bf16::from_bf16(*u));
+                    }
+                    let (da, g, u) = (&da[at..at + cols], &gf[..cols], &uf[..cols]);
                     swiglu_grad_into(da, g, u, &mut a[..cols], &mut b[..cols], bf);
                     // SAFETY: row i < n, columns c0..c0 + cols < inter of both buffers (rows
                     // `lda` apart); each row is written by one task.
@@ -418,11 +432,11 @@ impl CustomOp1 for Mlp {
         }
         let n = x.len() / h;
         let (y, kept) = match self.forward_bf16(&x, n, self.keep) {
-            Some(r) => r,
+            Some((y, kept)) => (y, kept.map(|(g, u)| GateUp::Bf16(g, u))),
             None => {
                 let (g, u) = self.gate_up(&x, n, dtype)?;
                 let act = swiglu_values(&g, &u, dtype);
-                (Self::project(&self.down, &act, n)?, Some((g, u)))
+                (Self::project(&self.down, &act, n)?, Some(GateUp::F32(g, u)))
             }
         };
         if self.keep {
@@ -441,13 +455,17 @@ impl CustomOp1 for Mlp {
         let Some(saved) = saved else {
             bail!("mlp: the forward pass kept nothing for a backward pass");
         };
-        let (g, u) = (&saved.0, &saved.1);
         let h = self.gate.dims2().1;
         cpu_f32!(grad => d);
         let n = d.len() / h;
-        if let Some(dx) = self.backward_bf16(&d, n, (g, u), dtype) {
-            return Ok(Some(tensor_from(dx, x)?));
-        }
+        let (g, u) = match &*saved {
+            GateUp::F32(g, u) => (g, u),
+            GateUp::Bf16(g, u) => {
+                let dx = self.backward_bf16(&d, n, (g, u), dtype);
+                let dx = dx.expect("kept in bf16 by a forward pass on bf16 kernels");
+                return Ok(Some(tensor_from(dx, x)?));
+            }
+        };
         // da (n×inter) = d (n×hidden) · Wd (hidden×inter)
         let mut da = Self::project_back_new(&self.down, &d, n)?;
         if dtype == DType::BF16 {
@@ -498,8 +516,9 @@ mod tests {
 
     /// The fused bf16 passes (SwiGLU and its gradient made where the products come out, the
     /// next product reading them in bf16) give the same values, bit for bit, as the same
-    /// kernels' products one by one with SwiGLU in between: the epilogues round as the
-    /// products' own conversion does. Ragged rows, columns and k.
+    /// kernels' products one by one with SwiGLU in between (on gate and up rounded to bf16, as
+    /// the fused pass keeps them): the epilogues round as the products' own conversion does.
+    /// Ragged rows, columns and k.
     #[test]
     fn fused_bf16_passes_equal_the_products_one_by_one() {
         let (n, h, inter) = (70, 130, 600);
@@ -528,7 +547,13 @@ mod tests {
             let (y, kept) = mlp.forward_bf16(&x, n, true).expect("all three in bf16");
             let (g, u) = kept.expect("kept");
             let (g1, u1) = mlp.gate_up(&x, n, DType::F32).unwrap();
-            assert!(g == g1 && u == u1, "{}: gate and up", kernel.name());
+            // Gate and up kept in bf16: the products' values rounded.
+            let rounded = |v: &[f32]| v.iter().map(|&x| bf16::to_bf16(x)).collect::<Vec<u16>>();
+            assert!(
+                g == rounded(&g1) && u == rounded(&u1),
+                "{}: gate and up",
+                kernel.name()
+            );
             let act = swiglu_values(&g1, &u1, DType::F32);
             let y1 = Mlp::project(&mlp.down, &act, n).unwrap();
             assert!(y == y1, "{}: forward", kernel.name());
@@ -536,7 +561,8 @@ mod tests {
                 let dx = mlp.backward_bf16(&d, n, (&g, &u), dtype).unwrap();
                 let mut da = Mlp::project_back_new(&mlp.down, &d, n).unwrap();
                 da.iter_mut().for_each(|v| *v = round(*v, dtype));
-                let (dg, du) = swiglu_grads(&da, &g, &u, dtype);
+                let widen = |v: &[u16]| v.iter().map(|&b| bf16::from_bf16(b)).collect::<Vec<f32>>();
+                let (dg, du) = swiglu_grads(&da, &widen(&g), &widen(&u), dtype);
                 let mut dx1 = Mlp::project_back_new(&mlp.gate, &dg, n).unwrap();
                 Mlp::project_back(&mlp.up, &du, n, &mut dx1, true).unwrap();
                 assert!(dx == dx1, "{} {dtype:?}: backward", kernel.name());
