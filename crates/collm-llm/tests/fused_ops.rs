@@ -489,8 +489,17 @@ fn dropout_draws_what_the_composed_dropout_draws_and_reuses_its_mask_backwards()
             "same masks as the composed dropout"
         );
     }
-    // From an odd word position (a 32-bit draw before): draws straddle ChaCha's blocks.
+    // From an even word position inside a block (a 64-bit draw before each of two calls).
     use rand::RngCore;
+    let (ctx2, reference2) = (collm_nn::TrainCtx::new(7), collm_nn::TrainCtx::new(7));
+    for _ in 0..2 {
+        ctx2.rng.borrow_mut().next_u64();
+        reference2.rng.borrow_mut().next_u64();
+        let y = ops::dropout(x.as_tensor(), 0.25, &mut ctx2.rng.borrow_mut()).unwrap();
+        let want = collm_nn::layers::dropout(x.as_tensor(), 0.25, Some(&reference2)).unwrap();
+        assert_eq!(max_diff(&y, &want), 0.0, "same masks from inside a block");
+    }
+    // From an odd word position (a 32-bit draw before): draws straddle ChaCha's blocks.
     ctx.rng.borrow_mut().next_u32();
     reference.rng.borrow_mut().next_u32();
     let y = ops::dropout(x.as_tensor(), 0.25, &mut ctx.rng.borrow_mut()).unwrap();
