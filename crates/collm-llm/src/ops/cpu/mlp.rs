@@ -44,21 +44,32 @@ avx512_dispatch! {
 }
 
 avx512_dispatch! {
-    /// The gradients of `silu(g) · u` for its gradient `da`, element-wise into `dg` and `du`
-    /// (the shortest length); with `bf`, `da` and both gradients rounded to bf16 as separate
-    /// bf16 ops would store them.
-    fn swiglu_grad_into(da: &[f32], g: &[f32], u: &[f32], dg: &mut [f32], du: &mut [f32], bf: bool) {
-        let each = dg.iter_mut().zip(du.iter_mut()).zip(da.iter().zip(g).zip(u));
-        // The dtype test outside the loops: they vectorize.
-        if bf {
-            for ((a, b), ((da, g), u)) in each {
-                let (x, y) = swiglu_grad(round(*da, DType::BF16), *g, *u);
-                (*a, *b) = (round(x, DType::BF16), round(y, DType::BF16));
+    /// The gradients of `silu(g) · u` along one row for its gradient `da`, from gate and up
+    /// kept in bf16, into `dg` and `du` in bf16 (the shortest length); with `bf`, `da` and both
+    /// gradients rounded to bf16 first, as separate bf16 ops would store them.
+    fn swiglu_grad_row(da: &[f32], g: &[u16], u: &[u16], dg: &mut [u16], du: &mut [u16], bf: bool) {
+        const W: usize = 64;
+        let (mut gf, mut uf, mut a, mut b) = ([0f32; W], [0f32; W], [0f32; W], [0f32; W]);
+        let n = da.len().min(g.len()).min(u.len()).min(dg.len()).min(du.len());
+        for c0 in (0..n).step_by(W) {
+            let w = (n - c0).min(W);
+            for ((gf, uf), (g, u)) in gf.iter_mut().zip(uf.iter_mut()).zip(g[c0..c0 + w].iter().zip(&u[c0..c0 + w])) {
+                (*gf, *uf) = (bf16::from_bf16(*g), bf16::from_bf16(*u));
             }
-        } else {
-            for ((a, b), ((da, g), u)) in each {
-                (*a, *b) = swiglu_grad(*da, *g, *u);
+            let each = a.iter_mut().zip(b.iter_mut()).zip(da[c0..c0 + w].iter().zip(&gf).zip(&uf));
+            // The dtype test outside the loops: they vectorize.
+            if bf {
+                for ((a, b), ((da, g), u)) in each {
+                    let (x, y) = swiglu_grad(round(*da, DType::BF16), *g, *u);
+                    (*a, *b) = (round(x, DType::BF16), round(y, DType::BF16));
+                }
+            } else {
+                for ((a, b), ((da, g), u)) in each {
+                    (*a, *b) = swiglu_grad(*da, *g, *u);
+                }
             }
+            bf16::convert(&a[..w], &mut dg[c0..c0 + w]);
+            bf16::convert(&b[..w], &mut du[c0..c0 + w]);
         }
     }
 }
@@ -299,34 +310,17 @@ impl Mlp {
         let bf = dtype == DType::BF16;
         let fill = |dgo: bf16::Out<u16>, duo: bf16::Out<u16>, lda: usize| {
             (0..n).into_par_iter().with_min_len(4).for_each(|i| {
-                let (mut a, mut b) = ([0f32; 32], [0f32; 32]);
-                let (mut gf, mut uf) = ([0f32; 32], [0f32; 32]);
-                for c0 in (0..inter).step_by(32) {
-                    let cols = (inter - c0).min(32);
-                    let at = i * inter + c0;
-                    for ((gf, uf), (g, u)) in gf
-                        .iter_mut()
-                        .zip(uf.iter_mut())
-                        .zip(g[at..at + cols].iter().zip(&u[at..at + cols]))
-                    {
-                        (*gf, *uf) = (bf16::from_bf16(*g), bf16::from_bf16(*u));
-                    }
-                    let (da, g, u) = (&da[at..at + cols], &gf[..cols], &uf[..cols]);
-                    swiglu_grad_into(da, g, u, &mut a[..cols], &mut b[..cols], bf);
-                    // SAFETY: row i < n, columns c0..c0 + cols < inter of both buffers (rows
-                    // `lda` apart); each row is written by one task.
-                    unsafe {
-                        let row = i * lda + c0;
-                        bf16::convert(
-                            &a[..cols],
-                            std::slice::from_raw_parts_mut(dgo.at(row), cols),
-                        );
-                        bf16::convert(
-                            &b[..cols],
-                            std::slice::from_raw_parts_mut(duo.at(row), cols),
-                        );
-                    }
-                }
+                let at = i * inter;
+                // SAFETY: row i < n of both buffers (rows `lda` apart, `inter` values each);
+                // each row is written by one task.
+                let (dg, du) = unsafe {
+                    (
+                        std::slice::from_raw_parts_mut(dgo.at(i * lda), inter),
+                        std::slice::from_raw_parts_mut(duo.at(i * lda), inter),
+                    )
+                };
+                let row = at..at + inter;
+                swiglu_grad_row(&da[row.clone()], &g[row.clone()], &u[row], dg, du, bf);
             });
         };
         let mut dup = None;
