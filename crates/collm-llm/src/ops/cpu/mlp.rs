@@ -47,16 +47,25 @@ avx512_dispatch! {
     /// The gradients of `silu(g) · u` along one row for its gradient `da`, from gate and up
     /// kept in bf16, into `dg` and `du` in bf16 (the shortest length); with `bf`, `da` and both
     /// gradients rounded to bf16 first, as separate bf16 ops would store them.
-    fn swiglu_grad_row(da: &[f32], g: &[u16], u: &[u16], dg: &mut [u16], du: &mut [u16], bf: bool) {
+    fn swiglu_grad_row(
+        da: &[f32],
+        g: &[u16],
+        u: &[u16],
+        dg: &mut [u16],
+        du: &mut [u16],
+        bf: bool,
+    ) {
         const W: usize = 64;
         let (mut gf, mut uf, mut a, mut b) = ([0f32; W], [0f32; W], [0f32; W], [0f32; W]);
         let n = da.len().min(g.len()).min(u.len()).min(dg.len()).min(du.len());
         for c0 in (0..n).step_by(W) {
             let w = (n - c0).min(W);
-            for ((gf, uf), (g, u)) in gf.iter_mut().zip(uf.iter_mut()).zip(g[c0..c0 + w].iter().zip(&u[c0..c0 + w])) {
+            let kept = g[c0..c0 + w].iter().zip(&u[c0..c0 + w]);
+            for ((gf, uf), (g, u)) in gf.iter_mut().zip(uf.iter_mut()).zip(kept) {
                 (*gf, *uf) = (bf16::from_bf16(*g), bf16::from_bf16(*u));
             }
-            let each = a.iter_mut().zip(b.iter_mut()).zip(da[c0..c0 + w].iter().zip(&gf).zip(&uf));
+            let each = a.iter_mut().zip(b.iter_mut());
+            let each = each.zip(da[c0..c0 + w].iter().zip(&gf).zip(&uf));
             // The dtype test outside the loops: they vectorize.
             if bf {
                 for ((a, b), ((da, g), u)) in each {

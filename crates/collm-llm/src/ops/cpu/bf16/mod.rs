@@ -805,8 +805,8 @@ pub(crate) type Epilogue<'e, const N: usize> =
 /// `N` products over the same columns, `bf16(x)·b` for each `b` of `bs` (all k×n), block by
 /// block: `each` gets the blocks of one position of all of them, in the task that made them,
 /// while they are in cache; no product is written anywhere else. Tasks as [`plan`] makes
-/// them; each block position is handed out once. (The MLP's gate and up combined by SwiGLU
-/// into its activation; its down projection's backward product through SwiGLU's gradient.)
+/// them; each block position is handed out once. (The MLP's gate and up, combined by SwiGLU
+/// into its activation.)
 pub(crate) fn blocks_each<const N: usize>(
     kernel: Kernel,
     x: &[f32],
