@@ -210,8 +210,9 @@ mod tests {
     use candle_core::{Device, Var};
 
     /// Every [`avx512_dispatch!`] function (and attention's softmax) gives its AVX2 build's
-    /// values bit for bit: a LoRA projection with dropout, the MLP on the emulated bf16 kernel
-    /// and masked attention, forward and backward, run both ways.
+    /// values bit for bit: a LoRA projection with dropout feeding the MLP on the emulated bf16
+    /// kernel (SwiGLU and its gradient) and masked attention (the softmax), forward and
+    /// backward, run both ways.
     #[test]
     fn the_avx512_builds_of_the_element_wise_loops_give_the_same_values() {
         if !std::is_x86_feature_detected!("avx512f") {
