@@ -2,6 +2,7 @@
 
 use super::*;
 use crate::ops::Weight;
+use std::mem::MaybeUninit;
 
 struct SwiGlu;
 
@@ -46,13 +47,14 @@ avx512_dispatch! {
 avx512_dispatch! {
     /// The gradients of `silu(g) · u` along one row for its gradient `da`, from gate and up
     /// kept in bf16, into `dg` and `du` in bf16 (the shortest length); with `bf`, `da` and both
-    /// gradients rounded to bf16 first, as separate bf16 ops would store them.
+    /// gradients rounded to bf16 first, as separate bf16 ops would store them. `dg` and `du`
+    /// may start uninitialised: every value is written.
     fn swiglu_grad_row(
         da: &[f32],
         g: &[u16],
         u: &[u16],
-        dg: &mut [u16],
-        du: &mut [u16],
+        dg: &mut [MaybeUninit<u16>],
+        du: &mut [MaybeUninit<u16>],
         bf: bool,
     ) {
         const W: usize = 64;
@@ -77,8 +79,11 @@ avx512_dispatch! {
                     (*a, *b) = swiglu_grad(*da, *g, *u);
                 }
             }
-            bf16::convert(&a[..w], &mut dg[c0..c0 + w]);
-            bf16::convert(&b[..w], &mut du[c0..c0 + w]);
+            // SAFETY: dg and du hold at least n ≥ c0 + w values.
+            unsafe {
+                bf16::convert_to(&a[..w], dg[c0..].as_mut_ptr().cast());
+                bf16::convert_to(&b[..w], du[c0..].as_mut_ptr().cast());
+            }
         }
     }
 }
@@ -269,12 +274,10 @@ impl Mlp {
                         // (capacity n·inter; the activation's rows `lda` apart); each block
                         // position is handed out once, so no two calls write the same elements.
                         unsafe {
-                            let dst =
-                                std::slice::from_raw_parts_mut(act.at((r0 + r) * lda + c0), cols);
-                            bf16::convert(&a[..cols], dst);
+                            bf16::convert_to(&a[..cols], act.at((r0 + r) * lda + c0));
                             if let (Some(go), Some(uo)) = (go, uo) {
-                                bf16::convert(g, std::slice::from_raw_parts_mut(go.at(at), cols));
-                                bf16::convert(u, std::slice::from_raw_parts_mut(uo.at(at), cols));
+                                bf16::convert_to(g, go.at(at));
+                                bf16::convert_to(u, uo.at(at));
                             }
                         }
                     }
@@ -324,8 +327,8 @@ impl Mlp {
                 // each row is written by one task.
                 let (dg, du) = unsafe {
                     (
-                        std::slice::from_raw_parts_mut(dgo.at(i * lda), inter),
-                        std::slice::from_raw_parts_mut(duo.at(i * lda), inter),
+                        std::slice::from_raw_parts_mut(dgo.at(i * lda).cast(), inter),
+                        std::slice::from_raw_parts_mut(duo.at(i * lda).cast(), inter),
                     )
                 };
                 let row = at..at + inter;

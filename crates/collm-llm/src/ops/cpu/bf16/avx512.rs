@@ -74,21 +74,23 @@ unsafe fn block8(
     }
 }
 
-/// f32 → bf16 (round to nearest even), 16 at a time with `VCVTNEPS2BF16`.
+/// f32 → bf16 (round to nearest even), 16 at a time with `VCVTNEPS2BF16`: `src.len()` values
+/// written at `dst`.
 ///
 /// # Safety
-/// AVX512-BF16 must be present.
+/// AVX512-BF16 must be present, and `dst` valid for writes of `src.len()` values (which may
+/// be uninitialised).
 #[target_feature(enable = "avx512f,avx512bf16")]
-pub(super) unsafe fn convert(src: &[f32], dst: &mut [u16]) {
-    let n = src.len().min(dst.len());
+pub(super) unsafe fn convert(src: &[f32], dst: *mut u16) {
+    let n = src.len();
     let mut i = 0;
     while i + 16 <= n {
         let v = _mm512_loadu_ps(src.as_ptr().add(i));
         let h: __m256i = std::mem::transmute(_mm512_cvtneps_pbh(v));
-        _mm256_storeu_si256(dst.as_mut_ptr().add(i).cast(), h);
+        _mm256_storeu_si256(dst.add(i).cast(), h);
         i += 16;
     }
-    for j in i..n {
-        dst[j] = super::to_bf16(src[j]);
+    for (j, &s) in src.iter().enumerate().skip(i) {
+        dst.add(j).write(super::to_bf16(s));
     }
 }

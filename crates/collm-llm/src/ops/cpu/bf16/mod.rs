@@ -207,14 +207,26 @@ pub fn from_bf16(x: u16) -> f32 {
 /// The rows of `C`'s blocks, and of `A`'s padding.
 pub const BLOCK: usize = 32;
 
-/// f32 → bf16 element-wise (the CPU's own conversion where it has one).
+/// f32 → bf16 element-wise (the CPU's own conversion where it has one), the shorter's length.
 pub(crate) fn convert(src: &[f32], dst: &mut [u16]) {
+    let n = src.len().min(dst.len());
+    // SAFETY: `dst` holds n values.
+    unsafe { convert_to(&src[..n], dst.as_mut_ptr()) }
+}
+
+/// [`convert`] into `src.len()` values at `dst`, which may be uninitialised (an epilogue's
+/// output as it is made).
+///
+/// # Safety
+/// `dst` must be valid for writes of `src.len()` values.
+pub(crate) unsafe fn convert_to(src: &[f32], dst: *mut u16) {
     if avx512::available().is_ok() {
-        // SAFETY: AVX512-BF16 is present (checked).
+        // SAFETY: AVX512-BF16 is present (checked); `dst` as the caller's contract says.
         unsafe { avx512::convert(src, dst) }
     } else {
-        for (d, &s) in dst.iter_mut().zip(src) {
-            *d = to_bf16(s);
+        for (j, &s) in src.iter().enumerate() {
+            // SAFETY: j < src.len() (the caller's contract).
+            unsafe { dst.add(j).write(to_bf16(s)) };
         }
     }
 }
