@@ -161,32 +161,23 @@ pub fn dropout_mask(n: usize, p: f64, rng: &mut rand_chacha::ChaCha8Rng) -> Resu
     let base = rng.get_word_pos();
     let start = rng.clone();
     let mut keep = vec![0u64; n.div_ceil(64)];
-    if base.is_multiple_of(2) && chacha16::available() {
-        // The keystream 16 blocks at a time (AVX-512), compared in place.
-        let key = start.get_seed();
-        let stream = start.get_stream();
-        keep.par_chunks_mut(MASK_CHUNK / 64)
-            .enumerate()
-            .for_each(|(c, words)| {
-                let e0 = c * MASK_CHUNK;
-                // SAFETY: AVX-512F and BMI2 are present (checked).
-                unsafe {
-                    chacha16::keep_bits(&key, stream, base + 2 * e0 as u128, least, n - e0, words)
-                };
-            });
-        rng.set_word_pos(base + 2 * n as u128);
-        return Ok(DropMask {
-            keep: Arc::new(keep),
-            scale: (1.0 / (1.0 - p)) as f32,
-        });
-    }
+    // From an even word position with AVX-512: the keystream 16 blocks at a time, compared in
+    // place; else through rand_chacha's own draws.
+    let wide = base.is_multiple_of(2) && chacha16::available();
+    let (key, stream) = (start.get_seed(), start.get_stream());
     keep.par_chunks_mut(MASK_CHUNK / 64)
         .enumerate()
         .for_each(|(c, words)| {
-            let mut r = start.clone();
             let e0 = c * MASK_CHUNK;
             // Each f64 draw is one next_u64: two 32-bit words.
-            r.set_word_pos(base + 2 * e0 as u128);
+            let pos = base + 2 * e0 as u128;
+            if wide {
+                // SAFETY: AVX-512F and BMI2 are present (checked).
+                unsafe { chacha16::keep_bits(&key, stream, pos, least, n - e0, words) };
+                return;
+            }
+            let mut r = start.clone();
+            r.set_word_pos(pos);
             let mut draws = [0u64; 64];
             for (i, word) in words.iter_mut().enumerate() {
                 let draws = &mut draws[..(n - e0 - 64 * i).min(64)];
