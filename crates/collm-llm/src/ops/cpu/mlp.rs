@@ -265,20 +265,19 @@ impl Mlp {
         let fill = |act: bf16::Out<u16>, lda: usize| {
             let each =
                 |r0: usize, c0: usize, rows: usize, cols: usize, [gb, ub]: [&[f32; 1024]; 2]| {
-                    let mut a = [0f32; 32];
-                    for r in 0..rows {
-                        let (g, u) = (&gb[r * 32..r * 32 + cols], &ub[r * 32..r * 32 + cols]);
-                        silu_mul(g, u, &mut a[..cols]);
-                        let at = (r0 + r) * inter + c0;
-                        // SAFETY: row r0 + r < n and columns c0..c0 + cols < inter of each buffer
-                        // (capacity n·inter; the activation's rows `lda` apart); each block
-                        // position is handed out once, so no two calls write the same elements.
-                        unsafe {
-                            bf16::convert_to(&a[..cols], act.at((r0 + r) * lda + c0));
-                            if let (Some(go), Some(uo)) = (go, uo) {
-                                bf16::convert_to(g, go.at(at));
-                                bf16::convert_to(u, uo.at(at));
-                            }
+                    // SwiGLU over the whole block (fixed length: no remainder loops; the
+                    // values past `rows` × `cols` are dropped), then each output converted.
+                    let mut a = [0f32; 1024];
+                    silu_mul(gb, ub, &mut a);
+                    let at = r0 * inter + c0;
+                    // SAFETY: rows r0..r0 + rows < n and columns c0..c0 + cols < inter of each
+                    // buffer (capacity n·inter; the activation's rows `lda` apart); each block
+                    // position is handed out once, so no two calls write the same elements.
+                    unsafe {
+                        bf16::convert_rows(&a, rows, cols, act.at(r0 * lda + c0), lda);
+                        if let (Some(go), Some(uo)) = (go, uo) {
+                            bf16::convert_rows(gb, rows, cols, go.at(at), inter);
+                            bf16::convert_rows(ub, rows, cols, uo.at(at), inter);
                         }
                     }
                 };

@@ -231,6 +231,34 @@ pub(crate) unsafe fn convert_to(src: &[f32], dst: *mut u16) {
     }
 }
 
+/// The first `rows` × `cols` of a 32×32 block (rows 32 apart) in bf16 at `dst`, rows `ld`
+/// apart: [`convert_to`] row by row, the CPU checked once per block (an epilogue's output).
+///
+/// # Safety
+/// `dst` must be valid for writes of `rows` rows of `cols` values at row stride `ld`.
+pub(crate) unsafe fn convert_rows(
+    src: &[f32; BLOCK * BLOCK],
+    rows: usize,
+    cols: usize,
+    dst: *mut u16,
+    ld: usize,
+) {
+    let rows = rows.min(BLOCK);
+    let cols = cols.min(BLOCK);
+    if avx512::available().is_ok() {
+        for r in 0..rows {
+            // SAFETY: AVX512-BF16 is present (checked); row r of `dst` as the caller's
+            // contract says.
+            unsafe { avx512::convert(&src[r * BLOCK..r * BLOCK + cols], dst.add(r * ld)) }
+        }
+    } else {
+        for r in 0..rows {
+            // SAFETY: as the caller's contract says.
+            unsafe { convert_to(&src[r * BLOCK..r * BLOCK + cols], dst.add(r * ld)) }
+        }
+    }
+}
+
 /// The `B` operand (k×n) in panels of 16 columns: panel `p`, pair row `q` is one line holding
 /// `(B[2q][16p + c], B[2q + 1][16p + c])` for c in 0..16; `k` padded to 32 and the panels to an
 /// even number with zeros.

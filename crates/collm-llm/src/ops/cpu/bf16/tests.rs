@@ -37,8 +37,9 @@ fn reference(a: &[f32], b: &[f32], m: usize, n: usize, k: usize) -> (Vec<f64>, V
     (c, tol)
 }
 
-/// Shapes with ragged edges on every side: below, at and above the block, panel and k steps.
-const SHAPES: [(usize, usize, usize); 9] = [
+/// Shapes with ragged edges on every side: below, at and above the block, panel and k steps;
+/// and k over two and three of AMX's passes over k (its blocks' sums kept between them).
+const SHAPES: [(usize, usize, usize); 11] = [
     (1, 1, 1),
     (3, 5, 7),
     (31, 17, 33),
@@ -48,6 +49,8 @@ const SHAPES: [(usize, usize, usize); 9] = [
     (70, 100, 97),
     (5, 65, 200),
     (130, 40, 576),
+    (45, 70, 1000),
+    (33, 33, 1537),
 ];
 
 fn check(kernel: Kernel) {
