@@ -252,35 +252,38 @@ impl CustomOp3 for Attention {
             return Ok((from_f32(out, dtype)?, ql.shape().clone()));
         }
         // One (t×hd) output block per (b, h), written into (B, T, nh, hd) afterwards.
+        // P (T×T) per rayon job: the softmax writes every row of it.
         let blocks: Vec<Vec<f32>> = (0..bsz * nh)
             .into_par_iter()
-            .map(|bh| {
-                let (b, h) = (bh / nh, bh % nh);
-                let qb = self.gather(&q, nh, b, h, true);
-                let kb = self.gather(&k, nkv, b, h / rep, true);
-                let mut p = vec![0f32; t * t];
-                self.probs(&qb, &transpose(&kb, t, hd, hd), b, &mut p);
-                let mut o = vec![0f32; t * hd];
-                let (start, blocks) = self.blocks(b);
-                let v0 = b * t * nkv * hd + (h / rep) * hd;
-                for &(r0, r1) in &blocks {
-                    // O[r0..r1] = P[r0..r1, start..r1] · V[start..r1]
-                    matmul(
-                        r1 - r0,
-                        hd,
-                        r1 - start,
-                        &mut o[r0 * hd..],
-                        hd,
-                        false,
-                        &p[r0 * t + start..],
-                        (t, 1),
-                        &v[v0 + start * nkv * hd..],
-                        (nkv * hd, 1),
-                        ::gemm::Parallelism::None,
-                    );
-                }
-                o
-            })
+            .map_init(
+                || vec![0f32; t * t],
+                |p, bh| {
+                    let (b, h) = (bh / nh, bh % nh);
+                    let qb = self.gather(&q, nh, b, h, true);
+                    let kb = self.gather(&k, nkv, b, h / rep, true);
+                    self.probs(&qb, &transpose(&kb, t, hd, hd), b, p);
+                    let mut o = vec![0f32; t * hd];
+                    let (start, blocks) = self.blocks(b);
+                    let v0 = b * t * nkv * hd + (h / rep) * hd;
+                    for &(r0, r1) in &blocks {
+                        // O[r0..r1] = P[r0..r1, start..r1] · V[start..r1]
+                        matmul(
+                            r1 - r0,
+                            hd,
+                            r1 - start,
+                            &mut o[r0 * hd..],
+                            hd,
+                            false,
+                            &p[r0 * t + start..],
+                            (t, 1),
+                            &v[v0 + start * nkv * hd..],
+                            (nkv * hd, 1),
+                            ::gemm::Parallelism::None,
+                        );
+                    }
+                    o
+                },
+            )
             .collect();
         let out = self.heads(nh).scatter(|b, h| &blocks[b * nh + h]);
         Ok((from_f32(out, dtype)?, ql.shape().clone()))
@@ -312,108 +315,111 @@ impl CustomOp3 for Attention {
         // there without races. Results are (t×hd) blocks, rotated back (the transpose of
         // RoPE) and scattered afterwards.
         type Blocks = (Vec<Vec<f32>>, Vec<f32>, Vec<f32>);
+        // P and dP (T×T) per rayon job, not per (b, kv head): every block that is read is
+        // written first (P's rows by the softmax, dP's blocks by their products).
         let per: Vec<Blocks> = (0..bsz * nkv)
             .into_par_iter()
-            .map(|bk| {
-                let (b, kh) = (bk / nkv, bk % nkv);
-                let kb = self.gather(&kv, nkv, b, kh, true);
-                let kt = transpose(&kb, t, hd, hd);
-                let v0 = b * t * nkv * hd + kh * hd;
-                let vt = transpose(&vv[v0..], t, hd, nkv * hd);
-                let mut dk = vec![0f32; t * hd];
-                let mut dv = vec![0f32; t * hd];
-                let mut dqs = Vec::with_capacity(rep);
-                let mut p = vec![0f32; t * t];
-                let mut dp = vec![0f32; t * t];
-                let (start, blocks) = self.blocks(b);
-                for h in kh * rep..(kh + 1) * rep {
-                    let q0 = b * t * nh * hd + h * hd;
-                    let qb = self.gather(&qv, nh, b, h, true);
-                    self.probs(&qb, &kt, b, &mut p);
-                    for &(r0, r1) in &blocks {
-                        let (m, n) = (r1 - r0, r1 - start);
-                        // dV[start..r1] += P[r0..r1, start..r1]ᵀ dO[r0..r1]
-                        matmul(
-                            n,
-                            hd,
-                            m,
-                            &mut dv[start * hd..],
-                            hd,
-                            true,
-                            &p[r0 * t + start..],
-                            (1, t),
-                            &dout[q0 + r0 * nh * hd..],
-                            (nh * hd, 1),
-                            ::gemm::Parallelism::None,
-                        );
-                        // dP[r0..r1, start..r1] = dO[r0..r1] Vᵀ[.., start..r1]
-                        matmul(
-                            m,
-                            n,
-                            hd,
-                            &mut dp[r0 * t + start..],
-                            t,
-                            false,
-                            &dout[q0 + r0 * nh * hd..],
-                            (nh * hd, 1),
-                            &vt[start..],
-                            (t, 1),
-                            ::gemm::Parallelism::None,
-                        );
-                    }
-                    // dS = P ∘ (dP − rowsum(dO ∘ O)) · scale, over the computed blocks
-                    // (P is zero past the diagonal, so dS is too).
-                    for &(r0, r1) in &blocks {
-                        for i in r0..r1 {
-                            let r = q0 + i * nh * hd;
-                            let di = lane_dot(&dout[r..r + hd], &o[r..r + hd]);
-                            let (pr, dr) = (
-                                &p[i * t + start..i * t + r1],
-                                &mut dp[i * t + start..i * t + r1],
+            .map_init(
+                || (vec![0f32; t * t], vec![0f32; t * t]),
+                |(p, dp), bk| {
+                    let (b, kh) = (bk / nkv, bk % nkv);
+                    let kb = self.gather(&kv, nkv, b, kh, true);
+                    let kt = transpose(&kb, t, hd, hd);
+                    let v0 = b * t * nkv * hd + kh * hd;
+                    let vt = transpose(&vv[v0..], t, hd, nkv * hd);
+                    let mut dk = vec![0f32; t * hd];
+                    let mut dv = vec![0f32; t * hd];
+                    let mut dqs = Vec::with_capacity(rep);
+                    let (start, blocks) = self.blocks(b);
+                    for h in kh * rep..(kh + 1) * rep {
+                        let q0 = b * t * nh * hd + h * hd;
+                        let qb = self.gather(&qv, nh, b, h, true);
+                        self.probs(&qb, &kt, b, p);
+                        for &(r0, r1) in &blocks {
+                            let (m, n) = (r1 - r0, r1 - start);
+                            // dV[start..r1] += P[r0..r1, start..r1]ᵀ dO[r0..r1]
+                            matmul(
+                                n,
+                                hd,
+                                m,
+                                &mut dv[start * hd..],
+                                hd,
+                                true,
+                                &p[r0 * t + start..],
+                                (1, t),
+                                &dout[q0 + r0 * nh * hd..],
+                                (nh * hd, 1),
+                                ::gemm::Parallelism::None,
                             );
-                            for (d, p) in dr.iter_mut().zip(pr) {
-                                *d = p * (*d - di) * self.scale;
+                            // dP[r0..r1, start..r1] = dO[r0..r1] Vᵀ[.., start..r1]
+                            matmul(
+                                m,
+                                n,
+                                hd,
+                                &mut dp[r0 * t + start..],
+                                t,
+                                false,
+                                &dout[q0 + r0 * nh * hd..],
+                                (nh * hd, 1),
+                                &vt[start..],
+                                (t, 1),
+                                ::gemm::Parallelism::None,
+                            );
+                        }
+                        // dS = P ∘ (dP − rowsum(dO ∘ O)) · scale, over the computed blocks
+                        // (P is zero past the diagonal, so dS is too).
+                        for &(r0, r1) in &blocks {
+                            for i in r0..r1 {
+                                let r = q0 + i * nh * hd;
+                                let di = lane_dot(&dout[r..r + hd], &o[r..r + hd]);
+                                let (pr, dr) = (
+                                    &p[i * t + start..i * t + r1],
+                                    &mut dp[i * t + start..i * t + r1],
+                                );
+                                for (d, p) in dr.iter_mut().zip(pr) {
+                                    *d = p * (*d - di) * self.scale;
+                                }
                             }
                         }
+                        let mut dq = vec![0f32; t * hd];
+                        for &(r0, r1) in &blocks {
+                            let (m, n) = (r1 - r0, r1 - start);
+                            // dQ[r0..r1] = dS[r0..r1, start..r1] K[start..r1]
+                            matmul(
+                                m,
+                                hd,
+                                n,
+                                &mut dq[r0 * hd..],
+                                hd,
+                                false,
+                                &dp[r0 * t + start..],
+                                (t, 1),
+                                &kb[start * hd..],
+                                (hd, 1),
+                                ::gemm::Parallelism::None,
+                            );
+                            // dK[start..r1] += dS[r0..r1, start..r1]ᵀ Q[r0..r1]
+                            matmul(
+                                n,
+                                hd,
+                                m,
+                                &mut dk[start * hd..],
+                                hd,
+                                true,
+                                &dp[r0 * t + start..],
+                                (1, t),
+                                &qb[r0 * hd..],
+                                (hd, 1),
+                                ::gemm::Parallelism::None,
+                            );
+                        }
+                        self.rotate(&mut dq, b, true);
+                        dqs.push(dq);
                     }
-                    let mut dq = vec![0f32; t * hd];
-                    for &(r0, r1) in &blocks {
-                        let (m, n) = (r1 - r0, r1 - start);
-                        // dQ[r0..r1] = dS[r0..r1, start..r1] K[start..r1]
-                        matmul(
-                            m,
-                            hd,
-                            n,
-                            &mut dq[r0 * hd..],
-                            hd,
-                            false,
-                            &dp[r0 * t + start..],
-                            (t, 1),
-                            &kb[start * hd..],
-                            (hd, 1),
-                            ::gemm::Parallelism::None,
-                        );
-                        // dK[start..r1] += dS[r0..r1, start..r1]ᵀ Q[r0..r1]
-                        matmul(
-                            n,
-                            hd,
-                            m,
-                            &mut dk[start * hd..],
-                            hd,
-                            true,
-                            &dp[r0 * t + start..],
-                            (1, t),
-                            &qb[r0 * hd..],
-                            (hd, 1),
-                            ::gemm::Parallelism::None,
-                        );
-                    }
-                    self.rotate(&mut dq, b, true);
-                    dqs.push(dq);
-                }
-                self.rotate(&mut dk, b, true);
-                (dqs, dk, dv)
-            })
+                    self.rotate(&mut dk, b, true);
+                    (dqs, dk, dv)
+                },
+            )
             .collect();
         let dq = self
             .heads(nh)
