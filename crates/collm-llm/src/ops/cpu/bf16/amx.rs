@@ -137,7 +137,7 @@ pub(super) unsafe fn blocks_direct<'a>(
 /// stream past from L2 without being cached in L1 (`tileloaddt1`); over more k the rows would
 /// no longer fit, and every tile would come from L2 (measured at 1280 rows, 576 columns: k =
 /// 576 at 2,440 GF/s; k = 1,152 in one pass 1,880, in two 2,100; k = 1,536 in one pass 1,690,
-/// in two 1,980).
+/// in three 1,980).
 const MAX_STEPS: usize = 18;
 
 /// One 32×32 block over `steps` (steps of 32 k), its sums started at zero or loaded from
