@@ -41,7 +41,8 @@ enum Command {
     /// Prepare datasets and inspect them.
     #[command(subcommand)]
     Data(data::DataCommand),
-    /// Train models: collaborative (cf), grid searches (cf-sweep).
+    /// Train models: collaborative (cf), CoLLM (collm), CTRL (ctrl), grid searches (cf-sweep,
+    /// ctrl-sweep).
     #[command(subcommand)]
     Train(train::TrainCommand),
     /// Evaluate scores or models with AUC / UAUC, overall and on warm/cold subsets.

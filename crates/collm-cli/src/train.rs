@@ -27,6 +27,36 @@ pub enum TrainCommand {
     /// in RUN/ctrl/. --resume continues either stage (the text encodings are cached); --force
     /// removes the run first.
     Ctrl(CtrlTrainArgs),
+    /// Grid search over CTRL's stage-1 settings (sub-spaces M x batch x epochs; an axis not
+    /// given keeps the config's value), selecting by valid AUC: each point a full CTRL run under
+    /// OUT/runs/ (an interrupted sweep resumes), the text encodings computed once; writes
+    /// results.tsv, results.md and best.toml.
+    CtrlSweep(CtrlSweepArgs),
+}
+
+#[derive(Args)]
+pub struct CtrlSweepArgs {
+    /// The base CTRL config (as `collm train ctrl --config`).
+    #[arg(long)]
+    pub config: PathBuf,
+    /// Dataset directory.
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Sweep directory (texts/, runs/, results.tsv, results.md, best.toml).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Sub-space counts M (comma-separated; each must divide ctrl.dim).
+    #[arg(long, value_delimiter = ',')]
+    pub sub_spaces: Vec<usize>,
+    /// Stage-1 batch sizes (the in-batch negatives).
+    #[arg(long, value_delimiter = ',')]
+    pub batch_sizes: Vec<usize>,
+    /// Stage-1 epochs.
+    #[arg(long, value_delimiter = ',')]
+    pub epochs: Vec<usize>,
+    /// Hide progress bars.
+    #[arg(long)]
+    pub quiet: bool,
 }
 
 #[derive(Args)]
@@ -252,6 +282,28 @@ pub fn run(cmd: TrainCommand) -> Result<()> {
                 m.curve.len(),
                 m.stopped.as_deref().unwrap_or("-")
             );
+            Ok(())
+        }
+        TrainCommand::CtrlSweep(a) => {
+            let base = collm::ctrl::CtrlConfig::load(&a.config)?;
+            let ds = Dataset::load(&a.data)?;
+            let grid = collm::ctrl::SweepGrid {
+                sub_spaces: a.sub_spaces,
+                batch_sizes: a.batch_sizes,
+                epochs: a.epochs,
+            };
+            let points = collm::ctrl::sweep(&base, &grid, &ds, &a.out, a.quiet)?;
+            print!(
+                "{}",
+                std::fs::read_to_string(a.out.join("results.md")).unwrap_or_default()
+            );
+            if let Some(p) = points.first() {
+                println!(
+                    "best: {} (config in {})",
+                    p.name,
+                    a.out.join("best.toml").display()
+                );
+            }
             Ok(())
         }
         TrainCommand::CfSweep(a) => {

@@ -216,3 +216,123 @@ fn a_ctrl_config_is_checked_field_by_field() {
         &["model must be din"],
     );
 }
+
+#[test]
+fn a_ctrl_sweep_encodes_the_texts_once_and_each_point_is_the_ctrl_run_of_its_settings() {
+    use std::os::unix::fs::MetadataExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let data = family().data();
+    let cfg = config(tmp.path(), 2, "");
+    let out = tmp.path().join("sweep");
+    let sweep = |subs: &str| {
+        vec![
+            "train".to_string(),
+            "ctrl-sweep".into(),
+            "--config".into(),
+            s(&cfg).into(),
+            "--data".into(),
+            s(&data).into(),
+            "--out".into(),
+            s(&out).into(),
+            "--sub-spaces".into(),
+            subs.into(),
+            "--quiet".into(),
+        ]
+    };
+    // A point whose M does not divide ctrl.dim (8) is refused before anything is encoded.
+    let bad = sweep("1,3");
+    fails(
+        &bad.iter().map(String::as_str).collect::<Vec<_>>(),
+        &[
+            "sweep point ctrl-m3-b8-e2",
+            "must split into 'ctrl.sub_spaces'",
+        ],
+    );
+    assert!(!out.join("texts").exists() && !out.join("runs").exists());
+
+    let args = sweep("1,2");
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let o = common::collm_env(&args, &[("COLLM_LOG", "info".into())]);
+    assert!(o.status.success(), "{o:?}");
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr),
+    );
+    // Encoded once (into OUT/texts), read from there by both points: the same file.
+    assert_eq!(stderr.matches("text encodings from").count(), 2, "{stderr}");
+    let ino = |p: &Path| std::fs::metadata(p).unwrap().ino();
+    let shared = ino(&out.join("texts/texts.safetensors"));
+    for name in ["ctrl-m1-b8-e2", "ctrl-m2-b8-e2"] {
+        let dir = out.join("runs").join(name).join("ctrl");
+        assert_eq!(ino(&dir.join("texts.safetensors")), shared, "{name}");
+    }
+    // Two points, best valid AUC first; best.toml is the first point's config.
+    let tsv = std::fs::read_to_string(out.join("results.tsv")).unwrap();
+    let lines: Vec<Vec<&str>> = tsv
+        .lines()
+        .skip(1)
+        .map(|l| l.split('\t').collect())
+        .collect();
+    assert_eq!(lines.len(), 2, "{tsv}");
+    let auc = |l: &Vec<&str>| l[6].parse::<f64>().unwrap();
+    assert!(auc(&lines[0]) >= auc(&lines[1]), "{tsv}");
+    let loss: f64 = lines[0][4].parse().unwrap();
+    assert!(loss.is_finite() && loss > 0.0, "{tsv}");
+    assert!(
+        stdout.contains(&format!("best: {}", lines[0][0])),
+        "{stdout}"
+    );
+    let best = collm::ctrl::CtrlConfig::load(&out.join("best.toml")).unwrap();
+    assert_eq!(best.ctrl.sub_spaces.to_string(), lines[0][1]);
+    let base = collm::ctrl::CtrlConfig::load(&cfg).unwrap();
+    let mut expect = base.clone();
+    expect.ctrl.sub_spaces = best.ctrl.sub_spaces;
+    assert_eq!(
+        best, expect,
+        "best.toml differs from the base in more than M"
+    );
+    // The M = 1 point is exactly `collm train ctrl` with M = 1.
+    let one = tmp.path().join("m1.toml");
+    std::fs::write(
+        &one,
+        std::fs::read_to_string(&cfg)
+            .unwrap()
+            .replace("sub_spaces = 2", "sub_spaces = 1"),
+    )
+    .unwrap();
+    let alone = tmp.path().join("alone");
+    ok(&[
+        "train",
+        "ctrl",
+        "--config",
+        s(&one),
+        "--data",
+        s(&data),
+        "--out",
+        s(&alone),
+        "--quiet",
+    ]);
+    let point = out.join("runs/ctrl-m1-b8-e2");
+    assert_eq!(common::metrics(&point), common::metrics(&alone));
+    assert_eq!(
+        std::fs::read(point.join("ctrl/stage1.safetensors")).unwrap(),
+        std::fs::read(alone.join("ctrl/stage1.safetensors")).unwrap()
+    );
+    // Run again: every point resumes finished, nothing retrains, the same table.
+    let stage1 = std::fs::metadata(point.join("ctrl/stage1.safetensors"))
+        .unwrap()
+        .modified()
+        .unwrap();
+    ok(&args);
+    assert_eq!(
+        std::fs::read_to_string(out.join("results.tsv")).unwrap(),
+        tsv
+    );
+    assert_eq!(
+        std::fs::metadata(point.join("ctrl/stage1.safetensors"))
+            .unwrap()
+            .modified()
+            .unwrap(),
+        stage1
+    );
+}

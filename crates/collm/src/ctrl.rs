@@ -463,6 +463,136 @@ pub fn train(cfg: &CtrlConfig, ds: &Dataset, out: &Path, opts: &CfOptions) -> Re
     collm_cf::train::train(&cfg.cf, ds, out, &stage2)
 }
 
+/// The axes of a CTRL sweep (`collm train ctrl-sweep`): an empty axis keeps the base config's
+/// value.
+#[derive(Debug, Clone, Default)]
+pub struct SweepGrid {
+    pub sub_spaces: Vec<usize>,
+    pub batch_sizes: Vec<usize>,
+    pub epochs: Vec<usize>,
+}
+
+/// One point of a CTRL sweep: its stage-1 settings, stage 1's last InfoNCE, stage 2's best
+/// epoch and valid metrics.
+#[derive(Debug, Clone, Serialize)]
+pub struct SweepPoint {
+    pub name: String,
+    pub sub_spaces: usize,
+    pub batch_size: usize,
+    pub epochs: usize,
+    pub stage1_loss: Option<f64>,
+    pub best_epoch: Option<usize>,
+    pub valid_auc: Option<f64>,
+    pub valid_uauc: Option<f64>,
+}
+
+/// Trains every point of `grid` over `base` as a full CTRL run under `out/runs/` (finished and
+/// interrupted points resume), selecting by valid AUC. The train rows' text encodings are
+/// computed once, into `out/texts/`, and linked into each run. Writes `results.tsv`,
+/// `results.md` and `best.toml` (the best point's config) into `out`; returns the points best
+/// first. Every point's config is checked before anything trains.
+pub fn sweep(
+    base: &CtrlConfig,
+    grid: &SweepGrid,
+    ds: &Dataset,
+    out: &Path,
+    quiet: bool,
+) -> Result<Vec<SweepPoint>> {
+    let axis = |v: &[usize], base: usize| if v.is_empty() { vec![base] } else { v.to_vec() };
+    let mut configs = Vec::new();
+    for m in axis(&grid.sub_spaces, base.ctrl.sub_spaces) {
+        for b in axis(&grid.batch_sizes, base.ctrl.batch_size) {
+            for e in axis(&grid.epochs, base.ctrl.epochs) {
+                let mut cfg = base.clone();
+                (cfg.ctrl.sub_spaces, cfg.ctrl.batch_size, cfg.ctrl.epochs) = (m, b, e);
+                let name = format!("ctrl-m{m}-b{b}-e{e}");
+                cfg.validate()
+                    .with_context(|| format!("sweep point {name}"))?;
+                configs.push((name, cfg));
+            }
+        }
+    }
+    let texts = out.join("texts");
+    std::fs::create_dir_all(&texts)
+        .with_context(|| format!("{}: cannot create", texts.display()))?;
+    let rows = ds.train()?.rows.clone();
+    text_encodings(&base.ctrl, ds, &rows, &texts, quiet, &device())?;
+    let mut points = Vec::new();
+    for (name, cfg) in configs {
+        let run = out.join("runs").join(&name);
+        let dir = run.join(CTRL_DIR);
+        std::fs::create_dir_all(&dir)
+            .with_context(|| format!("{}: cannot create", dir.display()))?;
+        // The cache before its key: a key names a complete cache.
+        for f in [TEXTS, TEXTS_KEY] {
+            let (from, to) = (texts.join(f), dir.join(f));
+            if !to.exists() && std::fs::hard_link(&from, &to).is_err() {
+                std::fs::copy(&from, &to).with_context(|| {
+                    format!("{}: cannot copy to {}", from.display(), to.display())
+                })?;
+            }
+        }
+        tracing::info!("ctrl sweep point {name}");
+        let opts = CfOptions {
+            resume: true,
+            quiet,
+            ..Default::default()
+        };
+        let m = train(&cfg, ds, &run, &opts)?;
+        let stage1: Option<Stage1> = std::fs::read_to_string(dir.join(STAGE1_DONE))
+            .ok()
+            .and_then(|t| serde_json::from_str(&t).ok());
+        let best = m.best_valid.as_ref();
+        points.push((
+            cfg.clone(),
+            SweepPoint {
+                name,
+                sub_spaces: cfg.ctrl.sub_spaces,
+                batch_size: cfg.ctrl.batch_size,
+                epochs: cfg.ctrl.epochs,
+                stage1_loss: stage1.and_then(|s| s.loss.last().copied()),
+                best_epoch: m.best_epoch,
+                valid_auc: best.and_then(|r| r.auc),
+                valid_uauc: best.and_then(|r| r.uauc),
+            },
+        ));
+    }
+    points.sort_by(|a, b| {
+        b.1.valid_auc
+            .unwrap_or(f64::MIN)
+            .total_cmp(&a.1.valid_auc.unwrap_or(f64::MIN))
+    });
+    let f = collm_metrics::fmt_metric;
+    let mut tsv = String::from(
+        "name\tsub_spaces\tbatch_size\tepochs\tstage1_infonce\tbest_epoch\tvalid_auc\tvalid_uauc\n",
+    );
+    let mut md = String::from(
+        "| run | M | batch | epochs | stage-1 InfoNCE | best epoch | valid AUC | valid UAUC |\n|---|---|---|---|---|---|---|---|\n",
+    );
+    for (_, p) in &points {
+        let loss = p.stage1_loss.map_or("-".into(), |l| format!("{l:.4}"));
+        let cells = [
+            p.name.clone(),
+            p.sub_spaces.to_string(),
+            p.batch_size.to_string(),
+            p.epochs.to_string(),
+            loss,
+            p.best_epoch.unwrap_or(0).to_string(),
+            f(p.valid_auc),
+            f(p.valid_uauc),
+        ];
+        tsv.push_str(&cells.join("\t"));
+        tsv.push('\n');
+        md.push_str(&format!("| {} |\n", cells.join(" | ")));
+    }
+    write_file_atomic(&out.join("results.tsv"), tsv.as_bytes())?;
+    write_file_atomic(&out.join("results.md"), md.as_bytes())?;
+    if let Some((cfg, _)) = points.first() {
+        write_file_atomic(&out.join("best.toml"), toml::to_string(cfg)?.as_bytes())?;
+    }
+    Ok(points.into_iter().map(|(_, p)| p).collect())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
