@@ -40,7 +40,15 @@ fn every_ml1m_config_loads_and_names_the_runs_it_reads() {
                 "{name}"
             );
         }
-        if c.mode != Mode::Icl {
+        if let Some(base) = name.strip_suffix("-long") {
+            // A row beyond the paper's: its base row with a larger step budget, nothing else.
+            let b = ExperimentConfig::load(&dir.join(format!("{base}.toml"))).unwrap();
+            assert!(c.training.max_steps > b.training.max_steps, "{name}");
+            let mut same = c.clone();
+            same.name = b.name.clone();
+            same.training.max_steps = b.training.max_steps;
+            assert_eq!(same, b, "{name} differs from {base} in more than max_steps");
+        } else if c.mode != Mode::Icl {
             let t = &c.training;
             assert_eq!(
                 (t.max_steps, t.batch_size, t.eval_every),
