@@ -6,7 +6,6 @@ use crate::CfConfig;
 use anyhow::Result;
 use collm_data::Dataset;
 use serde::Serialize;
-use std::fmt::Write as _;
 use std::path::Path;
 
 pub const PAPER_LRS: [f64; 3] = [1e-2, 1e-3, 1e-4];
@@ -83,44 +82,68 @@ pub fn sweep(base: &CfConfig, grid: &Grid, ds: &Dataset, out: &Path) -> Result<V
             }
         }
     }
-    points.sort_by(|a, b| {
-        b.1.valid_auc
-            .unwrap_or(f64::MIN)
-            .total_cmp(&a.1.valid_auc.unwrap_or(f64::MIN))
-    });
     let f = collm_metrics::fmt_metric;
-    let mut tsv = String::from("name\tdim\tlr\tweight_decay\tbest_epoch\tvalid_auc\tvalid_uauc\n");
-    let mut md = String::from(
-        "| run | d | lr | wd | best epoch | valid AUC | valid UAUC |\n|---|---|---|---|---|---|---|\n",
+    write_results(
+        out,
+        &[
+            ("name", "run"),
+            ("dim", "d"),
+            ("lr", "lr"),
+            ("weight_decay", "wd"),
+            ("best_epoch", "best epoch"),
+            ("valid_auc", "valid AUC"),
+            ("valid_uauc", "valid UAUC"),
+        ],
+        &mut points,
+        |p| p.valid_auc,
+        |p| {
+            vec![
+                p.name.clone(),
+                p.dim.to_string(),
+                format!("{:e}", p.lr),
+                format!("{:e}", p.weight_decay),
+                p.best_epoch.unwrap_or(0).to_string(),
+                f(p.valid_auc),
+                f(p.valid_uauc),
+            ]
+        },
+        |cfg| cfg.to_toml(),
+    )?;
+    Ok(points.into_iter().map(|(_, p)| p).collect())
+}
+
+/// Sorts a sweep's `(config, point)` pairs by valid AUC, best first (a point without one last),
+/// and writes `results.tsv` (the columns' first names) and `results.md` (their second names),
+/// a row a point, and `best.toml` (the best point's config) into `out`. Shared by every sweep.
+pub fn write_results<C, P>(
+    out: &Path,
+    columns: &[(&str, &str)],
+    points: &mut [(C, P)],
+    auc: impl Fn(&P) -> Option<f64>,
+    cells: impl Fn(&P) -> Vec<String>,
+    to_toml: impl Fn(&C) -> Result<String>,
+) -> Result<()> {
+    points.sort_by(|a, b| {
+        auc(&b.1)
+            .unwrap_or(f64::MIN)
+            .total_cmp(&auc(&a.1).unwrap_or(f64::MIN))
+    });
+    let names = |k: fn(&(&str, &str)) -> String| columns.iter().map(k).collect::<Vec<_>>();
+    let mut tsv = names(|c| c.0.to_string()).join("\t") + "\n";
+    let mut md = format!(
+        "| {} |\n|{}\n",
+        names(|c| c.1.to_string()).join(" | "),
+        "---|".repeat(columns.len())
     );
-    for (_, p) in &points {
-        let _ = writeln!(
-            tsv,
-            "{}\t{}\t{:e}\t{:e}\t{}\t{}\t{}",
-            p.name,
-            p.dim,
-            p.lr,
-            p.weight_decay,
-            p.best_epoch.unwrap_or(0),
-            f(p.valid_auc),
-            f(p.valid_uauc)
-        );
-        let _ = writeln!(
-            md,
-            "| {} | {} | {:e} | {:e} | {} | {} | {} |",
-            p.name,
-            p.dim,
-            p.lr,
-            p.weight_decay,
-            p.best_epoch.unwrap_or(0),
-            f(p.valid_auc),
-            f(p.valid_uauc)
-        );
+    for (_, p) in points.iter() {
+        let row = cells(p);
+        tsv += &(row.join("\t") + "\n");
+        md += &format!("| {} |\n", row.join(" | "));
     }
     collm_core::io::write_file_atomic(&out.join("results.tsv"), tsv.as_bytes())?;
     collm_core::io::write_file_atomic(&out.join("results.md"), md.as_bytes())?;
     if let Some((cfg, _)) = points.first() {
-        collm_core::io::write_file_atomic(&out.join("best.toml"), cfg.to_toml()?.as_bytes())?;
+        collm_core::io::write_file_atomic(&out.join("best.toml"), to_toml(cfg)?.as_bytes())?;
     }
-    Ok(points.into_iter().map(|(_, p)| p).collect())
+    Ok(())
 }

@@ -293,18 +293,7 @@ pub fn run(cmd: TrainCommand) -> Result<()> {
                 epochs: a.epochs,
             };
             let points = collm::ctrl::sweep(&base, &grid, &ds, &a.out, a.quiet)?;
-            print!(
-                "{}",
-                std::fs::read_to_string(a.out.join("results.md")).unwrap_or_default()
-            );
-            if let Some(p) = points.first() {
-                println!(
-                    "best: {} (config in {})",
-                    p.name,
-                    a.out.join("best.toml").display()
-                );
-            }
-            Ok(())
+            print_sweep(&a.out, points.first().map(|p| p.name.as_str()))
         }
         TrainCommand::CfSweep(a) => {
             let base = a.cf.config()?;
@@ -320,18 +309,22 @@ pub fn run(cmd: TrainCommand) -> Result<()> {
                 grid.dims = a.dims.clone();
             }
             let points = sweep(&base, &grid, &ds, &a.out)?;
-            print!(
-                "{}",
-                std::fs::read_to_string(a.out.join("results.md")).unwrap_or_default()
-            );
-            if let Some(p) = points.first() {
-                println!(
-                    "best: {} (config in {})",
-                    p.name,
-                    a.out.join("best.toml").display()
-                );
-            }
-            Ok(())
+            print_sweep(&a.out, points.first().map(|p| p.name.as_str()))
         }
     }
+}
+
+/// A finished sweep's table (`OUT/results.md`) and its best point.
+fn print_sweep(out: &std::path::Path, best: Option<&str>) -> Result<()> {
+    print!(
+        "{}",
+        std::fs::read_to_string(out.join("results.md")).unwrap_or_default()
+    );
+    if let Some(name) = best {
+        println!(
+            "best: {name} (config in {})",
+            out.join("best.toml").display()
+        );
+    }
+    Ok(())
 }

@@ -308,3 +308,61 @@ fn a_closed_stdout_is_a_normal_end() {
         String::from_utf8_lossy(&o.stderr)
     );
 }
+
+#[test]
+fn a_cf_sweep_trains_each_point_and_ranks_them_by_valid_auc() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = synthetic(tmp.path(), "data", 4);
+    let out = tmp.path().join("sweep");
+    let args = [
+        "train",
+        "cf-sweep",
+        "--model",
+        "mf",
+        "--data",
+        data.to_str().unwrap(),
+        "--max-epochs",
+        "3",
+        "--quiet",
+        "--lrs",
+        "1e-1,1e-3",
+        "--wds",
+        "1e-4",
+        "--dims",
+        "8",
+        "--out",
+        out.to_str().unwrap(),
+    ];
+    let stdout = ok(&args);
+    let tsv = std::fs::read_to_string(out.join("results.tsv")).unwrap();
+    let rows: Vec<Vec<&str>> = tsv.lines().map(|l| l.split('\t').collect()).collect();
+    assert_eq!(
+        rows[0],
+        [
+            "name",
+            "dim",
+            "lr",
+            "weight_decay",
+            "best_epoch",
+            "valid_auc",
+            "valid_uauc"
+        ]
+    );
+    assert_eq!(rows.len(), 3, "{tsv}");
+    // Best first; each row is its run's own best validation.
+    let auc = |r: &Vec<&str>| r[5].parse::<f64>().unwrap();
+    assert!(auc(&rows[1]) >= auc(&rows[2]), "{tsv}");
+    for r in &rows[1..] {
+        let m = metrics(&out.join("runs").join(r[0]));
+        let best = m["best_valid"]["auc"].as_f64().unwrap();
+        assert_eq!(collm_metrics::fmt_metric(Some(best)), r[5], "{}", r[0]);
+    }
+    let md = std::fs::read_to_string(out.join("results.md")).unwrap();
+    assert!(md.starts_with("| run | d | lr | wd | best epoch | valid AUC | valid UAUC |\n|---|---|---|---|---|---|---|\n"), "{md}");
+    assert!(
+        stdout.contains(&md) && stdout.contains(&format!("best: {}", rows[1][0])),
+        "{stdout}"
+    );
+    let best = collm_cf::CfConfig::load(&out.join("best.toml")).unwrap();
+    assert_eq!(format!("{:e}", best.lr), rows[1][2]);
+}

@@ -557,39 +557,35 @@ pub fn sweep(
             },
         ));
     }
-    points.sort_by(|a, b| {
-        b.1.valid_auc
-            .unwrap_or(f64::MIN)
-            .total_cmp(&a.1.valid_auc.unwrap_or(f64::MIN))
-    });
     let f = collm_metrics::fmt_metric;
-    let mut tsv = String::from(
-        "name\tsub_spaces\tbatch_size\tepochs\tstage1_infonce\tbest_epoch\tvalid_auc\tvalid_uauc\n",
-    );
-    let mut md = String::from(
-        "| run | M | batch | epochs | stage-1 InfoNCE | best epoch | valid AUC | valid UAUC |\n|---|---|---|---|---|---|---|---|\n",
-    );
-    for (_, p) in &points {
-        let loss = p.stage1_loss.map_or("-".into(), |l| format!("{l:.4}"));
-        let cells = [
-            p.name.clone(),
-            p.sub_spaces.to_string(),
-            p.batch_size.to_string(),
-            p.epochs.to_string(),
-            loss,
-            p.best_epoch.unwrap_or(0).to_string(),
-            f(p.valid_auc),
-            f(p.valid_uauc),
-        ];
-        tsv.push_str(&cells.join("\t"));
-        tsv.push('\n');
-        md.push_str(&format!("| {} |\n", cells.join(" | ")));
-    }
-    write_file_atomic(&out.join("results.tsv"), tsv.as_bytes())?;
-    write_file_atomic(&out.join("results.md"), md.as_bytes())?;
-    if let Some((cfg, _)) = points.first() {
-        write_file_atomic(&out.join("best.toml"), toml::to_string(cfg)?.as_bytes())?;
-    }
+    collm_cf::sweep::write_results(
+        out,
+        &[
+            ("name", "run"),
+            ("sub_spaces", "M"),
+            ("batch_size", "batch"),
+            ("epochs", "epochs"),
+            ("stage1_infonce", "stage-1 InfoNCE"),
+            ("best_epoch", "best epoch"),
+            ("valid_auc", "valid AUC"),
+            ("valid_uauc", "valid UAUC"),
+        ],
+        &mut points,
+        |p| p.valid_auc,
+        |p| {
+            vec![
+                p.name.clone(),
+                p.sub_spaces.to_string(),
+                p.batch_size.to_string(),
+                p.epochs.to_string(),
+                p.stage1_loss.map_or("-".into(), |l| format!("{l:.4}")),
+                p.best_epoch.unwrap_or(0).to_string(),
+                f(p.valid_auc),
+                f(p.valid_uauc),
+            ]
+        },
+        |cfg| Ok(toml::to_string(cfg)?),
+    )?;
     Ok(points.into_iter().map(|(_, p)| p).collect())
 }
 
