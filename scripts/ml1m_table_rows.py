@@ -31,7 +31,12 @@ def row(d, cfg, kind):
     elif get("mode") == "icl":
         budget = "no training"
     else:
-        budget = "%s of %s steps, batch %s" % (m.get("step"), get("max_steps"), get("batch_size"))
+        # An early stop and a best step before the last are part of what the row cost.
+        stop = " (patience)" if m.get("stopped") == "patience" else ""
+        best = m.get("best_step")
+        best = " (best: step %s)" % best if best not in (None, m.get("step")) else ""
+        budget = "%s of %s steps%s, batch %s%s" % (
+            m.get("step"), get("max_steps"), stop, get("batch_size"), best)
     p = os.path.join(d, "driver.log")
     log = open(p).read() if os.path.exists(p) else ""
     secs = sum(int(x) for x in re.findall(r"trained (\d+) s", log))
