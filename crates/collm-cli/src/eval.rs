@@ -3,7 +3,9 @@
 use anyhow::Result;
 use clap::{Args, Subcommand};
 use collm::pipeline::evaluate_run;
+use collm_data::subsets::TrainCounts;
 use collm_data::Dataset;
+use collm_metrics::compare::compare;
 use collm_metrics::scores::{format_scores, read_scores};
 use collm_metrics::Report;
 use std::path::PathBuf;
@@ -22,6 +24,37 @@ pub enum EvalCommand {
     /// Evaluate a CoLLM run (from `collm train collm`) on a split of its dataset (or of --data:
     /// the same data with a test split added).
     Collm(CollmEvalArgs),
+    /// Is scores file A above scores file B on the same split, beyond noise? AUC and UAUC of
+    /// both, overall and warm/cold, with the difference's 95% interval and P(A<=B) from the
+    /// paired bootstrap over users (each resample draws the split's users with replacement,
+    /// with all their rows, and measures A and B on the same draw).
+    Compare(CompareArgs),
+}
+
+#[derive(Args)]
+pub struct CompareArgs {
+    /// Dataset directory.
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Split name (train, valid, test).
+    #[arg(long)]
+    pub split: String,
+    /// Scores file A (the candidate), as `collm eval scores` reads it.
+    #[arg(long)]
+    pub scores: PathBuf,
+    /// Scores file B (the baseline) of the same split.
+    #[arg(long)]
+    pub baseline: PathBuf,
+    /// Bootstrap resamples.
+    #[arg(long, default_value_t = 2000)]
+    pub resamples: usize,
+    /// Seed of the resampling (the same seed, the same interval).
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Print {"resamples","seed","level","n","users","differences":[{"rows","metric","a","b",
+    /// "diff","ci_low","ci_high","se","p_not_above","resamples_defined"},…]}.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Args)]
@@ -97,6 +130,28 @@ pub fn run(cmd: EvalCommand) -> Result<()> {
             let ds = Dataset::load(&a.data)?;
             let scores = read_scores(&a.scores, &ds.split(&a.split)?.rows)?;
             return print_report(&Report::for_split(&ds, &a.split, &scores)?, a.json);
+        }
+        EvalCommand::Compare(a) => {
+            let ds = Dataset::load(&a.data)?;
+            let rows = &ds.split(&a.split)?.rows;
+            let (sa, sb) = (
+                read_scores(&a.scores, rows)?,
+                read_scores(&a.baseline, rows)?,
+            );
+            let counts = TrainCounts::from_dataset(&ds)?;
+            let c = compare(&counts, rows, &sa, &sb, a.resamples, a.seed)?;
+            if a.json {
+                println!("{}", serde_json::to_string(&c)?);
+            } else {
+                print!(
+                    "{}",
+                    c.render(
+                        &a.scores.display().to_string(),
+                        &a.baseline.display().to_string()
+                    )
+                );
+            }
+            return Ok(());
         }
         EvalCommand::Collm(a) => (
             evaluate_run(&a.run, a.data.as_deref(), &a.split, !a.json)?,

@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{assert_contains, failure, ok};
+use common::{assert_contains, failure, ok, s};
 use std::path::Path;
 
 /// Nothing but `keep` is left in `dir` (no output, no temporary sibling).
@@ -151,6 +151,133 @@ fn prepare_stats_and_eval_scores_end_to_end() {
     std::fs::write(&train, text).unwrap();
     let e = failure(&["data", "stats", out.to_str().unwrap()]);
     assert_contains(&e, &["train.tsv", "contents changed"]);
+}
+
+/// `collm eval compare` end to end: two scores files of a small split, the paired bootstrap's
+/// report as text and JSON, and the inputs it refuses.
+#[test]
+fn eval_compare_reports_the_paired_difference_and_names_bad_inputs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let input = tmp.path().join("in");
+    tsv_dir(&input, GOOD_TRAIN, GOOD_ITEMS);
+    // A valid split of 4 users with both labels each.
+    let mut valid = String::from("uid\tiid\tlabel\ttimestamp\thistory\n");
+    let mut rows = Vec::new();
+    for u in 1..=4u32 {
+        for (k, label) in [1u8, 0, 1, 0].into_iter().enumerate() {
+            let iid = 1 + (k as u32 + u) % 2;
+            valid += &format!("{u}\t{iid}\t{label}\t{}\t\n", 10 + k);
+            rows.push((u, iid, label));
+        }
+    }
+    std::fs::write(input.join("valid.tsv"), valid).unwrap();
+    let out = tmp.path().join("ds");
+    ok(&[
+        "data",
+        "prepare",
+        "collm-tsv",
+        "--input",
+        s(&input),
+        "--out",
+        s(&out),
+    ]);
+    // A ranks every positive first; B every negative first.
+    let write = |name: &str, good: bool| {
+        let mut t = String::from("uid\tiid\tscore\n");
+        for (k, (u, i, l)) in rows.iter().enumerate() {
+            let x = if (*l == 1) == good { 1.0 } else { 0.0 } + k as f64 * 1e-3;
+            t += &format!("{u}\t{i}\t{x}\n");
+        }
+        let p = tmp.path().join(name);
+        std::fs::write(&p, t).unwrap();
+        p
+    };
+    let (a, b) = (write("a.tsv", true), write("b.tsv", false));
+    let args = |x: &Path, y: &Path| -> Vec<String> {
+        [
+            "eval",
+            "compare",
+            "--data",
+            s(&out),
+            "--split",
+            "valid",
+            "--scores",
+            s(x),
+            "--baseline",
+            s(y),
+            "--resamples",
+            "300",
+        ]
+        .iter()
+        .map(|e| e.to_string())
+        .collect()
+    };
+    let run = |x: &Path, y: &Path, extra: &[&str]| {
+        let mut v = args(x, y);
+        v.extend(extra.iter().map(|e| e.to_string()));
+        let refs: Vec<&str> = v.iter().map(|e| e.as_str()).collect();
+        ok(&refs)
+    };
+    let j: serde_json::Value = serde_json::from_str(&run(&a, &b, &["--json"])).unwrap();
+    assert_eq!(j["n"], 16);
+    assert_eq!(j["users"], 4);
+    assert_eq!(j["resamples"], 300);
+    let all_auc = &j["differences"][0];
+    assert_eq!(all_auc["rows"], "all");
+    assert_eq!(all_auc["metric"], "auc");
+    assert_eq!(
+        (all_auc["a"].as_f64(), all_auc["b"].as_f64()),
+        (Some(1.0), Some(0.0))
+    );
+    assert_eq!(all_auc["diff"].as_f64(), Some(1.0));
+    assert_eq!(all_auc["ci_low"].as_f64(), Some(1.0));
+    assert_eq!(all_auc["p_not_above"].as_f64(), Some(0.0));
+    let uauc = &j["differences"][1];
+    assert_eq!(uauc["metric"], "uauc");
+    assert_eq!(uauc["diff"].as_f64(), Some(1.0));
+    // All rows, then the train counts' warm and cold subsets.
+    let names: Vec<&str> = j["differences"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["rows"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["all", "all", "warm", "warm", "cold", "cold"]);
+    // The same seed, the same report; the text names both files and the method.
+    assert_eq!(
+        run(&a, &b, &["--json"]),
+        run(&a, &b, &["--json", "--seed", "0"])
+    );
+    let text = run(&a, &b, &[]);
+    assert_contains(
+        &text,
+        &[
+            "a.tsv",
+            "b.tsv",
+            "95% interval",
+            "P(A<=B)",
+            "+1.0000",
+            "<0.0033",
+            "4 users",
+        ],
+    );
+    // The other way round, A is below B in every draw.
+    let j: serde_json::Value = serde_json::from_str(&run(&b, &a, &["--json"])).unwrap();
+    assert_eq!(j["differences"][0]["p_not_above"].as_f64(), Some(1.0));
+
+    // A baseline in the wrong order names its file and line; too few resamples are refused.
+    let bad = tmp.path().join("bad.tsv");
+    let text = std::fs::read_to_string(&b).unwrap();
+    let mut lines: Vec<&str> = text.lines().collect();
+    lines.swap(1, 2);
+    std::fs::write(&bad, lines.join("\n") + "\n").unwrap();
+    let v = args(&a, &bad);
+    let refs: Vec<&str> = v.iter().map(|e| e.as_str()).collect();
+    assert_contains(&failure(&refs), &["bad.tsv:2:", "split's order"]);
+    let mut v = args(&a, &b);
+    *v.last_mut().unwrap() = "1".into();
+    let refs: Vec<&str> = v.iter().map(|e| e.as_str()).collect();
+    assert_contains(&failure(&refs), &["--resamples is 1"]);
 }
 
 /// Prepares a collm-tsv input that must fail; checks the message and that nothing is left.

@@ -8,6 +8,7 @@
 //! ```
 //! A metric that is undefined (one class only, no eligible user) is `null`.
 
+pub mod compare;
 pub mod ranking;
 pub mod scores;
 
