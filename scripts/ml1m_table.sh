@@ -6,6 +6,7 @@
 #   scripts/ml1m_table.sh            # the same (committing is on by default in a git checkout)
 #   scripts/ml1m_table.sh --no-commit  # the same, leaving git alone
 #   scripts/ml1m_table.sh --next     # do one row's next piece of work, then stop
+#   scripts/ml1m_table.sh --scores   # keep the valid scores of rows finished without them (below)
 #   scripts/ml1m_table.sh --status   # one line per row: done / in progress (step) / to do
 #   scripts/ml1m_table.sh --report   # the table from what is done (collm report over results/ml-1m; not the seed rows)
 #   scripts/ml1m_table.sh --table    # README's rows: AUC, UAUC, warm/cold, budget, wall time, machine
@@ -22,8 +23,11 @@
 # trained from configs/ml-1m/CONFIG.toml. For a row the driver does the next thing missing:
 # resume the run in progress (`--resume`) or start it; once its training has finished (its
 # metrics.json says why it stopped), evaluate it on the full valid split (ROW/eval-valid.json,
-# checked and moved into place) and drop its checkpoint (a finished row keeps what evaluation
-# needs: config, best weights, metrics). Any failure (a training killed or out of memory, an
+# checked and moved into place, and its scores ROW/scores-valid.tsv, which `collm eval compare`
+# reads) and drop its checkpoint (a finished row keeps what evaluation needs: config, best
+# weights, metrics). Rows finished before the driver kept scores get them after the last row
+# (or now: --scores), evaluated again and kept only where that reproduces their eval-valid.json
+# (a check of the shipped weights; seed rows ship none and are skipped). Any failure (a training killed or out of memory, an
 # evaluation that fails) stops the driver there, with the row's checkpoint kept and nothing
 # marked done. An LLM row that no other row is trained over (the CoLLM rows, T1-T3, UI-token,
 # Soft-Prompt) has its best weights stored in f16 first (`collm compact`: half the bytes, so that
@@ -364,35 +368,48 @@ sys.exit(0 if files and all(dtypes(p) <= {"F16", "BF16", "I64", "U32", "U8"} for
 PY
 }
 
+# Evaluates row $1 (kind $2) on the full valid split: the report into $3, the scores into $4.
+evaluate() {
+  if [ "$2" = cf ] || [ "$2" = ctrl ]; then
+    run_child sh -c '"$1" eval cf --run "$2" --data "$3" --split valid --json --scores-out "$5" > "$4"' sh "$BIN" "$OUT/$1" "$DATA" "$3" "$4"
+  else
+    run_child sh -c '"$1" eval collm --run "$2" --split valid --json --scores-out "$4" > "$3"' sh "$BIN" "$OUT/$1" "$3" "$4"
+  fi
+}
+
+# Moves the lines log_row wrote for row $1 into its directory's driver.log.
+fold_log() {
+  if [ -f "$OUT/$1.driver.log" ]; then
+    cat "$OUT/$1.driver.log" >> "$OUT/$1/driver.log"
+    rm "$OUT/$1.driver.log"
+  fi
+}
+
 eval_row() {
-  local row=$1 kind=$2 seed=${3:-} dir=$OUT/$1 tmp rc=0
+  local row=$1 kind=$2 seed=${3:-} dir=$OUT/$1 tmp scores rc=0
   finished "$dir" || fail "$row: its training has not finished (metrics.json has no 'stopped'); not evaluating it"
   tmp="$OUT/.eval-$row.$$"   # hidden (ignored by git), removed on exit
+  scores="$OUT/.eval-$row.scores.$$"
   if ships_half "$row" "$kind" && ! compacted "$dir"; then
     say "$row: storing its best weights in f16 (collm compact)"
     run_child "$BIN" compact "$dir" --dtype f16 || fail "$row: collm compact failed"
     log_row "$row" "compacted to f16"
   fi
   say "$row: evaluating on the full valid split"
-  if [ "$kind" = cf ] || [ "$kind" = ctrl ]; then
-    run_child sh -c '"$1" eval cf --run "$2" --data "$3" --split valid --json > "$4"' sh "$BIN" "$dir" "$DATA" "$tmp" || rc=$?
-  else
-    run_child sh -c '"$1" eval collm --run "$2" --split valid --json > "$3"' sh "$BIN" "$dir" "$tmp" || rc=$?
-  fi
-  if [ $rc != 0 ] || ! is_report "$tmp"; then
-    rm -f "$tmp"
+  evaluate "$row" "$kind" "$tmp" "$scores" || rc=$?
+  if [ $rc != 0 ] || ! is_report "$tmp" || [ ! -s "$scores" ]; then
+    rm -f "$tmp" "$scores"
     log_row "$row" "evaluation failed (exit $rc)"
     fail "$row: evaluation failed (exit $rc); nothing marked done"
   fi
+  # The scores first: a row that is done (eval-valid.json) has them.
+  mv "$scores" "$dir/scores-valid.tsv"
   mv "$tmp" "$dir/eval-valid.json"
   # A finished row keeps what evaluation needs; a collaborative seed row not even its weights
   # (retrainable in minutes from its seed: the table's 60 MB budget).
   rm -rf "$dir/checkpoint"
   if [ "$kind" = cf ] && [ -n "$seed" ]; then rm -f "$dir/model.safetensors"; fi
-  if [ -f "$OUT/$row.driver.log" ]; then
-    cat "$OUT/$row.driver.log" >> "$dir/driver.log"
-    rm "$OUT/$row.driver.log"
-  fi
+  fold_log "$row"
   local res
   res=$(python3 -c 'import json,sys; r=json.load(open(sys.argv[1])); print("valid AUC %.4f UAUC %s" % (r["auc"], "%.4f" % r["uauc"] if r["uauc"] is not None else "-"))' "$dir/eval-valid.json")
   say "$row: done ($res)"
@@ -422,6 +439,58 @@ do_row() {
   train_row "$@"
   eval_row "$row" "$kind" "${4:-}"
   DID=1
+}
+
+# Rows finished before the driver kept their scores: evaluate each again on the weights it ships,
+# and keep the scores (ROW/scores-valid.tsv, what `collm eval compare` reads) only when the new
+# report reproduces the committed eval-valid.json (AUC and UAUC within 1e-6): a check that the
+# shipped weights give the shipped numbers. Seed rows keep no weights: they are skipped. A row
+# that does not reproduce is reported and left as it is; the driver goes on.
+backfill_scores() {
+  local r row kind dir tmp scores rc res
+  for r in "${ROWS[@]}"; do
+    # shellcheck disable=SC2086
+    set -- $r
+    row=$1 kind=$2 dir=$OUT/$1
+    if [ -n "${ONLY:-}" ] && [ "$kind" != "$ONLY" ]; then continue; fi
+    if [ "$(state "$row")" != done ] || [ -f "$dir/scores-valid.tsv" ]; then continue; fi
+    if [ "$kind" = cf ] && [ -n "${4:-}" ]; then continue; fi
+    ROW_NOW=$row
+    tmp="$OUT/.eval-$row.$$" scores="$OUT/.eval-$row.scores.$$" rc=0
+    say "$row: evaluating again for its scores (finished before the driver kept them)"
+    evaluate "$row" "$kind" "$tmp" "$scores" || rc=$?
+    if [ $rc != 0 ] || ! is_report "$tmp" || [ ! -s "$scores" ]; then
+      rm -f "$tmp" "$scores"
+      say "$row: its evaluation failed (exit $rc); no scores kept" >&2
+      continue
+    fi
+    rc=0
+    res=$(python3 - "$dir/eval-valid.json" "$tmp" <<'PY'
+import json, sys
+old, new = (json.load(open(p)) for p in sys.argv[1:3])
+d = max(abs((old[k] or 0) - (new[k] or 0)) for k in ("auc", "uauc"))
+print("AUC %.6f UAUC %s, largest difference %.1e" % (new["auc"], "%.6f" % new["uauc"] if new["uauc"] is not None else "-", d))
+sys.exit(0 if d <= 1e-6 and (old["uauc"] is None) == (new["uauc"] is None) else 1)
+PY
+    ) || rc=$?
+    rm -f "$tmp"
+    if [ $rc != 0 ]; then
+      rm -f "$scores"
+      say "$row: evaluating it again does not reproduce its eval-valid.json ($res); no scores kept" >&2
+      continue
+    fi
+    mv "$scores" "$dir/scores-valid.tsv"
+    log_row "$row" "scores-valid.tsv written: evaluated again, it reproduces eval-valid.json ($res)"
+    fold_log "$row"
+    say "$row: scores kept ($res)"
+    if [ "$COMMIT" = on ]; then
+      if stage_row "$row"; then
+        commit_staged "$row" final "results/ml-1m: $row's valid scores (evaluated again: $res)"
+      else
+        say "$row: could not record its files in git; commit $OUT/$row yourself" >&2
+      fi
+    fi
+  done
 }
 
 # README's table rows from the finished rows (scripts/ml1m_table_rows.py).
@@ -472,10 +541,10 @@ signal_driver() {
 ACTION=run
 for a in "$@"; do
   case $a in
-    --status|--table|--report|--next|--pause|--continue) ACTION=${a#--} ;;
+    --status|--table|--report|--next|--pause|--continue|--scores) ACTION=${a#--} ;;
     --commit) COMMIT=on ;;
     --no-commit) COMMIT=off ;;
-    *) echo "usage: scripts/ml1m_table.sh [--commit|--no-commit] [--next|--status|--table|--report|--pause|--continue]" >&2; exit 2 ;;
+    *) echo "usage: scripts/ml1m_table.sh [--commit|--no-commit] [--next|--scores|--status|--table|--report|--pause|--continue]" >&2; exit 2 ;;
   esac
 done
 
@@ -516,6 +585,10 @@ if [ "$COMMIT" = on ]; then
   say "committing each finished row, and the row in progress at most every $COMMIT_EVERY s"
 fi
 setup
+if [ "$ACTION" = scores ]; then
+  backfill_scores
+  exit 0
+fi
 for r in "${ROWS[@]}"; do
   # ONLY=cf (or llm) does the rows of that kind only: the cheap collaborative rows while the
   # machine has no time for an LLM row's next checkpoint.
@@ -526,5 +599,6 @@ for r in "${ROWS[@]}"; do
   do_row $r
   if [ $DID = 1 ] && [ "$ACTION" = next ]; then exit 0; fi
 done
+backfill_scores
 say "nothing left to do${ONLY:+ among the $ONLY rows}"
 status

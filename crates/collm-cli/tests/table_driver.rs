@@ -402,3 +402,105 @@ fn the_driver_commits_rows_and_a_clone_of_any_moment_resumes_to_the_same_table()
     commits_touch_one_row_each(&repo);
     assert!(hidden_paths_git_sees(&repo).is_empty());
 }
+
+/// `collm eval scores` on a file: its report without wall-clock fields.
+fn scores_report(file: &Path) -> serde_json::Value {
+    let o = Command::new(bin())
+        .args([
+            "eval",
+            "scores",
+            "--data",
+            s(&family().data()),
+            "--split",
+            "valid",
+        ])
+        .args(["--scores", s(file), "--json"])
+        .env("COLLM_LOG", "error")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{o:?}");
+    serde_json::from_slice(&o.stdout).unwrap()
+}
+
+#[test]
+fn finished_rows_ship_their_scores_and_older_rows_get_them_back_when_they_reproduce() {
+    let tmp = tempfile::tempdir().unwrap();
+    let repo = make_repo(&tmp.path().join("repo"));
+    let o = run_driver(&repo, &["--commit"], &[]);
+    assert!(o.status.success(), "{}", text(&o));
+    // Every finished row ships the scores its report was computed from.
+    let dir = |r: &str| repo.join("results/ml-1m").join(r);
+    let mut kept = Vec::new();
+    for r in ROWS {
+        let f = dir(r).join("scores-valid.tsv");
+        assert_eq!(scores_report(&f), report(&dir(r)), "{r}");
+        kept.push(std::fs::read(&f).unwrap());
+    }
+    assert_eq!(
+        git(
+            &repo,
+            &["ls-files", "results/ml-1m/collm-mf/scores-valid.tsv"]
+        )
+        .trim(),
+        "results/ml-1m/collm-mf/scores-valid.tsv"
+    );
+
+    // Rows finished before the driver kept scores: drop them (and let one row's report no
+    // longer match its weights), as a commit of someone else's.
+    for r in ROWS {
+        std::fs::remove_file(dir(r).join("scores-valid.tsv")).unwrap();
+    }
+    let mut v: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir("tallrec").join("eval-valid.json")).unwrap(),
+    )
+    .unwrap();
+    v["auc"] = serde_json::json!(v["auc"].as_f64().unwrap() + 0.001);
+    std::fs::write(dir("tallrec").join("eval-valid.json"), v.to_string()).unwrap();
+    git(&repo, &["add", "-A", "results"]);
+    git(&repo, &["commit", "-q", "-m", "rows without scores"]);
+    let before = git(&repo, &["rev-parse", "HEAD"]);
+
+    let o = run_driver(&repo, &["--scores"], &[]);
+    let out = text(&o);
+    assert!(o.status.success(), "{out}");
+    // The MF and CoLLM rows get the very scores they had, each in a commit of its own paths.
+    for (k, r) in ROWS.iter().enumerate() {
+        let f = dir(r).join("scores-valid.tsv");
+        match *r {
+            "cf-mf" | "collm-mf" => {
+                assert_eq!(std::fs::read(&f).unwrap(), kept[k], "{r}");
+                let log = std::fs::read_to_string(dir(r).join("driver.log")).unwrap();
+                assert!(log.contains("reproduces eval-valid.json"), "{r}: {log}");
+            }
+            // TALLRec's report no longer matches its weights; the seed row has no weights.
+            _ => assert!(!f.exists(), "{r}"),
+        }
+    }
+    assert!(
+        out.contains("tallrec: evaluating it again does not reproduce its eval-valid.json"),
+        "{out}"
+    );
+    assert!(!out.contains("cf-mf-s1"), "{out}");
+    let commits = git(
+        &repo,
+        &["log", "--format=%H", &format!("{}..HEAD", before.trim())],
+    );
+    let commits: Vec<&str> = commits.lines().collect();
+    assert_eq!(commits.len(), 2, "{out}");
+    for c in commits {
+        let files = git(&repo, &["show", "--name-only", "--format=", c]);
+        assert!(
+            files
+                .lines()
+                .all(|f| f.ends_with("/scores-valid.tsv") || f.ends_with("/driver.log")),
+            "{files}"
+        );
+    }
+    assert!(git(&repo, &["status", "--porcelain"]).trim().is_empty());
+    assert!(hidden_paths_git_sees(&repo).is_empty());
+    // A second pass evaluates TALLRec again (it still does not reproduce) and commits nothing.
+    let head = git(&repo, &["rev-parse", "HEAD"]);
+    let o = run_driver(&repo, &["--scores"], &[]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(git(&repo, &["rev-parse", "HEAD"]), head);
+}
