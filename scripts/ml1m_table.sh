@@ -368,6 +368,16 @@ sys.exit(0 if files and all(dtypes(p) <= {"F16", "BF16", "I64", "U32", "U8"} for
 PY
 }
 
+# Commits finished row $1's paths with message $2 (when committing).
+commit_row() {
+  [ "$COMMIT" = on ] || return 0
+  if stage_row "$1"; then
+    commit_staged "$1" final "$2"
+  else
+    say "$1: could not record its files in git; commit $OUT/$1 yourself" >&2
+  fi
+}
+
 # Evaluates row $1 (kind $2) on the full valid split: the report into $3, the scores into $4.
 evaluate() {
   if [ "$2" = cf ] || [ "$2" = ctrl ]; then
@@ -413,13 +423,7 @@ eval_row() {
   local res
   res=$(python3 -c 'import json,sys; r=json.load(open(sys.argv[1])); print("valid AUC %.4f UAUC %s" % (r["auc"], "%.4f" % r["uauc"] if r["uauc"] is not None else "-"))' "$dir/eval-valid.json")
   say "$row: done ($res)"
-  if [ "$COMMIT" = on ]; then
-    if stage_row "$row"; then
-      commit_staged "$row" final "results/ml-1m: $row done ($res)"
-    else
-      say "$row: could not record its files in git; commit $OUT/$row yourself" >&2
-    fi
-  fi
+  commit_row "$row" "results/ml-1m: $row done ($res)"
 }
 
 DID=0   # did the last do_row do anything?
@@ -483,13 +487,7 @@ PY
     log_row "$row" "scores-valid.tsv written: evaluated again, it reproduces eval-valid.json ($res)"
     fold_log "$row"
     say "$row: scores kept ($res)"
-    if [ "$COMMIT" = on ]; then
-      if stage_row "$row"; then
-        commit_staged "$row" final "results/ml-1m: $row's valid scores (evaluated again: $res)"
-      else
-        say "$row: could not record its files in git; commit $OUT/$row yourself" >&2
-      fi
-    fi
+    commit_row "$row" "results/ml-1m: $row's valid scores (evaluated again: $res)"
   done
 }
 

@@ -31,14 +31,21 @@ pub enum EvalCommand {
     Compare(CompareArgs),
 }
 
+/// The split a scores file belongs to.
 #[derive(Args)]
-pub struct CompareArgs {
+pub struct SplitArgs {
     /// Dataset directory.
     #[arg(long)]
     pub data: PathBuf,
     /// Split name (train, valid, test).
     #[arg(long)]
     pub split: String,
+}
+
+#[derive(Args)]
+pub struct CompareArgs {
+    #[command(flatten)]
+    pub on: SplitArgs,
     /// Scores file A (the candidate), as `collm eval scores` reads it.
     #[arg(long)]
     pub scores: PathBuf,
@@ -100,12 +107,8 @@ pub struct CfEvalArgs {
 
 #[derive(Args)]
 pub struct ScoresArgs {
-    /// Dataset directory.
-    #[arg(long)]
-    pub data: PathBuf,
-    /// Split name (train, valid, test).
-    #[arg(long)]
-    pub split: String,
+    #[command(flatten)]
+    pub on: SplitArgs,
     /// Scores file.
     #[arg(long)]
     pub scores: PathBuf,
@@ -127,13 +130,13 @@ pub fn print_report(report: &Report, json: bool) -> Result<()> {
 pub fn run(cmd: EvalCommand) -> Result<()> {
     let (e, scores_out, json) = match cmd {
         EvalCommand::Scores(a) => {
-            let ds = Dataset::load(&a.data)?;
-            let scores = read_scores(&a.scores, &ds.split(&a.split)?.rows)?;
-            return print_report(&Report::for_split(&ds, &a.split, &scores)?, a.json);
+            let ds = Dataset::load(&a.on.data)?;
+            let scores = read_scores(&a.scores, &ds.split(&a.on.split)?.rows)?;
+            return print_report(&Report::for_split(&ds, &a.on.split, &scores)?, a.json);
         }
         EvalCommand::Compare(a) => {
-            let ds = Dataset::load(&a.data)?;
-            let rows = &ds.split(&a.split)?.rows;
+            let ds = Dataset::load(&a.on.data)?;
+            let rows = &ds.split(&a.on.split)?.rows;
             let (sa, sb) = (
                 read_scores(&a.scores, rows)?,
                 read_scores(&a.baseline, rows)?,
