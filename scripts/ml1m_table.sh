@@ -10,6 +10,7 @@
 #   scripts/ml1m_table.sh --status   # one line per row: done / in progress (step) / to do
 #   scripts/ml1m_table.sh --report   # the table from what is done (collm report over results/ml-1m; not the seed rows)
 #   scripts/ml1m_table.sh --table    # README's rows: AUC, UAUC, warm/cold, budget, wall time, machine
+#   scripts/ml1m_table.sh --compare  # each CoLLM row against its CF row beyond noise (collm eval compare)
 #   scripts/ml1m_table.sh --pause    # pause a running driver and its training (SIGSTOP), for a benchmark
 #   scripts/ml1m_table.sh --continue # let it go on (SIGCONT)
 #   ONLY=cf scripts/ml1m_table.sh    # the collaborative rows only (minutes each), ONLY=llm the LLM rows
@@ -502,6 +503,26 @@ table() {
   if [ ${#args[@]} -gt 0 ]; then python3 scripts/ml1m_table_rows.py "${args[@]}"; fi
 }
 
+# Each finished CoLLM-family row against the collaborative row it is trained over (its config's
+# cf_run), both with their valid scores: the paired bootstrap over users (`collm eval compare`)
+# as a markdown table (scripts/ml1m_table_rows.py --compare).
+compare_rows() {
+  local args=() r base tmp
+  tmp=$(mktemp -d)
+  for r in "${ROWS[@]}"; do
+    # shellcheck disable=SC2086
+    set -- $r
+    if [ "$(state "$1")" != done ] || [ ! -f "$OUT/$1/scores-valid.tsv" ]; then continue; fi
+    base=$(sed -n 's|^cf_run *= *"results/ml-1m/\([^"]*\)".*|\1|p' "configs/ml-1m/$3.toml")
+    if [ -z "$base" ] || [ ! -f "$OUT/$base/scores-valid.tsv" ]; then continue; fi
+    "$BIN" eval compare --data "$DATA" --split valid --scores "$OUT/$1/scores-valid.tsv" \
+      --baseline "$OUT/$base/scores-valid.tsv" --json > "$tmp/$1.json"
+    args+=("$1" "$base" "$tmp/$1.json")
+  done
+  if [ ${#args[@]} -gt 0 ]; then python3 scripts/ml1m_table_rows.py --compare "${args[@]}"; fi
+  rm -rf "$tmp"
+}
+
 status() {
   local r
   for r in "${ROWS[@]}"; do
@@ -539,16 +560,17 @@ signal_driver() {
 ACTION=run
 for a in "$@"; do
   case $a in
-    --status|--table|--report|--next|--pause|--continue|--scores) ACTION=${a#--} ;;
+    --status|--table|--report|--compare|--next|--pause|--continue|--scores) ACTION=${a#--} ;;
     --commit) COMMIT=on ;;
     --no-commit) COMMIT=off ;;
-    *) echo "usage: scripts/ml1m_table.sh [--commit|--no-commit] [--next|--scores|--status|--table|--report|--pause|--continue]" >&2; exit 2 ;;
+    *) echo "usage: scripts/ml1m_table.sh [--commit|--no-commit] [--next|--scores|--status|--table|--compare|--report|--pause|--continue]" >&2; exit 2 ;;
   esac
 done
 
 case $ACTION in
   status) status; exit 0 ;;
   table) table; exit 0 ;;
+  compare) setup; compare_rows; exit 0 ;;
   pause) signal_driver STOP; exit 0 ;;
   continue) signal_driver CONT; exit 0 ;;
   report)

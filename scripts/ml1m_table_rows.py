@@ -2,6 +2,8 @@
 """README's ML-1M table rows from finished rows (called by scripts/ml1m_table.sh --table).
 
 Usage: ml1m_table_rows.py RUN_DIR CONFIG KIND ...  (triples, one per finished row)
+       ml1m_table_rows.py --compare ROW BASE JSON ...  (--compare: `collm eval compare --json`
+       of ROW's valid scores against BASE's, a markdown table of the paired differences)
 Each row: valid AUC / UAUC, warm / cold AUC (eval-valid.json), the budget spent (metrics.json
 and the config), the wall time (driver.log's "trained N s" lines, summed over sessions) and the
 machines it ran on (for LLM rows with the kernel of their frozen projections)."""
@@ -52,6 +54,31 @@ def row(d, cfg, kind):
         fmt(sub.get("cold", {}).get("auc")), budget, wall, "; ".join(machines) or "?")
 
 
+def compare(row, base, path):
+    """One row of the comparison table from `collm eval compare --json`."""
+    c = json.load(open(path))
+    d = {(x["rows"], x["metric"]): x for x in c["differences"]}
+
+    def cell(rows, metric):
+        x = d[(rows, metric)]
+        if x["diff"] is None or x["ci_low"] is None:
+            return "-", "-"
+        p = x["p_not_above"]
+        p = "<%.4f" % (1 / x["resamples_defined"]) if p == 0 else "%.4f" % p
+        return "%+.4f [%+.4f, %+.4f]" % (x["diff"], x["ci_low"], x["ci_high"]), p
+
+    cells = [v for k in (("all", "auc"), ("all", "uauc"), ("cold", "auc")) for v in cell(*k)]
+    return "| %s | %s | %s |" % (row, base, " | ".join(cells))
+
+
 args = sys.argv[1:]
-for k in range(0, len(args), 3):
-    print(row(*args[k:k + 3]))
+if args[:1] == ["--compare"]:
+    # Triples ROW BASE JSON: ROW's scores against BASE's (collm eval compare --json).
+    args = args[1:]
+    print("| row | against | AUC A−B [95%] | P(A≤B) | UAUC A−B [95%] | P(A≤B) | cold AUC A−B [95%] | P(A≤B) |")
+    print("|---|---|---|---|---|---|---|---|")
+    for k in range(0, len(args), 3):
+        print(compare(*args[k:k + 3]))
+else:
+    for k in range(0, len(args), 3):
+        print(row(*args[k:k + 3]))

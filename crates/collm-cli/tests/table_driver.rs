@@ -445,6 +445,27 @@ fn finished_rows_ship_their_scores_and_older_rows_get_them_back_when_they_reprod
         "results/ml-1m/collm-mf/scores-valid.tsv"
     );
 
+    // --compare: the CoLLM row against the CF row its config names, beyond noise.
+    let o = run_driver(&repo, &["--compare"], &[]);
+    let out = text(&o);
+    assert!(o.status.success(), "{out}");
+    let line = out
+        .lines()
+        .find(|l| l.starts_with("| collm-mf | cf-mf | "))
+        .unwrap_or_else(|| panic!("no CoLLM-MF row: {out}"));
+    let want = report(&dir("collm-mf"))["auc"].as_f64().unwrap()
+        - report(&dir("cf-mf"))["auc"].as_f64().unwrap();
+    assert!(
+        line.contains(&format!("| {want:+.4} [")),
+        "{line} (want {want:+.4})"
+    );
+    // The header and CoLLM-MF: TALLRec is over no CF row.
+    assert_eq!(
+        out.lines().filter(|l| l.starts_with("| ")).count(),
+        2,
+        "{out}"
+    );
+
     // Rows finished before the driver kept scores: drop them (and let one row's report no
     // longer match its weights), as a commit of someone else's.
     for r in ROWS {
