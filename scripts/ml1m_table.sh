@@ -449,10 +449,13 @@ do_row() {
 # Rows finished before the driver kept their scores: evaluate each again on the weights it ships,
 # and keep the scores (ROW/scores-valid.tsv, what `collm eval compare` reads) only when the new
 # report reproduces the committed eval-valid.json (AUC and UAUC within 1e-6): a check that the
-# shipped weights give the shipped numbers. Seed rows keep no weights: they are skipped. A row
-# that does not reproduce is reported and left as it is; the driver goes on.
+# shipped weights give the shipped numbers. An LLM row is evaluated with the kernel it was
+# evaluated with (the last one its driver.log names; f32 before the bf16 kernels, which changed
+# scores within bf16's precision), so a machine without that kernel cannot do it. Seed rows keep
+# no weights: they are skipped. A row that does not reproduce is reported and left as it is; the
+# driver goes on.
 backfill_scores() {
-  local r row kind dir tmp scores rc res
+  local r row kind dir tmp scores rc res kernel
   for r in "${ROWS[@]}"; do
     # shellcheck disable=SC2086
     set -- $r
@@ -462,8 +465,10 @@ backfill_scores() {
     if [ "$kind" = cf ] && [ -n "${4:-}" ]; then continue; fi
     ROW_NOW=$row
     tmp="$OUT/.eval-$row.$$" scores="$OUT/.eval-$row.scores.$$" rc=0
-    say "$row: evaluating again for its scores (finished before the driver kept them)"
-    evaluate "$row" "$kind" "$tmp" "$scores" || rc=$?
+    kernel=$(grep -o ', kernel [a-z0-9]*' "$dir/driver.log" 2>/dev/null | tail -1 | sed 's/.* //') || true
+    kernel=${kernel:-f32}
+    say "$row: evaluating again for its scores (finished before the driver kept them; kernel $kernel)"
+    COLLM_KERNEL=$kernel evaluate "$row" "$kind" "$tmp" "$scores" || rc=$?
     if [ $rc != 0 ] || ! is_report "$tmp" || [ ! -s "$scores" ]; then
       rm -f "$tmp" "$scores"
       say "$row: its evaluation failed (exit $rc); no scores kept" >&2
@@ -485,7 +490,7 @@ PY
       continue
     fi
     mv "$scores" "$dir/scores-valid.tsv"
-    log_row "$row" "scores-valid.tsv written: evaluated again, it reproduces eval-valid.json ($res)"
+    log_row "$row" "scores-valid.tsv written: evaluated again (kernel $kernel), it reproduces eval-valid.json ($res)"
     fold_log "$row"
     say "$row: scores kept ($res)"
     commit_row "$row" "results/ml-1m: $row's valid scores (evaluated again: $res)"
