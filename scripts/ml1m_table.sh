@@ -450,10 +450,11 @@ do_row() {
 # and keep the scores (ROW/scores-valid.tsv, what `collm eval compare` reads) only when the new
 # report reproduces the committed eval-valid.json (AUC and UAUC within 1e-6): a check that the
 # shipped weights give the shipped numbers. An LLM row is evaluated with the kernel it was
-# evaluated with (the last one its driver.log names; f32 before the bf16 kernels, which changed
-# scores within bf16's precision), so a machine without that kernel cannot do it. Seed rows keep
-# no weights: they are skipped. A row that does not reproduce is reported and left as it is; the
-# driver goes on.
+# evaluated with (the last one its driver.log names, chosen by `auto`; f32 before the bf16
+# kernels, which changed scores within bf16's precision): where this machine's `auto` picks
+# another one, that kernel is named (COLLM_KERNEL; a machine without it cannot do the row).
+# Seed rows keep no weights: they are skipped. A row that does not reproduce is reported and left
+# as it is; the driver goes on.
 backfill_scores() {
   local r row kind dir tmp scores rc res kernel
   for r in "${ROWS[@]}"; do
@@ -468,7 +469,11 @@ backfill_scores() {
     kernel=$(grep -o ', kernel [a-z0-9]*' "$dir/driver.log" 2>/dev/null | tail -1 | sed 's/.* //') || true
     kernel=${kernel:-f32}
     say "$row: evaluating again for its scores (finished before the driver kept them; kernel $kernel)"
-    COLLM_KERNEL=$kernel evaluate "$row" "$kind" "$tmp" "$scores" || rc=$?
+    if [ "$kind" = cf ] || [ "$kernel" = "$("$BIN" llm kernel --short)" ]; then
+      evaluate "$row" "$kind" "$tmp" "$scores" || rc=$?
+    else
+      COLLM_KERNEL=$kernel evaluate "$row" "$kind" "$tmp" "$scores" || rc=$?
+    fi
     if [ $rc != 0 ] || ! is_report "$tmp" || [ ! -s "$scores" ]; then
       rm -f "$tmp" "$scores"
       say "$row: its evaluation failed (exit $rc); no scores kept" >&2
