@@ -23,7 +23,7 @@ use clap::{Parser, Subcommand};
 #[derive(Parser)]
 #[command(
     name = "collm",
-    version,
+    version = concat!(env!("CARGO_PKG_VERSION"), " (git ", env!("COLLM_BUILD"), ")"),
     about = "CoLLM: LLM recommenders with collaborative embeddings",
     long_about = "CoLLM: LLM recommenders with collaborative embeddings.\n\n\
 The pipeline (paper, Figure 2): data -> prompt construction -> hybrid encoding (CIE) -> LLM \
