@@ -28,9 +28,9 @@
 # reads) and drop its checkpoint (a finished row keeps what evaluation needs: config, best
 # weights, metrics). Rows finished before the driver kept scores get them after the last row
 # (or now: --scores), evaluated again and kept only where that reproduces their eval-valid.json
-# (a check of the shipped weights; seed rows ship none and are skipped). Any failure (a training killed or out of memory, an
-# evaluation that fails) stops the driver there, with the row's checkpoint kept and nothing
-# marked done. An LLM row that no other row is trained over (the CoLLM rows, T1-T3, UI-token,
+# (a check of the shipped weights; seed rows ship none and are skipped). Any failure (a
+# training killed or out of memory, an evaluation that fails) stops the driver there, with the
+# row's checkpoint kept and nothing marked done. An LLM row that no other row is trained over (the CoLLM rows, T1-T3, UI-token,
 # Soft-Prompt) has its best weights stored in f16 first (`collm compact`: half the bytes, so that
 # the table fits in git) and is evaluated on exactly the weights it ships. Rows that others
 # reference keep f32 (their hashes are recorded there), and so do the collaborative rows: weight
@@ -457,12 +457,11 @@ do_row() {
 # that evaluated it; an LLM row evaluated by an older build with a bf16 kernel within AUC 1e-3
 # and UAUC 5e-3 (what a change of summation order moves through bf16 roundings: CoLLM-SASRec
 # moved by 1.3e-5 and 1.9e-3 between builds), its scores then being this evaluation's, as its
-# driver.log says. An LLM row is evaluated with the kernel it was
-# evaluated with (the last one its driver.log names, chosen by `auto`; f32 before the bf16
-# kernels, which changed scores within bf16's precision): where this machine's `auto` picks
-# another one, that kernel is named (COLLM_KERNEL; a machine without it cannot do the row).
-# Seed rows keep no weights: they are skipped. A row that does not reproduce is reported and left
-# as it is; the driver goes on.
+# driver.log says. An LLM row is evaluated with the kernel it was evaluated with (the last one
+# its driver.log names, chosen by `auto`; f32 before the bf16 kernels, which changed scores
+# within bf16's precision): where this machine's `auto` picks another one, that kernel is named
+# (COLLM_KERNEL; a machine without it cannot do the row). Seed rows keep no weights: they are
+# skipped. A row that does not reproduce is reported and left as it is; the driver goes on.
 backfill_scores() {
   local r row kind dir tmp scores rc res kernel
   for r in "${ROWS[@]}"; do
@@ -476,7 +475,7 @@ backfill_scores() {
     tmp="$OUT/.eval-$row.$$" scores="$OUT/.eval-$row.scores.$$" rc=0
     kernel=$(grep -o ', kernel [a-z0-9]*' "$dir/driver.log" 2>/dev/null | tail -1 | sed 's/.* //') || true
     kernel=${kernel:-f32}
-    say "$row: evaluating again for its scores (finished before the driver kept them; kernel $kernel)"
+    say "$row: evaluating again for its scores (finished before the driver kept them)"
     if [ "$kind" = cf ] || [ "$kernel" = "$("$BIN" llm kernel --short)" ]; then
       evaluate "$row" "$kind" "$tmp" "$scores" || rc=$?
     else
@@ -508,7 +507,7 @@ PY
       continue
     fi
     mv "$scores" "$dir/scores-valid.tsv"
-    log_row "$row" "scores-valid.tsv written: evaluated again on $(cpu), build $(build), kernel $kernel: $res"
+    log_row "$row" "scores-valid.tsv written: evaluated again on $(cpu), build $(build)$([ "$kind" = cf ] || echo ", kernel $kernel"): $res"
     fold_log "$row"
     say "$row: scores kept ($res)"
     commit_row "$row" "results/ml-1m: $row's valid scores (evaluated again: $res)"
