@@ -109,3 +109,85 @@ pub fn render(rows: &[CfBench], epochs: usize) -> String {
     }
     s
 }
+
+/// Training from a trained run's weights with subnormal floats kept and flushed to zero
+/// (`collm bench denormals`): the same weights, a fresh Adam, the same epochs, in the same run.
+#[derive(Debug, Clone, Serialize)]
+pub struct DenormalBench {
+    pub model: String,
+    /// Trainable values of the run's weights, and how many of them are subnormal f32.
+    pub params: usize,
+    pub subnormal_params: usize,
+    pub epochs: usize,
+    /// Best of two rounds (kept, flushed, kept, flushed), seconds per epoch.
+    pub kept_epoch_seconds: f64,
+    pub flushed_epoch_seconds: f64,
+    /// `kept_epoch_seconds / flushed_epoch_seconds`.
+    pub speedup: f64,
+    /// Mean training loss of the last epoch either way (they agree but for values below 1.2e-38).
+    pub kept_loss: f64,
+    pub flushed_loss: f64,
+}
+
+/// Times `epochs` training epochs from the weights of the collaborative run `run` with
+/// subnormals kept and with them flushed (collm_core::denormals), twice each, alternating; the
+/// process's mode is restored afterwards.
+pub fn measure_denormals(
+    run: &std::path::Path,
+    ds: &Dataset,
+    epochs: usize,
+) -> Result<DenormalBench> {
+    if epochs == 0 {
+        bail!("--epochs must be at least 1");
+    }
+    if !collm_core::denormals::supported() {
+        bail!("flushing subnormals is x86-64 only: nothing to compare here");
+    }
+    let device = Device::Cpu;
+    let (cfg, model) = crate::run::load_model(run, ds, &device)?;
+    let (mut params, mut subnormal) = (0, 0);
+    for (_, v) in model.params().trainable() {
+        let x = v.as_tensor().flatten_all()?.to_vec1::<f32>()?;
+        params += x.len();
+        subnormal += x.iter().filter(|x| x.is_subnormal()).count();
+    }
+    let train_rows = &ds.train()?.rows;
+    let before = collm_core::denormals::flushing();
+    let mut best = [f64::INFINITY; 2];
+    let mut loss = [f64::NAN; 2];
+    let result = (|| -> Result<()> {
+        for _round in 0..2 {
+            for (k, flush) in [false, true].into_iter().enumerate() {
+                collm_core::denormals::set(flush);
+                let (_, model) = crate::run::load_model(run, ds, &device)?;
+                let mut opt = optimizer(model.as_ref(), &cfg.cf)?;
+                let t = Instant::now();
+                for epoch in 0..epochs {
+                    loss[k] = train_epoch(
+                        model.as_ref(),
+                        &mut opt,
+                        train_rows,
+                        &cfg.cf,
+                        epoch,
+                        &device,
+                    )?;
+                }
+                best[k] = best[k].min(t.elapsed().as_secs_f64() / epochs as f64);
+            }
+        }
+        Ok(())
+    })();
+    collm_core::denormals::set(before);
+    result?;
+    Ok(DenormalBench {
+        model: cfg.cf.model.name().to_string(),
+        params,
+        subnormal_params: subnormal,
+        epochs,
+        kept_epoch_seconds: best[0],
+        flushed_epoch_seconds: best[1],
+        speedup: best[0] / best[1].max(1e-9),
+        kept_loss: loss[0],
+        flushed_loss: loss[1],
+    })
+}

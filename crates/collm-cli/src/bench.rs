@@ -21,6 +21,11 @@ pub enum BenchCommand {
     /// seconds per epoch, train and valid-scoring samples/s, and the epoch as a multiple of a
     /// gradient-free forward pass over the train split (the baseline, measured in the same run).
     Cf(CfBenchArgs),
+    /// Training epochs from a trained collaborative run's weights with subnormal floats kept
+    /// and flushed to zero (what the binary does; COLLM_DENORMALS), in the same run: how many
+    /// of the weights are subnormal, seconds per epoch each way (best of two, alternating), the
+    /// speedup, and the last epoch's loss each way.
+    Denormals(DenormalsBenchArgs),
     /// A CoLLM training step and evaluation on a dataset's own prompts, each through the
     /// whole-prompt path and the work-saving one in the same run: train samples/s with and
     /// without the frozen prefix (step-2 modes run the text before the first ID slot as
@@ -114,6 +119,19 @@ pub struct CfBenchArgs {
     pub configs: PathBuf,
     /// Training epochs to time per model.
     #[arg(long, default_value_t = 2)]
+    pub epochs: usize,
+}
+
+#[derive(Args)]
+pub struct DenormalsBenchArgs {
+    /// A collaborative-model run (`collm train cf`), e.g. results/ml-1m/cf-sasrec.
+    #[arg(long)]
+    pub run: PathBuf,
+    /// Its dataset directory.
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Training epochs to time each way per round.
+    #[arg(long, default_value_t = 1)]
     pub epochs: usize,
 }
 
@@ -244,6 +262,25 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
     match cmd {
         BenchCommand::Llm(args) => bench_llm(&args),
         BenchCommand::Cf(args) => bench_cf(&args),
+        BenchCommand::Denormals(args) => {
+            let ds = collm_data::Dataset::load(&args.data)?;
+            let b = collm_cf::bench::measure_denormals(&args.run, &ds, args.epochs)?;
+            println!("{}", serde_json::to_string(&b)?);
+            println!(
+                "{}: {} of {} trained values subnormal; {} epoch(s) from its weights: {:.2} s kept, {:.2} s flushed ({:.2}x); last loss {:.6} / {:.6}\ncpu: {}",
+                b.model,
+                b.subnormal_params,
+                b.params,
+                b.epochs,
+                b.kept_epoch_seconds,
+                b.flushed_epoch_seconds,
+                b.speedup,
+                b.kept_loss,
+                b.flushed_loss,
+                collm_core::machine::cpu_description()
+            );
+            Ok(())
+        }
         BenchCommand::Train(a) => {
             let mut config = collm::ExperimentConfig::load(&a.config)?;
             if let Some(m) = &a.mode {

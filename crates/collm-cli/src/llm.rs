@@ -11,7 +11,8 @@ pub enum LlmCommand {
     /// Next-token logits after a prompt (encoded without special tokens).
     Score(ScoreArgs),
     /// The kernel this process multiplies the frozen projections with (COLLM_KERNEL=auto|f32|
-    /// bf16|amx|emulated; auto: AMX-BF16, else AVX512-BF16, else f32), and this CPU.
+    /// bf16|amx|emulated; auto: AMX-BF16, else AVX512-BF16, else f32), this CPU, and whether
+    /// subnormal floats are flushed to zero (COLLM_DENORMALS=flush|keep).
     Kernel(KernelArgs),
 }
 
@@ -54,6 +55,7 @@ pub fn run(cmd: LlmCommand) -> Result<()> {
             } else {
                 println!("kernel: {}", choice.describe());
                 println!("cpu: {}", collm_core::machine::cpu_description());
+                println!("denormals: {}", collm_core::denormals::describe());
             }
             Ok(())
         }

@@ -105,6 +105,14 @@ fn main() {
         .with_target(false)
         .init();
     cap_threads();
+    // Subnormal floats flushed to zero on every compute thread (collm_core::denormals).
+    match collm_core::denormals::from_env() {
+        Ok(flush) => collm_core::denormals::set(flush),
+        Err(e) => {
+            eprintln!("error: {e}");
+            std::process::exit(1);
+        }
+    }
     let result = run(Cli::parse());
     if let Some(n) = thread_count() {
         tracing::debug!("threads at exit: {n}");

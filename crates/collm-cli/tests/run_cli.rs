@@ -366,3 +366,73 @@ fn a_cf_sweep_trains_each_point_and_ranks_them_by_valid_auc() {
     let best = collm_cf::CfConfig::load(&out.join("best.toml")).unwrap();
     assert_eq!(format!("{:e}", best.lr), rows[1][2]);
 }
+
+/// `collm bench denormals` on a tiny trained run: it counts the run's subnormal weights, trains
+/// from them both ways and refuses a missing run by name (its speed is a benchmark, not a
+/// test); the binary flushes unless COLLM_DENORMALS says keep, and says which.
+#[test]
+fn bench_denormals_trains_a_run_both_ways_and_counts_its_subnormal_weights() {
+    if !cfg!(target_arch = "x86_64") {
+        return; // flushing is x86-64 only; the bench refuses elsewhere
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let data = synthetic(root, "data", 3);
+    let d = data.to_str().unwrap();
+    let run = root.join("mf");
+    let r = run.to_str().unwrap();
+    ok(&[
+        "train",
+        "cf",
+        "--model",
+        "mf",
+        "--data",
+        d,
+        "--dim",
+        "8",
+        "--max-epochs",
+        "2",
+        "--quiet",
+        "--out",
+        r,
+    ]);
+    let out = ok(&[
+        "bench",
+        "denormals",
+        "--run",
+        r,
+        "--data",
+        d,
+        "--epochs",
+        "1",
+    ]);
+    let j: serde_json::Value = serde_json::from_str(out.lines().next().unwrap()).unwrap();
+    assert_eq!(j["model"], "mf");
+    assert!(j["params"].as_u64().unwrap() > 0, "{j}");
+    // Trained for 2 epochs from N(0, σ) initialisations: nothing subnormal yet.
+    assert_eq!(j["subnormal_params"], 0, "{j}");
+    for k in ["kept_epoch_seconds", "flushed_epoch_seconds", "speedup"] {
+        assert!(j[k].as_f64().unwrap() > 0.0, "{k}: {j}");
+    }
+    // With no subnormal value anywhere, both ways train the same numbers.
+    assert_eq!(j["kept_loss"], j["flushed_loss"], "{j}");
+    assert!(out.contains("0 of ") && out.contains("flushed"), "{out}");
+    // The binary flushes unless told to keep; the kernel report says which.
+    assert!(ok(&["llm", "kernel"]).contains("denormals: flushed to zero"));
+    let keep = common::collm_env(&["llm", "kernel"], &[("COLLM_DENORMALS", "keep".into())]);
+    assert!(String::from_utf8_lossy(&keep.stdout).contains("denormals: kept"));
+    let bad = common::collm_env(&["llm", "kernel"], &[("COLLM_DENORMALS", "fast".into())]);
+    assert_eq!(bad.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("COLLM_DENORMALS=fast"));
+    fails(
+        &[
+            "bench",
+            "denormals",
+            "--run",
+            &format!("{r}-missing"),
+            "--data",
+            d,
+        ],
+        &["mf-missing", "config.toml"],
+    );
+}

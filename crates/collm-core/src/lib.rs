@@ -7,6 +7,7 @@
 //! - [`fields`]: the range check of numeric config fields, and the fields two configs differ in;
 //! - [`machine`]: this CPU's description and this process's peak resident memory.
 
+pub mod denormals;
 pub mod fields;
 pub mod io;
 pub mod machine;
