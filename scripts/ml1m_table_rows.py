@@ -45,7 +45,7 @@ def row(d, cfg, kind):
     machines = sorted(set(re.findall(r" on (.*?), \d+ cores", log)))
     # LLM rows: the kernel the frozen projections ran with (logged since the bf16 kernels; f32
     # before them).
-    kernels = sorted(set(re.findall(r", kernel (\S+)", log)))
+    kernels = sorted(set(re.findall(r", kernel ([a-z0-9]+)", log)))
     if kind == "llm" and get("mode") != "icl" or kind == "ctrl":
         machines = ["%s; kernel %s" % ("; ".join(machines) or "?", ", ".join(kernels) or "f32")]
     wall = "%.1f h" % (secs / 3600) if secs >= 360 else "%d s" % secs
