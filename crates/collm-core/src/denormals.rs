@@ -7,8 +7,8 @@
 //! as zero) changes only numbers below 1.18e-38, which no score or gradient here can tell from
 //! zero. The `collm` binary flushes from its start (`COLLM_DENORMALS=keep` keeps them, e.g. to
 //! reproduce a run made before bit for bit); the libraries, their tests and the Python module
-//! (whose process is the user's, numpy's too) leave the CPU's default (kept) unless they call
-//! [`set`].
+//! (whose process is the user's, numpy's too; `collm.flush_denormals()` opts in) leave the CPU's
+//! default (kept) unless they call [`set`].
 //!
 //! The mode is per thread: [`set`] sets it on the calling thread and on every thread of rayon's
 //! global pool (where the kernels, candle's CPU ops and the gemm crate run); threads started

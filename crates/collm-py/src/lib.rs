@@ -47,5 +47,20 @@ fn _collm(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(metrics::_subsets, m)?)?;
     m.add_function(wrap_pyfunction!(data::_split_columns, m)?)?;
     m.add_function(wrap_pyfunction!(data::_write_tiny_backbone, m)?)?;
+    m.add_function(wrap_pyfunction!(_flush_denormals, m)?)?;
     Ok(())
+}
+
+/// Flushes subnormal floats to zero (or keeps them) on the calling thread and the engine's
+/// threads; returns whether they were flushed before (collm_core::denormals).
+#[pyfunction]
+fn _flush_denormals(flush: bool) -> PyResult<bool> {
+    if !collm_core::denormals::supported() {
+        return Err(pyo3::exceptions::PyRuntimeError::new_err(
+            "flushing subnormal floats is x86-64 only",
+        ));
+    }
+    let before = collm_core::denormals::flushing();
+    collm_core::denormals::set(flush);
+    Ok(before)
 }

@@ -64,3 +64,20 @@ def test_subsets_equal_collm_eval_scores(family, collm_bin, tmp_path):
     assert got["auc"] == pytest.approx(roc_auc_score(cols["label"], scores), abs=1e-12)
     with pytest.raises(ValueError, match="3 scores for the"):
         collm.metrics.subsets(family["data"], "test", [0.1, 0.2, 0.3])
+
+
+def test_flush_denormals_flushes_this_thread_and_keeps_again():
+    import platform
+
+    if platform.machine() not in ("x86_64", "AMD64"):
+        with pytest.raises(RuntimeError, match="x86-64 only"):
+            collm.flush_denormals()
+        return
+    tiny = np.float32(1e-30) * np.float32(1e-10)
+    assert 0 < tiny < np.finfo(np.float32).tiny
+    assert collm.flush_denormals(True) is False  # the default here: kept
+    try:
+        assert np.float32(1e-30) * np.float32(1e-10) == 0
+    finally:
+        assert collm.flush_denormals(False) is True
+    assert np.float32(1e-30) * np.float32(1e-10) == tiny
