@@ -10,7 +10,7 @@
 #   scripts/ml1m_table.sh --status   # one line per row: done / in progress (step) / to do
 #   scripts/ml1m_table.sh --report   # the table from what is done (collm report over results/ml-1m; not the seed rows)
 #   scripts/ml1m_table.sh --table    # README's rows: AUC, UAUC, warm/cold, budget, wall time, machine
-#   scripts/ml1m_table.sh --compare  # each CoLLM row against its CF row beyond noise (collm eval compare)
+#   scripts/ml1m_table.sh --compare  # each row against the rows it builds on, beyond noise (collm eval compare)
 #   scripts/ml1m_table.sh --pause    # pause a running driver and its training (SIGSTOP), for a benchmark
 #   scripts/ml1m_table.sh --continue # let it go on (SIGCONT)
 #   ONLY=cf scripts/ml1m_table.sh    # the collaborative rows only (minutes each), ONLY=llm the LLM rows
@@ -525,21 +525,29 @@ table() {
   if [ ${#args[@]} -gt 0 ]; then python3 scripts/ml1m_table_rows.py "${args[@]}"; fi
 }
 
-# Each finished CoLLM-family row against the collaborative row it is trained over (its config's
-# cf_run), both with their valid scores: the paired bootstrap over users (`collm eval compare`)
-# as a markdown table (scripts/ml1m_table_rows.py --compare).
+# Each finished row against the rows it builds on, where both have their valid scores: the runs
+# its config reads (cf_run: CoLLM over its CF model; step1: over TALLRec), CoLLM-MF for the
+# ablations (T1-T3, UI-token), and a `-long` row's base row; the paired bootstrap over users
+# (`collm eval compare`) as a markdown table (scripts/ml1m_table_rows.py --compare).
 compare_rows() {
-  local args=() r base tmp
+  local args=() r base bases cfg tmp
   tmp=$(mktemp -d)
   for r in "${ROWS[@]}"; do
     # shellcheck disable=SC2086
     set -- $r
     if [ "$(state "$1")" != done ] || [ ! -f "$OUT/$1/scores-valid.tsv" ]; then continue; fi
-    base=$(sed -n 's|^cf_run *= *"results/ml-1m/\([^"]*\)".*|\1|p' "configs/ml-1m/$3.toml")
-    if [ -z "$base" ] || [ ! -f "$OUT/$base/scores-valid.tsv" ]; then continue; fi
-    "$BIN" eval compare --data "$DATA" --split valid --scores "$OUT/$1/scores-valid.tsv" \
-      --baseline "$OUT/$base/scores-valid.tsv" --json > "$tmp/$1.json"
-    args+=("$1" "$base" "$tmp/$1.json")
+    cfg=configs/ml-1m/$3.toml
+    mapfile -t bases < <(sed -n 's#^\(cf_run\|step1\) *= *"results/ml-1m/\([^"]*\)".*#\2#p' "$cfg")
+    case $(sed -n 's/^mode *= *"\([^"]*\)".*/\1/p' "$cfg") in
+      t1|t2|t3|uitoken) bases+=(collm-mf) ;;
+    esac
+    case $1 in *-long) bases+=("${1%-long}") ;; esac
+    for base in "${bases[@]}"; do
+      if [ "$base" = "$1" ] || [ ! -f "$OUT/$base/scores-valid.tsv" ]; then continue; fi
+      "$BIN" eval compare --data "$DATA" --split valid --scores "$OUT/$1/scores-valid.tsv" \
+        --baseline "$OUT/$base/scores-valid.tsv" --json > "$tmp/$1.$base.json"
+      args+=("$1" "$base" "$tmp/$1.$base.json")
+    done
   done
   if [ ${#args[@]} -gt 0 ]; then python3 scripts/ml1m_table_rows.py --compare "${args[@]}"; fi
   rm -rf "$tmp"

@@ -466,24 +466,27 @@ fn finished_rows_ship_their_scores_and_older_rows_get_them_back_when_they_reprod
         assert!(log.contains("evaluated on "), "{r}: {log}");
     }
 
-    // --compare: the CoLLM row against the CF row its config names, beyond noise.
+    // --compare: the CoLLM row against the runs its config reads (its CF row and TALLRec),
+    // beyond noise.
     let o = run_driver(&repo, &["--compare"], &[]);
     let out = text(&o);
     assert!(o.status.success(), "{out}");
-    let line = out
-        .lines()
-        .find(|l| l.starts_with("| collm-mf | cf-mf | "))
-        .unwrap_or_else(|| panic!("no CoLLM-MF row: {out}"));
-    let want = report(&dir("collm-mf"))["auc"].as_f64().unwrap()
-        - report(&dir("cf-mf"))["auc"].as_f64().unwrap();
-    assert!(
-        line.contains(&format!("| {want:+.4} [")),
-        "{line} (want {want:+.4})"
-    );
-    // The header and CoLLM-MF: TALLRec is over no CF row.
+    for base in ["cf-mf", "tallrec"] {
+        let line = out
+            .lines()
+            .find(|l| l.starts_with(&format!("| collm-mf | {base} | ")))
+            .unwrap_or_else(|| panic!("no CoLLM-MF against {base}: {out}"));
+        let want = report(&dir("collm-mf"))["auc"].as_f64().unwrap()
+            - report(&dir(base))["auc"].as_f64().unwrap();
+        assert!(
+            line.contains(&format!("| {want:+.4} [")),
+            "{line} (want {want:+.4})"
+        );
+    }
+    // The header and CoLLM-MF's two: the other rows build on no row.
     assert_eq!(
         out.lines().filter(|l| l.starts_with("| ")).count(),
-        2,
+        3,
         "{out}"
     );
 
