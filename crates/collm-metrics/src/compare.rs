@@ -109,9 +109,8 @@ impl Prepared {
     /// AUC with each row counted `w[its user]` times: twice the weighted Mann–Whitney U, exact
     /// in integers, as [`auc`] computes it on the repeated rows.
     fn auc(&self, w: &[u32]) -> Option<f64> {
-        let (mut neg_below, mut twice_u, mut pos_total, mut neg_total) = (0u64, 0u64, 0u64, 0u64);
         let mut start = 0;
-        for &end in &self.group_end {
+        crate::auc_of_tie_groups(self.group_end.iter().map(|&end| {
             let (mut p, mut q) = (0u64, 0u64);
             for k in start..end {
                 let wt = w[self.users[k] as usize] as u64;
@@ -121,16 +120,9 @@ impl Prepared {
                     q += wt;
                 }
             }
-            twice_u += 2 * p * neg_below + p * q;
-            neg_below += q;
-            pos_total += p;
-            neg_total += q;
             start = end;
-        }
-        if pos_total == 0 || neg_total == 0 {
-            return None;
-        }
-        Some(twice_u as f64 / (2 * pos_total * neg_total) as f64)
+            (p, q)
+        }))
     }
 
     /// UAUC with each user counted `w[user]` times: the per-user AUCs do not change under a

@@ -76,12 +76,11 @@ pub fn auc(labels: &[u8], scores: &[f64]) -> Option<f64> {
     );
     let mut order: Vec<usize> = (0..scores.len()).collect();
     order.sort_by(|&a, &b| scores[a].total_cmp(&scores[b]));
-    let (mut neg_below, mut twice_u) = (0u128, 0u128);
-    let (mut pos_total, mut neg_total) = (0u128, 0u128);
+    let mut groups = Vec::new();
     let mut k = 0;
     while k < order.len() {
         let s = scores[order[k]];
-        let (mut p, mut q) = (0u128, 0u128);
+        let (mut p, mut q) = (0u64, 0u64);
         while k < order.len() && scores[order[k]] == s {
             if labels[order[k]] != 0 {
                 p += 1;
@@ -90,6 +89,20 @@ pub fn auc(labels: &[u8], scores: &[f64]) -> Option<f64> {
             }
             k += 1;
         }
+        groups.push((p, q));
+    }
+    auc_of_tie_groups(groups)
+}
+
+/// AUC from the groups of equal scores in ascending order, each as (positives, negatives) it
+/// holds (counts, or integer weights: a row counted w times): twice the Mann–Whitney U, exact in
+/// integers, divided once at the end. `None` when either class is absent. What [`auc`] and the
+/// paired bootstrap's resamples (`compare`) compute.
+pub(crate) fn auc_of_tie_groups(groups: impl IntoIterator<Item = (u64, u64)>) -> Option<f64> {
+    let (mut neg_below, mut twice_u) = (0u128, 0u128);
+    let (mut pos_total, mut neg_total) = (0u128, 0u128);
+    for (p, q) in groups {
+        let (p, q) = (p as u128, q as u128);
         twice_u += 2 * p * neg_below + p * q;
         neg_below += q;
         pos_total += p;
