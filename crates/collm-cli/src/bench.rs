@@ -65,6 +65,11 @@ pub struct TrainBenchArgs {
     /// as a full pass sees them).
     #[arg(long, default_value_t = 600)]
     pub eval_rows: usize,
+    /// Also time each fused CPU op during the timed steps of the path a run trains with (the
+    /// frozen prefix where the mode has one) and during the shared-prefix evaluation, and print
+    /// both split by op: where a row's hours go.
+    #[arg(long)]
+    pub op_times: bool,
     /// One JSON object instead of the table.
     #[arg(long)]
     pub json: bool,
@@ -298,6 +303,7 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
                 steps: a.steps,
                 warm: a.warm,
                 eval_rows: a.eval_rows,
+                op_times: a.op_times,
             })?;
             if a.json {
                 println!("{}", serde_json::to_string(&r)?);

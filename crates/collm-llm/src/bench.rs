@@ -276,22 +276,37 @@ fn forward_flop_per_sample(r: &LlmBenchRow) -> f64 {
 /// A row's train step split by fused op: ms per step and share of the step, the products
 /// nested inside the ops apart, and what is left outside the ops.
 fn render_op_times(r: &LlmBenchRow, ops: &[OpTime]) -> String {
-    use std::fmt::Write as _;
     let s = &r.step;
     let step = s.prep_s + s.forward_s + s.backward_s + s.optimizer_s;
-    let mut out = format!(
-        "{} b{} train step by op ({} kernel; {:.0} ms per step):\n",
-        r.model,
-        r.batch,
-        r.kernel,
-        1e3 * step
-    );
+    render_op_split(
+        &format!(
+            "{} b{} train step by op ({} kernel",
+            r.model, r.batch, r.kernel
+        ),
+        (step, "per step"),
+        ops,
+        "outside the ops (graph, adds, AdamW)",
+    )
+}
+
+/// A span of work (`total_s` seconds) split by the fused ops recorded in it ([`times`]): a
+/// header `{title}; N ms {per})`, then each op's ms and share of the span, largest first, what is
+/// left outside the ops (named `outside`), and the products nested inside the ops apart. Used
+/// by `collm bench llm --op-times` and `collm bench train --op-times`.
+pub fn render_op_split(
+    title: &str,
+    (total_s, per): (f64, &str),
+    ops: &[OpTime],
+    outside: &str,
+) -> String {
+    use std::fmt::Write as _;
+    let mut out = format!("{title}; {:.0} ms {per}):\n", 1e3 * total_s);
     let line = |out: &mut String, name: &str, secs: f64, calls: u64| {
         let _ = writeln!(
             out,
             "  {name:<38} {:>8.1} ms {:>5.1}%  {calls:>5} calls",
             1e3 * secs,
-            100.0 * secs / step
+            100.0 * secs / total_s
         );
     };
     let mut top: Vec<&OpTime> = ops.iter().filter(|o| !o.nested).collect();
@@ -300,12 +315,7 @@ fn render_op_times(r: &LlmBenchRow, ops: &[OpTime]) -> String {
         line(&mut out, o.name, o.seconds, o.calls);
     }
     let inside: f64 = top.iter().map(|o| o.seconds).sum();
-    line(
-        &mut out,
-        "outside the ops (graph, adds, AdamW)",
-        step - inside,
-        0,
-    );
+    line(&mut out, outside, total_s - inside, 0);
     let _ = writeln!(out, "  inside the ops above:");
     for o in ops.iter().filter(|o| o.nested) {
         line(&mut out, o.name, o.seconds, o.calls);

@@ -12,6 +12,8 @@ use crate::train::optimizer;
 use anyhow::{bail, Context, Result};
 use candle_core::Tensor;
 use collm_data::{Dataset, Interaction};
+use collm_llm::bench::render_op_split;
+use collm_llm::ops::cpu::times::{self, OpTime};
 use collm_nn::layers::bce_with_logits;
 use collm_nn::optim::clip_grad_norm;
 use collm_nn::TrainCtx;
@@ -30,6 +32,9 @@ pub struct TrainBenchOptions {
     pub warm: usize,
     /// Valid rows scored per evaluation path: the split's first rows.
     pub eval_rows: usize,
+    /// Also time each fused CPU op during the timed steps of the path a run trains with
+    /// (the frozen prefix where the mode has one) and during the shared-prefix evaluation.
+    pub op_times: bool,
 }
 
 /// One path's training throughput.
@@ -73,24 +78,33 @@ pub struct TrainBench {
     /// Hours of one pass over the whole valid split, each path.
     pub valid_pass_hours_whole: f64,
     pub valid_pass_hours_shared: f64,
+    /// With `op_times`: the training step of the path a run trains with, split by fused op
+    /// (seconds per step).
+    pub train_op_times: Option<Vec<OpTime>>,
+    /// With `op_times`: the shared-prefix evaluation of the measured rows, split by fused op
+    /// (seconds per 1,000 rows).
+    pub eval_op_times: Option<Vec<OpTime>>,
 }
 
 /// The forward share of a whole-prompt training step measured by `collm bench llm` (43%
 /// forward, 57% backward on SmolLM2-135M): the basis of [`TrainBench::train_bound`].
 const FWD_SHARE: f64 = 0.43;
 
+/// Seconds per timed step; with `ops`, each fused op's seconds and calls per timed step too.
 fn time_steps(
     model: &CoLlm,
     cfg: &ExperimentConfig,
     batches: &[Vec<&Interaction>],
     titles: &[String],
     warm: usize,
-) -> Result<f64> {
+    ops: bool,
+) -> Result<(f64, Option<Vec<OpTime>>)> {
     let mut opt = optimizer(model, cfg)?;
     let vars: Vec<candle_core::Var> = opt.vars().into_iter().cloned().collect();
     let mut t0 = Instant::now();
     for (k, rows) in batches.iter().enumerate() {
         if k == warm {
+            times::record(ops);
             t0 = Instant::now();
         }
         let ctx = TrainCtx::new(cfg.seed.wrapping_add(k as u64));
@@ -105,7 +119,23 @@ fn time_steps(
         clip_grad_norm(&mut acc, cfg.training.clip_norm)?;
         opt.step_with(&acc)?;
     }
-    Ok(t0.elapsed().as_secs_f64() / (batches.len() - warm).max(1) as f64)
+    let timed = (batches.len() - warm).max(1) as f64;
+    let secs = t0.elapsed().as_secs_f64() / timed;
+    Ok((secs, ops.then(|| recorded_per(timed))))
+}
+
+/// What [`times`] recorded since it was turned on, per `n` (steps, or thousands of rows); stops
+/// recording.
+fn recorded_per(n: f64) -> Vec<OpTime> {
+    times::record(false);
+    times::recorded()
+        .into_iter()
+        .map(|o| OpTime {
+            seconds: o.seconds / n,
+            calls: (o.calls as f64 / n).round() as u64,
+            ..o
+        })
+        .collect()
 }
 
 /// Measures a config's training step and evaluation both ways (see the module docs). The
@@ -159,18 +189,23 @@ pub fn bench_train(o: &TrainBenchOptions) -> Result<TrainBench> {
         seconds_per_step: secs,
         hours_per_1000_steps: secs * 1000.0 / 3600.0,
     };
+    // Ops are timed on the path a run trains with: the frozen prefix where there is one.
     model.frozen_prefix = false;
-    let mut rates = vec![rate(
-        "whole prompts",
-        time_steps(&model, cfg, &batches, titles, o.warm)?,
-    )];
+    let (secs, mut train_op_times) = time_steps(
+        &model,
+        cfg,
+        &batches,
+        titles,
+        o.warm,
+        o.op_times && frozen == 0,
+    )?;
+    let mut rates = vec![rate("whole prompts", secs)];
     restore(&snapshot)?;
     model.frozen_prefix = true;
     if frozen > 0 {
-        rates.push(rate(
-            "frozen prefix",
-            time_steps(&model, cfg, &batches, titles, o.warm)?,
-        ));
+        let (secs, ops) = time_steps(&model, cfg, &batches, titles, o.warm, o.op_times)?;
+        rates.push(rate("frozen prefix", secs));
+        train_op_times = ops;
         restore(&snapshot)?;
     }
     let share = frozen as f64 / tokens.max(1) as f64;
@@ -193,9 +228,11 @@ pub fn bench_train(o: &TrainBenchOptions) -> Result<TrainBench> {
     let t0 = Instant::now();
     let whole = model.predict(rows, titles, false)?;
     let whole_s = t0.elapsed().as_secs_f64();
+    times::record(o.op_times);
     let t0 = Instant::now();
     let shared = model.predict_shared(rows, titles, false)?;
     let shared_s = t0.elapsed().as_secs_f64();
+    let eval_op_times = o.op_times.then(|| recorded_per(rows.len() as f64 / 1000.0));
     let diff = whole
         .iter()
         .zip(&shared)
@@ -223,6 +260,8 @@ pub fn bench_train(o: &TrainBenchOptions) -> Result<TrainBench> {
         valid_rows: valid.len(),
         valid_pass_hours_whole: per_hour(whole_s),
         valid_pass_hours_shared: per_hour(shared_s),
+        train_op_times,
+        eval_op_times,
     })
 }
 
@@ -263,6 +302,22 @@ impl TrainBench {
             self.valid_pass_hours_whole,
             self.valid_pass_hours_shared
         ));
+        if let (Some(ops), Some(r)) = (&self.train_op_times, self.train.last()) {
+            s.push_str(&render_op_split(
+                &format!("train step ({}) by op", r.path),
+                (r.seconds_per_step, "per step"),
+                ops,
+                "outside the ops (prompts, CIE, graph, AdamW)",
+            ));
+        }
+        if let Some(ops) = &self.eval_op_times {
+            s.push_str(&render_op_split(
+                "evaluation (shared prefixes) by op",
+                (1000.0 / self.eval_shared_rows_per_s, "per 1,000 rows"),
+                ops,
+                "outside the ops (prompts, prefix caches, CIE)",
+            ));
+        }
         s
     }
 }
