@@ -658,14 +658,34 @@ fn fused_decoder_trains_with_dropout_reproducibly() {
 
 #[test]
 fn prefix_attention_matches_the_composed_one_forward_and_backward() {
-    // 4 suffix rows of 5 (left-padded: 5, 2, 4, 3 real) over two prefixes (7 and 3 tokens:
-    // rows 0-2 continue the first, row 3 the second), 4 query heads over 2 kv heads.
-    let (n, ts, nh, nkv, hd) = (4, 5, 4, 2, 8);
+    // 4 suffix rows of 5 (5, 2, 4, 3 real) over two prefixes (7 and 3 tokens: rows 0-2
+    // continue the first, row 3 the second), 4 query heads over 2 kv heads; the suffixes
+    // left-padded, right-padded (each one run of real keys: the kernel's fast path), and with
+    // holes (the general path).
+    let (n, ts) = (4, 5);
+    let holes = Mask {
+        batch: n,
+        seq: ts,
+        data: std::sync::Arc::new(vec![
+            1, 1, 1, 1, 1, /**/ 1, 0, 0, 1, 0, /**/ 0, 1, 1, 0, 1, /**/ 1, 0, 1, 1,
+            0,
+        ]),
+    };
+    for mask in [
+        Mask::left_padded(&[5, 2, 4, 3], ts),
+        Mask::right_padded(&[5, 2, 4, 3], ts),
+        holes,
+    ] {
+        prefix_attention_case(mask);
+    }
+}
+
+fn prefix_attention_case(mask: Mask) {
+    let (n, ts, nh, nkv, hd) = (mask.batch, mask.seq, 4, 2, 8);
     let prefixes = [
         (randn(&[nkv, hd, 7], 4), randn(&[nkv, 7, hd], 5), 3usize),
         (randn(&[nkv, hd, 3], 6), randn(&[nkv, 3, hd], 7), 1usize),
     ];
-    let mask = Mask::left_padded(&[5, 2, 4, 3], ts);
     let km = mask.clone();
     let bias = composed::attention_bias(&km, DType::F32, &DEV).unwrap();
     // Padding query rows are unspecified: compare (and probe) the real ones.

@@ -76,3 +76,79 @@ pub(super) fn masked_softmax(row: &mut [f32], real: impl Fn(usize) -> bool) {
         *x *= inv;
     }
 }
+
+avx512_dispatch! {
+    /// [`masked_softmax`] where the real keys are the ranges `runs` (ascending, disjoint,
+    /// within the row; empty ones allowed): the same values, bit for bit (the same maximum, the
+    /// same exponentials, zeros elsewhere, the same [`lane_sum`] over the whole row), with no
+    /// test per key, so that the loops vectorize.
+    pub(super) fn softmax_runs(row: &mut [f32], runs: &[(usize, usize)]) {
+        let mut max = f32::NEG_INFINITY;
+        for &(a, b) in runs {
+            if a < b {
+                max = max.max(lane_max(&row[a..b]));
+            }
+        }
+        if max == f32::NEG_INFINITY {
+            row.fill(0.0);
+            return;
+        }
+        let mut done = 0;
+        for &(a, b) in runs {
+            row[done..a].fill(0.0);
+            for x in &mut row[a..b] {
+                *x = exp(*x - max);
+            }
+            done = done.max(b);
+        }
+        row[done..].fill(0.0);
+        let inv = 1.0 / lane_sum(row);
+        for x in row.iter_mut() {
+            *x *= inv;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+
+    /// [`softmax_runs`] gives [`masked_softmax`]'s values bit for bit, in both of its builds,
+    /// for the runs prefix attention passes ([0, tp) and a causal suffix run, either empty):
+    /// every real entry, zeros elsewhere, and an all-zero row without real keys.
+    #[test]
+    fn softmax_runs_is_the_masked_softmax_bit_for_bit() {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
+        let len = 37;
+        for case in 0..400 {
+            let row: Vec<f32> = (0..len).map(|_| rng.gen_range(-6.0f32..6.0)).collect();
+            let tp = rng.gen_range(0..=20);
+            let a = rng.gen_range(tp..=len);
+            let b = rng.gen_range(a..=len);
+            let runs = [(0, tp), (a, b)];
+            let mut want = row.clone();
+            masked_softmax(&mut want, |j| j < tp || (a..b).contains(&j));
+            for narrow in [false, true] {
+                NARROW.store(narrow, std::sync::atomic::Ordering::Relaxed);
+                let mut got = row.clone();
+                softmax_runs(&mut got, &runs);
+                NARROW.store(false, std::sync::atomic::Ordering::Relaxed);
+                let same = got
+                    .iter()
+                    .zip(&want)
+                    .all(|(x, y)| x.to_bits() == y.to_bits());
+                assert!(
+                    same,
+                    "case {case} {runs:?} narrow {narrow}: {got:?} vs {want:?}"
+                );
+                if tp == 0 && a == b {
+                    assert!(got.iter().all(|&x| x == 0.0), "no real key: zeros");
+                } else {
+                    let sum: f32 = got.iter().sum();
+                    assert!((sum - 1.0).abs() < 1e-5, "case {case}: sum {sum}");
+                }
+            }
+        }
+    }
+}

@@ -189,7 +189,7 @@ pub use attention::{attention, attention_flat};
 pub use dropout::{dropout, dropout_mask, DropMask};
 pub use gemm::gemm_gflops;
 use gemm::{matmul, matmul_new, transpose};
-use heads::{masked_softmax, Heads};
+use heads::{masked_softmax, softmax_runs, Heads};
 use lanes::{lane_dot, lane_dot3, lane_max, lane_sum};
 pub use linear::{linear, linear_weight, LoraPath};
 pub use mlp::{mlp, mlp_weights, swiglu};

@@ -110,11 +110,22 @@ impl PrefixAttention {
         );
         let scale = self.scale();
         let m = &self.mask.data[r * ts..(r + 1) * ts];
+        // Left or right padding: the real suffix keys are one run [start, end), and query i
+        // reads the whole prefix and suffix keys [start, min(i + 1, end)): two runs, no test
+        // per key (the same values as the general loop below).
+        let start = m.iter().position(|&x| x == 1).unwrap_or(ts);
+        let end = m.iter().rposition(|&x| x == 1).map_or(start, |e| e + 1);
+        let one_run = m[start..end].iter().all(|&x| x == 1);
         for row in 0..rows {
             let i = row % ts;
             let sr = &mut p[row * tk..(row + 1) * tk];
             sr.iter_mut().for_each(|x| *x *= scale);
-            masked_softmax(sr, |j| j < tp || (j - tp <= i && m[j - tp] == 1));
+            if one_run {
+                let hi = (i + 1).clamp(start, end);
+                softmax_runs(sr, &[(0, tp), (tp + start, tp + hi)]);
+            } else {
+                masked_softmax(sr, |j| j < tp || (j - tp <= i && m[j - tp] == 1));
+            }
         }
         PrefixTask {
             qb,
