@@ -44,7 +44,10 @@ fn every_ml1m_config_loads_and_names_the_runs_it_reads() {
                 "{name}"
             );
             same.model.step1 = b.model.step1.clone();
-            assert_eq!(same, b, "{name} differs from {stem}-long in more than step1");
+            assert_eq!(
+                same, b,
+                "{name} differs from {stem}-long in more than step1"
+            );
             continue;
         }
         if c.mode.needs_step1() {
