@@ -562,13 +562,38 @@ status() {
     st=$(state "$1")
     case $st in
       done) extra=$(python3 -c 'import json,sys; r=json.load(open(sys.argv[1])); print("valid AUC %.4f UAUC %s" % (r["auc"], "%.4f" % r["uauc"] if r["uauc"] is not None else "-"))' "$dir/eval-valid.json") ;;
+      # A row in progress: how far (of the config's budget), its best validation so far and
+      # its pace (a CF row's last epoch; an LLM row's training seconds over its steps).
       partial|started) extra=$(python3 -c '
-import json, os, sys
+import json, os, re, sys
 p = os.path.join(sys.argv[1], "metrics.json")
-if os.path.exists(p):
-    m = json.load(open(p)); print("step %s, stopped: %s" % (m.get("step", len(m.get("curve", []))), m.get("stopped")))
-else:
-    print("no metrics yet")' "$dir") ;;
+if not os.path.exists(p):
+    # Killed between a checkpoint and the metrics.json written after it: the checkpoint state.
+    try:
+        cur = open(os.path.join(sys.argv[1], "checkpoint", "CURRENT")).read().strip()
+        p = os.path.join(sys.argv[1], "checkpoint", cur, "state.json")
+    except OSError:
+        pass
+if not os.path.exists(p):
+    print("no metrics yet"); sys.exit()
+m = json.load(open(p))
+curve = m.get("curve", [])
+cfg = open(sys.argv[2]).read() if os.path.exists(sys.argv[2]) else ""
+cf = m.get("kind") == "cf"
+unit = "epoch" if cf else "step"
+r = re.search(r"^\s*%s\s*=\s*(\d+)" % ("max_epochs" if cf else "max_steps"), cfg, re.M)
+done = curve[-1]["epoch"] if cf and curve else m.get("step", len(curve))
+out = "%s %s%s" % (unit, done, " of %s" % r.group(1) if r else "")
+best, at = m.get("best_valid"), m.get("best_epoch" if cf else "best_step")
+if best and best.get("auc") is not None:
+    out += ", best valid AUC %.4f at %s %s (%s rows)" % (best["auc"], unit, at, best.get("n"))
+if cf and curve and curve[-1].get("seconds"):
+    out += ", %.1f s/epoch lately" % curve[-1]["seconds"]
+elif not cf and m.get("train_seconds") and done:
+    out += ", %.1f s/step so far (validations included)" % (m["train_seconds"] / done)
+if m.get("stopped"):
+    out += ", stopped: %s" % m["stopped"]
+print(out)' "$dir" "configs/ml-1m/$3.toml") ;;
     esac
     printf '%-16s %-8s %s\n' "$1" "$st" "$extra"
   done

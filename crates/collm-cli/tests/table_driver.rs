@@ -226,6 +226,16 @@ fn a_killed_training_stops_the_driver_and_keeps_its_checkpoint() {
     assert!(!run.join("eval-valid.json").exists(), "marked done");
     assert!(run.join("checkpoint/CURRENT").exists(), "checkpoint lost");
     assert_eq!(row_state(&repo, "cf-mf"), "partial");
+    // --status says how far the row got against its config's budget, and its best so far.
+    let line = status(&repo)
+        .lines()
+        .find(|l| l.starts_with("cf-mf "))
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        line.contains(" of 6, best valid AUC 0.") && line.contains(" s/epoch lately"),
+        "{line}"
+    );
     assert!(
         !repo.join("results/ml-1m/tallrec").exists(),
         "went on to the next row"
@@ -395,6 +405,9 @@ fn the_driver_commits_rows_and_a_clone_of_any_moment_resumes_to_the_same_table()
     }
     // The clones resumed from committed checkpoints and finished rows, not from scratch.
     assert!(seen.contains(" partial "), "{seen}");
+    for l in seen.lines().filter(|l| l.contains(" partial ")) {
+        assert!(l.contains(" of 6") || l.contains("no metrics yet"), "{l}");
+    }
     assert!(seen.contains(" done "), "{seen}");
     let o = run_driver(&repo, &["--commit"], &[]);
     assert!(o.status.success(), "{}", text(&o));
