@@ -4,6 +4,8 @@
 Usage: ml1m_table_rows.py RUN_DIR CONFIG KIND ...  (triples, one per finished row)
        ml1m_table_rows.py --compare ROW BASE JSON ...  (--compare: `collm eval compare --json`
        of ROW's valid scores against BASE's, a markdown table of the paired differences)
+       ml1m_table_rows.py --reproduces OLD NEW KERNEL KIND  (--reproduces: does a row's
+       evaluation again, NEW, reproduce its committed eval-valid.json, OLD? See reproduces.)
 Each row: valid AUC / UAUC, warm / cold AUC (eval-valid.json), the budget spent (metrics.json
 and the config), the wall time (driver.log's "trained N s" lines, summed over sessions) and the
 machines it ran on (for LLM rows with the kernel of their frozen projections)."""
@@ -71,7 +73,39 @@ def compare(row, base, path):
     return "| %s | %s | %s |" % (row, base, " | ".join(cells))
 
 
+def reproduces(old_path, new_path, kernel, kind):
+    """Does evaluating a row again (report `new_path`) reproduce its committed report
+    (`old_path`)? Prints the new AUC and UAUC (and the committed ones where they differ); exit
+    status 0 where it does. Exactly (1e-6) for a collaborative row (its evaluation is f32 on any
+    CPU and build); within 1e-5 for an LLM row evaluated with the f32 kernel (an older build or
+    another CPU sums its f32 products in another order: CoLLM-MF, evaluated on 2026-12-02 on an
+    Intel Xeon 6/207, gives AUC 3.5e-7 and UAUC 2.3e-6 off on a Xeon 6/167 today, where a wrong
+    weight file moves them by far more); within AUC 1e-3 and UAUC 5e-3 for an LLM row evaluated
+    with a bf16 kernel (its roundings move with the build's summation orders)."""
+    old, new = (json.load(open(p)) for p in (old_path, new_path))
+    llm = kind != "cf"
+    bf16 = llm and kernel != "f32"
+    da, du = (abs((old[k] or 0) - (new[k] or 0)) for k in ("auc", "uauc"))
+    f = lambda x: "-" if x is None else "%.6f" % x
+    same = da <= 1e-6 and du <= 1e-6
+    if same:
+        ok = True
+    elif bf16:
+        ok = da <= 1e-3 and du <= 5e-3
+    else:
+        ok = llm and da <= 1e-5 and du <= 1e-5
+    ok = ok and (old["uauc"] is None) == (new["uauc"] is None)
+    out = "AUC %s, UAUC %s" % (f(new["auc"]), f(new["uauc"]))
+    if not same:
+        out += " (committed %s, %s%s)" % (f(old["auc"]), f(old["uauc"]),
+            ": within %s numerics across builds" % ("bf16" if bf16 else "f32") if ok else "")
+    print(out)
+    return ok
+
+
 args = sys.argv[1:]
+if args[:1] == ["--reproduces"]:
+    sys.exit(0 if reproduces(*args[1:5]) else 1)
 if args[:1] == ["--compare"]:
     # Triples ROW BASE JSON: ROW's scores against BASE's (collm eval compare --json).
     args = args[1:]

@@ -589,3 +589,60 @@ fn finished_rows_ship_their_scores_and_older_rows_get_them_back_when_they_reprod
     assert!(!dir("cf-mf").join("scores-valid.tsv").exists());
     assert_eq!(git(&repo, &["rev-parse", "HEAD"]), head);
 }
+
+/// The rule that decides whether a row's evaluation again reproduces its committed report
+/// (`ml1m_table_rows.py --reproduces`, which `--scores` applies): exactly for a collaborative
+/// row, within 1e-5 for an LLM row on the f32 kernel, within AUC 1e-3 / UAUC 5e-3 on a bf16
+/// kernel; a UAUC present on one side only never matches.
+#[test]
+fn a_row_reproduces_its_report_within_its_kernels_numerics() {
+    let tmp = tempfile::tempdir().unwrap();
+    let report = |name: &str, auc: f64, uauc: Option<f64>| {
+        let p = tmp.path().join(name);
+        std::fs::write(
+            &p,
+            serde_json::json!({"auc": auc, "uauc": uauc}).to_string(),
+        )
+        .unwrap();
+        p
+    };
+    let old = report("old.json", 0.7229954815685015, Some(0.6501512993186526));
+    let check = |auc: f64, uauc: Option<f64>, kernel: &str, kind: &str| {
+        let new = report("new.json", auc, uauc);
+        let o = Command::new("python3")
+            .arg(root().join("scripts/ml1m_table_rows.py"))
+            .args(["--reproduces", s(&old), s(&new), kernel, kind])
+            .output()
+            .unwrap();
+        (
+            o.status.success(),
+            String::from_utf8_lossy(&o.stdout).trim().to_string(),
+        )
+    };
+    let (a, u) = (0.7229954815685015, 0.6501512993186526);
+    // The same numbers: every kind and kernel, saying nothing more.
+    for (kernel, kind) in [("f32", "cf"), ("f32", "llm"), ("amx", "llm")] {
+        let (ok, msg) = check(a + 5e-7, Some(u - 5e-7), kernel, kind);
+        assert!(
+            ok && msg == "AUC 0.722996, UAUC 0.650151",
+            "{kernel} {kind}: {msg}"
+        );
+    }
+    // CoLLM-MF evaluated again today on another Xeon (AUC 3.5e-7, UAUC 2.3e-6 off).
+    let today = (0.7229951291746156, Some(0.6501490261780817));
+    let (ok, msg) = check(today.0, today.1, "f32", "llm");
+    assert!(ok, "{msg}");
+    assert!(msg.ends_with("(committed 0.722995, 0.650151: within f32 numerics across builds)"));
+    let (ok, msg) = check(today.0, today.1, "f32", "cf");
+    assert!(
+        !ok && msg.ends_with("(committed 0.722995, 0.650151)"),
+        "{msg}"
+    );
+    // f32: 2e-5 is too far; bf16: 1e-4 / 4e-3 is within, 2e-3 on AUC is not.
+    assert!(!check(a + 2e-5, Some(u), "f32", "llm").0);
+    let (ok, msg) = check(a + 1e-4, Some(u - 4e-3), "amx", "llm");
+    assert!(ok && msg.contains("within bf16 numerics"), "{msg}");
+    assert!(!check(a + 2e-3, Some(u), "bf16", "llm").0);
+    // A UAUC on one side only.
+    assert!(!check(a, None, "f32", "llm").0);
+}
