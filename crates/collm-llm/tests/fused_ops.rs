@@ -666,10 +666,15 @@ fn prefix_attention_matches_the_composed_one_forward_and_backward() {
     let holes = Mask {
         batch: n,
         seq: ts,
-        data: std::sync::Arc::new(vec![
-            1, 1, 1, 1, 1, /**/ 1, 0, 0, 1, 0, /**/ 0, 1, 1, 0, 1, /**/ 1, 0, 1, 1,
-            0,
-        ]),
+        data: std::sync::Arc::new(
+            [
+                [1, 1, 1, 1, 1],
+                [1, 0, 0, 1, 0],
+                [0, 1, 1, 0, 1],
+                [1, 0, 1, 1, 0],
+            ]
+            .concat(),
+        ),
     };
     for mask in [
         Mask::left_padded(&[5, 2, 4, 3], ts),
