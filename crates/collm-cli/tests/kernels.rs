@@ -174,3 +174,74 @@ fn bench_llm_op_times_split_the_train_step_by_op() {
         "{inside} s of ops in a {step} s step"
     );
 }
+
+/// `collm bench train --op-times` splits a CoLLM row's training step (the frozen-prefix path a
+/// step-2 run trains with: its suffixes attend over the cached prefix, forward and backward)
+/// and its shared-prefix evaluation by fused op, each op's time within the span it splits.
+#[test]
+fn bench_train_op_times_split_a_rows_step_and_evaluation_by_op() {
+    let f = family();
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = tmp.path().join("collm.toml");
+    let mut c = f.config(collm::experiment::Mode::Collm);
+    c.training.batch_size = 4;
+    std::fs::write(&cfg, toml::to_string(&c).unwrap()).unwrap();
+    let out = common::ok(&[
+        "bench",
+        "train",
+        "--config",
+        s(&cfg),
+        "--steps",
+        "2",
+        "--warm",
+        "1",
+        "--eval-rows",
+        "12",
+        "--op-times",
+        "--json",
+    ]);
+    let r: serde_json::Value = out
+        .lines()
+        .find(|l| l.starts_with('{'))
+        .map(|l| serde_json::from_str(l).unwrap())
+        .expect("a JSON object");
+    assert_eq!(
+        r["train"].as_array().unwrap().last().unwrap()["path"],
+        "frozen prefix",
+        "{r}"
+    );
+    let check = |ops: &serde_json::Value, span: f64, want: &[&str]| {
+        let ops = ops.as_array().expect("op times");
+        for name in want {
+            let o = ops
+                .iter()
+                .find(|o| o["name"] == *name && o["nested"] == false)
+                .unwrap_or_else(|| panic!("{name} missing: {ops:?}"));
+            assert!(o["calls"].as_u64().unwrap() > 0 && o["seconds"].as_f64().unwrap() > 0.0);
+        }
+        let inside: f64 = ops
+            .iter()
+            .filter(|o| o["nested"] == false)
+            .map(|o| o["seconds"].as_f64().unwrap())
+            .sum();
+        assert!(
+            inside > 0.0 && inside <= span,
+            "{inside} s of ops in {span} s"
+        );
+    };
+    let step = r["train"].as_array().unwrap().last().unwrap()["seconds_per_step"]
+        .as_f64()
+        .unwrap();
+    check(
+        &r["train_op_times"],
+        step,
+        &[
+            "prefix attention fwd",
+            "prefix attention bwd",
+            "mlp fwd",
+            "mlp bwd",
+        ],
+    );
+    let per_1000 = 1000.0 / r["eval_shared_rows_per_s"].as_f64().unwrap();
+    check(&r["eval_op_times"], per_1000, &["mlp fwd", "rms_norm fwd"]);
+}

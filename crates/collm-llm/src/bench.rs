@@ -290,7 +290,7 @@ fn render_op_times(r: &LlmBenchRow, ops: &[OpTime]) -> String {
 }
 
 /// A span of work (`total_s` seconds) split by the fused ops recorded in it ([`times`]): a
-/// header `{title}; N ms {per})`, then each op's ms and share of the span, largest first, what is
+/// header `{title}; N ms {per}):` (the title opens the parenthesis), then each op's ms and share of the span, largest first, what is
 /// left outside the ops (named `outside`), and the products nested inside the ops apart. Used
 /// by `collm bench llm --op-times` and `collm bench train --op-times`.
 pub fn render_op_split(

@@ -304,7 +304,7 @@ impl TrainBench {
         ));
         if let (Some(ops), Some(r)) = (&self.train_op_times, self.train.last()) {
             s.push_str(&render_op_split(
-                &format!("train step ({}) by op", r.path),
+                &format!("train step by op ({}", r.path),
                 (r.seconds_per_step, "per step"),
                 ops,
                 "outside the ops (prompts, CIE, graph, AdamW)",
@@ -312,7 +312,7 @@ impl TrainBench {
         }
         if let Some(ops) = &self.eval_op_times {
             s.push_str(&render_op_split(
-                "evaluation (shared prefixes) by op",
+                "evaluation by op (shared prefixes",
                 (1000.0 / self.eval_shared_rows_per_s, "per 1,000 rows"),
                 ops,
                 "outside the ops (prompts, prefix caches, CIE)",
