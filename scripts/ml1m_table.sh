@@ -7,7 +7,7 @@
 #   scripts/ml1m_table.sh --no-commit  # the same, leaving git alone
 #   scripts/ml1m_table.sh --next     # do one row's next piece of work, then stop
 #   scripts/ml1m_table.sh --scores   # keep the valid scores of rows finished without them (below)
-#   scripts/ml1m_table.sh --status   # one line per row: done / in progress (step) / to do
+#   scripts/ml1m_table.sh --status   # one line per row: done / in progress (step of budget, best, pace) / to do
 #   scripts/ml1m_table.sh --report   # the table from what is done (collm report over results/ml-1m; not the seed rows)
 #   scripts/ml1m_table.sh --table    # README's rows: AUC, UAUC, warm/cold, budget, wall time, machine
 #   scripts/ml1m_table.sh --compare  # each row against the rows it builds on, beyond noise (collm eval compare)
