@@ -384,8 +384,10 @@ fn the_driver_commits_rows_and_a_clone_of_any_moment_resumes_to_the_same_table()
             .args(["-9", "--", &format!("-{}", child.id())])
             .status();
         child.wait().unwrap();
-        // A git command killed mid-way leaves its lock; a new machine would not have it.
-        std::fs::remove_file(repo.join(".git/index.lock")).ok();
+        // A git command killed mid-way leaves its lock (the index's, or HEAD's or a branch's
+        // from an update-ref: the driver then waits for it as for a live git command); a new
+        // machine would not have them.
+        remove_git_locks(&repo.join(".git"));
         assert!(
             hidden_paths_git_sees(&repo).is_empty(),
             "kill {k}: {:?}",
@@ -588,6 +590,19 @@ fn finished_rows_ship_their_scores_and_older_rows_get_them_back_when_they_reprod
     );
     assert!(!dir("cf-mf").join("scores-valid.tsv").exists());
     assert_eq!(git(&repo, &["rev-parse", "HEAD"]), head);
+}
+
+/// Removes every `*.lock` file under `dir` (a `.git` directory): what git commands killed
+/// mid-way leave behind.
+fn remove_git_locks(dir: &Path) {
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            remove_git_locks(&p);
+        } else if p.extension().is_some_and(|x| x == "lock") {
+            std::fs::remove_file(&p).ok();
+        }
+    }
 }
 
 /// The rule that decides whether a row's evaluation again reproduces its committed report
