@@ -516,8 +516,9 @@ table() {
 }
 
 # Each finished row against the rows it builds on, where both have their valid scores: the runs
-# its config reads (cf_run: CoLLM over its CF model; step1: over TALLRec), CoLLM-MF for the
-# ablations (T1-T3, UI-token), and a `-long` row's base row; the paired bootstrap over users
+# its config reads (cf_run: CoLLM over its CF model; step1: over TALLRec), the CoLLM row over
+# the same CF model for the ablations (T1-T3, UI-token: CoLLM-MF, CoLLM-DIN for T1 over DIN),
+# and a `-long` row's base row; the paired bootstrap over users
 # (`collm eval compare`) as a markdown table (scripts/ml1m_table_rows.py --compare).
 compare_rows() {
   local args=() r base bases cfg tmp
@@ -529,7 +530,10 @@ compare_rows() {
     cfg=configs/ml-1m/$3.toml
     mapfile -t bases < <(sed -n 's#^\(cf_run\|step1\) *= *"results/ml-1m/\([^"]*\)".*#\2#p' "$cfg")
     case $(sed -n 's/^mode *= *"\([^"]*\)".*/\1/p' "$cfg") in
-      t1|t2|t3|uitoken) bases+=(collm-mf) ;;
+      # An ablation against the CoLLM row over the same CF model (CoLLM-MF without one).
+      t1|t2|t3|uitoken)
+        base=$(sed -n 's#^cf_run *= *"results/ml-1m/cf-\([^"]*\)".*#\1#p' "$cfg")
+        bases+=("collm-${base:-mf}") ;;
     esac
     case $1 in *-long) bases+=("${1%-long}") ;; esac
     for base in "${bases[@]}"; do
