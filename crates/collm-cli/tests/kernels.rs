@@ -138,11 +138,7 @@ fn bench_llm_op_times_split_the_train_step_by_op() {
         "--op-times",
         "--json",
     ]);
-    let row: serde_json::Value = out
-        .lines()
-        .find(|l| l.starts_with('{'))
-        .map(|l| serde_json::from_str(l).unwrap())
-        .expect("a JSON row");
+    let row = json_line(&out);
     let ops = row["op_times"].as_array().expect("op_times");
     let find = |name: &str, nested: bool| {
         ops.iter()
@@ -164,11 +160,7 @@ fn bench_llm_op_times_split_the_train_step_by_op() {
     }
     assert!(find("frozen products", true)["calls"].as_u64().unwrap() > 0);
     let step = row["batch"].as_f64().unwrap() / row["train_samples_per_s"].as_f64().unwrap();
-    let inside: f64 = ops
-        .iter()
-        .filter(|o| o["nested"] == false)
-        .map(|o| o["seconds"].as_f64().unwrap())
-        .sum();
+    let inside = top_level_seconds(ops);
     assert!(
         inside > 0.0 && inside <= step,
         "{inside} s of ops in a {step} s step"
@@ -200,11 +192,7 @@ fn bench_train_op_times_split_a_rows_step_and_evaluation_by_op() {
         "--op-times",
         "--json",
     ]);
-    let r: serde_json::Value = out
-        .lines()
-        .find(|l| l.starts_with('{'))
-        .map(|l| serde_json::from_str(l).unwrap())
-        .expect("a JSON object");
+    let r = json_line(&out);
     assert_eq!(
         r["train"].as_array().unwrap().last().unwrap()["path"],
         "frozen prefix",
@@ -219,11 +207,7 @@ fn bench_train_op_times_split_a_rows_step_and_evaluation_by_op() {
                 .unwrap_or_else(|| panic!("{name} missing: {ops:?}"));
             assert!(o["calls"].as_u64().unwrap() > 0 && o["seconds"].as_f64().unwrap() > 0.0);
         }
-        let inside: f64 = ops
-            .iter()
-            .filter(|o| o["nested"] == false)
-            .map(|o| o["seconds"].as_f64().unwrap())
-            .sum();
+        let inside = top_level_seconds(ops);
         assert!(
             inside > 0.0 && inside <= span,
             "{inside} s of ops in {span} s"
@@ -244,4 +228,20 @@ fn bench_train_op_times_split_a_rows_step_and_evaluation_by_op() {
     );
     let per_1000 = 1000.0 / r["eval_shared_rows_per_s"].as_f64().unwrap();
     check(&r["eval_op_times"], per_1000, &["mlp fwd", "rms_norm fwd"]);
+}
+
+/// The first line of `out` that is a JSON object (a bench's `--json` output).
+fn json_line(out: &str) -> serde_json::Value {
+    out.lines()
+        .find(|l| l.starts_with('{'))
+        .map(|l| serde_json::from_str(l).unwrap())
+        .expect("a JSON object")
+}
+
+/// The seconds of the ops not nested in another op (their sum is at most the span they split).
+fn top_level_seconds(ops: &[serde_json::Value]) -> f64 {
+    ops.iter()
+        .filter(|o| o["nested"] == false)
+        .map(|o| o["seconds"].as_f64().unwrap())
+        .sum()
 }
