@@ -24,8 +24,8 @@
 # trained from configs/ml-1m/CONFIG.toml. For a row the driver does the next thing missing:
 # resume the run in progress (`--resume`) or start it; once its training has finished (its
 # metrics.json says why it stopped), evaluate it on the full valid split (ROW/eval-valid.json,
-# checked and moved into place, and its scores ROW/scores-valid.tsv, which `collm eval compare`
-# reads) and drop its checkpoint (a finished row keeps what evaluation needs: config, best
+# checked and moved into place, and its scores ROW/scores-valid.tsv.gz, which `collm eval
+# compare` reads) and drop its checkpoint (a finished row keeps what evaluation needs: config, best
 # weights, metrics). Rows finished before the driver kept scores get them after the last row
 # (or now: --scores), evaluated again and kept only where that reproduces their eval-valid.json
 # (a check of the shipped weights; seed rows ship none and are skipped). Any failure (a
@@ -64,6 +64,8 @@ ROWS_FILE=configs/ml-1m/rows
 COMMIT_EVERY=${ML1M_COMMIT_EVERY:-3600}
 POLL=${ML1M_POLL:-30}
 PIDFILE=$OUT/.driver.pid
+# A finished row's valid scores (ROW/SCORES): f32 scores with their shortest digits, gzip.
+SCORES=scores-valid.tsv.gz
 
 ROWS=()
 while read -r line; do
@@ -300,7 +302,7 @@ on_signal() {
 }
 
 cleanup() {
-  rm -f "$OUT"/.eval-*."$$" 2>/dev/null || true
+  rm -f "$OUT"/.eval-*."$$" "$OUT"/.eval-*."$$".tsv.gz 2>/dev/null || true
   if [ -n "$GIT_DIR_ABS" ]; then rm -f "$GIT_DIR_ABS/ml1m_table.$$.snap" "$GIT_DIR_ABS/ml1m_table.$$.index"; fi
   if [ -f "$PIDFILE" ] && [ "$(cat "$PIDFILE" 2>/dev/null)" = "$$" ]; then rm -f "$PIDFILE"; fi
 }
@@ -403,7 +405,7 @@ eval_row() {
   local row=$1 kind=$2 seed=${3:-} dir=$OUT/$1 tmp scores rc=0
   finished "$dir" || fail "$row: its training has not finished (metrics.json has no 'stopped'); not evaluating it"
   tmp="$OUT/.eval-$row.$$"   # hidden (ignored by git), removed on exit
-  scores="$OUT/.eval-$row.scores.$$"
+  scores="$OUT/.eval-$row.$$.tsv.gz"
   if ships_half "$row" "$kind" && ! compacted "$dir"; then
     say "$row: storing its best weights in f16 (collm compact)"
     run_child "$BIN" compact "$dir" --dtype f16 || fail "$row: collm compact failed"
@@ -417,7 +419,7 @@ eval_row() {
     fail "$row: evaluation failed (exit $rc); nothing marked done"
   fi
   # The scores first: a row that is done (eval-valid.json) has them.
-  mv "$scores" "$dir/scores-valid.tsv"
+  mv "$scores" "$dir/$SCORES"
   mv "$tmp" "$dir/eval-valid.json"
   log_row "$row" "evaluated on $(cpu), build $(build)$([ "$kind" = cf ] || echo ", kernel $("$BIN" llm kernel --short)")"
   # A finished row keeps what evaluation needs; a collaborative seed row not even its weights
@@ -450,8 +452,53 @@ do_row() {
   DID=1
 }
 
+# Rows whose scores an older driver wrote as ROW/scores-valid.tsv (each f32 score with an f64's
+# 17 digits, uncompressed): written again as ROW/scores-valid.tsv.gz (`collm eval scores
+# --scores-out`: the shortest digits that read back to each f32, which keep every order and tie
+# of the scores, gzip-compressed: 28% of the bytes, for the table's 60 MB budget), kept where
+# its full report (AUC, UAUC, every subset) is the old file's byte for byte, the old file
+# removed in the same commit. Two reads of each file: seconds.
+compress_scores() {
+  local r row dir tmp scores res rc
+  for r in "${ROWS[@]}"; do
+    # shellcheck disable=SC2086
+    set -- $r
+    row=$1 dir=$OUT/$1
+    if [ "$(state "$row")" != done ] || [ ! -f "$dir/scores-valid.tsv" ]; then continue; fi
+    ROW_NOW=$row
+    tmp="$OUT/.eval-$row.$$" scores="$OUT/.eval-$row.$$.tsv.gz" rc=0
+    if [ ! -f "$dir/$SCORES" ]; then
+      "$BIN" eval scores --data "$DATA" --split valid --scores "$dir/scores-valid.tsv" \
+        --scores-out "$scores" --json > "$tmp" || rc=$?
+      if [ $rc = 0 ]; then
+        "$BIN" eval scores --data "$DATA" --split valid --scores "$scores" --json > "$tmp.gz-report.$$" || rc=$?
+      fi
+      if [ $rc = 0 ] && ! cmp -s "$tmp" "$tmp.gz-report.$$"; then rc=1; fi
+      rm -f "$tmp.gz-report.$$"
+      if [ $rc != 0 ]; then
+        rm -f "$tmp" "$scores"
+        say "$row: its scores written again do not give the same report (exit $rc); scores-valid.tsv kept" >&2
+        continue
+      fi
+      mv "$scores" "$dir/$SCORES"
+    else
+      if ! "$BIN" eval scores --data "$DATA" --split valid --scores "$dir/$SCORES" --json > "$tmp"; then
+        rm -f "$tmp"
+        say "$row: its $SCORES does not read; scores-valid.tsv kept" >&2
+        continue
+      fi
+    fi
+    res=$(python3 -c 'import json,sys; r=json.load(open(sys.argv[1])); print("valid AUC %.6f UAUC %s" % (r["auc"], "%.6f" % r["uauc"] if r["uauc"] is not None else "-"))' "$tmp")
+    rm -f "$tmp" "$dir/scores-valid.tsv"
+    log_row "$row" "scores-valid.tsv written again as $SCORES (f32 shortest digits, gzip; the same report: $res), build $(build)"
+    fold_log "$row"
+    say "$row: scores compressed (the same report: $res)"
+    commit_row "$row" "results/ml-1m: $row's valid scores as $SCORES (the same report: $res)"
+  done
+}
+
 # Rows finished before the driver kept their scores: evaluate each again on the weights it ships,
-# and keep the scores (ROW/scores-valid.tsv, what `collm eval compare` reads) only when the new
+# and keep the scores (ROW/scores-valid.tsv.gz, what `collm eval compare` reads) only when the new
 # report reproduces the committed eval-valid.json: a check that the shipped weights give the
 # shipped numbers. Exactly (AUC and UAUC within 1e-6) where the build and kernel are the ones
 # that evaluated it; an LLM row evaluated by an older build with a bf16 kernel within AUC 1e-3
@@ -471,10 +518,10 @@ backfill_scores() {
     set -- $r
     row=$1 kind=$2 dir=$OUT/$1
     if [ -n "${ONLY:-}" ] && [ "$kind" != "$ONLY" ]; then continue; fi
-    if [ "$(state "$row")" != done ] || [ -f "$dir/scores-valid.tsv" ]; then continue; fi
+    if [ "$(state "$row")" != done ] || [ -f "$dir/$SCORES" ]; then continue; fi
     if [ "$kind" = cf ] && [ -n "${4:-}" ]; then continue; fi
     ROW_NOW=$row
-    tmp="$OUT/.eval-$row.$$" scores="$OUT/.eval-$row.scores.$$" rc=0
+    tmp="$OUT/.eval-$row.$$" scores="$OUT/.eval-$row.$$.tsv.gz" rc=0
     kernel=$(grep -o ', kernel [a-z0-9]*' "$dir/driver.log" 2>/dev/null | tail -1 | sed 's/.* //') || true
     kernel=${kernel:-f32}
     say "$row: evaluating again for its scores (finished before the driver kept them)"
@@ -496,8 +543,8 @@ backfill_scores() {
       say "$row: evaluating it again does not reproduce its eval-valid.json ($res); no scores kept" >&2
       continue
     fi
-    mv "$scores" "$dir/scores-valid.tsv"
-    log_row "$row" "scores-valid.tsv written: evaluated again on $(cpu), build $(build)$([ "$kind" = cf ] || echo ", kernel $kernel"): $res"
+    mv "$scores" "$dir/$SCORES"
+    log_row "$row" "$SCORES written: evaluated again on $(cpu), build $(build)$([ "$kind" = cf ] || echo ", kernel $kernel"): $res"
     fold_log "$row"
     say "$row: scores kept ($res)"
     commit_row "$row" "results/ml-1m: $row's valid scores (evaluated again: $res)"
@@ -526,7 +573,7 @@ compare_rows() {
   for r in "${ROWS[@]}"; do
     # shellcheck disable=SC2086
     set -- $r
-    if [ "$(state "$1")" != done ] || [ ! -f "$OUT/$1/scores-valid.tsv" ]; then continue; fi
+    if [ "$(state "$1")" != done ] || [ ! -f "$OUT/$1/$SCORES" ]; then continue; fi
     cfg=configs/ml-1m/$3.toml
     mapfile -t bases < <(sed -n 's#^\(cf_run\|step1\) *= *"results/ml-1m/\([^"]*\)".*#\2#p' "$cfg")
     case $(sed -n 's/^mode *= *"\([^"]*\)".*/\1/p' "$cfg") in
@@ -537,9 +584,9 @@ compare_rows() {
     esac
     case $1 in *-long) bases+=("${1%-long}") ;; esac
     for base in "${bases[@]}"; do
-      if [ "$base" = "$1" ] || [ ! -f "$OUT/$base/scores-valid.tsv" ]; then continue; fi
-      "$BIN" eval compare --data "$DATA" --split valid --scores "$OUT/$1/scores-valid.tsv" \
-        --baseline "$OUT/$base/scores-valid.tsv" --json > "$tmp/$1.$base.json"
+      if [ "$base" = "$1" ] || [ ! -f "$OUT/$base/$SCORES" ]; then continue; fi
+      "$BIN" eval compare --data "$DATA" --split valid --scores "$OUT/$1/$SCORES" \
+        --baseline "$OUT/$base/$SCORES" --json > "$tmp/$1.$base.json"
       args+=("$1" "$base" "$tmp/$1.$base.json")
     done
   done
@@ -654,6 +701,7 @@ if [ "$COMMIT" = on ]; then
   say "committing each finished row, and the row in progress at most every $COMMIT_EVERY s"
 fi
 setup
+compress_scores
 if [ "$ACTION" = scores ]; then
   backfill_scores
   exit 0

@@ -77,7 +77,8 @@ pub struct CollmEvalArgs {
     /// Split name (train, valid, test).
     #[arg(long)]
     pub split: String,
-    /// Also write the scores (uid iid score) to this file.
+    /// Also write the scores (uid iid score, as `collm eval scores` reads them) to this file,
+    /// gzip-compressed where its name ends in .gz.
     #[arg(long)]
     pub scores_out: Option<PathBuf>,
     /// Print the report as JSON.
@@ -97,7 +98,8 @@ pub struct CfEvalArgs {
     /// Split name (train, valid, test).
     #[arg(long)]
     pub split: String,
-    /// Also write the scores (uid iid score) to this file.
+    /// Also write the scores (uid iid score, as `collm eval scores` reads them) to this file,
+    /// gzip-compressed where its name ends in .gz.
     #[arg(long)]
     pub scores_out: Option<PathBuf>,
     /// Print the report as JSON.
@@ -109,9 +111,14 @@ pub struct CfEvalArgs {
 pub struct ScoresArgs {
     #[command(flatten)]
     pub on: SplitArgs,
-    /// Scores file.
+    /// Scores file (gzip-compressed or not, whatever its name).
     #[arg(long)]
     pub scores: PathBuf,
+    /// Also write the scores read to this file as collm writes scores (an f32 score with the
+    /// shortest digits that read back to it: the same metrics in fewer bytes), gzip-compressed
+    /// where its name ends in .gz.
+    #[arg(long)]
+    pub scores_out: Option<PathBuf>,
     /// Print {"auc","uauc","n","uauc_users","subsets":{"warm":{…},…}}.
     #[arg(long)]
     pub json: bool,
@@ -131,7 +138,11 @@ pub fn run(cmd: EvalCommand) -> Result<()> {
     let (e, scores_out, json) = match cmd {
         EvalCommand::Scores(a) => {
             let ds = Dataset::load(&a.on.data)?;
-            let scores = read_scores(&a.scores, &ds.split(&a.on.split)?.rows)?;
+            let rows = &ds.split(&a.on.split)?.rows;
+            let scores = read_scores(&a.scores, rows)?;
+            if let Some(path) = &a.scores_out {
+                collm_core::io::write_text_atomic(path, &format_scores(rows, &scores))?;
+            }
             return print_report(&Report::for_split(&ds, &a.on.split, &scores)?, a.json);
         }
         EvalCommand::Compare(a) => {
@@ -169,7 +180,7 @@ pub fn run(cmd: EvalCommand) -> Result<()> {
     };
     if let Some(path) = &scores_out {
         let rows = &e.dataset.split(&e.split)?.rows;
-        collm_core::io::write_file_atomic(path, format_scores(rows, &e.scores).as_bytes())?;
+        collm_core::io::write_text_atomic(path, &format_scores(rows, &e.scores))?;
     }
     print_report(&e.report, json)
 }

@@ -437,6 +437,33 @@ fn scores_report(file: &Path) -> serde_json::Value {
     serde_json::from_slice(&o.stdout).unwrap()
 }
 
+/// A gzip-compressed text file's text.
+fn read_gz(path: &Path) -> String {
+    use std::io::Read;
+    let mut out = String::new();
+    flate2::read::GzDecoder::new(std::fs::File::open(path).unwrap())
+        .read_to_string(&mut out)
+        .unwrap();
+    out
+}
+
+/// A scores file as drivers before scores-valid.tsv.gz wrote it: each f32 score with the
+/// digits of its f64.
+fn long_digits(scores: &str) -> String {
+    let mut out = String::new();
+    for (k, line) in scores.lines().enumerate() {
+        let f: Vec<&str> = line.split('\t').collect();
+        if k == 0 {
+            out.push_str(line);
+        } else {
+            let x = f64::from(f[2].parse::<f32>().unwrap());
+            out.push_str(&format!("{}\t{}\t{x}", f[0], f[1]));
+        }
+        out.push('\n');
+    }
+    out
+}
+
 #[test]
 fn finished_rows_ship_their_scores_and_older_rows_get_them_back_when_they_reproduce() {
     let tmp = tempfile::tempdir().unwrap();
@@ -447,17 +474,17 @@ fn finished_rows_ship_their_scores_and_older_rows_get_them_back_when_they_reprod
     let dir = |r: &str| repo.join("results/ml-1m").join(r);
     let mut kept = Vec::new();
     for r in ROWS {
-        let f = dir(r).join("scores-valid.tsv");
+        let f = dir(r).join("scores-valid.tsv.gz");
         assert_eq!(scores_report(&f), report(&dir(r)), "{r}");
         kept.push(std::fs::read(&f).unwrap());
     }
     assert_eq!(
         git(
             &repo,
-            &["ls-files", "results/ml-1m/collm-mf/scores-valid.tsv"]
+            &["ls-files", "results/ml-1m/collm-mf/scores-valid.tsv.gz"]
         )
         .trim(),
-        "results/ml-1m/collm-mf/scores-valid.tsv"
+        "results/ml-1m/collm-mf/scores-valid.tsv.gz"
     );
 
     // Each start and evaluation names the build (the commit `collm --version` embeds).
@@ -505,11 +532,76 @@ fn finished_rows_ship_their_scores_and_older_rows_get_them_back_when_they_reprod
         "{out}"
     );
 
+    // Rows whose scores an older driver wrote uncompressed with each f32's f64 digits: the
+    // driver writes them again as the file it writes now (the same bytes) and removes the old
+    // one, in a commit of the row's paths, the report unchanged. A row whose old file does not
+    // give its report keeps it (and gets its scores by evaluating it again, below) until a
+    // later start finds its new file good.
+    for r in ROWS {
+        let gz = dir(r).join("scores-valid.tsv.gz");
+        let old = long_digits(&read_gz(&gz));
+        if r == "collm-mf" {
+            assert!(old.len() > read_gz(&gz).len() * 5 / 4, "{old}");
+        }
+        std::fs::write(dir(r).join("scores-valid.tsv"), old).unwrap();
+        std::fs::remove_file(&gz).unwrap();
+    }
+    std::fs::write(
+        dir("tallrec").join("scores-valid.tsv"),
+        "uid\tiid\tscore\n1\t1\t0.5\n",
+    )
+    .unwrap();
+    git(&repo, &["add", "-A", "results"]);
+    git(
+        &repo,
+        &["commit", "-q", "-m", "scores as an older driver wrote them"],
+    );
+    let before = git(&repo, &["rev-parse", "HEAD"]);
+    let o = run_driver(&repo, &["--scores"], &[]);
+    let out = text(&o);
+    assert!(o.status.success(), "{out}");
+    for (k, r) in ROWS.iter().enumerate() {
+        let (gz, old) = (
+            dir(r).join("scores-valid.tsv.gz"),
+            dir(r).join("scores-valid.tsv"),
+        );
+        assert_eq!(std::fs::read(&gz).unwrap(), kept[k], "{r}");
+        assert_eq!(old.exists(), *r == "tallrec", "{r}: {out}");
+        let log = std::fs::read_to_string(dir(r).join("driver.log")).unwrap();
+        assert_eq!(
+            log.contains("written again as scores-valid.tsv.gz"),
+            *r != "tallrec",
+            "{r}: {log}"
+        );
+    }
+    assert!(
+        out.contains("tallrec: its scores written again do not give the same report"),
+        "{out}"
+    );
+    let commits = git(
+        &repo,
+        &["log", "--format=%H", &format!("{}..HEAD", before.trim())],
+    );
+    assert_eq!(commits.lines().count(), 4, "{out}");
+    let o = run_driver(&repo, &["--scores"], &[]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(!dir("tallrec").join("scores-valid.tsv").exists());
+    assert_eq!(
+        std::fs::read(dir("tallrec").join("scores-valid.tsv.gz")).unwrap(),
+        kept[1]
+    );
+    let commits = git(
+        &repo,
+        &["log", "--format=%H", &format!("{}..HEAD", before.trim())],
+    );
+    assert_eq!(commits.lines().count(), 5, "{}", text(&o));
+    assert!(git(&repo, &["status", "--porcelain"]).trim().is_empty());
+
     // Rows finished before the driver kept scores: drop them, as a commit of someone else's,
     // with TALLRec's report far from what its weights give and CoLLM-MF's a little off (as
     // an older build's bf16 kernel leaves it).
     for r in ROWS {
-        std::fs::remove_file(dir(r).join("scores-valid.tsv")).unwrap();
+        std::fs::remove_file(dir(r).join("scores-valid.tsv.gz")).unwrap();
     }
     let nudge = |r: &str, by: f64| {
         let p = dir(r).join("eval-valid.json");
@@ -534,12 +626,12 @@ fn finished_rows_ship_their_scores_and_older_rows_get_them_back_when_they_reprod
     // kernel is a bf16 one (within bf16's numerics across builds), each in a commit of its own
     // paths; TALLRec's report no longer matches its weights; the seed row has no weights.
     for (k, r) in ROWS.iter().enumerate() {
-        let f = dir(r).join("scores-valid.tsv");
+        let f = dir(r).join("scores-valid.tsv.gz");
         if *r == "cf-mf" || (*r == "collm-mf" && bf16) {
             assert_eq!(std::fs::read(&f).unwrap(), kept[k], "{r}");
             let log = std::fs::read_to_string(dir(r).join("driver.log")).unwrap();
             assert!(
-                log.contains("scores-valid.tsv written: evaluated again"),
+                log.contains("scores-valid.tsv.gz written: evaluated again"),
                 "{r}: {log}"
             );
             assert_eq!(
@@ -567,7 +659,7 @@ fn finished_rows_ship_their_scores_and_older_rows_get_them_back_when_they_reprod
         assert!(
             files
                 .lines()
-                .all(|f| f.ends_with("/scores-valid.tsv") || f.ends_with("/driver.log")),
+                .all(|f| f.ends_with("/scores-valid.tsv.gz") || f.ends_with("/driver.log")),
             "{files}"
         );
     }
@@ -575,7 +667,7 @@ fn finished_rows_ship_their_scores_and_older_rows_get_them_back_when_they_reprod
     assert!(hidden_paths_git_sees(&repo).is_empty());
 
     // A collaborative row must reproduce exactly: MF's report a little off gets no scores.
-    std::fs::remove_file(dir("cf-mf").join("scores-valid.tsv")).unwrap();
+    std::fs::remove_file(dir("cf-mf").join("scores-valid.tsv.gz")).unwrap();
     nudge("cf-mf", 1e-4);
     git(&repo, &["add", "-A", "results"]);
     git(&repo, &["commit", "-q", "-m", "MF a little off"]);
@@ -588,7 +680,7 @@ fn finished_rows_ship_their_scores_and_older_rows_get_them_back_when_they_reprod
         out.contains("cf-mf: evaluating it again does not reproduce"),
         "{out}"
     );
-    assert!(!dir("cf-mf").join("scores-valid.tsv").exists());
+    assert!(!dir("cf-mf").join("scores-valid.tsv.gz").exists());
     assert_eq!(git(&repo, &["rev-parse", "HEAD"]), head);
 }
 

@@ -332,6 +332,26 @@ pub fn write_file_atomic(path: &Path, contents: &[u8]) -> Result<()> {
     Ok(())
 }
 
+/// Writes a text file atomically ([`write_file_atomic`]), gzip-compressed where its name ends in
+/// `.gz` ([`LineReader`] reads either back, whatever the name). The compressed bytes depend on
+/// the text alone (no time or name in the gzip header), so the same text gives the same file.
+pub fn write_text_atomic(path: &Path, text: &str) -> Result<()> {
+    if path.extension().is_some_and(|e| e == "gz") {
+        let mut z = flate2::write::GzEncoder::new(
+            Vec::with_capacity(text.len() / 2),
+            flate2::Compression::best(),
+        );
+        z.write_all(text.as_bytes())
+            .with_context(|| format!("{}: cannot compress", path.display()))?;
+        let bytes = z
+            .finish()
+            .with_context(|| format!("{}: cannot compress", path.display()))?;
+        write_file_atomic(path, &bytes)
+    } else {
+        write_file_atomic(path, text.as_bytes())
+    }
+}
+
 /// The permissions a new file gets from this process's umask (`0o666 & !umask`), for files
 /// written through libraries that create them owner-only (the safetensors writer): a run
 /// others may read stays readable. Linux reads the umask from /proc/self/status; elsewhere 0o644.
@@ -472,5 +492,41 @@ impl Drop for OutputLock {
         // Remove while still holding the lock, then release it.
         fs::remove_file(&self.path).ok();
         self.file.take();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn read_all(path: &Path) -> String {
+        let mut r = LineReader::open(path).unwrap();
+        let (mut buf, mut out) = (Vec::new(), String::new());
+        while let Some(line) = r.next_str(&mut buf).unwrap() {
+            out.push_str(line);
+            out.push('\n');
+        }
+        out
+    }
+
+    #[test]
+    fn text_is_gzipped_by_its_name_and_reads_back_either_way() {
+        let dir = tempfile::tempdir().unwrap();
+        let text: String = (0..2000)
+            .map(|k| format!("{k}\t{}\n", k * 7 % 13))
+            .collect();
+        let (plain, gz) = (dir.path().join("a.tsv"), dir.path().join("a.tsv.gz"));
+        write_text_atomic(&plain, &text).unwrap();
+        write_text_atomic(&gz, &text).unwrap();
+        assert_eq!(fs::read_to_string(&plain).unwrap(), text);
+        let bytes = fs::read(&gz).unwrap();
+        assert_eq!(bytes[..2], [0x1f, 0x8b]);
+        assert!(bytes.len() < text.len() / 2, "{} bytes", bytes.len());
+        assert_eq!(read_all(&gz), text);
+        assert_eq!(read_all(&plain), text);
+        // The same text, the same bytes (no time in the header); no temporary file left.
+        write_text_atomic(&gz, &text).unwrap();
+        assert_eq!(fs::read(&gz).unwrap(), bytes);
+        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 2);
     }
 }
