@@ -624,6 +624,85 @@ fn fused_decoder_matches_the_composed_one_forward_and_backward() {
 }
 
 #[test]
+fn skipping_padding_leaves_every_real_position_forward_and_backward() {
+    // Rows of 6, 3 and 1 real tokens, left-padded, and a mask with holes (what a suffix batch
+    // may hold), LoRA on every projection with dropout in training: the blocks on the real
+    // positions only give the hidden states, logits and gradients of every position computed,
+    // within f32 rounding (each op but attention acts on each position alone, attention masks
+    // padding out; a product over fewer rows may block its sums otherwise, and LoRA's weight
+    // gradients leave the padding's zeros out), with the same dropout masks: a mask that
+    // differed at any real position would move the logits by far more.
+    for name in ["tiny-llama", "tiny-qwen2"] {
+        let mut dec = tiny(name);
+        let cfg = LoraConfig {
+            target_modules: collm_llm::lora::MODULES.map(String::from).to_vec(),
+            dropout: 0.3,
+            ..Default::default()
+        };
+        let lora = Lora::new(&cfg, &dec.config, 3, &DEV).unwrap();
+        for (_, v) in lora.trainable() {
+            v.set(&(randn(v.dims(), 11) * 0.05).unwrap()).unwrap();
+        }
+        let seqs = [vec![5u32, 6, 7, 8, 9, 10], vec![11u32, 12, 13], vec![14u32]];
+        let (emb, left) = dec.embed_left_padded(&seqs, 0).unwrap();
+        let holes = Mask {
+            batch: 3,
+            seq: left.seq,
+            data: std::sync::Arc::new(
+                [[1, 1, 0, 1, 1, 1], [0, 1, 0, 1, 0, 1], [1, 0, 0, 0, 0, 1]].concat(),
+            ),
+        };
+        let emb = Var::from_tensor(&emb).unwrap();
+        for mask in [left, holes] {
+            let run = |dec: &Decoder| {
+                let ctx = collm_nn::TrainCtx::new(9);
+                let pass = Pass {
+                    lora: Some(&lora),
+                    train: Some(&ctx),
+                    grad: true,
+                };
+                let h = dec.forward(emb.as_tensor(), &mask, &pass).unwrap();
+                let real = real_rows(&mask, (3, mask.seq, 1));
+                let logits = dec
+                    .token_logits(&h, &mask.last_positions(), &[3, 4, 9], &pass)
+                    .unwrap();
+                let g = probe(&logits, 5).backward().unwrap();
+                let mut out = vec![h.broadcast_mul(&real).unwrap(), logits];
+                out.push(
+                    g.get(emb.as_tensor())
+                        .unwrap()
+                        .broadcast_mul(&real)
+                        .unwrap(),
+                );
+                for (_, v) in lora.trainable() {
+                    out.push(g.get(v.as_tensor()).unwrap().clone());
+                }
+                out
+            };
+            assert!(dec.is_fused());
+            let skipped = run(&dec);
+            dec.set_skip_padding(false);
+            let every = run(&dec);
+            dec.set_skip_padding(true);
+            let names = ["hidden states", "logits", "embedding gradient"];
+            for (k, (a, b)) in skipped.iter().zip(&every).enumerate() {
+                let what = names.get(k).copied().unwrap_or("a LoRA gradient");
+                let scale = b
+                    .abs()
+                    .unwrap()
+                    .max_keepdim(0)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap();
+                let scale = scale.max(0).unwrap().to_scalar::<f32>().unwrap().max(1e-3);
+                let d = max_diff(a, b) / scale;
+                assert!(d < 1e-5, "{name}: {what} differs by {d} (relative)");
+            }
+        }
+    }
+}
+
+#[test]
 fn fused_decoder_trains_with_dropout_reproducibly() {
     let dec = tiny("tiny-llama");
     let lora = Lora::new(&LoraConfig::default(), &dec.config, 3, &DEV).unwrap();

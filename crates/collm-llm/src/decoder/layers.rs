@@ -120,17 +120,46 @@ impl Attention {
         ctx: &Ctx,
         keep: Option<&mut Vec<(Tensor, Tensor)>>,
     ) -> Result<Tensor> {
-        let (b, t, _) = x.dims3()?;
-        let (nh, nkv, hd) = (self.heads, self.kv_heads, self.head_dim);
         let (q, k, v) = (
             self.q.forward(x, ctx)?,
             self.k.forward(x, ctx)?,
             self.v.forward(x, ctx)?,
         );
-        let out = match ctx.cached {
+        let out = self.attend((&q, &k, &v), ctx, keep)?;
+        self.o.forward(&out, ctx)
+    }
+
+    /// [`Attention::forward`] on `rows` of a padded batch: `x` (N, 1, hidden) holds them
+    /// (see [`crate::Decoder::set_skip_padding`]); the projections run on those rows, attention
+    /// on the padded layout (zeros at the other positions, which it masks out).
+    fn forward_rows(
+        &self,
+        x: &Tensor,
+        ctx: &Ctx,
+        rows: &Rows,
+        keep: Option<&mut Vec<(Tensor, Tensor)>>,
+    ) -> Result<Tensor> {
+        let proj = |l: &Linear| -> Result<Tensor> {
+            Ok(rows.place(&l.forward_rows(x, ctx, Some(rows))?)?)
+        };
+        let (q, k, v) = (proj(&self.q)?, proj(&self.k)?, proj(&self.v)?);
+        let out = self.attend((&q, &k, &v), ctx, keep)?;
+        self.o.forward_rows(&rows.pick(&out)?, ctx, Some(rows))
+    }
+
+    /// Attention of projected `q`, `k`, `v` (B, T, ·): (B, T, heads·hd).
+    fn attend(
+        &self,
+        (q, k, v): (&Tensor, &Tensor, &Tensor),
+        ctx: &Ctx,
+        keep: Option<&mut Vec<(Tensor, Tensor)>>,
+    ) -> Result<Tensor> {
+        let (b, t, _) = q.dims3()?;
+        let (nh, nkv, hd) = (self.heads, self.kv_heads, self.head_dim);
+        Ok(match ctx.cached {
             None => ops::attention(
                 ctx.backend,
-                (&q, &k, &v),
+                (q, k, v),
                 (nh, nkv),
                 &ctx.pos,
                 keep,
@@ -147,14 +176,13 @@ impl Attention {
                     prefixes.iter().map(|&((k, v), n)| (k, v, n)).collect();
                 ops::prefix_attention(
                     ctx.backend,
-                    (&four(&q, nh)?, &four(&k, nkv)?, &four(&v, nkv)?),
+                    (&four(q, nh)?, &four(k, nkv)?, &four(v, nkv)?),
                     &ctx.pos,
                     &prefixes,
                 )?
                 .reshape((b, t, nh * hd))?
             }
-        };
-        self.o.forward(&out, ctx)
+        })
     }
 
     /// The attention output (B, 1, hidden) at `rows` only: `x` (B, T, hidden) is the normed
@@ -269,6 +297,25 @@ impl Block {
             + self
                 .mlp
                 .forward(&ctx.rms_norm(&x, &self.post_norm)?, ctx, None)?)?)
+    }
+
+    /// [`Block::forward`] on `rows` of a padded batch, held as (N, 1, hidden) (see
+    /// [`crate::Decoder::set_skip_padding`]): LoRA dropout draws what a whole pass draws.
+    pub(super) fn forward_rows(
+        &self,
+        x: &Tensor,
+        ctx: &Ctx,
+        rows: &Rows,
+        keep: Option<&mut Vec<(Tensor, Tensor)>>,
+    ) -> Result<Tensor> {
+        let x =
+            (x + self
+                .attn
+                .forward_rows(&ctx.rms_norm(x, &self.input_norm)?, ctx, rows, keep)?)?;
+        Ok((&x
+            + self
+                .mlp
+                .forward(&ctx.rms_norm(&x, &self.post_norm)?, ctx, Some(rows))?)?)
     }
 
     /// The block's output (B, 1, hidden) at `rows` only (see [`Attention::forward_at`]).

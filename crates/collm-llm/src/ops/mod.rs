@@ -65,11 +65,15 @@ pub struct LoraSite {
     pub dropout: f64,
 }
 
-/// One position per batch row of a (B, T, ·) activation ([`crate::Decoder::forward_at`]'s
-/// last block): row `r`'s position is `flat[r] - r·seq`.
+/// Chosen rows of a (B, T, ·) activation, held as (N, 1, ·): one position per batch row
+/// ([`Rows::new`]: [`crate::Decoder::forward_at`]'s last block, row `r`'s position
+/// `flat[r] - r·seq`), or every real position of a padded batch ([`Rows::real`]: the blocks
+/// then multiply no padding).
 pub struct Rows {
     pub seq: usize,
-    /// `r·seq + position`: the rows' indices in the (B·T, ·) activation.
+    /// B: the batch rows of the whole activation.
+    pub batch: usize,
+    /// `b·seq + position`: the rows' indices in the (B·T, ·) activation, ascending.
     pub flat: Vec<usize>,
 }
 
@@ -77,6 +81,7 @@ impl Rows {
     pub fn new(seq: usize, positions: &[usize]) -> Self {
         Self {
             seq,
+            batch: positions.len(),
             flat: positions
                 .iter()
                 .enumerate()
@@ -85,12 +90,23 @@ impl Rows {
         }
     }
 
-    /// B·T: the rows of the whole activation.
-    pub fn all(&self) -> usize {
-        self.flat.len() * self.seq
+    /// Every real position of `mask`'s batch.
+    pub fn real(mask: &Mask) -> Self {
+        Self {
+            seq: mask.seq,
+            batch: mask.batch,
+            flat: (0..mask.data.len())
+                .filter(|&i| mask.data[i] == 1)
+                .collect(),
+        }
     }
 
-    /// Each row's position.
+    /// B·T: the rows of the whole activation.
+    pub fn all(&self) -> usize {
+        self.batch * self.seq
+    }
+
+    /// Each row's position (rows made by [`Rows::new`]: one per batch row).
     pub fn positions(&self) -> Vec<usize> {
         self.flat
             .iter()
@@ -104,7 +120,7 @@ impl Rows {
         Tensor::from_vec(idx, self.flat.len(), dev)
     }
 
-    /// The chosen rows of `x` (B, T, …) as (B, 1, …).
+    /// The chosen rows of `x` (B, T, …) as (N, 1, …).
     pub fn pick(&self, x: &Tensor) -> Result<Tensor> {
         let dims = x.dims();
         let mut flat = vec![self.all()];
@@ -113,6 +129,21 @@ impl Rows {
         out.extend_from_slice(&dims[2..]);
         x.reshape(flat)?
             .index_select(&self.index(x.device())?, 0)?
+            .reshape(out)
+    }
+
+    /// The inverse of [`Rows::pick`]: `x` (N, 1, …) at its rows of a (B, T, …) activation,
+    /// zeros elsewhere.
+    pub fn place(&self, x: &Tensor) -> Result<Tensor> {
+        let dims = x.dims();
+        let mut flat = vec![self.all()];
+        flat.extend_from_slice(&dims[2..]);
+        let mut rows = vec![self.flat.len()];
+        rows.extend_from_slice(&dims[2..]);
+        let mut out = vec![self.batch, self.seq];
+        out.extend_from_slice(&dims[2..]);
+        Tensor::zeros(flat, x.dtype(), x.device())?
+            .index_add(&self.index(x.device())?, &x.reshape(rows)?, 0)?
             .reshape(out)
     }
 }

@@ -128,6 +128,17 @@ impl DropMask {
     /// `rows[k]` of this one.
     pub fn rows(&self, rows: &[usize], width: usize) -> DropMask {
         let mut keep = vec![0u64; (rows.len() * width).div_ceil(64)];
+        if width.is_multiple_of(64) {
+            // Whole words (every row starts on a word: a projection's input of 576 or 1,536).
+            let w = width / 64;
+            for (k, &r) in rows.iter().enumerate() {
+                keep[k * w..(k + 1) * w].copy_from_slice(&self.keep[r * w..(r + 1) * w]);
+            }
+            return DropMask {
+                keep: Arc::new(keep),
+                scale: self.scale,
+            };
+        }
         for (k, &r) in rows.iter().enumerate() {
             for j in 0..width {
                 let (src, dst) = (r * width + j, k * width + j);
@@ -330,6 +341,41 @@ mod chacha16 {
                 v &= (1u64 << left) - 1;
             }
             *w = v;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::SeedableRng;
+
+    /// Element `e` of a mask: kept or not.
+    fn kept(m: &DropMask, e: usize) -> bool {
+        m.keep[e / 64] >> (e % 64) & 1 == 1
+    }
+
+    #[test]
+    fn a_masks_rows_are_its_own_draws_at_those_rows_in_whole_words_and_not() {
+        // 128 wide: the word path; 100 wide: element by element. Rows in any order, repeated.
+        for width in [128, 100, 64, 3] {
+            let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
+            let m = dropout_mask(11 * width, 0.3, &mut rng).unwrap();
+            let rows = [0, 3, 4, 10, 7, 3];
+            let r = m.rows(&rows, width);
+            assert_eq!(r.scale, m.scale);
+            let mut dropped = 0;
+            for (k, &row) in rows.iter().enumerate() {
+                for j in 0..width {
+                    assert_eq!(kept(&r, k * width + j), kept(&m, row * width + j));
+                    dropped += usize::from(!kept(&m, row * width + j));
+                }
+            }
+            assert!(dropped > 0 && dropped < rows.len() * width, "{width}");
+            // Nothing kept past the rows.
+            for e in rows.len() * width..r.keep.len() * 64 {
+                assert!(!kept(&r, e), "{width}: {e}");
+            }
         }
     }
 }
