@@ -43,6 +43,48 @@ fn probe(out: &Tensor, seed: u64) -> Tensor {
         .unwrap()
 }
 
+/// A decoder pass over `emb` with `lora` (in training with `train`: its dropout): the hidden
+/// states at real positions, the logits of tokens 3, 4 and 9 at each row's last position, and
+/// the gradients of a probe of them: the embeddings' at real positions, then each LoRA
+/// variable's.
+fn pass_outputs(
+    dec: &Decoder,
+    (emb, mask): (&Var, &Mask),
+    lora: &Lora,
+    train: Option<&collm_nn::TrainCtx>,
+) -> Vec<Tensor> {
+    let pass = Pass {
+        lora: Some(lora),
+        train,
+        grad: true,
+    };
+    let h = dec.forward(emb.as_tensor(), mask, &pass).unwrap();
+    let logits = dec
+        .token_logits(&h, &mask.last_positions(), &[3, 4, 9], &pass)
+        .unwrap();
+    let g = probe(&logits, 5).backward().unwrap();
+    // Only real positions: padding feeds nothing real.
+    let real = real_rows(mask, (mask.batch, mask.seq, 1));
+    let mut out = vec![
+        h.broadcast_mul(&real).unwrap(),
+        logits,
+        g.get(emb.as_tensor())
+            .unwrap()
+            .broadcast_mul(&real)
+            .unwrap(),
+    ];
+    for (_, v) in lora.trainable() {
+        out.push(g.get(v.as_tensor()).unwrap().clone());
+    }
+    out
+}
+
+/// `max |a - b|` over the largest magnitude of `b` (at least 1e-3).
+fn relative_diff(a: &Tensor, b: &Tensor) -> f32 {
+    let scale = b.abs().unwrap().flatten_all().unwrap().max(0).unwrap();
+    max_diff(a, b) / scale.to_scalar::<f32>().unwrap().max(1e-3)
+}
+
 /// Gradients of `f` with respect to each input, for values `xs`.
 fn grads(xs: &[Tensor], f: &dyn Fn(&[Tensor]) -> Tensor) -> Vec<Tensor> {
     let vars: Vec<Var> = xs.iter().map(|x| Var::from_tensor(x).unwrap()).collect();
@@ -579,45 +621,11 @@ fn fused_decoder_matches_the_composed_one_forward_and_backward() {
         let seqs = [vec![5u32, 6, 7, 8, 9, 10], vec![11u32, 12, 13]];
         let (emb, mask) = dec.embed_left_padded(&seqs, 0).unwrap();
         let emb = Var::from_tensor(&emb).unwrap();
-        let run = |dec: &Decoder| {
-            let pass = Pass {
-                lora: Some(&lora),
-                train: None,
-                grad: true,
-            };
-            let h = dec.forward(emb.as_tensor(), &mask, &pass).unwrap();
-            let logits = dec
-                .token_logits(&h, &mask.last_positions(), &[3, 4, 9], &pass)
-                .unwrap();
-            let loss = probe(&logits, 5);
-            let g = loss.backward().unwrap();
-            let mut out = vec![logits];
-            // Only real positions' embedding gradients: padding feeds nothing real.
-            let real = real_rows(&mask, (2, mask.seq, 1));
-            out.push(
-                g.get(emb.as_tensor())
-                    .unwrap()
-                    .broadcast_mul(&real)
-                    .unwrap(),
-            );
-            for (_, v) in lora.trainable() {
-                out.push(g.get(v.as_tensor()).unwrap().clone());
-            }
-            out
-        };
-        let fused = run(&dec);
+        let fused = pass_outputs(&dec, (&emb, &mask), &lora, None);
         dec.set_fused(false).unwrap();
-        let reference = run(&dec);
+        let reference = pass_outputs(&dec, (&emb, &mask), &lora, None);
         for (k, (a, b)) in fused.iter().zip(&reference).enumerate() {
-            let scale = b
-                .abs()
-                .unwrap()
-                .max_keepdim(0)
-                .unwrap()
-                .flatten_all()
-                .unwrap();
-            let scale = scale.max(0).unwrap().to_scalar::<f32>().unwrap().max(1e-3);
-            let d = max_diff(a, b) / scale;
+            let d = relative_diff(a, b);
             assert!(d < 1e-4, "{name}: output {k} differs by {d} (relative)");
         }
     }
@@ -656,28 +664,7 @@ fn skipping_padding_leaves_every_real_position_forward_and_backward() {
         for mask in [left, holes] {
             let run = |dec: &Decoder| {
                 let ctx = collm_nn::TrainCtx::new(9);
-                let pass = Pass {
-                    lora: Some(&lora),
-                    train: Some(&ctx),
-                    grad: true,
-                };
-                let h = dec.forward(emb.as_tensor(), &mask, &pass).unwrap();
-                let real = real_rows(&mask, (3, mask.seq, 1));
-                let logits = dec
-                    .token_logits(&h, &mask.last_positions(), &[3, 4, 9], &pass)
-                    .unwrap();
-                let g = probe(&logits, 5).backward().unwrap();
-                let mut out = vec![h.broadcast_mul(&real).unwrap(), logits];
-                out.push(
-                    g.get(emb.as_tensor())
-                        .unwrap()
-                        .broadcast_mul(&real)
-                        .unwrap(),
-                );
-                for (_, v) in lora.trainable() {
-                    out.push(g.get(v.as_tensor()).unwrap().clone());
-                }
-                out
+                pass_outputs(dec, (&emb, &mask), &lora, Some(&ctx))
             };
             assert!(dec.is_fused());
             let skipped = run(&dec);
@@ -687,15 +674,7 @@ fn skipping_padding_leaves_every_real_position_forward_and_backward() {
             let names = ["hidden states", "logits", "embedding gradient"];
             for (k, (a, b)) in skipped.iter().zip(&every).enumerate() {
                 let what = names.get(k).copied().unwrap_or("a LoRA gradient");
-                let scale = b
-                    .abs()
-                    .unwrap()
-                    .max_keepdim(0)
-                    .unwrap()
-                    .flatten_all()
-                    .unwrap();
-                let scale = scale.max(0).unwrap().to_scalar::<f32>().unwrap().max(1e-3);
-                let d = max_diff(a, b) / scale;
+                let d = relative_diff(a, b);
                 assert!(d < 1e-5, "{name}: {what} differs by {d} (relative)");
             }
         }
