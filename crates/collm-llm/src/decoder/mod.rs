@@ -265,9 +265,12 @@ impl Decoder {
             ),
             cached: None,
             kernel: self.kernel,
+            // A batch with padding and some real position (one of padding only keeps the
+            // padded layout: no empty products).
             real: (self.skip_padding
                 && self.backend.kernels(&self.device)
-                && mask.data.contains(&0))
+                && mask.data.contains(&0)
+                && mask.data.contains(&1))
             .then(|| Rows::real(mask)),
         }
     }
