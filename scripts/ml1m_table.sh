@@ -7,7 +7,7 @@
 #   scripts/ml1m_table.sh --no-commit  # the same, leaving git alone
 #   scripts/ml1m_table.sh --next     # do one row's next piece of work, then stop
 #   scripts/ml1m_table.sh --scores   # keep the valid scores of rows finished without them (below)
-#   scripts/ml1m_table.sh --status   # one line per row: done / in progress (step of budget, best, pace) / to do
+#   scripts/ml1m_table.sh --status   # one line per row: done / trained / in progress (step of budget, best, pace) / to do
 #   scripts/ml1m_table.sh --report   # the table from what is done (collm report over results/ml-1m; not the seed rows)
 #   scripts/ml1m_table.sh --table    # README's rows: AUC, UAUC, warm/cold, budget, wall time, machine
 #   scripts/ml1m_table.sh --compare  # each row against the rows it builds on, beyond noise (collm eval compare)
@@ -47,7 +47,9 @@
 # never holds a half-written one. A checkpoint commit replaces (`--amend`) the previous
 # checkpoint commit of the same row made by this driver process while that is still the last
 # commit, and so does the row's final commit: commits that existed when the driver started are
-# never rewritten. A git command holding the index is waited for (up to 10 minutes; a commit
+# never rewritten. An LLM row whose training has finished is committed before its evaluation
+# (up to an hour), its last checkpoint dropped ("ROW trained (…); its evaluation is to do"), as
+# a checkpoint commit. A git command holding the index is waited for (up to 10 minutes; a commit
 # that cannot be made is reported and tried again at the next occasion, training goes on).
 #
 # Needs ../shared/data/ml-1m-collm (the shared split) and the SmolLM2 GGUF (fetched here).
@@ -112,12 +114,14 @@ sys.exit(0 if isinstance(r, dict) and isinstance(r.get("auc"), (int, float)) els
 PY
 }
 
-# A run's state: done (evaluated), partial (a checkpoint to resume), started (a run directory
-# with nothing to resume: it died before its first checkpoint, or it has finished training),
-# none. An eval-valid.json that is not a report (an older driver's failed evaluation) is not done.
+# A run's state: done (evaluated), trained (its training has finished: its evaluation is to
+# do), partial (a checkpoint to resume), started (a run directory with nothing to resume: it
+# died before its first checkpoint), none. An eval-valid.json that is not a report (an older
+# driver's failed evaluation) is not done.
 state() {
   local dir=$OUT/$1
   if [ -f "$dir/eval-valid.json" ] && is_report "$dir/eval-valid.json"; then echo done
+  elif [ -d "$dir" ] && finished "$dir"; then echo trained
   elif [ -f "$dir/checkpoint/CURRENT" ]; then echo partial
   elif [ -d "$dir" ]; then echo started
   else echo none
@@ -312,10 +316,10 @@ log_row() { echo "$(date -u +%FT%TZ) $2" >> "$OUT/$1.driver.log"; }
 train_row() {
   local row=$1 kind=$2 cfg=$3 seed=${4:-} dir=$OUT/$1 mode=()
   case $(state "$row") in
-    partial) if finished "$dir"; then return 0; fi; mode=(--resume) ;;
-    started) if finished "$dir"; then return 0; fi; mode=(--force) ;;
+    partial) mode=(--resume) ;;
+    started) mode=(--force) ;;
     none) ;;
-    done) return 0 ;;
+    trained|done) return 0 ;;
   esac
   local kern=""
   if [ "$kind" != cf ]; then kern=", kernel $("$BIN" llm kernel --short)"; fi
@@ -410,6 +414,17 @@ eval_row() {
     say "$row: storing its best weights in f16 (collm compact)"
     run_child "$BIN" compact "$dir" --dtype f16 || fail "$row: collm compact failed"
     log_row "$row" "compacted to f16"
+  fi
+  # An LLM row's evaluation takes up to an hour: its trained state (weights as shipped; the
+  # last checkpoint, which a finished run no longer needs, dropped) is committed before it,
+  # replaced by the row's final commit as a checkpoint commit is.
+  if [ "$kind" != cf ] && [ "$(state "$row")" = trained ]; then
+    rm -rf "$dir/checkpoint"
+    if [ "$COMMIT" = on ] && stage_row "$row"; then
+      local how
+      how=$(python3 -c 'import json,sys; m=json.load(open(sys.argv[1])); print("step %s, stopped: %s" % (m.get("step", len(m.get("curve", []))), m["stopped"]))' "$dir/metrics.json")
+      commit_staged "$row" checkpoint "results/ml-1m: $row trained ($how); its evaluation is to do"
+    fi
   fi
   say "$row: evaluating on the full valid split"
   evaluate "$row" "$kind" "$tmp" "$scores" || rc=$?
@@ -605,7 +620,7 @@ status() {
       done) extra=$(python3 -c 'import json,sys; r=json.load(open(sys.argv[1])); print("valid AUC %.4f UAUC %s" % (r["auc"], "%.4f" % r["uauc"] if r["uauc"] is not None else "-"))' "$dir/eval-valid.json") ;;
       # A row in progress: how far (of the config's budget), its best validation so far and
       # its pace (a CF row's last epoch; an LLM row's training seconds over its steps).
-      partial|started) extra=$(python3 -c '
+      partial|started|trained) extra=$(python3 -c '
 import json, os, re, sys
 p = os.path.join(sys.argv[1], "metrics.json")
 if not os.path.exists(p):

@@ -280,10 +280,10 @@ fn a_failed_evaluation_marks_nothing_done_and_status_still_works() {
         run.join("checkpoint/CURRENT").exists(),
         "checkpoint dropped"
     );
-    assert_eq!(row_state(&repo, "cf-mf"), "partial");
+    assert_eq!(row_state(&repo, "cf-mf"), "trained");
     // An empty report left by an older driver is not "done" either, and breaks nothing.
     std::fs::write(run.join("eval-valid.json"), "").unwrap();
-    assert_eq!(row_state(&repo, "cf-mf"), "partial");
+    assert_eq!(row_state(&repo, "cf-mf"), "trained");
     let t = run_driver(&repo, &["--table"], &[]);
     assert!(t.status.success(), "--table: {}", text(&t));
     // No temporary report is left behind.
@@ -302,13 +302,43 @@ fn a_failed_evaluation_marks_nothing_done_and_status_still_works() {
 /// What each commit after the first touches: only the paths of one row.
 /// Is `repo`'s last commit a row's checkpoint (the driver commits a row in progress)? Read
 /// while the driver runs: a failed read is a no.
+/// Installs a git `reference-transaction` hook in `repo` that, once a checkpoint commit (a row
+/// in progress, or trained with its evaluation to do) has landed (the driver commits with `update-ref`, which runs this hook and no other), kills the
+/// hook's process group (the driver's: git and its hooks are the driver's children) with
+/// SIGKILL, once: the hook removes itself first.
+fn kill_at_first_checkpoint_commit(repo: &Path) {
+    let hook = repo.join(".git/hooks/reference-transaction");
+    std::fs::create_dir_all(hook.parent().unwrap()).unwrap();
+    std::fs::write(
+        &hook,
+        r#"#!/usr/bin/env bash
+[ "$1" = committed ] || exit 0
+while read -r old new ref; do
+  case "$(git log -1 --format=%s "$new" 2>/dev/null)" in
+    *" in progress "*|*" trained "*)
+      rm -f "$0"
+      read -r _ _ _ _ pgid _ < /proc/$$/stat
+      kill -9 -- "-$pgid" ;;
+  esac
+done
+exit 0
+"#,
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&hook, std::fs::Permissions::from_mode(0o755)).unwrap();
+}
+
 fn last_commit_is_a_checkpoint(repo: &Path) -> bool {
     Command::new("git")
         .args(["log", "-1", "--format=%s"])
         .current_dir(repo)
         .envs(git_env())
         .output()
-        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains(" in progress "))
+        .is_ok_and(|o| {
+            let s = String::from_utf8_lossy(&o.stdout);
+            s.contains(" in progress ") || s.contains(" trained ")
+        })
 }
 
 fn commits_touch_one_row_each(repo: &Path) -> usize {
@@ -360,10 +390,11 @@ fn the_driver_commits_rows_and_a_clone_of_any_moment_resumes_to_the_same_table()
     assert!(left.trim().is_empty(), "left uncommitted: {left}");
 
     // Killed (kill -9, the whole process group): first right after its first checkpoint
-    // commit (so that a clone starts from a row in progress however loaded the machine is),
-    // then at spread-out moments; after each kill a fresh clone of the last commit resumes to
-    // the same table, and so does the killed repository.
+    // commit (by a git hook, so that a clone starts from a row in progress however fast or
+    // loaded the machine is), then at spread-out moments; after each kill a fresh clone of the
+    // last commit resumes to the same table, and so does the killed repository.
     let repo = make_repo(&tmp.path().join("killed"));
+    kill_at_first_checkpoint_commit(&repo);
     let kills = 5;
     let mut seen = String::new(); // the clones' --status before they resumed
     for k in 0..kills {
@@ -374,7 +405,7 @@ fn the_driver_commits_rows_and_a_clone_of_any_moment_resumes_to_the_same_table()
             .unwrap();
         if k == 0 {
             let t = Instant::now();
-            while !last_commit_is_a_checkpoint(&repo) && t.elapsed() < 4 * total {
+            while child.try_wait().unwrap().is_none() && t.elapsed() < 4 * total {
                 std::thread::sleep(std::time::Duration::from_millis(10));
             }
         } else {
@@ -384,6 +415,20 @@ fn the_driver_commits_rows_and_a_clone_of_any_moment_resumes_to_the_same_table()
             .args(["-9", "--", &format!("-{}", child.id())])
             .status();
         child.wait().unwrap();
+        if k == 0 {
+            assert!(
+                last_commit_is_a_checkpoint(&repo),
+                "the first kill came after no checkpoint commit: {}",
+                git(&repo, &["log", "--format=%s"])
+            );
+            // A trained row is committed without its last checkpoint (evaluation reads best/).
+            let subject = git(&repo, &["log", "-1", "--format=%s"]);
+            if subject.contains(" trained ") {
+                let files = git(&repo, &["show", "--name-only", "--format=", "HEAD"]);
+                assert!(files.contains("/best/"), "{subject}: {files}");
+                assert!(!files.contains("/checkpoint/"), "{subject}: {files}");
+            }
+        }
         // A git command killed mid-way leaves its lock (the index's, or HEAD's or a branch's
         // from an update-ref: the driver then waits for it as for a live git command); a new
         // machine would not have them.
@@ -405,9 +450,16 @@ fn the_driver_commits_rows_and_a_clone_of_any_moment_resumes_to_the_same_table()
         assert_eq!(&results(&clone), reference(), "clone after kill {k}");
         commits_touch_one_row_each(&clone);
     }
-    // The clones resumed from committed checkpoints and finished rows, not from scratch.
-    assert!(seen.contains(" partial "), "{seen}");
-    for l in seen.lines().filter(|l| l.contains(" partial ")) {
+    // The clones resumed from committed checkpoints, trained rows and finished rows, not from
+    // scratch.
+    assert!(
+        seen.contains(" partial ") || seen.contains(" trained "),
+        "{seen}"
+    );
+    for l in seen
+        .lines()
+        .filter(|l| l.contains(" partial ") || l.contains(" trained "))
+    {
         assert!(l.contains(" of 6") || l.contains("no metrics yet"), "{l}");
     }
     assert!(seen.contains(" done "), "{seen}");
