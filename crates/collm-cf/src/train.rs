@@ -304,7 +304,10 @@ impl Trainer for CfTrainer<'_> {
             &self.device,
         )?;
         let train_s = t.elapsed().as_secs_f64();
-        let scores = predict(model, self.valid_rows, cfg.eval_batch_size, &self.device)?;
+        // A stop asked for mid-validation comes after the epoch's checkpoint.
+        let scores = collm_core::progress::defer_interrupts(|| {
+            predict(model, self.valid_rows, cfg.eval_batch_size, &self.device)
+        })?;
         let report = Report::compute(&self.counts, self.valid_rows, &scores)?;
         state.curve.push(EpochRecord {
             epoch: epoch + 1,

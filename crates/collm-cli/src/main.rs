@@ -118,8 +118,22 @@ fn main() {
         tracing::debug!("threads at exit: {n}");
     }
     if let Err(e) = result {
-        eprintln!("error: {}", clip_lines(&format!("{e:#}"), 300));
-        std::process::exit(1);
+        let interrupted = e
+            .chain()
+            .any(|c| c.is::<collm_core::progress::Interrupted>());
+        match collm_core::progress::interrupting_signal() {
+            Some(sig) if interrupted => {
+                eprintln!(
+                    "stopped by signal {sig}: {}",
+                    clip_lines(&format!("{e:#}"), 300)
+                );
+                std::process::exit(128 + sig);
+            }
+            _ => {
+                eprintln!("error: {}", clip_lines(&format!("{e:#}"), 300));
+                std::process::exit(1);
+            }
+        }
     }
 }
 
@@ -191,8 +205,16 @@ fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Data(cmd) => data::run(cmd),
         Command::Eval(cmd) => eval::run(cmd),
-        Command::Train(cmd) => train::run(cmd),
-        Command::Quickstart(args) => quickstart::run(args),
+        // SIGTERM, SIGINT or SIGHUP stops a training at its next step with a checkpoint of
+        // where it stood (a second one ends the process at once).
+        Command::Train(cmd) => {
+            let _stop = collm_core::progress::StopOnSignals::install()?;
+            train::run(cmd)
+        }
+        Command::Quickstart(args) => {
+            let _stop = collm_core::progress::StopOnSignals::install()?;
+            quickstart::run(args)
+        }
         Command::Bench(cmd) => bench::run(cmd),
         Command::Llm(cmd) => llm::run(cmd),
         Command::Report(args) => report::run(args),

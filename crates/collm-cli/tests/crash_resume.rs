@@ -191,11 +191,21 @@ fn a_killed_cf_run_resumes_to_the_same_result() {
 /// A tiny TALLRec run's config: 6 steps, validation every `eval_every`, and with
 /// `checkpoint_minutes` (0: at validations only).
 fn tallrec_config(dir: &Path, eval_every: usize, checkpoint_minutes: f64) -> std::path::PathBuf {
+    tallrec_config_steps(dir, 6, eval_every, checkpoint_minutes)
+}
+
+/// [`tallrec_config`] with `max_steps` steps.
+fn tallrec_config_steps(
+    dir: &Path,
+    max_steps: usize,
+    eval_every: usize,
+    checkpoint_minutes: f64,
+) -> std::path::PathBuf {
     let config = dir.join("tallrec.toml");
     std::fs::write(
         &config,
         format!(
-            "mode = \"tallrec\"\ndata = {:?}\nbackbone = {:?}\nmax_steps = 6\neval_every = {eval_every}\n\
+            "mode = \"tallrec\"\ndata = {:?}\nbackbone = {:?}\nmax_steps = {max_steps}\neval_every = {eval_every}\n\
 eval_rows = 20\nbatch_size = 4\nwarmup_steps = 1\nlr = 0.01\ntrain_rows = 40\n\
 checkpoint_minutes = {checkpoint_minutes:e}\n",
             family().data().display().to_string(),
@@ -270,6 +280,105 @@ fn a_collm_run_killed_between_validations_resumes_from_its_latest_step() {
         "collm, checkpoints every step: {identical} of {points} kill points resumed identically"
     );
     assert_eq!(points, identical);
+}
+
+/// Starts `collm ARGS` (a training whose `--out` is `run`), sends it SIGTERM once `run` holds
+/// `file` (or 60 s have passed), and returns its output.
+fn sigterm_once(args: &[&str], run: &Path, file: &str) -> Output {
+    let child = Command::new(env!("CARGO_BIN_EXE_collm"))
+        .args(args)
+        .env("COLLM_LOG", "info")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t = Instant::now();
+    while !run.join(file).exists() && t.elapsed() < std::time::Duration::from_secs(60) {
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    child.wait_with_output().unwrap()
+}
+
+/// SIGTERM (what the table's driver sends its trainer when stopped, and a machine's shutdown
+/// sends every process) stops a CoLLM run at its next step with a checkpoint of that step, where
+/// `kill -9` loses everything since the last checkpoint. Here checkpoints come at validations
+/// only and the only validation is the last step's, so a checkpoint in the stopped run can only
+/// be the stop's; resumed, the run ends exactly as the uninterrupted one.
+#[test]
+fn a_collm_run_stopped_by_sigterm_checkpoints_its_step_and_resumes_to_the_same_result() {
+    let tmp = tempfile::tempdir().unwrap();
+    let config = tallrec_config_steps(tmp.path(), 40, 40, 0.0);
+    let args = |run: &Path| train_collm_args(&config, run);
+    let reference = tmp.path().join("reference");
+    let a = args(&reference);
+    ok(&a.iter().map(String::as_str).collect::<Vec<_>>());
+    let run = tmp.path().join("stopped");
+    let a = args(&run);
+    let a: Vec<&str> = a.iter().map(String::as_str).collect();
+    // The run's config is written before its first step.
+    let o = sigterm_once(&a, &run, "config.toml");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(128 + 15), "{err}");
+    assert!(err.contains("stopped by signal 15"), "{err}");
+    assert!(
+        err.contains("a checkpoint of where the run stood is committed"),
+        "{err}"
+    );
+    let m = metrics(&run);
+    let step = m["step"].as_u64().unwrap();
+    assert!((1..40).contains(&step), "stopped at step {step}");
+    assert!(m["curve"].as_array().unwrap().is_empty(), "{m}");
+    assert!(run.join("checkpoint/CURRENT").is_file());
+    finish(&a, &run);
+    same(&reference, &run, &format!("SIGTERM at step {step}"));
+}
+
+/// A collaborative run stopped by SIGTERM after its first epoch's checkpoint exits with 143
+/// and resumes to the uninterrupted run's result.
+#[test]
+fn a_cf_run_stopped_by_sigterm_resumes_to_the_same_result() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = family().data();
+    let args = |run: &Path| -> Vec<String> {
+        [
+            "train",
+            "cf",
+            "--model",
+            "mf",
+            "--data",
+            s(&data),
+            "--dim",
+            "8",
+            "--max-epochs",
+            "400",
+            "--patience",
+            "1000",
+            "--quiet",
+            "--out",
+            s(run),
+        ]
+        .map(String::from)
+        .to_vec()
+    };
+    let reference = tmp.path().join("reference");
+    ok(&args(&reference)
+        .iter()
+        .map(String::as_str)
+        .collect::<Vec<_>>());
+    let run = tmp.path().join("stopped");
+    let a = args(&run);
+    let a: Vec<&str> = a.iter().map(String::as_str).collect();
+    let o = sigterm_once(&a, &run, "checkpoint/CURRENT");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(128 + 15), "{err}");
+    assert!(err.contains("stopped by signal 15"), "{err}");
+    let epochs = metrics(&run)["curve"].as_array().unwrap().len();
+    assert!((1..400).contains(&epochs), "stopped after {epochs} epochs");
+    finish(&a, &run);
+    same(&reference, &run, &format!("SIGTERM after epoch {epochs}"));
 }
 
 /// `--force` builds the replacement aside and swaps it in at its first checkpoint: killed at

@@ -5,10 +5,13 @@
 //! `progress=` callbacks), forwards each tick there instead; a quiet one does neither (an inner
 //! call of a call that shows its own progress). Each tick returns
 //! [`Interrupted`] once [`interrupt`] was called, so that a Ctrl-C in a notebook stops a
-//! training or scoring call at its next step (a training run then resumes from its last
-//! checkpoint, as after a kill).
+//! training or scoring call at its next step. A training run stops at its next resumable point
+//! with a checkpoint of where it stood (the scaffold's `Between`, in collm-nn), so nothing is
+//! lost; a validation runs to its end first ([`defer_interrupts`]). On the command line,
+//! SIGTERM, SIGINT and SIGHUP interrupt the same way while a [`StopOnSignals`] guard lives (the
+//! `collm train` commands); a second such signal ends the process at once.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 
 /// One tick of a long call.
@@ -31,6 +34,10 @@ pub trait Sink: Send + Sync {
 
 static SINK: RwLock<Option<Arc<dyn Sink>>> = RwLock::new(None);
 static INTERRUPT: AtomicBool = AtomicBool::new(false);
+/// Calls inside [`defer_interrupts`] now (process-wide: rayon's workers check too).
+static DEFER: AtomicUsize = AtomicUsize::new(0);
+/// The signal that interrupted the process (0: none).
+static SIGNAL: AtomicI32 = AtomicI32::new(0);
 
 /// Sets (or with `None` removes) the process's sink.
 pub fn set_sink(sink: Option<Arc<dyn Sink>>) {
@@ -63,14 +70,87 @@ pub fn interrupt() {
 /// Withdraws the request (before the next call starts).
 pub fn clear_interrupt() {
     INTERRUPT.store(false, Ordering::SeqCst);
+    SIGNAL.store(0, Ordering::SeqCst);
 }
 
-/// `Err(Interrupted)` once [`interrupt`] was called.
+/// Has [`interrupt`] been called (whether or not inside [`defer_interrupts`])?
+pub fn interrupt_asked() -> bool {
+    INTERRUPT.load(Ordering::SeqCst)
+}
+
+/// `Err(Interrupted)` once [`interrupt`] was called, except inside [`defer_interrupts`].
 pub fn check() -> Result<(), Interrupted> {
-    if INTERRUPT.load(Ordering::SeqCst) {
+    if INTERRUPT.load(Ordering::SeqCst) && DEFER.load(Ordering::SeqCst) == 0 {
         Err(Interrupted)
     } else {
         Ok(())
+    }
+}
+
+/// Runs `f` with interrupts held back: [`check`] (and every tick) passes while it runs, and an
+/// interrupt asked meanwhile stays asked for the next check after it. For work that must end
+/// whole to be worth anything (a validation whose result goes into the next checkpoint).
+pub fn defer_interrupts<R>(f: impl FnOnce() -> R) -> R {
+    struct Held;
+    impl Drop for Held {
+        fn drop(&mut self) {
+            DEFER.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+    DEFER.fetch_add(1, Ordering::SeqCst);
+    let _held = Held;
+    f()
+}
+
+/// The signal that interrupted this process through [`StopOnSignals`], if one did.
+pub fn interrupting_signal() -> Option<i32> {
+    match SIGNAL.load(Ordering::SeqCst) {
+        0 => None,
+        s => Some(s),
+    }
+}
+
+/// While it lives, SIGTERM, SIGINT and SIGHUP [`interrupt`] the process instead of ending it
+/// (the running call stops at its next tick; a training run at its next step, with a
+/// checkpoint); a second one while the first is pending ends the process at once, with exit
+/// status 128 + the signal. Dropping it restores the signals' previous handling.
+pub struct StopOnSignals {
+    ids: Vec<signal_hook::SigId>,
+}
+
+impl StopOnSignals {
+    pub fn install() -> std::io::Result<Self> {
+        use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+        let mut ids = Vec::new();
+        for sig in [SIGTERM, SIGINT, SIGHUP] {
+            let action = move || {
+                if INTERRUPT.swap(true, Ordering::SeqCst) && SIGNAL.load(Ordering::SeqCst) != 0 {
+                    signal_hook::low_level::exit(128 + sig);
+                }
+                SIGNAL.store(sig, Ordering::SeqCst);
+            };
+            // SAFETY: the action only touches atomics and calls `_exit`, which are
+            // async-signal-safe.
+            let id = unsafe { signal_hook::low_level::register(sig, action) };
+            match id {
+                Ok(id) => ids.push(id),
+                Err(e) => {
+                    for id in ids {
+                        signal_hook::low_level::unregister(id);
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        Ok(Self { ids })
+    }
+}
+
+impl Drop for StopOnSignals {
+    fn drop(&mut self) {
+        for id in self.ids.drain(..) {
+            signal_hook::low_level::unregister(id);
+        }
     }
 }
 
@@ -180,6 +260,13 @@ mod tests {
         p.set_message("valid auc 0.7".into());
         interrupt();
         assert!(p.inc(1).is_err());
+        // Held back inside defer_interrupts (nested too), asked again after it.
+        defer_interrupts(|| {
+            assert!(check().is_ok() && interrupt_asked());
+            defer_interrupts(|| assert!(check().is_ok()));
+            assert!(check().is_ok());
+        });
+        assert!(check().is_err());
         clear_interrupt();
         p.inc(1).unwrap();
         set_sink(None);

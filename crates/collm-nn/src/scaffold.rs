@@ -1,13 +1,16 @@
 //! The training scaffold both trainers share (a collaborative model's, a CoLLM run's): resume
 //! from the run directory's checkpoint, validation intervals, early stopping on validation AUC
 //! with patience, the best weights kept, a checkpoint committed and `metrics.json` rewritten
-//! after every validation, and between validations by time ([`Between`]). A trainer supplies
-//! its interval (train up to the next validation, then validate), its checkpoint contents and
-//! its best-weights file; see [`Trainer`].
+//! after every validation, and between validations by time ([`Between`]). A stop asked for
+//! ([`collm_core::progress::interrupt`]: SIGTERM on the command line, Ctrl-C in a notebook)
+//! ends the run at its next resumable point with a checkpoint of where it stood: after a
+//! validation's checkpoint, or at a [`Between::tick`] (then `Err(Interrupted)`). A trainer
+//! supplies its interval (train up to the next validation, then validate), its checkpoint
+//! contents and its best-weights file; see [`Trainer`].
 
 use crate::run::{improves, RunDir};
 use anyhow::Result;
-use collm_core::progress::Progress;
+use collm_core::progress::{Interrupted, Progress};
 use serde::{de::DeserializeOwned, Serialize};
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -39,8 +42,11 @@ pub trait Trainer {
     }
     /// Trains up to the next validation (an epoch; `eval_every` optimizer steps), validates,
     /// and adds the curve point to `state`. A trainer whose interval is long calls
-    /// [`Between::tick`] after each unit of work it can resume from (an optimizer step), with
-    /// `state` holding everything a resume needs.
+    /// [`Between::tick`] after each unit of work it can resume from (an optimizer step) that
+    /// does not end the interval, with `state` holding everything a resume needs, and validates
+    /// inside
+    /// [`collm_core::progress::defer_interrupts`] (a stop asked meanwhile comes after the
+    /// validation's checkpoint).
     fn interval(&mut self, state: &mut Self::State, between: &mut Between) -> Result<Validation>;
     /// A new best: records it in `state` and writes its weights into the run.
     fn keep_best(&mut self, state: &mut Self::State, run: &Path) -> Result<()>;
@@ -65,8 +71,17 @@ pub struct Between<'a> {
 }
 
 impl Between<'_> {
-    /// Commits a checkpoint of `trainer` in `state` if the time has come.
+    /// Commits a checkpoint of `trainer` in `state` if the time has come; if a stop was asked
+    /// for, commits one and returns `Err(Interrupted)`.
     pub fn tick<T: Trainer>(&mut self, trainer: &T, state: &T::State) -> Result<()> {
+        if collm_core::progress::interrupt_asked() {
+            self.commit(trainer, state)?;
+            tracing::info!(
+                "stopped on request{}: a checkpoint of where the run stood is committed (resume it to go on)",
+                signal_name()
+            );
+            return Err(Interrupted.into());
+        }
         match self.every {
             Some(every) if self.last.elapsed() >= every => self.commit(trainer, state),
             _ => Ok(()),
@@ -79,6 +94,17 @@ impl Between<'_> {
         self.run.write_json(self.metrics_file, state)?;
         self.last = Instant::now();
         Ok(())
+    }
+}
+
+/// " by SIGTERM" and the like, when a signal asked for the stop.
+fn signal_name() -> String {
+    match collm_core::progress::interrupting_signal() {
+        Some(15) => " by SIGTERM".into(),
+        Some(2) => " by SIGINT".into(),
+        Some(1) => " by SIGHUP".into(),
+        Some(s) => format!(" by signal {s}"),
+        None => String::new(),
     }
 }
 
@@ -134,6 +160,13 @@ pub fn drive<T: Trainer>(
         done += 1;
         if state.stopped().is_some() || stop_after == Some(done) {
             return Ok(state);
+        }
+        if collm_core::progress::interrupt_asked() {
+            tracing::info!(
+                "stopped on request{} after a validation and its checkpoint (resume the run to go on)",
+                signal_name()
+            );
+            return Err(Interrupted.into());
         }
     }
 }

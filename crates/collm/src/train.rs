@@ -316,7 +316,9 @@ impl CollmTrainer<'_> {
             }
         }
         state.step += 1;
-        self.pb.inc(1)?;
+        // A stop asked for is taken at the interval's next tick (with a checkpoint of this
+        // step) or after its validation, not here.
+        let _ = self.pb.inc(1);
         Ok(())
     }
 }
@@ -370,7 +372,9 @@ impl Trainer for CollmTrainer<'_> {
             }
             between.tick(self, state)?;
         }
-        let scores = self.model.predict_shared(&self.valid, self.titles, false)?;
+        let scores = collm_core::progress::defer_interrupts(|| {
+            self.model.predict_shared(&self.valid, self.titles, false)
+        })?;
         let report = Report::compute(&self.counts, &self.valid, &scores)?;
         state.train_seconds += self.last_eval.elapsed().as_secs_f64();
         self.last_eval = std::time::Instant::now();
