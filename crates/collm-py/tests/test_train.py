@@ -3,6 +3,7 @@ mappings, bad input refused by name, log records to `logging`, progress callback
 released and Ctrl-C stopping a long call."""
 
 import json
+import re
 import logging
 import os
 import signal
@@ -111,7 +112,9 @@ def test_ctrl_c_stops_training_and_the_run_resumes(family, tmp_path):
                      "warmup_steps": 1, "patience": 100000},
     }
     def interrupted_run(resume, after):
-        """Trains in a child process, sends SIGINT once `after` steps are logged."""
+        """Trains in a child process, sends SIGINT once a validation at step `after` or later
+        is logged (validations come every 5 steps from step 0; a stopped run resumes from the
+        step it stopped at, which need not be one of them)."""
         script = textwrap.dedent(f"""
             import logging, sys, collm
             logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(message)s")
@@ -123,7 +126,8 @@ def test_ctrl_c_stops_training_and_the_run_resumes(family, tmp_path):
         """)
         p = subprocess.Popen([sys.executable, "-u", "-c", script], stdout=subprocess.PIPE, text=True)
         for line in p.stdout:
-            if f"step {after}/" in line:
+            m = re.search(r"step (\d+)/", line)
+            if m and int(m.group(1)) >= after:
                 break
         p.send_signal(signal.SIGINT)
         t0 = time.time()
@@ -135,6 +139,10 @@ def test_ctrl_c_stops_training_and_the_run_resumes(family, tmp_path):
 
     first = interrupted_run(False, 10)
     assert first["step"] >= 10 and (tmp_path / "run" / "checkpoint").exists()
+    # The stop checkpointed the step it came at (the checkpoint's state is metrics.json).
+    ckpt = tmp_path / "run" / "checkpoint"
+    state = json.loads((ckpt / (ckpt / "CURRENT").read_text().strip() / "state.json").read_text())
+    assert state["step"] == first["step"]
     # Resumed, it goes on from its checkpoint: the first curve points are kept.
     second = interrupted_run(True, first["step"] + 10)
     assert second["step"] >= first["step"] + 10
