@@ -155,31 +155,35 @@ fn family() -> &'static Family {
     })
 }
 
+/// `collm train cf`: a tiny MF (dim 8) on the family's data into `run`.
+fn train_mf_args(run: &Path, max_epochs: usize, patience: usize) -> Vec<String> {
+    let data = family().data();
+    let (e, p) = (max_epochs.to_string(), patience.to_string());
+    [
+        "train",
+        "cf",
+        "--model",
+        "mf",
+        "--data",
+        s(&data),
+        "--dim",
+        "8",
+        "--max-epochs",
+        &e,
+        "--patience",
+        &p,
+        "--quiet",
+        "--out",
+        s(run),
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
 #[test]
 fn a_killed_cf_run_resumes_to_the_same_result() {
     let tmp = tempfile::tempdir().unwrap();
-    let data = family().data();
-    let args = |run: &Path| -> Vec<String> {
-        [
-            "train",
-            "cf",
-            "--model",
-            "mf",
-            "--data",
-            data.to_str().unwrap(),
-            "--dim",
-            "8",
-            "--max-epochs",
-            "5",
-            "--patience",
-            "100",
-            "--quiet",
-            "--out",
-            run.to_str().unwrap(),
-        ]
-        .map(String::from)
-        .to_vec()
-    };
+    let args = |run: &Path| train_mf_args(run, 5, 100);
     let reference = tmp.path().join("reference");
     let a = args(&reference);
     ok(&a.iter().map(String::as_str).collect::<Vec<_>>());
@@ -341,28 +345,7 @@ fn a_collm_run_stopped_by_sigterm_checkpoints_its_step_and_resumes_to_the_same_r
 #[test]
 fn a_cf_run_stopped_by_sigterm_resumes_to_the_same_result() {
     let tmp = tempfile::tempdir().unwrap();
-    let data = family().data();
-    let args = |run: &Path| -> Vec<String> {
-        [
-            "train",
-            "cf",
-            "--model",
-            "mf",
-            "--data",
-            s(&data),
-            "--dim",
-            "8",
-            "--max-epochs",
-            "400",
-            "--patience",
-            "1000",
-            "--quiet",
-            "--out",
-            s(run),
-        ]
-        .map(String::from)
-        .to_vec()
-    };
+    let args = |run: &Path| train_mf_args(run, 400, 1000);
     let reference = tmp.path().join("reference");
     ok(&args(&reference)
         .iter()
