@@ -13,7 +13,7 @@ mod common;
 use collm::testing::{Family, Spec};
 use collm_data::sources::synthetic::SyntheticOptions;
 use common::{copy_dir, metrics, s};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::OnceLock;
 use std::time::Instant;
@@ -306,6 +306,32 @@ fn sigterm_once(args: &[&str], run: &Path, file: &str) -> Output {
     child.wait_with_output().unwrap()
 }
 
+/// Trains `args(ROOT/reference)` to its end, then `args(ROOT/stopped)` stopped by SIGTERM once
+/// it holds `file`, which must exit with 143 saying so; returns the two runs, the stopped run's
+/// arguments and its stderr.
+fn sigterm_against_reference(
+    args: &dyn Fn(&Path) -> Vec<String>,
+    root: &Path,
+    file: &str,
+) -> (PathBuf, PathBuf, Vec<String>, String) {
+    let reference = root.join("reference");
+    ok(&args(&reference)
+        .iter()
+        .map(String::as_str)
+        .collect::<Vec<_>>());
+    let run = root.join("stopped");
+    let a = args(&run);
+    let o = sigterm_once(
+        &a.iter().map(String::as_str).collect::<Vec<_>>(),
+        &run,
+        file,
+    );
+    let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert_eq!(o.status.code(), Some(128 + 15), "{err}");
+    assert!(err.contains("stopped by signal 15"), "{err}");
+    (reference, run, a, err)
+}
+
 /// SIGTERM (what the table's driver sends its trainer when stopped, and a machine's shutdown
 /// sends every process) stops a CoLLM run at its next step with a checkpoint of that step, where
 /// `kill -9` loses everything since the last checkpoint. Here checkpoints come at validations
@@ -315,18 +341,12 @@ fn sigterm_once(args: &[&str], run: &Path, file: &str) -> Output {
 fn a_collm_run_stopped_by_sigterm_checkpoints_its_step_and_resumes_to_the_same_result() {
     let tmp = tempfile::tempdir().unwrap();
     let config = tallrec_config_steps(tmp.path(), 40, 40, 0.0);
-    let args = |run: &Path| train_collm_args(&config, run);
-    let reference = tmp.path().join("reference");
-    let a = args(&reference);
-    ok(&a.iter().map(String::as_str).collect::<Vec<_>>());
-    let run = tmp.path().join("stopped");
-    let a = args(&run);
-    let a: Vec<&str> = a.iter().map(String::as_str).collect();
     // The run's config is written before its first step.
-    let o = sigterm_once(&a, &run, "config.toml");
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert_eq!(o.status.code(), Some(128 + 15), "{err}");
-    assert!(err.contains("stopped by signal 15"), "{err}");
+    let (reference, run, a, err) = sigterm_against_reference(
+        &|run: &Path| train_collm_args(&config, run),
+        tmp.path(),
+        "config.toml",
+    );
     assert!(
         err.contains("a checkpoint of where the run stood is committed"),
         "{err}"
@@ -336,6 +356,7 @@ fn a_collm_run_stopped_by_sigterm_checkpoints_its_step_and_resumes_to_the_same_r
     assert!((1..40).contains(&step), "stopped at step {step}");
     assert!(m["curve"].as_array().unwrap().is_empty(), "{m}");
     assert!(run.join("checkpoint/CURRENT").is_file());
+    let a: Vec<&str> = a.iter().map(String::as_str).collect();
     finish(&a, &run);
     same(&reference, &run, &format!("SIGTERM at step {step}"));
 }
@@ -345,19 +366,12 @@ fn a_collm_run_stopped_by_sigterm_checkpoints_its_step_and_resumes_to_the_same_r
 #[test]
 fn a_cf_run_stopped_by_sigterm_resumes_to_the_same_result() {
     let tmp = tempfile::tempdir().unwrap();
-    let args = |run: &Path| train_mf_args(run, 400, 1000);
-    let reference = tmp.path().join("reference");
-    ok(&args(&reference)
-        .iter()
-        .map(String::as_str)
-        .collect::<Vec<_>>());
-    let run = tmp.path().join("stopped");
-    let a = args(&run);
+    let (reference, run, a, _) = sigterm_against_reference(
+        &|run: &Path| train_mf_args(run, 400, 1000),
+        tmp.path(),
+        "checkpoint/CURRENT",
+    );
     let a: Vec<&str> = a.iter().map(String::as_str).collect();
-    let o = sigterm_once(&a, &run, "checkpoint/CURRENT");
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert_eq!(o.status.code(), Some(128 + 15), "{err}");
-    assert!(err.contains("stopped by signal 15"), "{err}");
     let epochs = metrics(&run)["curve"].as_array().unwrap().len();
     assert!((1..400).contains(&epochs), "stopped after {epochs} epochs");
     finish(&a, &run);
