@@ -321,6 +321,8 @@ train_row() {
     none) ;;
     trained|done) return 0 ;;
   esac
+  # CTRL continues either stage with --resume (its text encodings are cached in the run).
+  if [ "$kind" = ctrl ] && [ -d "$dir" ]; then mode=(--resume); fi
   local kern=""
   if [ "$kind" != cf ]; then kern=", kernel $("$BIN" llm kernel --short)"; fi
   log_row "$row" "${mode[*]:-start} on $(cpu), build $(build)$kern"
@@ -337,10 +339,7 @@ train_row() {
     fi
     cmd=("$BIN" train cf --config "configs/ml-1m/$cfg.toml" --data "$DATA" --out "$dir" --quiet "${s[@]}" "${mode[@]}")
   elif [ "$kind" = ctrl ]; then
-    # CTRL continues either stage with --resume (its text encodings are cached in the run).
-    local m=()
-    if [ -d "$dir" ]; then m=(--resume); fi
-    cmd=("$BIN" train ctrl --config "configs/ml-1m/$cfg.toml" --data "$DATA" --out "$dir" --quiet "${m[@]}")
+    cmd=("$BIN" train ctrl --config "configs/ml-1m/$cfg.toml" --data "$DATA" --out "$dir" --quiet "${mode[@]}")
   else
     cmd=("$BIN" train collm --config "configs/ml-1m/$cfg.toml" --out "$dir" --quiet "${mode[@]}")
   fi
@@ -580,7 +579,8 @@ table() {
 # Each finished row against the rows it builds on, where both have their valid scores: the runs
 # its config reads (cf_run: CoLLM over its CF model; step1: over TALLRec), the CoLLM row over
 # the same CF model for the ablations (T1-T3, UI-token: CoLLM-MF, CoLLM-DIN for T1 over DIN),
-# and a `-long` row's base row; the paired bootstrap over users
+# a `-long` row's base row, the other text-only rows (Soft-Prompt, ICL) against TALLRec and
+# CTRL against DIN (the model it aligns) and CoLLM-DIN; the paired bootstrap over users
 # (`collm eval compare`) as a markdown table (scripts/ml1m_table_rows.py --compare).
 compare_rows() {
   local args=() r base bases cfg tmp
@@ -597,7 +597,11 @@ compare_rows() {
         base=$(sed -n 's#^cf_run *= *"results/ml-1m/cf-\([^"]*\)".*#\1#p' "$cfg")
         bases+=("collm-${base:-mf}") ;;
     esac
-    case $1 in *-long) bases+=("${1%-long}") ;; esac
+    case $1 in
+      *-long) bases+=("${1%-long}") ;;
+      softprompt|icl) bases+=(tallrec) ;;
+      ctrl) bases+=(cf-din collm-din) ;;
+    esac
     for base in "${bases[@]}"; do
       if [ "$base" = "$1" ] || [ ! -f "$OUT/$base/$SCORES" ]; then continue; fi
       "$BIN" eval compare --data "$DATA" --split valid --scores "$OUT/$1/$SCORES" \
