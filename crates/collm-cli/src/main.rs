@@ -42,7 +42,9 @@ enum Command {
     #[command(subcommand)]
     Data(data::DataCommand),
     /// Train models: collaborative (cf), CoLLM (collm), CTRL (ctrl), grid searches (cf-sweep,
-    /// ctrl-sweep).
+    /// ctrl-sweep). SIGTERM, SIGINT (ctrl-c) or SIGHUP stops a training at its next step with a
+    /// checkpoint of where it stood (exit status 128 + the signal; --resume goes on); a second
+    /// one ends it at once.
     #[command(subcommand)]
     Train(train::TrainCommand),
     /// Evaluate scores or models with AUC / UAUC, overall and on warm/cold subsets.
