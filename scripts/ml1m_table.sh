@@ -20,7 +20,7 @@
 # and nobody waits for it. Killing it (SIGTERM) stops its training, commits the last complete
 # checkpoint and exits; starting it again resumes (it is idempotent).
 #
-# Rows: configs/ml-1m/rows (ROW KIND CONFIG [SEED]). Each row is a run under results/ml-1m/ROW
+# Rows: configs/ml-1m/rows (ROW KIND CONFIG [SEED] [no-weights]). Each row is a run under results/ml-1m/ROW
 # trained from configs/ml-1m/CONFIG.toml. For a row the driver does the next thing missing:
 # resume the run in progress (`--resume`) or start it; once its training has finished (its
 # metrics.json says why it stopped), evaluate it on the full valid split (ROW/eval-valid.json,
@@ -36,7 +36,11 @@
 # reference keep f32 (their hashes are recorded there), and so do the collaborative rows: weight
 # decay leaves the embeddings of items never trained below f16's range, and rounding them to 0
 # moved MF's cold AUC by 0.004 (tried on cf-mf-s1). ROW/driver.log records each start and resume
-# with this CPU and the date (a row's wall time and machine across sessions).
+# with this CPU and the date (a row's wall time and machine across sessions). A row that ships
+# no weights (a collaborative seed row, or `no-weights` on its line of configs/ml-1m/rows) keeps
+# its config, metrics, evaluation, scores and driver log: its weights are dropped once it is
+# evaluated, and a finished row marked `no-weights` later has them dropped (and committed) at the
+# driver's next start. Its evaluation stays checkable by training it again from its config.
 #
 # Commits (`--commit`, on by default inside a git checkout): the moment a row finishes, its
 # paths (results/ml-1m/ROW, ROW.driver.log) and only those (HEAD's tree with those paths
@@ -51,9 +55,15 @@
 # (up to an hour), its last checkpoint dropped ("ROW trained (…); its evaluation is to do"), as
 # a checkpoint commit. A git command holding the index is waited for (up to 10 minutes; a commit
 # that cannot be made is reported and tried again at the next occasion, training goes on).
+# The budget: results/ in git holds at most ML1M_BUDGET_MB megabytes (60; 1 MB = 10^6 bytes) at
+# every commit. A checkpoint commit that would take it over is not made (the driver says so and
+# trains on: that row's progress lands when it finishes); a finished row's that would stops the
+# driver, the row kept done in the work tree (make room: `no-weights` on a row's line of the rows
+# file, then run the driver again, which commits a finished row that is not committed yet).
 #
 # Needs ../shared/data/ml-1m-collm (the shared split) and the SmolLM2 GGUF (fetched here).
 # ML1M_DATA (the prepared dataset), ML1M_COMMIT_EVERY and ML1M_POLL (seconds) are for tests.
+# ML1M_BUDGET_MB: results/'s budget in git (above).
 set -euo pipefail
 shopt -s inherit_errexit
 cd "$(dirname "$0")/.."
@@ -65,6 +75,7 @@ BIN=${COLLM_BIN:-target/release/collm}
 ROWS_FILE=configs/ml-1m/rows
 COMMIT_EVERY=${ML1M_COMMIT_EVERY:-3600}
 POLL=${ML1M_POLL:-30}
+BUDGET_MB=${ML1M_BUDGET_MB:-60}
 PIDFILE=$OUT/.driver.pid
 # A finished row's valid scores (ROW/SCORES): f32 scores with their shortest digits, gzip.
 SCORES=scores-valid.tsv.gz
@@ -112,6 +123,11 @@ import json, sys
 r = json.load(open(sys.argv[1]))
 sys.exit(0 if isinstance(r, dict) and isinstance(r.get("auc"), (int, float)) else 1)
 PY
+}
+
+# "valid AUC … UAUC …" of evaluation report $1.
+report_line() {
+  python3 -c 'import json,sys; r=json.load(open(sys.argv[1])); print("valid AUC %.4f UAUC %s" % (r["auc"], "%.4f" % r["uauc"] if r["uauc"] is not None else "-"))' "$1"
 }
 
 # A run's state: done (evaluated), trained (its training has finished: its evaluation is to
@@ -169,6 +185,28 @@ git_retry() {
 
 # The paths of row $1: its directory and, while it is in progress, its driver log beside it.
 row_paths() { printf '%s\n' "$OUT/$1" "$OUT/$1.driver.log"; }
+
+# Bytes that results/ would hold in git with row $1's paths as they are in the work tree (the
+# files git would add) in place of HEAD's.
+results_bytes_with() {
+  local paths
+  mapfile -t paths < <(row_paths "$1")
+  {
+    git ls-tree -r -l HEAD -- results | awk '{print $4}'
+    git ls-tree -r -l HEAD -- "${paths[@]}" | awk '{print -$4}'
+    git ls-files -z -co --exclude-standard -- "${paths[@]}" |
+      while IFS= read -r -d '' f; do if [ -f "$f" ]; then stat -c %s -- "$f"; fi; done
+  } | awk '{s += $1} END {printf "%d\n", s}'
+}
+
+# Does committing row $1's paths keep results/ within the budget? Prints results/'s would-be
+# size in MB either way.
+fits_budget() {
+  local bytes
+  bytes=$(results_bytes_with "$1")
+  awk -v b="$bytes" 'BEGIN {printf "%.2f MB\n", b / 1e6}'
+  awk -v b="$bytes" -v m="$BUDGET_MB" 'BEGIN {exit !(b <= m * 1e6)}'
+}
 
 GIT_DIR_ABS=""
 SNAP=""   # a snapshot of one row's paths: an index of their own, blobs in git
@@ -254,10 +292,21 @@ commit_progress() {
   if [ "$when" != now ] && [ $((SECONDS - LAST_COMMIT_AT)) -lt "$COMMIT_EVERY" ]; then return 0; fi
   cur=$(cat "$dir/checkpoint/CURRENT" 2>/dev/null) || return 0
   [ "$row:$cur" != "$COMMITTED_CKPT" ] || return 0
-  local ok=0
+  local ok=0 size=""
   if [ -n "$pid" ]; then kill -STOP "$pid" 2>/dev/null || return 0; fi
-  if consistent "$dir" && stage_row "$row"; then ok=1; fi
+  if consistent "$dir"; then
+    if size=$(fits_budget "$row"); then
+      if stage_row "$row"; then ok=1; fi
+    else
+      ok=2
+    fi
+  fi
   if [ -n "$pid" ]; then kill -CONT "$pid" 2>/dev/null || true; fi
+  if [ $ok = 2 ]; then
+    say "$row: its checkpoint ($cur) is not committed: results/ would hold $size, over the ${BUDGET_MB} MB budget; it lands when the row finishes"
+    COMMITTED_CKPT=$row:$cur
+    return 0
+  fi
   if [ $ok = 1 ]; then
     local what
     what=$(python3 -c 'import json,sys; m=json.load(open(sys.argv[1])); print("step %s" % m["step"] if "step" in m else "epoch %s" % len(m.get("curve", [])))' "$dir/metrics.json")
@@ -315,6 +364,7 @@ log_row() { echo "$(date -u +%FT%TZ) $2" >> "$OUT/$1.driver.log"; }
 
 train_row() {
   local row=$1 kind=$2 cfg=$3 seed=${4:-} dir=$OUT/$1 mode=()
+  [[ $seed =~ ^[0-9]+$ ]] || seed=""
   case $(state "$row") in
     partial) mode=(--resume) ;;
     started) mode=(--force) ;;
@@ -358,9 +408,64 @@ train_row() {
 # config trains over (cf_run / step1 = results/ml-1m/ROW: that hash is recorded and must not
 # change).
 ships_half() {
-  [ "$2" = llm ] && [ "$1" != icl ] &&
-    ! grep -qE "^[[:space:]]*(cf_run|step1)[[:space:]]*=[[:space:]]*\"$OUT/$1\"" configs/ml-1m/*.toml
+  [ "$2" = llm ] && [ "$1" != icl ] && [ -z "$(trained_over "$1")" ]
 }
+
+# The configs that train over row $1 (their cf_run or step1 is results/ml-1m/ROW), one per line.
+trained_over() {
+  grep -lE "^[[:space:]]*(cf_run|step1)[[:space:]]*=[[:space:]]*\"$OUT/$1\"" configs/ml-1m/*.toml || true
+}
+
+# The rows file's lines: ROW KIND CONFIG, then a SEED (collaborative rows) and `no-weights`, in
+# any order; a row that others train over keeps its weights.
+check_rows() {
+  local r f
+  for r in "${ROWS[@]}"; do
+    # shellcheck disable=SC2086
+    set -- $r
+    [ $# -ge 3 ] || fail "$ROWS_FILE: the line '$r' has no CONFIG (ROW KIND CONFIG [SEED] [no-weights])"
+    case $2 in cf|llm|ctrl) ;; *) fail "$ROWS_FILE: row $1: unknown KIND '$2' (cf, llm or ctrl)" ;; esac
+    [ -f "configs/ml-1m/$3.toml" ] || fail "$ROWS_FILE: row $1: configs/ml-1m/$3.toml not found"
+    for f in "${@:4}"; do
+      if [ "$f" = no-weights ]; then
+        [ -z "$(trained_over "$1")" ] ||
+          fail "$ROWS_FILE: row $1 is marked no-weights, but $(trained_over "$1" | tr '\n' ' ')train over its weights"
+      elif ! [[ $f =~ ^[0-9]+$ ]] || [ "$2" != cf ]; then
+        fail "$ROWS_FILE: row $1: unknown field '$f' (a SEED, on collaborative rows, or no-weights)"
+      fi
+    done
+  done
+}
+
+# Does row $1 ship no weights? A collaborative seed row (a SEED on its line of the rows file) or
+# a row marked `no-weights` there.
+weightless() {
+  local row=$1 r
+  for r in "${ROWS[@]}"; do
+    # shellcheck disable=SC2086
+    set -- $r
+    [ "$1" = "$row" ] || continue
+    case " ${*:4} " in *" no-weights "*) return 0 ;; esac
+    [ "$2" = cf ] && [[ ${4:-} =~ ^[0-9]+$ ]]
+    return
+  done
+  return 1
+}
+
+# The weights files of run $1 (a collaborative or CTRL run's model and stage 1, an LLM run's
+# best/), one per line.
+weight_files() {
+  find "$1" -name '*.safetensors' -not -path "$1/checkpoint/*" 2>/dev/null | sort
+}
+
+# Removes the weights files of finished row $1 (its model, stage 1, best/ weights: every
+# safetensors file; the small files beside them, such as the weights' recorded hashes, stay).
+drop_weights() {
+  find "$OUT/$1" -name '*.safetensors' -delete
+}
+
+# Does run $1 hold weights files?
+has_weights() { [ -n "$(find "$1" -name '*.safetensors' -print -quit)" ]; }
 
 # Are every weights file's float tensors of run $1 stored in half precision already?
 compacted() {
@@ -380,6 +485,10 @@ PY
 # Commits finished row $1's paths with message $2 (when committing).
 commit_row() {
   [ "$COMMIT" = on ] || return 0
+  local size
+  if ! size=$(fits_budget "$1"); then
+    fail "$1: not committed: results/ would hold $size, over the ${BUDGET_MB} MB budget (the row stays in the work tree; make room, e.g. \`no-weights\` on a row's line of $ROWS_FILE, and run the driver again: it commits it)"
+  fi
   if stage_row "$1"; then
     commit_staged "$1" final "$2"
   else
@@ -405,7 +514,7 @@ fold_log() {
 }
 
 eval_row() {
-  local row=$1 kind=$2 seed=${3:-} dir=$OUT/$1 tmp scores rc=0
+  local row=$1 kind=$2 dir=$OUT/$1 tmp scores rc=0
   finished "$dir" || fail "$row: its training has not finished (metrics.json has no 'stopped'); not evaluating it"
   tmp="$OUT/.eval-$row.$$"   # hidden (ignored by git), removed on exit
   scores="$OUT/.eval-$row.$$.tsv.gz"
@@ -419,7 +528,10 @@ eval_row() {
   # replaced by the row's final commit as a checkpoint commit is.
   if [ "$kind" != cf ] && [ "$(state "$row")" = trained ]; then
     rm -rf "$dir/checkpoint"
-    if [ "$COMMIT" = on ] && stage_row "$row"; then
+    local size
+    if [ "$COMMIT" = on ] && ! size=$(fits_budget "$row"); then
+      say "$row: its trained state is not committed: results/ would hold $size, over the ${BUDGET_MB} MB budget"
+    elif [ "$COMMIT" = on ] && stage_row "$row"; then
       local how
       how=$(python3 -c 'import json,sys; m=json.load(open(sys.argv[1])); print("step %s, stopped: %s" % (m.get("step", len(m.get("curve", []))), m["stopped"]))' "$dir/metrics.json")
       commit_staged "$row" checkpoint "results/ml-1m: $row trained ($how); its evaluation is to do"
@@ -436,13 +548,13 @@ eval_row() {
   mv "$scores" "$dir/$SCORES"
   mv "$tmp" "$dir/eval-valid.json"
   log_row "$row" "evaluated on $(cpu), build $(build)$([ "$kind" = cf ] || echo ", kernel $("$BIN" llm kernel --short)")"
-  # A finished row keeps what evaluation needs; a collaborative seed row not even its weights
-  # (retrainable in minutes from its seed: the table's 60 MB budget).
+  # A finished row keeps what evaluation needs; a row that ships no weights not even those
+  # (a seed row is retrainable in minutes from its seed: the table's 60 MB budget).
   rm -rf "$dir/checkpoint"
-  if [ "$kind" = cf ] && [ -n "$seed" ]; then rm -f "$dir/model.safetensors"; fi
+  if weightless "$row"; then drop_weights "$row"; fi
   fold_log "$row"
   local res
-  res=$(python3 -c 'import json,sys; r=json.load(open(sys.argv[1])); print("valid AUC %.4f UAUC %s" % (r["auc"], "%.4f" % r["uauc"] if r["uauc"] is not None else "-"))' "$dir/eval-valid.json")
+  res=$(report_line "$dir/eval-valid.json")
   say "$row: done ($res)"
   commit_row "$row" "results/ml-1m: $row done ($res)"
 }
@@ -453,16 +565,32 @@ do_row() {
   DID=0
   ROW_NOW=$row
   if [ "$(state "$row")" = done ]; then
-    # Rows finished before the driver compacted: compact now and evaluate again (what a
-    # finished row reports is measured on the weights it ships).
-    if ships_half "$row" "$kind" && ! compacted "$OUT/$row"; then
+    if weightless "$row"; then
+      # Marked `no-weights` after it finished: its weights go (the evaluation stays).
+      if has_weights "$OUT/$row"; then
+        drop_weights "$row"
+        log_row "$row" "weights dropped (no-weights in $ROWS_FILE: results/'s ${BUDGET_MB} MB budget)"
+        fold_log "$row"
+        say "$row: its weights dropped (no-weights in $ROWS_FILE)"
+        commit_row "$row" "results/ml-1m: $row's weights no longer shipped (no-weights in $ROWS_FILE: results/'s ${BUDGET_MB} MB budget); its evaluation stays"
+        DID=1
+      fi
+    elif ships_half "$row" "$kind" && ! compacted "$OUT/$row"; then
+      # Rows finished before the driver compacted: compact now and evaluate again (what a
+      # finished row reports is measured on the weights it ships).
       eval_row "$row" "$kind"
+      DID=1
+    fi
+    # A finished row that is not committed (a commit over the budget stopped the driver).
+    if [ "$COMMIT" = on ] && [ -n "$(git status --porcelain --untracked-files=all -- $(row_paths "$row"))" ]; then
+      say "$row: finished but not committed: committing it"
+      commit_row "$row" "results/ml-1m: $row done ($(report_line "$OUT/$row/eval-valid.json"))"
       DID=1
     fi
     return 0
   fi
   train_row "$@"
-  eval_row "$row" "$kind" "${4:-}"
+  eval_row "$row" "$kind"
   DID=1
 }
 
@@ -533,7 +661,7 @@ backfill_scores() {
     row=$1 kind=$2 dir=$OUT/$1
     if [ -n "${ONLY:-}" ] && [ "$kind" != "$ONLY" ]; then continue; fi
     if [ "$(state "$row")" != done ] || [ -f "$dir/$SCORES" ]; then continue; fi
-    if [ "$kind" = cf ] && [ -n "${4:-}" ]; then continue; fi
+    if weightless "$row"; then continue; fi
     ROW_NOW=$row
     tmp="$OUT/.eval-$row.$$" scores="$OUT/.eval-$row.$$.tsv.gz" rc=0
     kernel=$(grep -o ', kernel [a-z0-9]*' "$dir/driver.log" 2>/dev/null | tail -1 | sed 's/.* //') || true
@@ -621,7 +749,7 @@ status() {
     local st dir=$OUT/$1 extra=""
     st=$(state "$1")
     case $st in
-      done) extra=$(python3 -c 'import json,sys; r=json.load(open(sys.argv[1])); print("valid AUC %.4f UAUC %s" % (r["auc"], "%.4f" % r["uauc"] if r["uauc"] is not None else "-"))' "$dir/eval-valid.json") ;;
+      done) extra=$(report_line "$dir/eval-valid.json") ;;
       # A row in progress: how far (of the config's budget), its best validation so far and
       # its pace (a CF row's last epoch; an LLM row's training seconds over its steps).
       partial|started|trained) extra=$(python3 -c '
@@ -682,6 +810,7 @@ for a in "$@"; do
   esac
 done
 
+check_rows
 case $ACTION in
   status) status; exit 0 ;;
   table) table; exit 0 ;;
@@ -694,8 +823,8 @@ case $ACTION in
     for r in "${ROWS[@]}"; do
       # shellcheck disable=SC2086
       set -- $r
-      # Seed rows keep no weights: the table (--table) has them.
-      if [ "$(state "$1")" = done ] && [ -z "${4:-}" ]; then runs+=("$OUT/$1"); fi
+      # Rows that ship no weights (seed rows, no-weights): the table (--table) has them.
+      if [ "$(state "$1")" = done ] && ! weightless "$1"; then runs+=("$OUT/$1"); fi
     done
     "$BIN" report "${runs[@]}" --data "$DATA" --split valid --out "$OUT/report"
     exit 0 ;;

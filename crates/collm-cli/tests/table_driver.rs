@@ -78,7 +78,7 @@ fn make_repo(dir: &Path) -> PathBuf {
     }
     std::fs::write(
         repo.join("configs/ml-1m/rows"),
-        "# a tiny table\ncf-mf cf cf-mf\ntallrec llm tallrec\ncollm-mf llm collm-mf\ncf-mf-s1 cf cf-mf 1\n",
+        format!("# a tiny table\n{TINY_ROWS}"),
     )
     .unwrap();
     std::fs::write(
@@ -172,20 +172,24 @@ fn report(run: &Path) -> serde_json::Value {
 }
 
 /// The uninterrupted table's results (metrics, evaluation), made once.
+type Reference = (
+    tempfile::TempDir,
+    Vec<(serde_json::Value, serde_json::Value)>,
+);
+/// The uninterrupted table's repository (under its TempDir: `repo`) and results.
+static REFERENCE: OnceLock<Reference> = OnceLock::new();
+
 fn reference() -> &'static Vec<(serde_json::Value, serde_json::Value)> {
-    static R: OnceLock<(
-        tempfile::TempDir,
-        Vec<(serde_json::Value, serde_json::Value)>,
-    )> = OnceLock::new();
-    &R.get_or_init(|| {
-        let tmp = tempfile::tempdir().unwrap();
-        let repo = make_repo(&tmp.path().join("repo"));
-        let o = run_driver(&repo, &["--no-commit"], &[]);
-        assert!(o.status.success(), "{}", text(&o));
-        let r = results(&repo);
-        (tmp, r)
-    })
-    .1
+    &REFERENCE
+        .get_or_init(|| {
+            let tmp = tempfile::tempdir().unwrap();
+            let repo = make_repo(&tmp.path().join("repo"));
+            let o = run_driver(&repo, &["--no-commit"], &[]);
+            assert!(o.status.success(), "{}", text(&o));
+            let r = results(&repo);
+            (tmp, r)
+        })
+        .1
 }
 
 fn results(repo: &Path) -> Vec<(serde_json::Value, serde_json::Value)> {
@@ -468,6 +472,168 @@ fn the_driver_commits_rows_and_a_clone_of_any_moment_resumes_to_the_same_table()
     assert_eq!(&results(&repo), reference());
     commits_touch_one_row_each(&repo);
     assert!(hidden_paths_git_sees(&repo).is_empty());
+}
+
+/// Bytes of the files in `dir`, recursively.
+fn dir_bytes(dir: &Path) -> u64 {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| {
+            let e = e.unwrap();
+            let m = e.metadata().unwrap();
+            if m.is_dir() {
+                dir_bytes(&e.path())
+            } else {
+                m.len()
+            }
+        })
+        .sum()
+}
+
+/// Bytes that results/ holds in git at commit `c`.
+fn results_bytes_at(repo: &Path, c: &str) -> u64 {
+    git(repo, &["ls-tree", "-r", "-l", c, "--", "results"])
+        .lines()
+        .map(|l| l.split_whitespace().nth(3).unwrap().parse::<u64>().unwrap())
+        .sum()
+}
+
+/// The weights files row `row` holds at HEAD.
+fn weights_at_head(repo: &Path, row: &str) -> Vec<String> {
+    git(
+        repo,
+        &[
+            "ls-tree",
+            "-r",
+            "--name-only",
+            "HEAD",
+            "--",
+            &format!("results/ml-1m/{row}"),
+        ],
+    )
+    .lines()
+    .filter(|f| f.ends_with(".safetensors"))
+    .map(String::from)
+    .collect()
+}
+
+fn set_rows(repo: &Path, rows: &str) {
+    std::fs::write(repo.join("configs/ml-1m/rows"), rows).unwrap();
+    git(
+        repo,
+        &["commit", "-q", "-m", "rows", "--", "configs/ml-1m/rows"],
+    );
+}
+
+const TINY_ROWS: &str =
+    "cf-mf cf cf-mf\ntallrec llm tallrec\ncollm-mf llm collm-mf\ncf-mf-s1 cf cf-mf 1\n";
+
+#[test]
+fn no_commit_takes_results_over_the_budget_and_no_weights_rows_ship_none() {
+    let tmp = tempfile::tempdir().unwrap();
+    let repo = make_repo(&tmp.path().join("repo"));
+    let start = git(&repo, &["rev-parse", "HEAD"]).trim().to_string();
+    // A budget with room for the finished MF row (as the uninterrupted table left it, give or
+    // take its logs' digits) and not for the LLM row after it: TALLRec's trained state is not
+    // committed, its finished row would take results/ over and stops the driver, kept done in
+    // the work tree.
+    reference();
+    let ref_dir = REFERENCE.get().unwrap().0.path().join("repo/results/ml-1m");
+    let budget = (dir_bytes(&ref_dir.join("cf-mf")) + 300) as f64 / 1e6;
+    let budget = format!("{budget}");
+    let o = run_driver(&repo, &["--commit"], &[("ML1M_BUDGET_MB", &budget)]);
+    let out = text(&o);
+    assert!(!o.status.success(), "{out}");
+    assert!(
+        out.contains("tallrec: its trained state is not committed"),
+        "{out}"
+    );
+    assert!(
+        out.contains("tallrec: not committed: results/ would hold"),
+        "{out}"
+    );
+    assert_eq!(row_state(&repo, "tallrec"), "done");
+    let tree = git(&repo, &["ls-tree", "--name-only", "HEAD", "results/ml-1m/"]);
+    assert_eq!(tree.trim(), "results/ml-1m/cf-mf", "{out}");
+    for c in git(&repo, &["rev-list", &format!("{start}..HEAD")]).lines() {
+        assert!(results_bytes_at(&repo, c) as f64 <= budget.parse::<f64>().unwrap() * 1e6);
+    }
+
+    // A row marked no-weights that another row trains over: refused before anything runs.
+    set_rows(
+        &repo,
+        &TINY_ROWS.replace("tallrec llm tallrec", "tallrec llm tallrec no-weights"),
+    );
+    let head = git(&repo, &["rev-parse", "HEAD"]);
+    let o = run_driver(&repo, &["--commit"], &[]);
+    assert!(!o.status.success());
+    assert!(
+        text(&o).contains("row tallrec is marked no-weights, but configs/ml-1m/collm-mf.toml"),
+        "{}",
+        text(&o)
+    );
+    assert_eq!(git(&repo, &["rev-parse", "HEAD"]), head);
+    set_rows(&repo, TINY_ROWS);
+
+    // Within the budget (60 MB): the finished row that was not committed is committed first,
+    // and the table goes on to the uninterrupted table's results.
+    let o = run_driver(&repo, &["--commit"], &[]);
+    let out = text(&o);
+    assert!(o.status.success(), "{out}");
+    assert!(
+        out.contains("tallrec: finished but not committed: committing it"),
+        "{out}"
+    );
+    assert_eq!(&results(&repo), reference());
+    assert!(git(&repo, &["status", "--porcelain", "results"])
+        .trim()
+        .is_empty());
+    assert!(!weights_at_head(&repo, "collm-mf").is_empty());
+    assert!(weights_at_head(&repo, "cf-mf-s1").is_empty());
+
+    // CoLLM-MF marked no-weights once finished: the next start drops its weights and commits
+    // that; its evaluation, scores and the weights' recorded hashes stay, and neither a
+    // further start nor --scores evaluates it again.
+    set_rows(
+        &repo,
+        &TINY_ROWS.replace("collm-mf llm collm-mf", "collm-mf llm collm-mf no-weights"),
+    );
+    let before = results_bytes_at(&repo, "HEAD");
+    let o = run_driver(&repo, &["--commit"], &[]);
+    let out = text(&o);
+    assert!(o.status.success(), "{out}");
+    assert!(out.contains("collm-mf: its weights dropped"), "{out}");
+    assert!(weights_at_head(&repo, "collm-mf").is_empty());
+    assert!(results_bytes_at(&repo, "HEAD") < before);
+    let kept = git(
+        &repo,
+        &[
+            "ls-tree",
+            "-r",
+            "--name-only",
+            "HEAD",
+            "results/ml-1m/collm-mf",
+        ],
+    );
+    for f in [
+        "eval-valid.json",
+        "scores-valid.tsv.gz",
+        "metrics.json",
+        "best/weights.sha256.json",
+    ] {
+        assert!(kept.contains(&format!("collm-mf/{f}")), "{f}: {kept}");
+    }
+    assert_eq!(&results(&repo), reference());
+    let head = git(&repo, &["rev-parse", "HEAD"]);
+    for args in [&["--commit"][..], &["--commit", "--scores"][..]] {
+        let o = run_driver(&repo, args, &[]);
+        assert!(o.status.success(), "{}", text(&o));
+        assert!(!text(&o).contains("evaluating"), "{args:?}: {}", text(&o));
+        assert_eq!(git(&repo, &["rev-parse", "HEAD"]), head);
+    }
+    assert!(git(&repo, &["status", "--porcelain", "results"])
+        .trim()
+        .is_empty());
 }
 
 /// `collm eval scores` on a file: its report without wall-clock fields.
