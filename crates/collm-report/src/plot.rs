@@ -22,7 +22,7 @@ fn register_font() {
 }
 
 /// matplotlib's default "tab10" palette, so the charts look like the paper's Python-made ones.
-const COLORS: [RGBColor; 8] = [
+const TAB10: [RGBColor; 10] = [
     RGBColor(31, 119, 180),
     RGBColor(255, 127, 14),
     RGBColor(44, 160, 44),
@@ -31,7 +31,42 @@ const COLORS: [RGBColor; 8] = [
     RGBColor(140, 86, 75),
     RGBColor(227, 119, 194),
     RGBColor(127, 127, 127),
+    RGBColor(188, 189, 34),
+    RGBColor(23, 190, 207),
 ];
+
+/// matplotlib's "tab20": each tab10 colour and a light one beside it, for more than 10 rows.
+const TAB20: [RGBColor; 20] = [
+    RGBColor(31, 119, 180),
+    RGBColor(174, 199, 232),
+    RGBColor(255, 127, 14),
+    RGBColor(255, 187, 120),
+    RGBColor(44, 160, 44),
+    RGBColor(152, 223, 138),
+    RGBColor(214, 39, 40),
+    RGBColor(255, 152, 150),
+    RGBColor(148, 103, 189),
+    RGBColor(197, 176, 213),
+    RGBColor(140, 86, 75),
+    RGBColor(196, 156, 148),
+    RGBColor(227, 119, 194),
+    RGBColor(247, 182, 210),
+    RGBColor(127, 127, 127),
+    RGBColor(199, 199, 199),
+    RGBColor(188, 189, 34),
+    RGBColor(219, 219, 141),
+    RGBColor(23, 190, 207),
+    RGBColor(158, 218, 229),
+];
+
+/// The colours of `n` series: tab10 up to 10, tab20 up to 20 (then they repeat).
+fn palette(n: usize) -> &'static [RGBColor] {
+    if n <= TAB10.len() {
+        &TAB10
+    } else {
+        &TAB20
+    }
+}
 
 /// Renders `draw` on a `w`×`h` canvas and writes it to `path` as PNG, atomically.
 fn render(
@@ -81,8 +116,20 @@ pub fn subset_bars(path: &Path, title: &str, rows: &[Row], subsets: &[&str]) -> 
     let hi = (all.iter().copied().fold(f64::NEG_INFINITY, f64::max) + 0.05).min(1.0);
     let groups = subsets.len();
     let n = rows.len().max(1);
-    render(path, (320 + 180 * groups as u32, 480), |root| {
-        let mut chart = ChartBuilder::on(root)
+    let colors = palette(n);
+    // Each group wide enough for its bars; the legend beside the chart, one line per row, so
+    // that it covers no bar however many rows there are.
+    let chart_w = 140 + groups as u32 * (26 * n as u32).max(180);
+    let longest = rows
+        .iter()
+        .map(|r| r.name.chars().count())
+        .max()
+        .unwrap_or(0);
+    let legend_w = 50 + 9 * longest as u32;
+    let h = (100 + 24 * n as u32).max(480);
+    render(path, (chart_w + legend_w, h), |root| {
+        let (left, legend) = root.split_horizontally(chart_w);
+        let mut chart = ChartBuilder::on(&left)
             .caption(title, (FONT, 22))
             .margin(15)
             .x_label_area_size(40)
@@ -102,34 +149,31 @@ pub fn subset_bars(path: &Path, title: &str, rows: &[Row], subsets: &[&str]) -> 
         let label = TextStyle::from((FONT, 18).into_font()).pos(Pos::new(HPos::Center, VPos::Top));
         for (g, name) in subsets.iter().enumerate() {
             let (px, py) = chart.backend_coord(&(g as f64 + 0.5, lo));
-            root.draw(&Text::new(name.to_string(), (px, py + 10), label.clone()))
+            left.draw(&Text::new(name.to_string(), (px, py + 10), label.clone()))
                 .map_err(plot_err)?;
         }
         let width = 0.8 / n as f64;
-        for (ri, row) in rows.iter().enumerate() {
-            let color = COLORS[ri % COLORS.len()];
+        for (ri, _) in rows.iter().enumerate() {
+            let color = colors[ri % colors.len()];
             let bars = (0..groups).filter_map(|g| {
                 values[g][ri].map(|v| {
                     let x0 = g as f64 + 0.1 + width * ri as f64;
                     Rectangle::new([(x0, lo), (x0 + width * 0.92, v)], color.filled())
                 })
             });
-            chart
-                .draw_series(bars)
-                .map_err(plot_err)?
-                .label(row.name.clone())
-                .legend(move |(x, y)| {
-                    Rectangle::new([(x, y - 6), (x + 14, y + 6)], color.filled())
-                });
+            chart.draw_series(bars).map_err(plot_err)?;
         }
-        chart
-            .configure_series_labels()
-            .background_style(WHITE.mix(0.9))
-            .border_style(BLACK)
-            .label_font((FONT, 15))
-            .position(SeriesLabelPosition::UpperRight)
-            .draw()
-            .map_err(plot_err)?;
+        let text = TextStyle::from((FONT, 15).into_font()).pos(Pos::new(HPos::Left, VPos::Center));
+        for (ri, row) in rows.iter().enumerate() {
+            let y = 60 + 24 * ri as i32;
+            let color = colors[ri % colors.len()];
+            legend
+                .draw(&Rectangle::new([(8, y - 7), (24, y + 7)], color.filled()))
+                .map_err(plot_err)?;
+            legend
+                .draw(&Text::new(row.name.clone(), (32, y), text.clone()))
+                .map_err(plot_err)?;
+        }
         Ok(())
     })
 }
@@ -171,7 +215,7 @@ pub fn curves(path: &Path, curves: &[Curve]) -> Result<()> {
                 .label_style((FONT, 13))
                 .draw()
                 .map_err(plot_err)?;
-            let color = COLORS[i % COLORS.len()];
+            let color = TAB10[i % TAB10.len()];
             chart
                 .draw_series(LineSeries::new(
                     c.points.iter().copied(),
@@ -230,7 +274,8 @@ mod tests {
         ];
         let bars = dir.path().join("bars.png");
         subset_bars(&bars, "test", &rows, &["warm", "cold"]).unwrap();
-        assert_eq!(png_size(&bars), (320 + 360, 480));
+        // Two groups of 180 px beside the axes, the legend beside them (8 characters).
+        assert_eq!(png_size(&bars), (140 + 360 + 50 + 72, 480));
         let curves_png = dir.path().join("curves.png");
         curves(
             &curves_png,
@@ -255,7 +300,7 @@ mod tests {
         let mut buf = vec![0; reader.output_buffer_size()];
         reader.next_frame(&mut buf).unwrap();
         let has = |c: RGBColor| buf.chunks(3).any(|p| p == [c.0, c.1, c.2]);
-        assert!(has(COLORS[0]) && has(COLORS[1]));
+        assert!(has(TAB10[0]) && has(TAB10[1]));
         // Nothing to plot is an error, not an empty picture.
         assert!(subset_bars(&bars, "t", &rows, &["seen"]).is_err());
         assert!(curves(&curves_png, &[]).is_err());
