@@ -8,7 +8,7 @@
 #   scripts/ml1m_table.sh --next     # do one row's next piece of work, then stop
 #   scripts/ml1m_table.sh --scores   # keep the valid scores of rows finished without them (below)
 #   scripts/ml1m_table.sh --status   # one line per row: done / trained / in progress (step of budget, best, pace) / to do
-#   scripts/ml1m_table.sh --report   # the table from what is done (collm report over results/ml-1m; not the seed rows)
+#   scripts/ml1m_table.sh --report   # the table from what is done (collm report over results/ml-1m, from the rows' shipped scores)
 #   scripts/ml1m_table.sh --table    # README's rows: AUC, UAUC, warm/cold, budget, wall time, machine
 #   scripts/ml1m_table.sh --compare  # each row against the rows it builds on, beyond noise (collm eval compare)
 #   scripts/ml1m_table.sh --pause    # pause a running driver and its training (SIGSTOP), for a benchmark
@@ -823,8 +823,10 @@ case $ACTION in
     for r in "${ROWS[@]}"; do
       # shellcheck disable=SC2086
       set -- $r
-      # Rows that ship no weights (seed rows, no-weights): the table (--table) has them.
-      if [ "$(state "$1")" = done ] && ! weightless "$1"; then runs+=("$OUT/$1"); fi
+      # From each row's shipped scores (collm report reads them: seconds); a row without them
+      # (finished before the driver kept them: --scores) is in the table (--table) only.
+      if [ "$(state "$1")" != done ]; then continue; fi
+      if [ -f "$OUT/$1/$SCORES" ]; then runs+=("$OUT/$1"); else echo "ml1m_table: $1 has no $SCORES yet: in --table only" >&2; fi
     done
     "$BIN" report "${runs[@]}" --data "$DATA" --split valid --out "$OUT/report"
     exit 0 ;;

@@ -180,19 +180,26 @@ impl Opts {
     }
 }
 
-/// `collm report`: the markdown table of `runs` on `split` (and with `out` its files).
+/// `collm report`: the markdown table of `runs` on `split` (and with `out` its files), from
+/// the scores beside each run unless `rescore`.
 #[pyfunction]
-#[pyo3(signature = (runs, data=None, split="valid", out=None, progress=None))]
+#[pyo3(signature = (runs, data=None, split="valid", out=None, rescore=false, progress=None))]
 pub(crate) fn report(
     py: Python<'_>,
     runs: Vec<PathBuf>,
     data: Option<PathBuf>,
     split: &str,
     out: Option<PathBuf>,
+    rescore: bool,
     progress: Option<&Bound<'_, PyAny>>,
 ) -> PyResult<String> {
     let split = split.to_string();
+    let scores = if rescore {
+        collm::pipeline::Scores::Evaluate
+    } else {
+        collm::pipeline::Scores::Shipped
+    };
     blocking(py, progress, move || {
-        collm::pipeline::report(&runs, data.as_deref(), &split, out.as_deref())
+        collm::pipeline::report(&runs, data.as_deref(), &split, out.as_deref(), scores)
     })
 }

@@ -6,6 +6,7 @@ import json
 import re
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -67,6 +68,14 @@ def test_report_renders_the_table(family, tmp_path):
     assert "collm" in md and "mf" in md and "AUC" in md
     assert (tmp_path / "r" / "report.md").read_text() == md
     assert (tmp_path / "r" / "warm_cold.png").stat().st_size > 0
+    # A run holding scores of the split is reported from them (here a file that is not scores:
+    # the error names it); rescore=True evaluates it again instead.
+    mf = tmp_path / "mf"
+    shutil.copytree(family["mf"], mf)
+    (mf / "scores-test.tsv").write_text("not scores\n")
+    with pytest.raises(Exception, match="scores-test.tsv"):
+        collm.report([mf], data=family["data"], split="test")
+    assert collm.report([mf, family["collm"]], data=family["data"], split="test", rescore=True) == md
 
 
 def test_logging_and_progress_callback(family, tmp_path, caplog):

@@ -49,14 +49,76 @@ pub fn evaluate_run(
     })
 }
 
-/// `collm report`: evaluates each run on `split` (collaborative-model runs need `data`) and
-/// returns the Table-2-style markdown table (the last run compared with the best other); with
-/// `out`, also writes OUT/report.md, OUT/warm_cold.png (Figure 3) and OUT/curves.png.
+/// Where [`report`] takes each run's scores from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Scores {
+    /// The scores an evaluation left beside the run ([`shipped_scores`]) where it has them,
+    /// else evaluating the run.
+    #[default]
+    Shipped,
+    /// Evaluating every run (its weights).
+    Evaluate,
+}
+
+/// The scores file an evaluation of `run` on `split` leaves beside it (`RUN/scores-SPLIT.tsv.gz`,
+/// as the ML-1M table's driver writes them with `collm eval … --scores-out`, or uncompressed
+/// `RUN/scores-SPLIT.tsv`), where there is one.
+pub fn shipped_scores(run: &Path, split: &str) -> Option<PathBuf> {
+    [".tsv.gz", ".tsv"]
+        .iter()
+        .map(|ext| run.join(format!("scores-{split}{ext}")))
+        .find(|p| p.is_file())
+}
+
+/// A run's report on `split` from a scores file (one score per row of the split, as `collm
+/// eval --scores-out` writes them): its dataset (a CoLLM run's own unless `data` is given; a
+/// collaborative-model run needs `data`) checked to be the one it was trained on, as
+/// evaluating it checks it, and every row's score read against the split's rows.
+pub fn report_from_scores(
+    run: &Path,
+    data: Option<&Path>,
+    split: &str,
+    scores: &Path,
+) -> Result<Report> {
+    let what = format!("run {}", run.display());
+    let ds = match RunKind::of_run(run)? {
+        RunKind::Collm => {
+            let rf = crate::run::load_run_file(run)?;
+            let ds = Dataset::load(data.unwrap_or(&rf.experiment.data.path))?;
+            ds.check_trained_on(&rf.refs.trained_on(), &what)?;
+            ds
+        }
+        RunKind::Cf => {
+            let Some(d) = data else {
+                return Err(collm_core::io::InputError(format!(
+                    "{}: a collaborative-model run needs its dataset (--data)",
+                    run.display()
+                ))
+                .into());
+            };
+            let ds = Dataset::load(d)?;
+            collm_cf::run::RunConfig::load(run)?
+                .data
+                .check(&ds, &what)?;
+            ds
+        }
+    };
+    let rows = &ds.split(split)?.rows;
+    let scores = collm_metrics::scores::read_scores(scores, rows)?;
+    Report::for_split(&ds, split, &scores)
+}
+
+/// `collm report`: each run's report on `split` (collaborative-model runs need `data`), from
+/// the scores its evaluation left beside it where `scores` is [`Scores::Shipped`] and it has
+/// them (seconds; said on stderr), else by evaluating it; returns the Table-2-style markdown
+/// table (the last run compared with the best other); with `out`, also writes OUT/report.md,
+/// OUT/warm_cold.png (Figure 3) and OUT/curves.png.
 pub fn report(
     runs: &[PathBuf],
     data: Option<&Path>,
     split: &str,
     out: Option<&Path>,
+    scores: Scores,
 ) -> Result<String> {
     let mut rows = Vec::new();
     let mut curves = Vec::new();
@@ -65,7 +127,17 @@ pub fn report(
             .file_name()
             .map(|s| s.to_string_lossy().into_owned())
             .unwrap_or_else(|| run.display().to_string());
-        let report = evaluate_run(run, data, split, true)?.report;
+        let shipped = match scores {
+            Scores::Shipped => shipped_scores(run, split),
+            Scores::Evaluate => None,
+        };
+        let report = match shipped {
+            Some(file) => {
+                eprintln!("{name}: from {} (evaluated before)", file.display());
+                report_from_scores(run, data, split, &file)?
+            }
+            None => evaluate_run(run, data, split, true)?.report,
+        };
         curves.extend(run_curve(run, &name)?);
         rows.push(Row { name, report });
     }

@@ -1,10 +1,12 @@
 //! The library's jobs end to end on tiny data with a tiny backbone: the quickstart writes its
-//! runs, report and charts, and `evaluate_run` evaluates runs of both kinds.
+//! runs, report and charts, `evaluate_run` evaluates runs of both kinds, and a report reads the
+//! scores an evaluation left beside a run.
 
 use collm::compact::{compact, Compaction};
-use collm::pipeline::{evaluate_run, quickstart, QuickstartOptions};
+use collm::pipeline::{evaluate_run, quickstart, report, QuickstartOptions, Scores};
 use collm_data::sources::synthetic::SyntheticOptions;
 use collm_metrics::RunKind;
+use std::path::Path;
 
 /// A quickstart sized for a test: tiny data, 2 optimizer steps per step.
 fn options(out: &std::path::Path, backbone: &std::path::Path) -> QuickstartOptions {
@@ -54,13 +56,9 @@ fn the_quickstart_runs_end_to_end_and_its_runs_evaluate() {
     assert_eq!(c.scores.len(), r.collm_mf.n);
     // A report over runs of both kinds: the table and its files.
     let rep = tmp.path().join("report");
-    let md = collm::pipeline::report(
-        &[out.join("mf"), out.join("collm-mf")],
-        Some(&out.join("data")),
-        "valid",
-        Some(&rep),
-    )
-    .unwrap();
+    let data = out.join("data");
+    let runs = [out.join("mf"), out.join("collm-mf")];
+    let md = report(&runs, Some(&data), "valid", Some(&rep), Scores::Shipped).unwrap();
     assert!(
         md.contains("| mf |") && md.contains("| collm-mf |") && md.contains("RelaImpr"),
         "{md}"
@@ -68,6 +66,38 @@ fn the_quickstart_runs_end_to_end_and_its_runs_evaluate() {
     for f in ["report.md", "warm_cold.png", "curves.png"] {
         assert!(rep.join(f).is_file(), "{f}");
     }
+    // Runs that ship the scores of their evaluation and not their weights (as the ML-1M table's
+    // rows may): the same table from the scores, none without them.
+    let shipped = tmp.path().join("shipped");
+    let mut copies = Vec::new();
+    for run in &runs {
+        let copy = shipped.join(run.file_name().unwrap());
+        copy_dir(run, &copy);
+        let e = evaluate_run(run, Some(&data), "valid", false).unwrap();
+        let rows = &e.dataset.split("valid").unwrap().rows;
+        collm_core::io::write_text_atomic(
+            &copy.join("scores-valid.tsv.gz"),
+            &collm_metrics::scores::format_scores(rows, &e.scores),
+        )
+        .unwrap();
+        remove_weights(&copy);
+        copies.push(copy);
+    }
+    assert_eq!(
+        report(&copies, Some(&data), "valid", None, Scores::Shipped).unwrap(),
+        md
+    );
+    let err = report(&copies, Some(&data), "valid", None, Scores::Evaluate).unwrap_err();
+    assert!(format!("{err:#}").contains("not found"), "{err:#}");
+    // A CF run's scores still need its dataset; a scores file of other rows is refused, by name.
+    assert!(report(&copies, None, "valid", None, Scores::Shipped).is_err());
+    let bad = copies[1].join("scores-valid.tsv.gz");
+    std::fs::write(&bad, "uid\tiid\tscore\n0\t0\t0.5\n").unwrap();
+    let err = report(&copies, Some(&data), "valid", None, Scores::Shipped).unwrap_err();
+    assert!(
+        format!("{err:#}").contains("scores-valid.tsv.gz"),
+        "{err:#}"
+    );
     // Run again into the same directory: the runs are replaced, the numbers repeat.
     let again = quickstart(&options(&out, &backbone)).unwrap();
     assert_eq!(again.collm_mf.auc, r.collm_mf.auc);
@@ -167,4 +197,28 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
         }
     }
     out
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&e.path(), &to.join(e.file_name()));
+        } else {
+            std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+        }
+    }
+}
+
+/// Removes every weights file (`*.safetensors`) under `dir`.
+fn remove_weights(dir: &Path) {
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            remove_weights(&p);
+        } else if p.extension().is_some_and(|x| x == "safetensors") {
+            std::fs::remove_file(p).unwrap();
+        }
+    }
 }

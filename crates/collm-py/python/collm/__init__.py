@@ -169,15 +169,20 @@ def report(
     data: Optional[PathLike] = None,
     split: str = "valid",
     out: Optional[PathLike] = None,
+    rescore: bool = False,
     progress: Progress = None,
 ) -> str:
     """``collm report``: the Table-2-style markdown table of ``runs`` on ``split``
-    (collaborative-model runs need ``data``); with ``out``, also report.md and the charts."""
+    (collaborative-model runs need ``data``); with ``out``, also report.md and the charts.
+    A run holding the scores of an evaluation on ``split`` (``scores-SPLIT.tsv.gz`` or ``.tsv``
+    beside it, as ``collm eval --scores-out`` writes them) is reported from them unless
+    ``rescore``; the others are evaluated."""
     return _collm.report(
         [os.fspath(r) for r in runs],
         None if data is None else os.fspath(data),
         split,
         None if out is None else os.fspath(out),
+        rescore,
         progress,
     )
 

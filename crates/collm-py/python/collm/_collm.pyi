@@ -54,6 +54,7 @@ def report(
     data: Optional[str] = None,
     split: str = "valid",
     out: Optional[str] = None,
+    rescore: bool = False,
     progress: _Progress = None,
 ) -> str: ...
 def _auc(labels: npt.NDArray[np.uint8], scores: npt.NDArray[np.float64]) -> Optional[float]: ...
