@@ -452,12 +452,6 @@ weightless() {
   return 1
 }
 
-# The weights files of run $1 (a collaborative or CTRL run's model and stage 1, an LLM run's
-# best/), one per line.
-weight_files() {
-  find "$1" -name '*.safetensors' -not -path "$1/checkpoint/*" 2>/dev/null | sort
-}
-
 # Removes the weights files of finished row $1 (its model, stage 1, best/ weights: every
 # safetensors file; the small files beside them, such as the weights' recorded hashes, stay).
 drop_weights() {
