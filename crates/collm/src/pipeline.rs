@@ -89,14 +89,7 @@ pub fn report_from_scores(
             ds
         }
         RunKind::Cf => {
-            let Some(d) = data else {
-                return Err(collm_core::io::InputError(format!(
-                    "{}: a collaborative-model run needs its dataset (--data)",
-                    run.display()
-                ))
-                .into());
-            };
-            let ds = Dataset::load(d)?;
+            let ds = Dataset::load(crate::recommend::cf_data(run, data)?)?;
             collm_cf::run::RunConfig::load(run)?
                 .data
                 .check(&ds, &what)?;

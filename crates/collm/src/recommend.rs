@@ -92,6 +92,18 @@ pub struct Recommender {
     users: Vec<(Vec<u32>, HashSet<u32>)>,
 }
 
+/// The dataset a collaborative-model run is used on: `data`, which it needs (a CF run does not
+/// name its dataset's path, only its content's hash).
+pub(crate) fn cf_data<'a>(run: &Path, data: Option<&'a Path>) -> Result<&'a Path> {
+    data.ok_or_else(|| {
+        collm_core::io::InputError(format!(
+            "{}: a collaborative-model run needs its dataset (--data)",
+            run.display()
+        ))
+        .into()
+    })
+}
+
 impl Recommender {
     /// Opens a run directory: a CoLLM run knows its dataset (`data`, when given, is read
     /// instead and must hold the run's data, a test split possibly added); a
@@ -105,14 +117,7 @@ impl Recommender {
                 (ds, Scorer::Collm(Box::new(model)))
             }
             RunKind::Cf => {
-                let Some(d) = data else {
-                    return Err(collm_core::io::InputError(format!(
-                        "{}: a collaborative-model run needs its dataset (--data)",
-                        run.display()
-                    ))
-                    .into());
-                };
-                let ds = Dataset::load(d)?;
+                let ds = Dataset::load(cf_data(run, data)?)?;
                 let (cfg, model) = collm_cf::run::load_model(run, &ds, &candle_core::Device::Cpu)?;
                 let batch = cfg.cf.eval_batch_size;
                 (ds, Scorer::Cf { model, batch })
