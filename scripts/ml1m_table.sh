@@ -644,11 +644,12 @@ compress_scores() {
 # scores then being this evaluation's, as its driver.log says (scripts/ml1m_table_rows.py
 # --reproduces). An LLM row is evaluated with the kernel it was evaluated with (the last one
 # its driver.log names, chosen by `auto`; f32 before the bf16 kernels, which changed scores
-# within bf16's precision): where this machine's `auto` picks another one, that kernel is named
-# (COLLM_KERNEL; a machine without it cannot do the row). Seed rows keep no weights: they are
+# within bf16's precision), or with this machine's bf16 kernel for a row of the other one (amx
+# and bf16: the same numerics in another summation order): where this machine's `auto` picks
+# another one, that kernel is named (COLLM_KERNEL; a machine without it cannot do the row). Seed rows keep no weights: they are
 # skipped. A row that does not reproduce is reported and left as it is; the driver goes on.
 backfill_scores() {
-  local r row kind dir tmp scores rc res kernel
+  local r row kind dir tmp scores rc res kernel here
   for r in "${ROWS[@]}"; do
     # shellcheck disable=SC2086
     set -- $r
@@ -660,8 +661,13 @@ backfill_scores() {
     tmp="$OUT/.eval-$row.$$" scores="$OUT/.eval-$row.$$.tsv.gz" rc=0
     kernel=$(grep -o ', kernel [a-z0-9]*' "$dir/driver.log" 2>/dev/null | tail -1 | sed 's/.* //') || true
     kernel=${kernel:-f32}
+    here=$("$BIN" llm kernel --short)
+    # AMX and AVX512-BF16 are one numerics (bf16 products summed in f32, in another order, as
+    # another build sums them): a row evaluated with one is evaluated with the other where
+    # this machine has it, and checked within bf16's numerics.
+    if [ "$kernel" != f32 ] && [ "$here" != f32 ]; then kernel=$here; fi
     say "$row: evaluating again for its scores (finished before the driver kept them)"
-    if [ "$kind" = cf ] || [ "$kernel" = "$("$BIN" llm kernel --short)" ]; then
+    if [ "$kind" = cf ] || [ "$kernel" = "$here" ]; then
       evaluate "$row" "$kind" "$tmp" "$scores" || rc=$?
     else
       COLLM_KERNEL=$kernel evaluate "$row" "$kind" "$tmp" "$scores" || rc=$?
