@@ -21,20 +21,6 @@ fn register_font() {
     });
 }
 
-/// matplotlib's default "tab10" palette, so the charts look like the paper's Python-made ones.
-const TAB10: [RGBColor; 10] = [
-    RGBColor(31, 119, 180),
-    RGBColor(255, 127, 14),
-    RGBColor(44, 160, 44),
-    RGBColor(214, 39, 40),
-    RGBColor(148, 103, 189),
-    RGBColor(140, 86, 75),
-    RGBColor(227, 119, 194),
-    RGBColor(127, 127, 127),
-    RGBColor(188, 189, 34),
-    RGBColor(23, 190, 207),
-];
-
 /// matplotlib's "tab20": each tab10 colour and a light one beside it, for more than 10 rows.
 const TAB20: [RGBColor; 20] = [
     RGBColor(31, 119, 180),
@@ -58,6 +44,18 @@ const TAB20: [RGBColor; 20] = [
     RGBColor(23, 190, 207),
     RGBColor(158, 218, 229),
 ];
+
+/// matplotlib's default "tab10" palette (tab20's dark colours), so the charts look like the
+/// paper's Python-made ones.
+const TAB10: [RGBColor; 10] = {
+    let mut c = [RGBColor(0, 0, 0); 10];
+    let mut i = 0;
+    while i < 10 {
+        c[i] = TAB20[2 * i];
+        i += 1;
+    }
+    c
+};
 
 /// The colours of `n` series: tab10 up to 10, tab20 up to 20 (then they repeat).
 fn palette(n: usize) -> &'static [RGBColor] {

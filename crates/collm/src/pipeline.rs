@@ -80,19 +80,13 @@ pub fn report_from_scores(
     split: &str,
     scores: &Path,
 ) -> Result<Report> {
-    let what = format!("run {}", run.display());
     let ds = match RunKind::of_run(run)? {
-        RunKind::Collm => {
-            let rf = crate::run::load_run_file(run)?;
-            let ds = Dataset::load(data.unwrap_or(&rf.experiment.data.path))?;
-            ds.check_trained_on(&rf.refs.trained_on(), &what)?;
-            ds
-        }
+        RunKind::Collm => crate::run::load_run_data(run, data)?.1,
         RunKind::Cf => {
             let ds = Dataset::load(crate::recommend::cf_data(run, data)?)?;
             collm_cf::run::RunConfig::load(run)?
                 .data
-                .check(&ds, &what)?;
+                .check(&ds, &format!("run {}", run.display()))?;
             ds
         }
     };

@@ -422,13 +422,20 @@ pub fn load_run(run: &Path) -> Result<(RunFile, Dataset, CoLlm)> {
     load_run_on(run, None)
 }
 
+/// A run's file and the dataset it is used on: its own (`data`, when given, instead), checked
+/// to hold the data the run was trained on.
+pub fn load_run_data(run: &Path, data: Option<&Path>) -> Result<(RunFile, Dataset)> {
+    let rf = load_run_file(run)?;
+    let ds = Dataset::load(data.unwrap_or(&rf.experiment.data.path))?;
+    ds.check_trained_on(&rf.refs.trained_on(), &format!("run {}", run.display()))?;
+    Ok((rf, ds))
+}
+
 /// [`load_run`] on the dataset in `data` instead of the one the run recorded: the same data,
 /// or the same items, train and valid splits with a test split added or replaced (the split
 /// that differs otherwise is named).
 pub fn load_run_on(run: &Path, data: Option<&Path>) -> Result<(RunFile, Dataset, CoLlm)> {
-    let rf = load_run_file(run)?;
-    let ds = Dataset::load(data.unwrap_or(&rf.experiment.data.path))?;
-    ds.check_trained_on(&rf.refs.trained_on(), &format!("run {}", run.display()))?;
+    let (rf, ds) = load_run_data(run, data)?;
     // The model reads its data from where it is given.
     let mut rf = rf;
     if let Some(d) = data {
