@@ -7,8 +7,10 @@ Usage: ml1m_table_rows.py RUN_DIR CONFIG KIND ...  (triples, one per finished ro
        ml1m_table_rows.py --reproduces OLD NEW KERNEL KIND  (--reproduces: does a row's
        evaluation again, NEW, reproduce its committed eval-valid.json, OLD? See reproduces.)
 Each row: valid AUC / UAUC, warm / cold AUC (eval-valid.json), the budget spent (metrics.json
-and the config), the wall time (driver.log's "trained N s" lines, summed over sessions) and the
-machines it ran on (for LLM rows with the kernel of their frozen projections)."""
+and the config), the wall time (driver.log's "trained N s" lines summed over sessions, or the
+trainer's own train_seconds where a session before the driver left no such line) and the
+machines it trained and was evaluated on (for LLM rows with the kernel of their frozen
+projections; an evaluation again for scores, `--scores`, is in driver.log, not here)."""
 import json
 import os
 import re
@@ -33,7 +35,7 @@ def row(d, cfg, kind):
         budget = "best epoch %s of %s (patience %s)" % (
             m.get("best_epoch"), len(m.get("curve", [])), get("patience"))
     elif get("mode") == "icl":
-        budget = "no training"
+        budget = "no training (the base model, the ICL template)"
     else:
         # An early stop and a best step before the last are part of what the row cost.
         stop = " (patience)" if m.get("stopped") == "patience" else ""
@@ -43,14 +45,20 @@ def row(d, cfg, kind):
             m.get("step"), get("max_steps"), stop, get("batch_size"), best)
     p = os.path.join(d, "driver.log")
     log = open(p).read() if os.path.exists(p) else ""
-    secs = sum(int(x) for x in re.findall(r"trained (\d+) s", log))
-    machines = sorted(set(re.findall(r" on (.*?), \d+ cores", log)))
+    secs = max(sum(int(x) for x in re.findall(r"trained (\d+) s", log)),
+               int(m.get("train_seconds") or 0))
+    # Where the row ran: its training sessions and its evaluation, not a later evaluation again
+    # for its scores (`--scores`: "evaluated again", "written again").
+    ran = "\n".join(l for l in log.splitlines() if " again" not in l)
+    machines = sorted(set(re.findall(r" on (.*?), \d+ cores", ran)))
     # LLM rows: the kernel the frozen projections ran with (logged since the bf16 kernels; f32
     # before them).
-    kernels = sorted(set(re.findall(r", kernel ([a-z0-9]+)", log)))
-    if kind == "llm" and get("mode") != "icl" or kind == "ctrl":
+    kernels = sorted(set(re.findall(r", kernel ([a-z0-9]+)", ran)))
+    if kind in ("llm", "ctrl"):
         machines = ["%s; kernel %s" % ("; ".join(machines) or "?", ", ".join(kernels) or "f32")]
     wall = "%.1f h" % (secs / 3600) if secs >= 360 else "%d s" % secs
+    if get("mode") == "icl":
+        wall += " setup"
     return "| %s | %s | %s | %s | %s | %s | %s | %s |" % (
         os.path.basename(d), fmt(r["auc"]), fmt(r["uauc"]), fmt(sub.get("warm", {}).get("auc")),
         fmt(sub.get("cold", {}).get("auc")), budget, wall, "; ".join(machines) or "?")

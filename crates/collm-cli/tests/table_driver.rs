@@ -990,3 +990,103 @@ fn a_row_reproduces_its_report_within_its_kernels_numerics() {
     // A UAUC on one side only.
     assert!(!check(a, None, "f32", "llm").0);
 }
+
+/// A README table row (`ml1m_table_rows.py`) names where the row trained and was evaluated, with
+/// its kernels, not where it was evaluated again for its scores (`--scores`), and its wall time
+/// is the driver's sessions or, where a session before the driver logged none, the trainer's.
+#[test]
+fn a_table_row_names_where_it_ran_not_where_its_scores_were_redone() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path().join("llm-row");
+    std::fs::create_dir_all(&run).unwrap();
+    std::fs::write(
+        run.join("eval-valid.json"),
+        r#"{"auc": 0.71234, "uauc": 0.65, "subsets": {"warm": {"auc": 0.75}, "cold": {"auc": 0.6}}}"#,
+    )
+    .unwrap();
+    let cfg = tmp.path().join("row.toml");
+    std::fs::write(
+        &cfg,
+        "[experiment]\nmode = \"collm\"\n[experiment.training]\nmax_steps = 600\nbatch_size = 16\n",
+    )
+    .unwrap();
+    let log = "2026-12-01T00:00:00Z start on CPU A (family 25 model 17, avx512), 2 cores, kernel bf16\n\
+               2026-12-01T01:00:00Z trained 3600 s (stopped by a signal)\n\
+               2026-12-01T02:00:00Z --resume on CPU B (family 6 model 207, avx512), 2 cores, kernel amx\n\
+               2026-12-01T03:00:00Z trained 3600 s\n\
+               2026-12-01T03:20:00Z evaluated on CPU B (family 6 model 207, avx512), 2 cores, build x, kernel amx\n\
+               2026-12-02T00:00:00Z scores-valid.tsv written: evaluated again on CPU C (family 6 model 167, avx512), 2 cores, build y, kernel f32: AUC 0.712340, UAUC 0.650000\n\
+               2026-12-02T01:00:00Z scores-valid.tsv written again as scores-valid.tsv.gz (the same report), build z\n";
+    std::fs::write(run.join("driver.log"), log).unwrap();
+    let table_row = |train_seconds: f64| {
+        std::fs::write(
+            run.join("metrics.json"),
+            serde_json::json!({"step": 600, "best_step": 400, "train_seconds": train_seconds})
+                .to_string(),
+        )
+        .unwrap();
+        let o = Command::new("python3")
+            .arg(root().join("scripts/ml1m_table_rows.py"))
+            .args([s(&run), s(&cfg), "llm"])
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{o:?}");
+        String::from_utf8(o.stdout).unwrap().trim().to_string()
+    };
+    assert_eq!(
+        table_row(6500.0),
+        "| llm-row | 0.7123 | 0.6500 | 0.7500 | 0.6000 | 600 of 600 steps, batch 16 (best: step 400) \
+         | 2.0 h | CPU A (family 25 model 17, avx512); CPU B (family 6 model 207, avx512); kernel amx, bf16 |"
+    );
+    // A first session by hand, before the driver logged "trained N s": the trainer's own time.
+    assert!(table_row(10800.0).contains("| 3.0 h |"));
+}
+
+/// README's ML-1M table is what the driver's `--table` makes of `results/ml-1m/`, row for row
+/// (rows the driver finished after README was last written may be missing at its end only).
+#[test]
+fn readme_table_is_the_drivers_table_of_the_shipped_rows() {
+    let o = Command::new("bash")
+        .arg("scripts/ml1m_table.sh")
+        .arg("--table")
+        .current_dir(root())
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "--table: {}", text(&o));
+    let made: Vec<String> = String::from_utf8(o.stdout)
+        .unwrap()
+        .lines()
+        .filter(|l| l.starts_with("| "))
+        .map(str::to_string)
+        .collect();
+    let readme = std::fs::read_to_string(root().join("README.md")).unwrap();
+    let header =
+        "| row | valid AUC | valid UAUC | warm AUC | cold AUC | budget | wall time | machine |";
+    let shown: Vec<String> = readme
+        .lines()
+        .skip_while(|l| *l != header)
+        .skip(2)
+        .take_while(|l| l.starts_with("| "))
+        .map(str::to_string)
+        .collect();
+    assert!(
+        !shown.is_empty(),
+        "README has no ML-1M table under {header:?}"
+    );
+    assert!(
+        shown.len() <= made.len(),
+        "README shows rows that are not done"
+    );
+    for (r, m) in shown.iter().zip(&made) {
+        assert_eq!(
+            r, m,
+            "README's row differs from scripts/ml1m_table.sh --table"
+        );
+    }
+    if shown.len() < made.len() {
+        eprintln!(
+            "README lacks the rows finished since: {:?}",
+            &made[shown.len()..]
+        );
+    }
+}
