@@ -41,6 +41,9 @@
 # its config, metrics, evaluation, scores and driver log: its weights are dropped once it is
 # evaluated, and a finished row marked `no-weights` later has them dropped (and committed) at the
 # driver's next start. Its evaluation stays checkable by training it again from its config.
+# Taking the mark back brings them back at the next start: each file the row's
+# weights.sha256.json names, as it was before the commit that deleted it, kept where its sha256
+# is the recorded one, and committed (nothing trained or evaluated again).
 #
 # Commits (`--commit`, on by default inside a git checkout): the moment a row finishes, its
 # paths (results/ml-1m/ROW, ROW.driver.log) and only those (HEAD's tree with those paths
@@ -355,7 +358,7 @@ on_signal() {
 }
 
 cleanup() {
-  rm -f "$OUT"/.eval-*."$$" "$OUT"/.eval-*."$$".tsv.gz 2>/dev/null || true
+  rm -f "$OUT"/.eval-*."$$" "$OUT"/.eval-*."$$".tsv.gz "$OUT"/.restore-*."$$" 2>/dev/null || true
   if [ -n "$GIT_DIR_ABS" ]; then rm -f "$GIT_DIR_ABS/ml1m_table.$$.snap" "$GIT_DIR_ABS/ml1m_table.$$.index"; fi
   if [ -f "$PIDFILE" ] && [ "$(cat "$PIDFILE" 2>/dev/null)" = "$$" ]; then rm -f "$PIDFILE"; fi
 }
@@ -460,6 +463,46 @@ drop_weights() {
 
 # Does run $1 hold weights files?
 has_weights() { [ -n "$(find "$1" -name '*.safetensors' -print -quit)" ]; }
+
+# The weights files finished row $1 records hashes of (each weights.sha256.json beside them:
+# "PATH SHA256" lines) that its directory lacks: those of a row whose `no-weights` mark was
+# taken back.
+missing_weights() {
+  local j
+  find "$OUT/$1" -name weights.sha256.json | sort | while IFS= read -r j; do
+    python3 -c '
+import json, os, sys
+d = os.path.dirname(sys.argv[1])
+for f, h in sorted(json.load(open(sys.argv[1])).items()):
+    if not os.path.exists(os.path.join(d, f)):
+        print(os.path.join(d, f), h)' "$j"
+  done
+}
+
+# Brings back the weights missing_weights names for row $1 from git history: each file as it
+# was just before the last commit that deleted it (the driver's "weights no longer shipped"),
+# kept only where its sha256 is the one the row recorded (its evaluation was of those bytes).
+# Fails naming the first file that cannot be brought back, leaving the row as it was.
+restore_weights() {
+  local row=$1 path want c tmp got restored=()
+  while read -r path want; do
+    c=$(git log -1 --format=%H --diff-filter=D -- "$path" 2>/dev/null || true)
+    if [ -z "$c" ]; then
+      rm -f "${restored[@]}"
+      fail "$row: $path (named by its weights.sha256.json) is not in the work tree and no commit deleted it; train the row again (--force) or mark it no-weights in $ROWS_FILE"
+    fi
+    tmp="$OUT/.restore-$row.$$"
+    git show "$c^:$path" > "$tmp"
+    got=$(sha256sum < "$tmp" | cut -d' ' -f1)
+    if [ "$got" != "$want" ]; then
+      rm -f "$tmp" "${restored[@]}"
+      fail "$row: $path as it was before ${c:0:7} has sha256 $got, not the $want its weights.sha256.json records; not restored"
+    fi
+    mv "$tmp" "$path"
+    restored+=("$path")
+  done < <(missing_weights "$row")
+  say "$row: its weights restored from git history (${#restored[@]} files, sha256 as recorded)"
+}
 
 # Are every weights file's float tensors of run $1 stored in half precision already?
 compacted() {
@@ -569,6 +612,14 @@ do_row() {
         commit_row "$row" "results/ml-1m: $row's weights no longer shipped (no-weights in $ROWS_FILE: results/'s ${BUDGET_MB} MB budget); its evaluation stays"
         DID=1
       fi
+    elif [ -n "$(missing_weights "$row")" ]; then
+      # Its `no-weights` mark taken back: the weights it was evaluated on come back from git
+      # history (nothing is trained or evaluated again).
+      restore_weights "$row"
+      log_row "$row" "weights restored from git history (no longer marked no-weights)"
+      fold_log "$row"
+      commit_row "$row" "results/ml-1m: $row's weights shipped again (restored from git history, sha256 as recorded)"
+      DID=1
     elif ships_half "$row" "$kind" && ! compacted "$OUT/$row"; then
       # Rows finished before the driver compacted: compact now and evaluate again (what a
       # finished row reports is measured on the weights it ships).

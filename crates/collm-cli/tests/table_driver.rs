@@ -599,6 +599,8 @@ fn no_commit_takes_results_over_the_budget_and_no_weights_rows_ship_none() {
         &TINY_ROWS.replace("collm-mf llm collm-mf", "collm-mf llm collm-mf no-weights"),
     );
     let before = results_bytes_at(&repo, "HEAD");
+    let best_tree = |c: &str| git(&repo, &["ls-tree", "-r", c, "results/ml-1m/collm-mf/best"]);
+    let shipped = best_tree("HEAD");
     let o = run_driver(&repo, &["--commit"], &[]);
     let out = text(&o);
     assert!(o.status.success(), "{out}");
@@ -634,6 +636,48 @@ fn no_commit_takes_results_over_the_budget_and_no_weights_rows_ship_none() {
     assert!(git(&repo, &["status", "--porcelain", "results"])
         .trim()
         .is_empty());
+
+    // The mark taken back: the next start brings the weights back from git history, checked
+    // against the hashes the row recorded. A recorded hash the history's file does not have:
+    // refused by name, nothing restored or committed.
+    set_rows(&repo, TINY_ROWS);
+    let head = git(&repo, &["rev-parse", "HEAD"]);
+    let hashes = repo.join("results/ml-1m/collm-mf/best/weights.sha256.json");
+    let recorded = std::fs::read_to_string(&hashes).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&recorded).unwrap();
+    let (file, sha) = v.as_object().unwrap().iter().next().unwrap();
+    let sha = sha.as_str().unwrap();
+    std::fs::write(&hashes, recorded.replace(sha, &"0".repeat(64))).unwrap();
+    let o = run_driver(&repo, &["--commit"], &[]);
+    let out = text(&o);
+    assert!(!o.status.success(), "{out}");
+    assert!(
+        out.contains(&format!(
+            "collm-mf: results/ml-1m/collm-mf/best/{file} as it was before"
+        )) && out.contains("not restored"),
+        "{out}"
+    );
+    assert_eq!(git(&repo, &["rev-parse", "HEAD"]), head);
+    assert!(!repo.join("results/ml-1m/collm-mf/best").join(file).exists());
+    assert!(hidden_paths_git_sees(&repo).is_empty());
+    std::fs::write(&hashes, &recorded).unwrap();
+    let o = run_driver(&repo, &["--commit"], &[]);
+    let out = text(&o);
+    assert!(o.status.success(), "{out}");
+    assert!(
+        out.contains("collm-mf: its weights restored from git history"),
+        "{out}"
+    );
+    assert!(!out.contains("evaluating"), "{out}");
+    assert_eq!(best_tree("HEAD"), shipped);
+    assert_eq!(&results(&repo), reference());
+    assert!(git(&repo, &["status", "--porcelain", "results"])
+        .trim()
+        .is_empty());
+    let head = git(&repo, &["rev-parse", "HEAD"]);
+    let o = run_driver(&repo, &["--commit"], &[]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(git(&repo, &["rev-parse", "HEAD"]), head);
 }
 
 /// `collm eval scores` on a file: its report without wall-clock fields.
