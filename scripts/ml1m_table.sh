@@ -829,7 +829,14 @@ if best and best.get("auc") is not None:
 if cf and curve and curve[-1].get("seconds"):
     out += ", %.1f s/epoch lately" % curve[-1]["seconds"]
 elif not cf and m.get("train_seconds") and done:
-    out += ", %.1f s/step so far (validations included)" % (m["train_seconds"] / done)
+    pace = m["train_seconds"] / done
+    out += ", %.1f s/step so far (validations included)" % pace
+    # What is left of its budget at that pace (patience may end it sooner; its full-valid
+    # evaluation comes after).
+    if r and int(r.group(1)) > done:
+        left = (int(r.group(1)) - done) * pace
+        out += ", about %s to step %s at that pace" % (
+            "%.1f h" % (left / 3600) if left >= 5400 else "%d min" % round(left / 60), r.group(1))
 if m.get("stopped"):
     out += ", stopped: %s" % m["stopped"]
 print(out)' "$dir" "configs/ml-1m/$3.toml") ;;

@@ -1035,6 +1035,38 @@ fn a_row_reproduces_its_report_within_its_kernels_numerics() {
     assert!(!check(a, None, "f32", "llm").0);
 }
 
+/// `--status` on an LLM row in progress: its step of the config's budget, its best validation,
+/// its pace and what is left of its budget at that pace.
+#[test]
+fn status_says_what_an_llm_row_in_progress_has_left() {
+    let tmp = tempfile::tempdir().unwrap();
+    let repo = make_repo(&tmp.path().join("repo"));
+    let run = repo.join("results/ml-1m/tallrec");
+    std::fs::create_dir_all(run.join("checkpoint")).unwrap();
+    std::fs::write(run.join("checkpoint/CURRENT"), "00000001").unwrap();
+    let line = |step: u64, secs: f64| {
+        std::fs::write(
+            run.join("metrics.json"),
+            serde_json::json!({"kind": "tallrec", "step": step, "train_seconds": secs,
+                "best_step": 2, "best_valid": {"auc": 0.61, "n": 16}, "curve": []})
+            .to_string(),
+        )
+        .unwrap();
+        status(&repo)
+            .lines()
+            .find(|l| l.starts_with("tallrec "))
+            .unwrap_or_default()
+            .to_string()
+    };
+    assert_eq!(
+        line(2, 7200.0),
+        "tallrec          partial  step 2 of 6, best valid AUC 0.6100 at step 2 (16 rows), \
+         3600.0 s/step so far (validations included), about 4.0 h to step 6 at that pace"
+    );
+    assert!(line(4, 2400.0).ends_with(", about 20 min to step 6 at that pace"));
+    assert!(line(6, 1200.0).ends_with("s/step so far (validations included)"));
+}
+
 /// A README table row (`ml1m_table_rows.py`) names where the row trained and was evaluated, with
 /// its kernels, not where it was evaluated again for its scores (`--scores`), and its wall time
 /// is the driver's sessions or, where a session before the driver logged none, the trainer's.
