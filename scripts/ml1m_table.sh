@@ -28,7 +28,8 @@
 # compare` reads) and drop its checkpoint (a finished row keeps what evaluation needs: config, best
 # weights, metrics). Rows finished before the driver kept scores get them after the last row
 # (or now: --scores), evaluated again and kept only where that reproduces their eval-valid.json
-# (a check of the shipped weights; seed rows ship none and are skipped). Any failure (a
+# (a check of the shipped weights; seed rows ship none and are skipped; one that does not is
+# recorded in the row's driver.log, committed, and tried again by --scores only). Any failure (a
 # training killed or out of memory, an evaluation that fails) stops the driver there, with the
 # row's checkpoint kept and nothing marked done. An LLM row that no other row is trained over (the CoLLM rows, T1-T3, UI-token,
 # Soft-Prompt) has its best weights stored in f16 first (`collm compact`: half the bytes, so that
@@ -708,6 +709,12 @@ backfill_scores() {
     if [ -n "${ONLY:-}" ] && [ "$kind" != "$ONLY" ]; then continue; fi
     if [ "$(state "$row")" != done ] || [ -f "$dir/$SCORES" ]; then continue; fi
     if weightless "$row"; then continue; fi
+    # An evaluation again that did not reproduce the row's report is in its driver.log: the
+    # driver does not spend another evaluation on it after its last row; --scores tries again.
+    if [ "$ACTION" != scores ] && grep -q "scores not kept: .* does not reproduce" "$dir/driver.log" 2>/dev/null; then
+      say "$row: its evaluation again did not reproduce its eval-valid.json before (its driver.log); --scores tries again"
+      continue
+    fi
     ROW_NOW=$row
     tmp="$OUT/.eval-$row.$$" scores="$OUT/.eval-$row.$$.tsv.gz" rc=0
     kernel=$(grep -o ', kernel [a-z0-9]*' "$dir/driver.log" 2>/dev/null | tail -1 | sed 's/.* //') || true
@@ -734,6 +741,9 @@ backfill_scores() {
     if [ $rc != 0 ]; then
       rm -f "$scores"
       say "$row: evaluating it again does not reproduce its eval-valid.json ($res); no scores kept" >&2
+      log_row "$row" "scores not kept: evaluated again on $(cpu), build $(build)$([ "$kind" = cf ] || echo ", kernel $kernel"), it does not reproduce its eval-valid.json: $res"
+      fold_log "$row"
+      commit_row "$row" "results/ml-1m: $row's evaluation again does not reproduce its report ($res); no scores kept"
       continue
     fi
     mv "$scores" "$dir/$SCORES"
@@ -901,7 +911,7 @@ echo $$ > "$PIDFILE"
 trap cleanup EXIT
 trap on_signal TERM INT HUP
 # Temporary files of a driver that was killed (we hold the lock: none is in use).
-rm -f "$OUT"/.eval-* 2>/dev/null || true
+rm -f "$OUT"/.eval-* "$OUT"/.restore-* 2>/dev/null || true
 if [ "$COMMIT" = on ]; then
   START_HEAD=$(git rev-parse HEAD)
   GIT_DIR_ABS=$(git rev-parse --absolute-git-dir)

@@ -934,7 +934,17 @@ fn finished_rows_ship_their_scores_and_older_rows_get_them_back_when_they_reprod
         &["log", "--format=%H", &format!("{}..HEAD", before.trim())],
     );
     let commits: Vec<&str> = commits.lines().collect();
-    assert_eq!(commits.len(), if bf16 { 2 } else { 1 }, "{out}");
+    // MF's scores, CoLLM-MF's where bf16, and TALLRec's failed attempt, recorded in its log.
+    assert_eq!(commits.len(), if bf16 { 3 } else { 2 }, "{out}");
+    let tallrec_log = std::fs::read_to_string(dir("tallrec").join("driver.log")).unwrap();
+    assert!(
+        tallrec_log
+            .lines()
+            .last()
+            .unwrap()
+            .contains("scores not kept: evaluated again on "),
+        "{tallrec_log}"
+    );
     for c in commits {
         let files = git(&repo, &["show", "--name-only", "--format=", c]);
         assert!(
@@ -952,7 +962,8 @@ fn finished_rows_ship_their_scores_and_older_rows_get_them_back_when_they_reprod
     nudge("cf-mf", 1e-4);
     git(&repo, &["add", "-A", "results"]);
     git(&repo, &["commit", "-q", "-m", "MF a little off"]);
-    // A second pass evaluates TALLRec and MF again (neither reproduces) and commits nothing.
+    // --scores evaluates TALLRec and MF again (neither reproduces) and commits only those
+    // attempts' lines in their logs.
     let head = git(&repo, &["rev-parse", "HEAD"]);
     let o = run_driver(&repo, &["--scores"], &[]);
     let out = text(&o);
@@ -961,8 +972,29 @@ fn finished_rows_ship_their_scores_and_older_rows_get_them_back_when_they_reprod
         out.contains("cf-mf: evaluating it again does not reproduce"),
         "{out}"
     );
+    assert!(out.contains("tallrec: evaluating again"), "{out}");
     assert!(!dir("cf-mf").join("scores-valid.tsv.gz").exists());
+    let changed = git(&repo, &["diff", "--name-only", head.trim(), "HEAD"]);
+    assert_eq!(
+        changed.trim(),
+        "results/ml-1m/cf-mf/driver.log\nresults/ml-1m/tallrec/driver.log"
+    );
+    // The driver's own pass after its last row does not spend evaluations on them again.
+    let head = git(&repo, &["rev-parse", "HEAD"]);
+    let o = run_driver(&repo, &["--commit"], &[]);
+    let out = text(&o);
+    assert!(o.status.success(), "{out}");
+    assert!(!out.contains("evaluating"), "{out}");
+    for r in ["cf-mf", "tallrec"] {
+        assert!(
+            out.contains(&format!(
+                "{r}: its evaluation again did not reproduce its eval-valid.json before"
+            )),
+            "{out}"
+        );
+    }
     assert_eq!(git(&repo, &["rev-parse", "HEAD"]), head);
+    assert!(git(&repo, &["status", "--porcelain"]).trim().is_empty());
 }
 
 /// Removes every `*.lock` file under `dir` (a `.git` directory): what git commands killed
