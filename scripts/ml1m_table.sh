@@ -465,9 +465,9 @@ drop_weights() {
 # Does run $1 hold weights files?
 has_weights() { [ -n "$(find "$1" -name '*.safetensors' -print -quit)" ]; }
 
-# The weights files finished row $1 records hashes of (each weights.sha256.json beside them:
-# "PATH SHA256" lines) that its directory lacks: those of a row whose `no-weights` mark was
-# taken back.
+# The weights files finished row $1 records the hashes of (in a weights.sha256.json beside
+# them) and its directory lacks, a "PATH SHA256" line each: those of a row whose `no-weights`
+# mark was taken back.
 missing_weights() {
   local j
   find "$OUT/$1" -name weights.sha256.json | sort | while IFS= read -r j; do
