@@ -15,7 +15,7 @@
 #   scripts/ml1m_table.sh --continue # let it go on (SIGCONT)
 #   ONLY=cf scripts/ml1m_table.sh    # the collaborative rows only (minutes each), ONLY=llm the LLM rows
 #
-# While the ML-1M table issue is open, the first command on a machine is
+# While an ML-1M table issue is open (today every row is shipped), the first command on a machine is
 #   nohup nice -n 19 scripts/ml1m_table.sh --commit > /tmp/ml1m_table.log 2>&1 &
 # and nobody waits for it. Killing it (SIGTERM) stops its training, commits the last complete
 # checkpoint and exits; starting it again resumes (it is idempotent).
