@@ -768,8 +768,8 @@ table() {
 # Each finished row against the rows it builds on, where both have their valid scores: the runs
 # its config reads (cf_run: CoLLM over its CF model; step1: over TALLRec), the CoLLM row over
 # the same CF model for the ablations (T1-T3, UI-token: CoLLM-MF, CoLLM-DIN for T1 over DIN),
-# a `-long` row's base row (CoLLM-DIN-long for CoLLM-DIN over TALLRec-long), the other text-only rows (Soft-Prompt, ICL) against TALLRec and
-# CTRL against DIN (the model it aligns) and CoLLM-DIN; the paired bootstrap over users
+# a `-long` row's base row (CoLLM-DIN-long for CoLLM-DIN over TALLRec-long), the other
+# text-only rows (Soft-Prompt, ICL) against TALLRec and CTRL against DIN (the model it aligns) and CoLLM-DIN; the paired bootstrap over users
 # (`collm eval compare`) as a markdown table (scripts/ml1m_table_rows.py --compare).
 compare_rows() {
   local args=() r base bases cfg tmp
